@@ -1,0 +1,191 @@
+"""Pipeline files: YAML with marks → ``${VAR}`` interpolation → JSON Schema → typed model.
+
+Every problem found is reported, each as ``file:line:col: key.path: what was expected``; the
+steps after a failed one still run where they can (schema errors and import errors are reported
+together), so a user fixes a file in one round.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import ValidationError
+
+from sluice import registry
+from sluice.config.model import PIPELINE_SPEC, PipelineConfig, build_model
+from sluice.config.yamlmarks import Marks, PathKey, load_marked
+from sluice.errors import ConfigError, ConfigIssue
+from sluice.spec import describe_expected
+
+SCHEMA_ID = "https://sluice.dev/schemas/pipeline.schema.json"
+_ENV = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def pipeline_schema() -> dict[str, Any]:
+    """The JSON Schema of a pipeline file, generated from the specs in the registry."""
+    schema = PIPELINE_SPEC.json_schema()
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": SCHEMA_ID,
+        "title": "sluice pipeline",
+        **schema,
+    }
+
+
+def schema_text() -> str:
+    return json.dumps(pipeline_schema(), indent=2, sort_keys=True) + "\n"
+
+
+@cache
+def _validator() -> Draft202012Validator:
+    schema = pipeline_schema()
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema)
+
+
+def load_pipeline(path: str | Path) -> PipelineConfig:
+    """Load and validate one pipeline file; raise :class:`ConfigError` with every issue."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([ConfigIssue(file, 1, 1, "", f"cannot read the file: {exc}")]) from None
+    return parse_pipeline(text, file)
+
+
+def parse_pipeline(text: str, file: str = "<string>") -> PipelineConfig:
+    doc, marks, issues = load_marked(text, file)
+    if doc is None or issues:
+        raise ConfigError(issues)
+    if not isinstance(doc, dict):
+        raise ConfigError([marks.issue((), "expected a mapping of pipeline keys at the top")])
+    doc = _interpolate(doc, (), marks, issues)
+    issues.extend(_schema_issues(doc, marks))
+    if issues:
+        raise ConfigError(issues)
+    doc = _apply_defaults(doc)
+    path = Path(file) if file != "<string>" else None
+    issues.extend(_component_checks(doc, marks, path))
+    if issues:
+        raise ConfigError(issues)
+    return build_model(doc, path)
+
+
+def _interpolate(value: Any, path: PathKey, marks: Marks, issues: list[ConfigIssue]) -> Any:
+    if isinstance(value, dict):
+        return {k: _interpolate(v, (*path, k), marks, issues) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, (*path, i), marks, issues) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "$" not in value:
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$${":
+            return "${"
+        name, default = match.group(1), match.group(2)
+        found = os.environ.get(name)
+        if found is None:
+            if default is not None:
+                return default
+            issues.append(marks.issue(
+                path, f"environment variable {name!r} is not set (referenced as ${{{name}}}); "
+                f"set it, or give a default as ${{{name}:-value}}"))
+            return ""
+        return found
+
+    return _ENV.sub(substitute, value)
+
+
+def _schema_issues(doc: dict[str, Any], marks: Marks) -> Iterable[ConfigIssue]:
+    errors = sorted(_validator().iter_errors(doc), key=lambda e: [str(p) for p in e.path])
+    seen: set[str] = set()
+    for error in _leaves(errors):
+        issue = _describe(error, marks)
+        if str(issue) not in seen:
+            seen.add(str(issue))
+            yield issue
+
+
+def _leaves(errors: Iterable[ValidationError]) -> Iterable[ValidationError]:
+    for error in errors:
+        if error.context:
+            yield from _leaves(error.context)
+        else:
+            yield error
+
+
+def _describe(error: ValidationError, marks: Marks) -> ConfigIssue:
+    path: PathKey = tuple(error.absolute_path)
+    schema: Mapping[str, Any] = error.schema if isinstance(error.schema, Mapping) else {}
+    kind = error.validator
+    if kind == "additionalProperties":
+        known = sorted(schema.get("properties", {}))
+        extra = sorted(set(error.instance) - set(known))
+        unknown = extra[0] if extra else "?"
+        family = schema.get("x-sluice-family")
+        hint = _did_you_mean(unknown, known)
+        if family:
+            msg = f"unknown {family} type {unknown!r}{hint}; known types: {', '.join(known)}"
+        else:
+            msg = f"unknown key {unknown!r}{hint}; expected one of: {', '.join(known)}"
+        return marks.issue((*path, unknown), msg, at_key=True)
+    if kind == "required":
+        missing = str(error.message).split("'")[1] if "'" in str(error.message) else "?"
+        return marks.issue(path, f"missing required key {missing!r}", at_key=bool(path))
+    if kind in ("minProperties", "maxProperties") and schema.get("x-sluice-family"):
+        family = schema["x-sluice-family"]
+        types = ", ".join(sorted(schema.get("properties", {})))
+        return marks.issue(path, f"expected exactly one {family} type, one of: {types}")
+    if kind == "type" and schema.get("x-sluice-family"):
+        types = ", ".join(sorted(schema.get("properties", {})))
+        return marks.issue(path, f"expected a mapping naming one {schema['x-sluice-family']} "
+                                 f"type ({types}), got {_show(error.instance)}")
+    return marks.issue(path, f"expected {describe_expected(schema)}, got {_show(error.instance)}")
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def _apply_defaults(doc: dict[str, Any]) -> dict[str, Any]:
+    doc = PIPELINE_SPEC.apply_defaults(doc)
+    for slot, family in (("source", "source"), ("handler", "handler"), ("dead_letter", "sink")):
+        if isinstance(doc.get(slot), dict):
+            ((name, config),) = doc[slot].items()
+            doc[slot] = {name: registry.get(family, name).apply_defaults(config)}
+    return doc
+
+
+def _component_checks(doc: dict[str, Any], marks: Marks,
+                      file: Path | None) -> Iterable[ConfigIssue]:
+    """Checks a schema cannot express (a handler that does not import, ...)."""
+    for slot, family in (("source", "source"), ("handler", "handler"), ("dead_letter", "sink")):
+        if not isinstance(doc.get(slot), dict):
+            continue
+        ((name, config),) = doc[slot].items()
+        spec = registry.get(family, name)
+        if spec.check is None:
+            continue
+        for sub_path, message in spec.check(config, file):
+            yield marks.issue((slot, name, *sub_path), message)

@@ -1,0 +1,123 @@
+"""The pipeline file's keys (one spec, from which the JSON Schema is generated) and its typed model.
+
+A pipeline binds one source to one handler, with the consumer policy in between and a dead-letter
+destination for tasks that fail for good. Components are one-key objects named by type::
+
+    source: {embedded: {queue: jobs}}
+    handler: {python: pipelines.quickstart:handle}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sluice.spec import REQUIRED, Field, ObjectSpec
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+
+RETRY_SPEC = ObjectSpec(
+    Field("max_attempts", "integer", "Attempts in all, the first included, before the task "
+          "fails and goes to the dead letter.", default=3, minimum=1),
+    Field("initial_backoff_s", "number", "Upper bound of the first retry delay; each retry's "
+          "delay is drawn uniformly from 0 to the bound (full jitter).", default=1.0, minimum=0),
+    Field("max_backoff_s", "number", "Largest bound a retry delay can reach.", default=60.0,
+          minimum=0),
+    Field("backoff_multiplier", "number", "Growth of the bound per attempt.", default=2.0,
+          minimum=1),
+    Field("max_age_s", "number", "A task older than this (from when it was received) is not "
+          "retried again; it fails and goes to the dead letter.", default=21600.0,
+          exclusive_minimum=0),
+)
+
+CONSUMER_SPEC = ObjectSpec(
+    Field("concurrency", "integer", "Tasks in flight at once in one worker process.", default=8,
+          minimum=1, maximum=10000),
+    Field("timeout_s", "number", "Time limit of one handler attempt; a timed-out attempt "
+          "counts as failed and is retried.", default=30.0, exclusive_minimum=0),
+    Field("retry", "object", "Retries with exponential backoff and full jitter.",
+          fields=RETRY_SPEC),
+)
+
+PIPELINE_SPEC = ObjectSpec(
+    Field("name", "string", "Pipeline name, unique per deployment; names the default dead-letter "
+          "queue and the task namespace.", default=REQUIRED, pattern=NAME_PATTERN),
+    Field("tenant", "string", "Tenant that owns this pipeline and its tasks.", default="default",
+          pattern=NAME_PATTERN),
+    Field("description", "string", "Free text.", default=None),
+    Field("source", "object", "Where tasks come from (one component).", default=REQUIRED,
+          family="source"),
+    Field("handler", "object", "What runs each task (one component).", default=REQUIRED,
+          family="handler"),
+    Field("consumer", "object", "The consumer policy between source and handler.",
+          fields=CONSUMER_SPEC),
+    Field("dead_letter", "object", "Where a task that failed for good goes, with the reason. "
+          "Default: the embedded queue '<name>.dlq'.", default=None, family="sink"),
+)
+
+
+@dataclass(frozen=True)
+class ComponentConfig:
+    """One component slot: its type name and its (defaulted) config."""
+
+    type: str
+    config: Any
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    max_attempts: int = 3
+    initial_backoff_s: float = 1.0
+    max_backoff_s: float = 60.0
+    backoff_multiplier: float = 2.0
+    max_age_s: float = 21600.0
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    concurrency: int = 8
+    timeout_s: float = 30.0
+    retry: RetryConfig = RetryConfig()
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    name: str
+    tenant: str
+    source: ComponentConfig
+    handler: ComponentConfig
+    consumer: ConsumerConfig
+    dead_letter: ComponentConfig
+    description: str | None = None
+    path: Path | None = None
+
+    def with_concurrency(self, concurrency: int) -> PipelineConfig:
+        consumer = ConsumerConfig(concurrency, self.consumer.timeout_s, self.consumer.retry)
+        return PipelineConfig(self.name, self.tenant, self.source, self.handler, consumer,
+                              self.dead_letter, self.description, self.path)
+
+
+def _component(value: dict[str, Any]) -> ComponentConfig:
+    ((type_name, config),) = value.items()
+    return ComponentConfig(type_name, config)
+
+
+def build_model(doc: dict[str, Any], path: Path | None) -> PipelineConfig:
+    """Turn a validated, defaulted document into the typed model."""
+    consumer = doc["consumer"]
+    dead_letter = doc.get("dead_letter") or {"embedded": {"queue": f"{doc['name']}.dlq"}}
+    return PipelineConfig(
+        name=doc["name"],
+        tenant=doc["tenant"],
+        description=doc.get("description"),
+        source=_component(doc["source"]),
+        handler=_component(doc["handler"]),
+        consumer=ConsumerConfig(
+            concurrency=int(consumer["concurrency"]),
+            timeout_s=float(consumer["timeout_s"]),
+            retry=RetryConfig(**{k: v for k, v in consumer["retry"].items()}),
+        ),
+        dead_letter=_component(dead_letter),
+        path=path,
+    )

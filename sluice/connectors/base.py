@@ -1,0 +1,75 @@
+"""The source seam: :class:`Source` yields :class:`Delivery` batches and settles them in batches.
+
+Sources are pulled, never pushed: the consumer layer asks for at most as many deliveries as it
+has free slots, so a full layer stops fetching (backpressure) without a separate signal.
+Settling is batched (``ack``/``retry_later``/``extend``): one round trip for many messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One message from a source, as the consumer layer handles it."""
+
+    task_id: str
+    body: bytes
+    content_type: str = "application/json"
+    key: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    enqueued_at: float | None = None  # when the source accepted it (epoch seconds)
+    deliveries: int = 1  # how many times the source has handed it out, this one included
+    ref: Any = None  # the source's own handle: a row id and lease token, a partition/offset …
+
+
+class Source(Protocol):
+    """A source of deliveries for one pipeline."""
+
+    lease_s: float  # how long a fetched delivery stays ours unless extended
+
+    async def start(self) -> None: ...
+
+    async def fetch(self, max_n: int, wait_s: float) -> list[Delivery]:
+        """Up to ``max_n`` deliveries, waiting up to ``wait_s`` for the first one."""
+        ...
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """These are finished: never deliver them again."""
+        ...
+
+    async def retry_later(self, deliveries: Sequence[tuple[Delivery, float]]) -> None:
+        """Deliver each again after its delay (seconds)."""
+        ...
+
+    async def extend(self, deliveries: Sequence[Delivery]) -> None:
+        """Keep these ours for another ``lease_s`` (the handler is still running)."""
+        ...
+
+    async def pending(self) -> int:
+        """Messages not yet finished (visible, delayed or leased); used by ``run --drain``."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class Sink(Protocol):
+    """A destination for records (dead letters now; results with the sinks family)."""
+
+    async def send(self, records: Sequence[SinkRecord]) -> None:
+        """Deliver durably, or raise :class:`~sluice.errors.SourceError`."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SinkRecord:
+    task_id: str
+    body: bytes
+    content_type: str
+    key: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)

@@ -1,0 +1,217 @@
+"""The embedded durable queue: named queues in the data directory's SQLite database (WAL).
+
+Semantics (those of a visibility-timeout queue such as SQS):
+
+1. A fetched message becomes invisible for ``lease_s`` (its ``visible_at`` moves ahead) and gets
+   a fresh lease token; only the holder of that token can extend, requeue or delete it.
+2. The consumer extends the lease while the handler runs and deletes the message once the task
+   is finished (its final state recorded first, in the task store).
+3. A message whose lease lapses (its worker died) is visible again; the next fetch takes it and
+   the task store's claim decides whether it runs again (see :mod:`sluice.tasks.state`).
+4. ``visible_at`` in the future delays a message: retry backoff and scheduled tasks.
+5. Several processes may share one data directory: a fetch is one ``BEGIN IMMEDIATE``
+   transaction that selects and leases in a single ``UPDATE … RETURNING``, so no message is
+   leased twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sluice import registry
+from sluice.connectors.base import Delivery
+from sluice.datadir import Database
+from sluice.spec import Field, ObjectSpec
+from sluice.tasks.sqlite import create_in
+from sluice.tasks.store import NewTask, TaskRecord
+
+CONFIG = ObjectSpec(
+    Field("queue", "string", "Queue name; default: the pipeline's name.", default=None,
+          pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"),
+    Field("lease_s", "number", "Visibility timeout: how long a taken message stays invisible "
+          "unless its worker extends it (it does, every lease_s/3, while the handler runs).",
+          default=30.0, exclusive_minimum=0),
+    Field("poll_interval_s", "number", "Pause between polls of an empty queue.", default=0.01,
+          exclusive_minimum=0, maximum=10),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    task_id: str
+    body: bytes
+    content_type: str = "application/json"
+    key: str | None = None
+    headers: dict[str, str] | None = None
+
+
+def put_in(conn: sqlite3.Connection, queue: str, messages: Sequence[QueuedMessage],
+           now: float, delay_s: float = 0.0) -> None:
+    conn.executemany(
+        "INSERT INTO messages (queue, task_id, body, content_type, key, headers, enqueued_at,"
+        " visible_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [(queue, m.task_id, m.body, m.content_type, m.key,
+          json.dumps(m.headers) if m.headers else None, now, now + delay_s) for m in messages],
+    )
+
+
+def submit(db: Database, pipeline: str, tenant: str, queue: str,
+           messages: Sequence[QueuedMessage], *, delay_s: float = 0.0,
+           received_at: float | None = None) -> list[TaskRecord | None]:
+    """Create the tasks and enqueue their messages in one transaction (all or nothing).
+
+    A task id already used in the pipeline is not enqueued again: its slot in the returned
+    list is ``None`` (the caller reports the existing task).
+    """
+
+    def write(conn: sqlite3.Connection) -> list[TaskRecord | None]:
+        now = time.time()
+        created = create_in(
+            conn, pipeline, tenant,
+            [NewTask(m.task_id, m.key, received_at) for m in messages], now,
+        )
+        put_in(conn, queue, [m for m, rec in zip(messages, created, strict=True) if rec], now,
+               delay_s)
+        return created
+
+    return db.run_sync(write)
+
+
+def new_task_id() -> str:
+    return uuid.uuid4().hex
+
+
+class EmbeddedQueue:
+    """Queue operations on one named queue (sync; the async source wraps them)."""
+
+    def __init__(self, db: Database, queue: str, lease_s: float = 30.0) -> None:
+        self.db = db
+        self.queue = queue
+        self.lease_s = lease_s
+        self._owner = uuid.uuid4().hex[:12]
+        self._tokens = itertools.count()
+
+    def lease_in(self, conn: sqlite3.Connection, max_n: int, now: float) -> list[Delivery]:
+        token = f"{self._owner}:{next(self._tokens)}"
+        rows = conn.execute(
+            "UPDATE messages SET visible_at = ?, lease_token = ?, deliveries = deliveries + 1"
+            " WHERE id IN (SELECT id FROM messages WHERE queue = ? AND visible_at <= ?"
+            " ORDER BY visible_at, id LIMIT ?)"
+            " RETURNING id, task_id, body, content_type, key, headers, enqueued_at, deliveries",
+            (now + self.lease_s, token, self.queue, now, max_n),
+        ).fetchall()
+        rows.sort(key=lambda r: r[0])
+        return [
+            Delivery(task_id=r[1], body=r[2], content_type=r[3], key=r[4],
+                     headers=json.loads(r[5]) if r[5] else {}, enqueued_at=r[6],
+                     deliveries=r[7], ref=(r[0], token))
+            for r in rows
+        ]
+
+    def next_visible_in(self, conn: sqlite3.Connection) -> float | None:
+        row = conn.execute("SELECT MIN(visible_at) FROM messages WHERE queue = ?",
+                           (self.queue,)).fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
+    @staticmethod
+    def refs(deliveries: Sequence[Delivery]) -> list[tuple[Any, Any]]:
+        return [(d.ref[0], d.ref[1]) for d in deliveries]
+
+    def delete_in(self, conn: sqlite3.Connection, deliveries: Sequence[Delivery]) -> None:
+        conn.executemany("DELETE FROM messages WHERE id = ? AND lease_token = ?",
+                         self.refs(deliveries))
+
+    def requeue_in(self, conn: sqlite3.Connection, items: Sequence[tuple[Delivery, float]],
+                   now: float) -> None:
+        conn.executemany(
+            "UPDATE messages SET visible_at = ?, lease_token = NULL"
+            " WHERE id = ? AND lease_token = ?",
+            [(now + delay, d.ref[0], d.ref[1]) for d, delay in items],
+        )
+
+    def extend_in(self, conn: sqlite3.Connection, deliveries: Sequence[Delivery],
+                  now: float) -> None:
+        conn.executemany(
+            "UPDATE messages SET visible_at = ? WHERE id = ? AND lease_token = ?",
+            [(now + self.lease_s, d.ref[0], d.ref[1]) for d in deliveries],
+        )
+
+    def count_in(self, conn: sqlite3.Connection) -> int:
+        row = conn.execute("SELECT COUNT(*) FROM messages WHERE queue = ?",
+                           (self.queue,)).fetchone()
+        return int(row[0])
+
+
+class EmbeddedSource:
+    """:class:`~sluice.connectors.base.Source` over an :class:`EmbeddedQueue`."""
+
+    def __init__(self, db: Database, queue: str, lease_s: float, poll_interval_s: float) -> None:
+        self.q = EmbeddedQueue(db, queue, lease_s)
+        self.db = db
+        self.lease_s = lease_s
+        self.poll_interval_s = poll_interval_s
+
+    async def start(self) -> None:
+        return None
+
+    async def fetch(self, max_n: int, wait_s: float) -> list[Delivery]:
+        deadline = time.monotonic() + wait_s
+        while True:
+            now = time.time()
+            next_at = await self.db.read(self.q.next_visible_in)
+            if next_at is not None and next_at <= now:
+                got = await self.db.run(lambda c: self.q.lease_in(c, max_n, time.time()))
+                if got:
+                    return got
+                continue
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            pause = self.poll_interval_s
+            if next_at is not None:
+                pause = min(pause, max(next_at - now, 0.0))
+            await asyncio.sleep(min(pause, remaining))
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        if deliveries:
+            await self.db.run(lambda c: self.q.delete_in(c, deliveries))
+
+    async def retry_later(self, deliveries: Sequence[tuple[Delivery, float]]) -> None:
+        if deliveries:
+            await self.db.run(lambda c: self.q.requeue_in(c, deliveries, time.time()))
+
+    async def extend(self, deliveries: Sequence[Delivery]) -> None:
+        if deliveries:
+            await self.db.run(lambda c: self.q.extend_in(c, deliveries, time.time()))
+
+    async def pending(self) -> int:
+        return await self.db.read(self.q.count_in)
+
+    async def close(self) -> None:
+        return None
+
+
+def build_source(config: dict[str, Any], ctx: registry.BuildContext) -> EmbeddedSource:
+    return EmbeddedSource(
+        Database.open(ctx.data_dir),
+        config.get("queue") or ctx.pipeline,
+        float(config["lease_s"]),
+        float(config["poll_interval_s"]),
+    )
+
+
+registry.register(registry.ComponentSpec(
+    family="source",
+    name="embedded",
+    summary="The embedded durable queue (SQLite in the data directory); no broker needed.",
+    config=CONFIG,
+    factory=build_source,
+))

@@ -1,0 +1,326 @@
+"""The consumer loop of one pipeline in one process: fetch → claim → run → record → settle.
+
+Invariants, in the order they happen to a message:
+
+1. Fetch only as many deliveries as there are free slots (``concurrency`` minus tasks in
+   flight): a full layer stops fetching, which is the backpressure to the source.
+2. Claim every fetched task in the task store before running it. A task already final is
+   settled (acknowledged) without running; one RUNNING under another live lease is handed back
+   to the source until that lease ends; a PAUSED one is held back. Only a successful claim runs.
+3. While a task runs, its source lease and its task-store lease are extended every
+   ``lease_s / 3``; a worker that dies stops extending, and both lapse together.
+4. An attempt's end is recorded in the task store (compare-and-set from RUNNING under this
+   worker) *before* its message is settled at the source. A crash between the two leaves a
+   message whose task is final: rule 2 acknowledges it and skips it. So a finished task never
+   runs again, and an unrecorded one always does.
+5. A task that fails for good is sent to the dead letter *before* it is recorded FAILED (a crash
+   between the two may send it twice; it is never lost).
+6. Records and settlements are batched: every attempt that ends while a batch is being written
+   goes into the next batch (group commit).
+7. On stop: no new fetches; tasks in flight get ``timeout_s`` to finish; any still running are
+   cancelled and handed back (their leases released, so another worker claims them at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from sluice.config.model import PipelineConfig
+from sluice.connectors.base import Delivery, Sink, SinkRecord, Source
+from sluice.consumer.retry import RetryPolicy
+from sluice.handlers.base import Handler
+from sluice.message import Message, Outcome, decode_payload
+from sluice.tasks.state import TaskState
+from sluice.tasks.store import Claim, ClaimStatus, Completion, TaskStore
+
+log = logging.getLogger(__name__)
+
+HOLD_RECHECK_S = 1.0  # a PAUSED task's message comes back this often to see if it was resumed
+FLUSH_ERROR_PAUSE_S = 0.5
+DEAD_LETTER_RETRY_S = 5.0
+FETCH_WAIT_S = 0.25  # how long one fetch waits for work; bounds how late a stop is noticed
+
+
+@dataclass(slots=True)
+class _Settle:
+    delivery: Delivery
+    completion: Completion | None = None  # None: settle only (the task is not ours to record)
+    delay_s: float | None = None  # requeue after this delay instead of acknowledging
+
+
+@dataclass
+class LoopStats:
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    skipped: int = 0  # messages whose task was already final
+    in_flight: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+
+
+class ConsumerLoop:
+    def __init__(self, config: PipelineConfig, source: Source, store: TaskStore,
+                 handler: Handler, dead_letter: Sink, *, worker_id: str | None = None) -> None:
+        self.config = config
+        self.source = source
+        self.store = store
+        self.handler = handler
+        self.dead_letter = dead_letter
+        self.owner = worker_id or uuid.uuid4().hex[:16]
+        self.policy = RetryPolicy(config.consumer.retry)
+        self.stats = LoopStats()
+        self._running: dict[asyncio.Task[None], Delivery] = {}
+        self._held: dict[int, Delivery] = {}  # every delivery not yet settled, by id()
+        self._pending: list[_Settle] = []
+        self._pending_event = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, *, drain: bool = False) -> LoopStats:
+        """Consume until ``stop`` is set (or, with ``drain``, until the source is empty)."""
+        await self.source.start()
+        flusher = asyncio.create_task(self._flush_forever(), name="sluice-flush")
+        heartbeat = asyncio.create_task(self._heartbeat_forever(), name="sluice-heartbeat")
+        try:
+            await self._fetch_until(stop, drain)
+            await self._finish_in_flight()
+        finally:
+            await self._flush_all()
+            for task in (flusher, heartbeat):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        return self.stats
+
+    async def _fetch_until(self, stop: asyncio.Event, drain: bool) -> None:
+        concurrency = self.config.consumer.concurrency
+        stop_wait = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                free = concurrency - len(self._running)
+                if free <= 0:
+                    self._slot_freed.clear()
+                    slot = asyncio.create_task(self._slot_freed.wait())
+                    await asyncio.wait({slot, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                    slot.cancel()
+                    continue
+                deliveries = await self.source.fetch(free, FETCH_WAIT_S)
+                if stop.is_set():
+                    # Fetched as stop came: hand them straight back, unclaimed.
+                    await self.source.retry_later([(d, 0.0) for d in deliveries])
+                    break
+                if deliveries:
+                    await self._dispatch(deliveries)
+                elif drain and await self._drained():
+                    break
+        finally:
+            stop_wait.cancel()
+
+    async def _drained(self) -> bool:
+        if self._running or self._pending or self._held:
+            return False
+        return await self.source.pending() == 0
+
+    async def _dispatch(self, deliveries: list[Delivery]) -> None:
+        for d in deliveries:
+            self._held[id(d)] = d
+        claims = [Claim(d.task_id, d.key, d.enqueued_at) for d in deliveries]
+        results = await self.store.claim(self.config.name, self.config.tenant, claims, self.owner,
+                                         self.source.lease_s, time.time())
+        now = time.time()
+        for delivery, claim in zip(deliveries, results, strict=True):
+            if claim.status == ClaimStatus.RUN:
+                task = asyncio.create_task(self._attempt(delivery, claim.attempts,
+                                                         claim.received_at))
+                self._running[task] = delivery
+                task.add_done_callback(self._attempt_done)
+            elif claim.status == ClaimStatus.DONE:
+                self.stats.skipped += 1
+                self._settle(_Settle(delivery))
+            elif claim.status == ClaimStatus.BUSY:
+                wait = max((claim.lease_until or now) - now, 0.0) + 0.05
+                self._settle(_Settle(delivery, delay_s=wait))
+            else:  # HELD (paused)
+                self._settle(_Settle(delivery, delay_s=HOLD_RECHECK_S))
+        self.stats.in_flight = len(self._running)
+
+    def _attempt_done(self, task: asyncio.Task[None]) -> None:
+        self._running.pop(task, None)
+        self.stats.in_flight = len(self._running)
+        self._slot_freed.set()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("internal error in an attempt", exc_info=task.exception())
+
+    # -- one attempt ------------------------------------------------------------------------
+
+    async def _attempt(self, delivery: Delivery, attempts: int, received_at: float | None) -> None:
+        cfg = self.config
+        if attempts > cfg.consumer.retry.max_attempts:
+            # Its previous attempts were lost with their workers (rule 3 of the state machine).
+            outcome = Outcome("failure", error_type="WorkerLost",
+                              error_message=f"{attempts - 1} attempts ended without a result "
+                              "(the worker running them stopped)")
+        else:
+            outcome = await self._invoke(delivery, attempts)
+        if outcome.status == "success":
+            self.stats.succeeded += 1
+            self._settle(_Settle(delivery, Completion(delivery.task_id, TaskState.SUCCEEDED,
+                                                      outcome.result, outcome.result_type)))
+            return
+        reason = "" if outcome.error_type == "Reject" else "not retryable"
+        if outcome.status == "retry":
+            decision = self.policy.decide(attempts, received_at, time.time(), outcome.delay_s)
+            if decision.retry:
+                self.stats.retried += 1
+                log.info("task %s attempt %d failed (%s: %s); retry in %.2fs", delivery.task_id,
+                         attempts, outcome.error_type, outcome.error_message, decision.delay_s)
+                self._settle(_Settle(
+                    delivery,
+                    Completion(delivery.task_id, TaskState.RETRYING,
+                               error_type=outcome.error_type,
+                               error_message=outcome.error_message),
+                    delay_s=decision.delay_s))
+                return
+            reason = decision.reason
+        await self._fail(delivery, attempts, outcome, reason)
+
+    async def _invoke(self, delivery: Delivery, attempts: int) -> Outcome:
+        try:
+            payload = decode_payload(delivery.body, delivery.content_type)
+        except ValueError as exc:
+            return Outcome("failure", error_type="InvalidPayload",
+                           error_message=f"the body is not valid JSON ({delivery.content_type}):"
+                           f" {exc}")
+        message = Message(delivery.task_id, self.config.name, payload, delivery.body,
+                          delivery.content_type, delivery.key, delivery.headers, attempts)
+        return await self.handler.invoke(message, self.config.consumer.timeout_s)
+
+    async def _fail(self, delivery: Delivery, attempts: int, outcome: Outcome,
+                    reason: str) -> None:
+        headers = {
+            **delivery.headers,
+            "sluice-pipeline": self.config.name,
+            "sluice-task-id": delivery.task_id,
+            "sluice-error-type": outcome.error_type or "",
+            "sluice-error-message": outcome.error_message or "",
+            "sluice-attempts": str(attempts),
+            "sluice-reason": reason or "rejected by the handler",
+            "sluice-failed-at": f"{time.time():.6f}",
+        }
+        record = SinkRecord(delivery.task_id, delivery.body, delivery.content_type,
+                            delivery.key, headers)
+        try:
+            await self.dead_letter.send([record])
+        except Exception as exc:
+            log.error("task %s: the dead letter is unavailable (%s); retrying in %gs",
+                      delivery.task_id, exc, DEAD_LETTER_RETRY_S)
+            self._settle(_Settle(delivery, Completion(
+                delivery.task_id, TaskState.RETRYING, error_type=outcome.error_type,
+                error_message=outcome.error_message), delay_s=DEAD_LETTER_RETRY_S))
+            return
+        self.stats.failed += 1
+        log.warning("task %s failed for good: %s: %s (%s)", delivery.task_id,
+                    outcome.error_type, outcome.error_message, reason)
+        self._settle(_Settle(delivery, Completion(
+            delivery.task_id, TaskState.FAILED, error_type=outcome.error_type,
+            error_message=f"{outcome.error_message} ({reason})" if reason
+            else outcome.error_message)))
+
+    # -- recording and settling (group commit) -----------------------------------------------
+
+    def _settle(self, item: _Settle) -> None:
+        self._pending.append(item)
+        self._pending_event.set()
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await self._pending_event.wait()
+            self._pending_event.clear()
+            try:
+                await self._flush_once()
+            except Exception:
+                log.exception("recording finished tasks failed; will try again")
+                await asyncio.sleep(FLUSH_ERROR_PAUSE_S)
+                self._pending_event.set()
+
+    async def _flush_all(self) -> None:
+        for _ in range(100):
+            if not self._pending:
+                return
+            try:
+                await self._flush_once()
+            except Exception:
+                log.exception("recording finished tasks failed at shutdown; will try again")
+                await asyncio.sleep(FLUSH_ERROR_PAUSE_S)
+
+    async def _flush_once(self) -> None:
+        batch = self._pending
+        if not batch:
+            return
+        self._pending = []
+        try:
+            recorded = [s for s in batch if s.completion is not None]
+            states = await self.store.complete(
+                self.config.name, [s.completion for s in recorded if s.completion], self.owner,
+                time.time()) if recorded else []
+        except BaseException:
+            self._pending[:0] = batch  # nothing was written: try the whole batch again
+            raise
+        lost = {id(s) for s, st in zip(recorded, states, strict=True) if st is None}
+        final = {id(s) for s, st in zip(recorded, states, strict=True)
+                 if st is not None and st.final}
+        acks: list[Delivery] = []
+        requeues: list[tuple[Delivery, float]] = []
+        for s in batch:
+            if id(s) in lost:
+                continue  # another worker owns the task now; its message is not ours to settle
+            if s.delay_s is not None and id(s) not in final:
+                requeues.append((s.delivery, s.delay_s))
+            else:
+                acks.append(s.delivery)
+        await self.source.ack(acks)
+        await self.source.retry_later(requeues)
+        for s in batch:
+            self._held.pop(id(s.delivery), None)
+
+    # -- leases ---------------------------------------------------------------------------
+
+    async def _heartbeat_forever(self) -> None:
+        interval = max(self.source.lease_s / 3.0, 0.05)
+        while True:
+            await asyncio.sleep(interval)
+            held = list(self._held.values())
+            if not held:
+                continue
+            running = [d.task_id for d in self._running.values()]
+            try:
+                await self.source.extend(held)
+                await self.store.extend(self.config.name, running, self.owner,
+                                        self.source.lease_s, time.time())
+            except Exception:
+                log.exception("extending leases failed; will try again")
+
+    async def _finish_in_flight(self) -> None:
+        if not self._running:
+            return
+        grace = self.config.consumer.timeout_s + 1.0
+        log.info("stopping: waiting up to %.1fs for %d task(s) in flight", grace,
+                 len(self._running))
+        _done, still = await asyncio.wait(set(self._running), timeout=grace)
+        if not still:
+            return
+        handed_back = [self._running[t] for t in still if t in self._running]
+        for task in still:
+            task.cancel()
+        await asyncio.gather(*still, return_exceptions=True)
+        await self.store.release(self.config.name, [d.task_id for d in handed_back], self.owner)
+        await self.source.retry_later([(d, 0.0) for d in handed_back])
+        for d in handed_back:
+            self._held.pop(id(d), None)
+        log.warning("stopping: handed %d unfinished task(s) back to the queue", len(handed_back))

@@ -1,0 +1,144 @@
+"""The data directory: one SQLite database (WAL) holding the embedded queues and the task store.
+
+Invariants:
+
+1. Every write runs in ``BEGIN IMMEDIATE`` … ``COMMIT``: the write lock is taken up front, so two
+   processes never both read and then both try to upgrade (SQLite would fail one with BUSY).
+2. A committed transaction survives a crash of the process (WAL, ``synchronous=NORMAL``); with
+   ``SLUICE_SQLITE_SYNC=FULL`` it also survives power loss, at a cost in throughput.
+3. In a process, one :class:`Database` per file and one connection, used from one thread at a
+   time: async callers go through :meth:`Database.run`, which runs on the database's own thread,
+   so the event loop never blocks on disk; sync callers (the CLI) use :meth:`Database.run_sync`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import ClassVar, TypeVar
+
+from sluice.errors import SourceError
+
+T = TypeVar("T")
+
+DEFAULT_DATA_DIR = Path(".sluice")
+DB_FILE = "sluice.db"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue        TEXT    NOT NULL,
+    task_id      TEXT    NOT NULL,
+    body         BLOB    NOT NULL,
+    content_type TEXT    NOT NULL,
+    key          TEXT,
+    headers      TEXT,
+    enqueued_at  REAL    NOT NULL,
+    visible_at   REAL    NOT NULL,
+    lease_token  TEXT,
+    deliveries   INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, visible_at, id);
+
+CREATE TABLE IF NOT EXISTS tasks (
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    pipeline     TEXT    NOT NULL,
+    task_id      TEXT    NOT NULL,
+    tenant       TEXT    NOT NULL,
+    state        TEXT    NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    key          TEXT,
+    result       BLOB,
+    result_type  TEXT,
+    error_type   TEXT,
+    error_message TEXT,
+    received_at  REAL,
+    queued_at    REAL,
+    started_at   REAL,
+    finished_at  REAL,
+    updated_at   REAL    NOT NULL,
+    lease_owner  TEXT,
+    lease_until  REAL,
+    UNIQUE (pipeline, task_id)
+);
+CREATE INDEX IF NOT EXISTS tasks_by_id ON tasks (task_id);
+CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (pipeline, state, seq);
+"""
+
+
+class Database:
+    """One SQLite file, one connection, one thread (see the module invariants)."""
+
+    _instances: ClassVar[dict[Path, Database]] = {}
+    _instances_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-db")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(
+            path, timeout=30.0, isolation_level=None, check_same_thread=False
+        )
+        sync = os.environ.get("SLUICE_SQLITE_SYNC", "NORMAL").upper()
+        if sync not in ("NORMAL", "FULL"):
+            sync = "NORMAL"
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute(f"PRAGMA synchronous={sync}")
+        self._conn.execute("PRAGMA busy_timeout=30000")
+        with self._lock:
+            self._conn.executescript(SCHEMA)  # idempotent; executescript commits by itself
+
+    @classmethod
+    def open(cls, data_dir: str | Path | None = None) -> Database:
+        """The process's Database for ``data_dir`` (default ``./.sluice``)."""
+        path = (Path(data_dir) if data_dir else DEFAULT_DATA_DIR).resolve() / DB_FILE
+        with cls._instances_lock:
+            db = cls._instances.get(path)
+            if db is None:
+                db = cls._instances[path] = Database(path)
+            return db
+
+    def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise SourceError(f"cannot open a transaction on {self.path}: {exc}") from exc
+        try:
+            result = fn(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return result
+
+    def run_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in one write transaction, on the calling thread."""
+        with self._lock:
+            return self._transaction(fn)
+
+    def read_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` outside a write transaction (a consistent WAL read snapshot per statement)."""
+        with self._lock:
+            return fn(self._conn)
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.run_sync, fn)
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.read_sync, fn)
+
+    def close(self) -> None:
+        with self._instances_lock:
+            self._instances.pop(self.path, None)
+        self._executor.shutdown(wait=True)
+        with self._lock:
+            self._conn.close()

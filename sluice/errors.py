@@ -1,0 +1,119 @@
+"""The one exception hierarchy of sluice.
+
+::
+
+    SluiceError                      base of everything sluice raises on purpose
+    ├── ConfigError                  a pipeline file is invalid; carries every ConfigIssue found
+    ├── MissingDependency            an optional extra is not installed (says which one)
+    ├── TaskError                    the task store refused an operation
+    │   ├── TaskNotFound             no task with that id (or not visible to the caller)
+    │   ├── DuplicateTask            a client-chosen task id is already used in that pipeline
+    │   └── IllegalTransition        a state change the state machine does not allow
+    ├── SourceError                  a source or queue cannot be read or written
+    └── HandlerSignal                raised *by handlers* to steer the outcome of one attempt
+        ├── Retry                    retry this task (optionally after ``delay_s``)
+        └── Reject                   fail this task now, without retrying
+
+A user-facing error names where (file:line:col, key path) and what was expected; the CLI prints
+``str(error)`` on stderr and exits 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class SluiceError(Exception):
+    """Base class of every error sluice raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    """One problem in one pipeline file, at one place."""
+
+    file: str
+    line: int  # 1-based
+    col: int  # 1-based
+    path: str  # dotted key path, e.g. "consumer.retry.max_attempts"; "" for the document
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}:{self.col}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class ConfigError(SluiceError):
+    """A pipeline file is invalid. ``issues`` holds every problem found, not only the first."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        self.issues = issues
+        super().__init__("\n".join(str(i) for i in issues))
+
+
+class MissingDependency(SluiceError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+    def __init__(self, module: str, extra: str) -> None:
+        self.module = module
+        self.extra = extra
+        super().__init__(
+            f"the Python package {module!r} is not installed; "
+            f"install it with: pip install 'sluice[{extra}]'"
+        )
+
+
+class TaskError(SluiceError):
+    """The task store refused an operation."""
+
+
+class TaskNotFound(TaskError):
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        super().__init__(f"no task with id {task_id!r}")
+
+
+class DuplicateTask(TaskError):
+    """A client-chosen task id is already used in this pipeline; ``existing`` is that task."""
+
+    def __init__(self, pipeline: str, task_id: str, state: str) -> None:
+        self.pipeline = pipeline
+        self.task_id = task_id
+        self.state = state
+        super().__init__(
+            f"task id {task_id!r} is already used in pipeline {pipeline!r} (state {state})"
+        )
+
+
+class IllegalTransition(TaskError):
+    def __init__(self, task_id: str, current: str, wanted: str) -> None:
+        self.task_id = task_id
+        self.current = current
+        self.wanted = wanted
+        super().__init__(f"task {task_id!r} is {current}; it cannot become {wanted}")
+
+
+class SourceError(SluiceError):
+    """A source or queue cannot be read or written."""
+
+
+class HandlerSignal(SluiceError):
+    """Raised by a handler to choose the outcome of its attempt."""
+
+
+class Retry(HandlerSignal):
+    """Retry this task. ``delay_s`` overrides the backoff for this one retry."""
+
+    def __init__(self, reason: str = "retry requested", *, delay_s: float | None = None) -> None:
+        if delay_s is not None and delay_s < 0:
+            raise ValueError("Retry(delay_s=...) must be >= 0")
+        self.reason = reason
+        self.delay_s = delay_s
+        super().__init__(reason)
+
+
+class Reject(HandlerSignal):
+    """Fail this task now: no further attempts; it goes to the dead letter."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)

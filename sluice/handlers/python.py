@@ -1,0 +1,134 @@
+"""In-process Python handlers: ``handler: {python: package.module:function}``.
+
+The function receives a :class:`~sluice.message.Message`. Returning a value succeeds (the value,
+JSON-encoded, or bytes as they are, is the task's result); raising
+:class:`~sluice.errors.Retry` or any other exception retries; raising
+:class:`~sluice.errors.Reject` fails the task at once. ``async def`` functions run on the event
+loop; plain functions run in a thread pool sized to the pipeline's concurrency.
+
+Timeouts (``consumer.timeout_s``) hold for both: an async attempt is cancelled; a sync attempt's
+thread cannot be stopped, so it runs on in the background while its outcome is discarded and
+the task is retried (keep sync handlers bounded, or make them async).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib
+import inspect
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from sluice import registry
+from sluice.errors import Reject, Retry
+from sluice.message import Message, Outcome, encode_result
+from sluice.spec import REQUIRED, Field
+
+TARGET_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"
+
+CONFIG = Field(
+    "python", "string", "An importable function, as package.module:function (imported from the "
+    "current directory and the pipeline file's directory).", default=REQUIRED,
+    pattern=TARGET_PATTERN,
+)
+
+
+def import_target(target: str, extra_paths: tuple[Path, ...] = ()) -> Callable[..., Any]:
+    """Import ``package.module:attr.path``; raise ``ImportError`` with a one-line reason."""
+    module_name, _, attr_path = target.partition(":")
+    for path in (Path.cwd(), *extra_paths):
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # any error while importing user code is reported, not raised
+        raise ImportError(f"cannot import module {module_name!r}: "
+                          f"{type(exc).__name__}: {exc}") from exc
+    for part in attr_path.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ImportError(f"module {module_name!r} has no attribute {attr_path!r}") from None
+    if not callable(obj):
+        raise ImportError(f"{target!r} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
+    )
+
+
+class PythonHandler:
+    def __init__(self, fn: Callable[..., Any], max_threads: int = 8) -> None:
+        self.fn = fn
+        self.is_async = _is_async(fn)
+        self._executor = (
+            None if self.is_async
+            else ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="sluice-handler")
+        )
+
+    async def invoke(self, message: Message, timeout_s: float) -> Outcome:
+        started = time.perf_counter()
+        try:
+            if self.is_async:
+                value = await asyncio.wait_for(self.fn(message), timeout_s)
+            else:
+                loop = asyncio.get_running_loop()
+                future = loop.run_in_executor(self._executor, functools.partial(self.fn, message))
+                value = await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            return Outcome("retry", error_type="Timeout",
+                           error_message=f"the attempt took longer than timeout_s={timeout_s:g}",
+                           duration_s=time.perf_counter() - started)
+        except Reject as exc:
+            return Outcome("failure", error_type="Reject", error_message=exc.reason,
+                           duration_s=time.perf_counter() - started)
+        except Retry as exc:
+            return Outcome("retry", error_type="Retry", error_message=exc.reason,
+                           delay_s=exc.delay_s, duration_s=time.perf_counter() - started)
+        except Exception as exc:
+            return Outcome("retry", error_type=type(exc).__name__, error_message=str(exc),
+                           duration_s=time.perf_counter() - started)
+        duration = time.perf_counter() - started
+        try:
+            result, result_type = encode_result(value)
+        except (TypeError, ValueError) as exc:
+            return Outcome("failure", error_type="InvalidResult",
+                           error_message=f"the handler's return value cannot be stored as JSON: "
+                           f"{exc}", duration_s=duration)
+        return Outcome("success", result=result, result_type=result_type, duration_s=duration)
+
+    async def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def check(config: Any, file: Path | None) -> list[tuple[tuple[str, ...], str]]:
+    extra = (file.resolve().parent,) if file is not None else ()
+    try:
+        import_target(str(config), extra)
+    except ImportError as exc:
+        return [((), str(exc))]
+    return []
+
+
+def build_handler(config: Any, ctx: registry.BuildContext) -> PythonHandler:
+    extra = (ctx.pipeline_file.resolve().parent,) if ctx.pipeline_file else ()
+    return PythonHandler(import_target(str(config), extra), max_threads=ctx.concurrency)
+
+
+registry.register(registry.ComponentSpec(
+    family="handler",
+    name="python",
+    summary="An in-process Python function (sync or async).",
+    config=CONFIG,
+    factory=build_handler,
+    check=check,
+))

@@ -1,0 +1,77 @@
+"""Values that cross the seams: what a handler receives (:class:`Message`) and what one attempt
+came to (:class:`Outcome`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+JSON_TYPES = ("application/json", "text/json")
+
+
+def is_json(content_type: str) -> bool:
+    base = content_type.split(";", 1)[0].strip().lower()
+    return base in JSON_TYPES or base.endswith("+json")
+
+
+def decode_payload(body: bytes, content_type: str) -> Any:
+    """JSON bodies decode to Python values, ``text/*`` to ``str``, anything else stays bytes.
+
+    Raises ``ValueError`` for a JSON body that does not parse.
+    """
+    if is_json(content_type):
+        return json.loads(body)
+    if content_type.lower().startswith("text/"):
+        return body.decode("utf-8", errors="replace")
+    return body
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One task as its handler sees it."""
+
+    task_id: str
+    pipeline: str
+    payload: Any  # decoded body: JSON value, str for text/*, else bytes
+    body: bytes
+    content_type: str = "application/json"
+    key: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    attempt: int = 1  # 1 for the first attempt
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one handler attempt came to.
+
+    ``success`` carries the result (encoded, with its content type); ``retry`` asks for another
+    attempt (after ``delay_s`` if given, else the backoff); ``failure`` ends the task at once.
+    """
+
+    status: Literal["success", "retry", "failure"]
+    result: bytes | None = None
+    result_type: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    delay_s: float | None = None
+    duration_s: float = 0.0
+
+    @property
+    def error(self) -> dict[str, str] | None:
+        if self.error_type is None:
+            return None
+        return {"type": self.error_type, "message": self.error_message or ""}
+
+
+def encode_result(value: Any) -> tuple[bytes | None, str | None]:
+    """A handler's return value as stored bytes and a content type; ``None`` stores nothing.
+
+    Raises ``TypeError``/``ValueError`` for a value JSON cannot encode.
+    """
+    if value is None:
+        return None, None
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value), "application/octet-stream"
+    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode(), "application/json"

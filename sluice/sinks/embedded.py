@@ -1,0 +1,48 @@
+"""Sink to an embedded queue: dead letters (default ``<pipeline>.dlq``), and a way for one
+pipeline to consume another's records."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from sluice import registry
+from sluice.connectors.base import SinkRecord
+from sluice.connectors.embedded import QueuedMessage, put_in
+from sluice.datadir import Database
+from sluice.spec import REQUIRED, Field, ObjectSpec
+
+CONFIG = ObjectSpec(
+    Field("queue", "string", "Queue to put records on.", default=REQUIRED,
+          pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"),
+)
+
+
+class EmbeddedSink:
+    """Puts records on an embedded queue (dead letters; a pipeline can consume them)."""
+
+    def __init__(self, db: Database, queue: str) -> None:
+        self.db = db
+        self.queue = queue
+
+    async def send(self, records: Sequence[SinkRecord]) -> None:
+        messages = [QueuedMessage(r.task_id, r.body, r.content_type, r.key, dict(r.headers))
+                    for r in records]
+        await self.db.run(lambda c: put_in(c, self.queue, messages, time.time()))
+
+    async def close(self) -> None:
+        return None
+
+
+def build_sink(config: dict[str, Any], ctx: registry.BuildContext) -> EmbeddedSink:
+    return EmbeddedSink(Database.open(ctx.data_dir), str(config["queue"]))
+
+
+registry.register(registry.ComponentSpec(
+    family="sink",
+    name="embedded",
+    summary="An embedded queue in the data directory.",
+    config=CONFIG,
+    factory=build_sink,
+))

@@ -1,0 +1,140 @@
+"""Config specs: one declaration per key, from which the JSON Schema, the ``sluice connectors``
+listing and the reference docs are all generated.
+
+A component declares its keys beside its code (as Redpanda Connect's ``ConfigSpec`` does)::
+
+    SPEC = ObjectSpec(
+        Field("queue", "string", "Queue name.", default=None),
+        Field("lease_s", "number", "Visibility timeout.", default=30.0, exclusive_minimum=0),
+    )
+
+``Field.default`` of ``REQUIRED`` makes the key required; ``None`` means optional, no default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+Kind = Literal["string", "integer", "number", "boolean", "object", "array"]
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Final = _Required()
+
+_ARTICLE = {"integer": "an integer", "number": "a number", "string": "a string",
+            "boolean": "true or false", "object": "a mapping", "array": "a list"}
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    kind: Kind | tuple[Kind, ...]
+    description: str
+    default: Any = None
+    minimum: float | None = None
+    exclusive_minimum: float | None = None
+    maximum: float | None = None
+    enum: tuple[Any, ...] | None = None
+    pattern: str | None = None
+    items: Field | None = None
+    fields: ObjectSpec | None = None  # for kind "object"
+    family: str | None = None  # a one-key component slot ("source", "handler", "sink")
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def json_schema(self) -> dict[str, Any]:
+        if self.family is not None:
+            from sluice import registry  # late: the registry imports components that use specs
+
+            schema = registry.family_schema(self.family)
+        elif self.fields is not None:
+            schema = self.fields.json_schema()
+        else:
+            kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
+            schema = {"type": kinds[0] if len(kinds) == 1 else list(kinds)}
+        schema["description"] = self.description
+        for key, value in (
+            ("minimum", self.minimum),
+            ("exclusiveMinimum", self.exclusive_minimum),
+            ("maximum", self.maximum),
+            ("pattern", self.pattern),
+        ):
+            if value is not None:
+                schema[key] = value
+        if self.enum is not None:
+            schema["enum"] = list(self.enum)
+        if self.items is not None:
+            schema["items"] = self.items.json_schema()
+        if self.default is not None and not self.required:
+            schema["default"] = self.default
+        return schema
+
+    def type_label(self) -> str:
+        kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
+        return "|".join(kinds)
+
+
+class ObjectSpec:
+    """A mapping with a fixed set of keys; unknown keys are an error."""
+
+    __slots__ = ("fields_",)
+
+    def __init__(self, *fields_: Field) -> None:
+        self.fields_ = tuple(fields_)
+
+    def json_schema(self) -> dict[str, Any]:
+        schema: dict[str, Any] = {
+            "type": "object",
+            "properties": {f.name: f.json_schema() for f in self.fields_},
+            "additionalProperties": False,
+        }
+        required = [f.name for f in self.fields_ if f.required]
+        if required:
+            schema["required"] = required
+        return schema
+
+    def apply_defaults(self, value: Mapping[str, Any]) -> dict[str, Any]:
+        """A copy of a *validated* mapping with every default filled in, recursively."""
+        out = dict(value)
+        for f in self.fields_:
+            if f.name not in out:
+                if f.fields is not None and not f.required and f.default is None:
+                    out[f.name] = f.fields.apply_defaults({})
+                elif not f.required:
+                    out[f.name] = f.default
+            elif f.fields is not None and isinstance(out[f.name], Mapping):
+                out[f.name] = f.fields.apply_defaults(out[f.name])
+        return out
+
+
+def describe_expected(schema: Mapping[str, Any]) -> str:
+    """Human words for what a schema accepts: ``an integer >= 1``, ``one of 'a', 'b'``."""
+    if "enum" in schema:
+        return "one of " + ", ".join(repr(v) for v in schema["enum"])
+    kinds = schema.get("type", "")
+    kind_list = kinds if isinstance(kinds, list) else [kinds]
+    words = " or ".join(_ARTICLE.get(str(k), str(k)) for k in kind_list if k)
+    bounds: list[str] = []
+    if "minimum" in schema:
+        bounds.append(f">= {_num(schema['minimum'])}")
+    if "exclusiveMinimum" in schema:
+        bounds.append(f"> {_num(schema['exclusiveMinimum'])}")
+    if "maximum" in schema:
+        bounds.append(f"<= {_num(schema['maximum'])}")
+    if "pattern" in schema:
+        bounds.append(f"matching {schema['pattern']}")
+    if "x-sluice-format" in schema:
+        bounds.append(f"of the form {schema['x-sluice-format']}")
+    return " ".join([words or "a value", *bounds])
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)

@@ -1,0 +1,228 @@
+"""The SQLite task store (embedded default), in the data directory's database.
+
+Every method is one transaction over a batch; the ``*_in`` functions take a connection already
+inside a transaction, so a submit can create its tasks and enqueue their messages atomically
+(see :func:`sluice.connectors.embedded.submit`).
+"""
+
+from __future__ import annotations
+
+import builtins
+import sqlite3
+from collections.abc import Sequence
+
+from sluice.datadir import Database
+from sluice.errors import IllegalTransition, TaskNotFound
+from sluice.tasks.state import FINAL, TaskState, allowed
+from sluice.tasks.store import Claim, ClaimResult, ClaimStatus, Completion, NewTask, TaskRecord
+
+_COLUMNS = (
+    "pipeline, task_id, tenant, state, attempts, key, result, result_type, error_type, "
+    "error_message, received_at, queued_at, started_at, finished_at, updated_at, seq"
+)
+
+
+def _record(row: sqlite3.Row | tuple[object, ...]) -> TaskRecord:
+    values = list(row)
+    values[3] = TaskState(values[3])
+    return TaskRecord(*values)
+
+
+def create_in(conn: sqlite3.Connection, pipeline: str, tenant: str, tasks: Sequence[NewTask],
+              now: float) -> list[TaskRecord | None]:
+    out: list[TaskRecord | None] = []
+    for task in tasks:
+        received = task.received_at if task.received_at is not None else now
+        cur = conn.execute(
+            "INSERT INTO tasks (pipeline, task_id, tenant, state, key, received_at, queued_at,"
+            " updated_at) VALUES (?, ?, ?, 'QUEUED', ?, ?, ?, ?)"
+            " ON CONFLICT (pipeline, task_id) DO NOTHING",
+            (pipeline, task.task_id, tenant, task.key, received, now, now),
+        )
+        out.append(
+            TaskRecord(pipeline, task.task_id, tenant, TaskState.QUEUED, 0, task.key,
+                       received_at=received, queued_at=now, updated_at=now)
+            if cur.rowcount == 1 else None
+        )
+    return out
+
+
+def get_in(conn: sqlite3.Connection, task_id: str, pipeline: str | None) -> list[TaskRecord]:
+    if pipeline is None:
+        rows = conn.execute(f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,))
+    else:
+        rows = conn.execute(
+            f"SELECT {_COLUMNS} FROM tasks WHERE pipeline = ? AND task_id = ?",
+            (pipeline, task_id),
+        )
+    return [_record(r) for r in rows.fetchall()]
+
+
+class SqliteTaskStore:
+    """:class:`~sluice.tasks.store.TaskStore` on the data directory's SQLite database."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def create(self, pipeline: str, tenant: str, tasks: Sequence[NewTask],
+                     now: float) -> list[TaskRecord | None]:
+        return await self.db.run(lambda c: create_in(c, pipeline, tenant, tasks, now))
+
+    async def claim(self, pipeline: str, tenant: str, claims: Sequence[Claim], owner: str,
+                    lease_s: float, now: float) -> list[ClaimResult]:
+        return await self.db.run(
+            lambda c: self._claim(c, pipeline, tenant, claims, owner, now + lease_s, now)
+        )
+
+    @staticmethod
+    def _claim(conn: sqlite3.Connection, pipeline: str, tenant: str, claims: Sequence[Claim],
+               owner: str, lease_until: float, now: float) -> list[ClaimResult]:
+        ids = [c.task_id for c in claims]
+        current: dict[str, tuple[str, int, float | None, str | None, float | None]] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for row in conn.execute(
+                "SELECT task_id, state, attempts, lease_until, lease_owner, received_at"
+                f" FROM tasks WHERE pipeline = ? AND task_id IN ({marks})", (pipeline, *chunk)
+            ):
+                current[row[0]] = (row[1], row[2], row[3], row[4], row[5])
+        out: list[ClaimResult] = []
+        updates: list[tuple[object, ...]] = []
+        for claim in claims:
+            found = current.get(claim.task_id)
+            if found is None:
+                received: float | None = (
+                    claim.received_at if claim.received_at is not None else now)
+                conn.execute(
+                    "INSERT INTO tasks (pipeline, task_id, tenant, state, attempts, key,"
+                    " received_at, queued_at, started_at, updated_at, lease_owner, lease_until)"
+                    " VALUES (?, ?, ?, 'RUNNING', 1, ?, ?, ?, ?, ?, ?, ?)",
+                    (pipeline, claim.task_id, tenant, claim.key, received, received, now, now,
+                     owner, lease_until),
+                )
+                current[claim.task_id] = ("RUNNING", 1, lease_until, owner, received)
+                out.append(ClaimResult(ClaimStatus.RUN, 1, received))
+                continue
+            state, attempts, their_lease, their_owner, received = found
+            if state in FINAL:
+                out.append(ClaimResult(ClaimStatus.DONE, attempts, received))
+                continue
+            if state == TaskState.PAUSED:
+                out.append(ClaimResult(ClaimStatus.HELD, attempts, received))
+                continue
+            if (state == TaskState.RUNNING and their_owner != owner
+                    and their_lease is not None and their_lease > now):
+                out.append(ClaimResult(ClaimStatus.BUSY, attempts, received, their_lease))
+                continue
+            attempts += 1
+            current[claim.task_id] = ("RUNNING", attempts, lease_until, owner, received)
+            updates.append((attempts, now, now, owner, lease_until, pipeline, claim.task_id))
+            out.append(ClaimResult(ClaimStatus.RUN, attempts, received))
+        conn.executemany(
+            "UPDATE tasks SET state = 'RUNNING', attempts = ?,"
+            " started_at = COALESCE(started_at, ?), updated_at = ?, lease_owner = ?,"
+            " lease_until = ? WHERE pipeline = ? AND task_id = ?",
+            updates,
+        )
+        return out
+
+    async def extend(self, pipeline: str, task_ids: Sequence[str], owner: str,
+                     lease_s: float, now: float) -> None:
+        rows = [(now + lease_s, pipeline, t, owner) for t in task_ids]
+        await self.db.run(lambda c: c.executemany(
+            "UPDATE tasks SET lease_until = ? WHERE pipeline = ? AND task_id = ?"
+            " AND lease_owner = ? AND state = 'RUNNING'", rows))
+
+    async def release(self, pipeline: str, task_ids: Sequence[str], owner: str) -> None:
+        rows = [(pipeline, t, owner) for t in task_ids]
+        await self.db.run(lambda c: c.executemany(
+            "UPDATE tasks SET lease_until = 0 WHERE pipeline = ? AND task_id = ?"
+            " AND lease_owner = ? AND state = 'RUNNING'", rows))
+
+    async def complete(self, pipeline: str, completions: Sequence[Completion], owner: str,
+                       now: float) -> list[TaskState | None]:
+        return await self.db.run(lambda c: self._complete(c, pipeline, completions, owner, now))
+
+    @staticmethod
+    def _complete(conn: sqlite3.Connection, pipeline: str, completions: Sequence[Completion],
+                  owner: str, now: float) -> list[TaskState | None]:
+        out: list[TaskState | None] = []
+        for done in completions:
+            final = done.state in FINAL
+            cur = conn.execute(
+                "UPDATE tasks SET state = ?, result = ?, result_type = ?, error_type = ?,"
+                " error_message = ?, finished_at = ?, updated_at = ?,"
+                " lease_owner = CASE WHEN ? THEN NULL ELSE lease_owner END, lease_until = NULL"
+                " WHERE pipeline = ? AND task_id = ? AND state = 'RUNNING' AND lease_owner = ?",
+                (str(done.state), done.result, done.result_type, done.error_type,
+                 done.error_message, now if final else None, now, final, pipeline,
+                 done.task_id, owner),
+            )
+            if cur.rowcount == 1:
+                out.append(done.state)
+                continue
+            row = conn.execute("SELECT state FROM tasks WHERE pipeline = ? AND task_id = ?",
+                               (pipeline, done.task_id)).fetchone()
+            state = TaskState(row[0]) if row else None
+            # A final state (e.g. cancelled meanwhile) is reported so the message is finished.
+            out.append(state if state in FINAL else None)
+        return out
+
+    async def get(self, task_id: str, pipeline: str | None = None) -> TaskRecord:
+        found = await self.db.read(lambda c: get_in(c, task_id, pipeline))
+        if not found:
+            raise TaskNotFound(task_id)
+        return found[0]
+
+    async def find(self, task_id: str) -> builtins.list[TaskRecord]:
+        """Every task with this id, across pipelines."""
+        return await self.db.read(lambda c: get_in(c, task_id, None))
+
+    async def list(self, pipeline: str | None = None, state: TaskState | None = None,
+                   limit: int = 50, before_seq: int | None = None) -> builtins.list[TaskRecord]:
+        where, args = [], []
+        if pipeline is not None:
+            where.append("pipeline = ?")
+            args.append(pipeline)
+        if state is not None:
+            where.append("state = ?")
+            args.append(str(state))
+        if before_seq is not None:
+            where.append("seq < ?")
+            args.append(str(before_seq))
+        sql = f"SELECT {_COLUMNS} FROM tasks"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        rows = await self.db.read(lambda c: c.execute(sql, (*args, limit)).fetchall())
+        return [_record(r) for r in rows]
+
+    async def transition(self, pipeline: str, task_id: str, wanted: TaskState,
+                         now: float) -> TaskRecord:
+        def change(conn: sqlite3.Connection) -> TaskRecord:
+            found = get_in(conn, task_id, pipeline)
+            if not found:
+                raise TaskNotFound(task_id)
+            current = found[0].state
+            if not allowed(current, wanted) or wanted == TaskState.RUNNING:
+                raise IllegalTransition(task_id, str(current), str(wanted))
+            conn.execute(
+                "UPDATE tasks SET state = ?, updated_at = ?,"
+                " finished_at = CASE WHEN ? THEN ? ELSE finished_at END"
+                " WHERE pipeline = ? AND task_id = ? AND state = ?",
+                (str(wanted), now, wanted in FINAL, now, pipeline, task_id, str(current)),
+            )
+            return get_in(conn, task_id, pipeline)[0]
+
+        return await self.db.run(change)
+
+    async def stats(self, pipeline: str | None = None) -> builtins.list[TaskRecord]:
+        """Every task (of a pipeline), oldest first: the input of ``sluice tasks summary``."""
+        sql = f"SELECT {_COLUMNS} FROM tasks"
+        args: tuple[str, ...] = ()
+        if pipeline is not None:
+            sql += " WHERE pipeline = ?"
+            args = (pipeline,)
+        rows = await self.db.read(lambda c: c.execute(sql + " ORDER BY seq", args).fetchall())
+        return [_record(r) for r in rows]

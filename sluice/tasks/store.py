@@ -1,0 +1,156 @@
+"""The task store seam: :class:`TaskStore` and the values it trades in.
+
+A store records every task of every pipeline: its state (see :mod:`sluice.tasks.state`),
+attempts, result or error and stage timestamps. The consumer layer talks to it in batches
+(:meth:`TaskStore.claim`, :meth:`TaskStore.complete`): this path is hot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Protocol
+
+from sluice.tasks.state import TaskState
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    pipeline: str
+    task_id: str
+    tenant: str
+    state: TaskState
+    attempts: int
+    key: str | None = None
+    result: bytes | None = None
+    result_type: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    received_at: float | None = None
+    queued_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    updated_at: float | None = None
+    seq: int | None = None  # store order: newer tasks have larger values (list cursors)
+
+    def timeline(self) -> list[tuple[str, float | None, float | None]]:
+        """(stage, timestamp, seconds since the previous stage) for each stage."""
+        out: list[tuple[str, float | None, float | None]] = []
+        previous: float | None = None
+        for stage in ("received", "queued", "started", "finished"):
+            at: float | None = getattr(self, f"{stage}_at")
+            since = at - previous if at is not None and previous is not None else None
+            out.append((stage, at, since))
+            previous = at if at is not None else previous
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        import json
+
+        result: Any = None
+        if self.result is not None:
+            if self.result_type == "application/json":
+                result = json.loads(self.result)
+            else:
+                result = self.result.decode("utf-8", errors="replace")
+        return {
+            "task_id": self.task_id,
+            "pipeline": self.pipeline,
+            "tenant": self.tenant,
+            "state": str(self.state),
+            "attempts": self.attempts,
+            "key": self.key,
+            "result": result,
+            "error": (
+                {"type": self.error_type, "message": self.error_message}
+                if self.error_type else None
+            ),
+            "timeline": [
+                {"stage": stage, "at": at, "since_previous_s": since}
+                for stage, at, since in self.timeline()
+            ],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """A task to create (at submit)."""
+
+    task_id: str
+    key: str | None = None
+    received_at: float | None = None
+
+
+class ClaimStatus(StrEnum):
+    RUN = "run"  # claimed: run it
+    DONE = "done"  # final already: acknowledge the message, do not run
+    BUSY = "busy"  # RUNNING under another live lease: leave it to its owner
+    HELD = "held"  # PAUSED: keep the message, do not run
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    task_id: str
+    key: str | None = None
+    received_at: float | None = None  # used when the task is first seen at the consumer
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimResult:
+    status: ClaimStatus
+    attempts: int = 0
+    received_at: float | None = None
+    lease_until: float | None = None  # for BUSY: when the other owner's lease ends
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The end of one attempt, to record with compare-and-set from RUNNING under ``owner``."""
+
+    task_id: str
+    state: TaskState  # SUCCEEDED, RETRYING or FAILED
+    result: bytes | None = None
+    result_type: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+
+
+class TaskStore(Protocol):
+    async def create(self, pipeline: str, tenant: str, tasks: Sequence[NewTask],
+                     now: float) -> list[TaskRecord | None]:
+        """Create QUEUED tasks; for each, the record, or ``None`` if its id was already used
+        in this pipeline (the caller reports the existing task: :meth:`get`)."""
+        ...
+
+    async def claim(self, pipeline: str, tenant: str, claims: Sequence[Claim], owner: str,
+                    lease_s: float, now: float) -> list[ClaimResult]:
+        """Move each task to RUNNING under ``owner`` for ``lease_s`` (see :class:`ClaimStatus`)."""
+        ...
+
+    async def extend(self, pipeline: str, task_ids: Sequence[str], owner: str,
+                     lease_s: float, now: float) -> None: ...
+
+    async def complete(self, pipeline: str, completions: Sequence[Completion], owner: str,
+                       now: float) -> list[TaskState | None]:
+        """Record each attempt's end; for each, the state now, or ``None`` if the task was not
+        RUNNING under ``owner`` any more (its lease was taken over, or it was cancelled) and
+        nothing was written."""
+        ...
+
+    async def release(self, pipeline: str, task_ids: Sequence[str], owner: str) -> None:
+        """End ``owner``'s leases now (at shutdown) so another worker can claim at once."""
+        ...
+
+    async def get(self, task_id: str, pipeline: str | None = None) -> TaskRecord:
+        """Raise :class:`~sluice.errors.TaskNotFound` if absent."""
+        ...
+
+    async def list(self, pipeline: str | None = None, state: TaskState | None = None,
+                   limit: int = 50, before_seq: int | None = None) -> list[TaskRecord]: ...
+
+    async def transition(self, pipeline: str, task_id: str, wanted: TaskState,
+                         now: float) -> TaskRecord:
+        """A control change (cancel, pause, resume), compare-and-set; raise
+        :class:`~sluice.errors.IllegalTransition` if the state machine forbids it."""
+        ...
