@@ -68,9 +68,10 @@ def parse_pipeline(text: str, file: str = "<string>") -> PipelineConfig:
     if not isinstance(doc, dict):
         raise ConfigError([marks.issue((), "expected a mapping of pipeline keys at the top")])
     doc = _interpolate(doc, (), marks, issues)
-    issues.extend(_schema_issues(doc, marks))
+    env_paths = {i.path for i in issues}  # a value left empty by an unset variable: said once
+    issues.extend(i for i in _schema_issues(doc, marks) if i.path not in env_paths)
     if issues:
-        raise ConfigError(issues)
+        raise ConfigError(sorted(issues, key=lambda i: (i.line, i.col)))
     doc = _apply_defaults(doc)
     path = Path(file) if file != "<string>" else None
     issues.extend(_component_checks(doc, marks, path))

@@ -78,6 +78,7 @@ class ConsumerLoop:
         self._held: dict[int, Delivery] = {}  # every delivery not yet settled, by id()
         self._pending: list[_Settle] = []
         self._pending_event = asyncio.Event()
+        self._closing = False
         self._slot_freed = asyncio.Event()
 
     # -- the loop ---------------------------------------------------------------------------
@@ -91,11 +92,12 @@ class ConsumerLoop:
             await self._fetch_until(stop, drain)
             await self._finish_in_flight()
         finally:
-            await self._flush_all()
-            for task in (flusher, heartbeat):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            self._closing = True  # the flusher writes what is pending, then returns
+            self._pending_event.set()
+            await flusher
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
         return self.stats
 
     async def _fetch_until(self, stop: asyncio.Event, drain: bool) -> None:
@@ -225,8 +227,9 @@ class ConsumerLoop:
                 error_message=outcome.error_message), delay_s=DEAD_LETTER_RETRY_S))
             return
         self.stats.failed += 1
-        log.warning("task %s failed for good: %s: %s (%s)", delivery.task_id,
-                    outcome.error_type, outcome.error_message, reason)
+        log.warning("task %s failed for good: %s: %s (%s); sent to the dead letter",
+                    delivery.task_id, outcome.error_type, outcome.error_message,
+                    reason or "rejected by the handler")
         self._settle(_Settle(delivery, Completion(
             delivery.task_id, TaskState.FAILED, error_type=outcome.error_type,
             error_message=f"{outcome.error_message} ({reason})" if reason
@@ -239,6 +242,8 @@ class ConsumerLoop:
         self._pending_event.set()
 
     async def _flush_forever(self) -> None:
+        """The only writer of attempt ends; never cancelled, it returns once closing and empty
+        (so a batch is never cut off between its store write and its settlement)."""
         while True:
             await self._pending_event.wait()
             self._pending_event.clear()
@@ -248,16 +253,9 @@ class ConsumerLoop:
                 log.exception("recording finished tasks failed; will try again")
                 await asyncio.sleep(FLUSH_ERROR_PAUSE_S)
                 self._pending_event.set()
-
-    async def _flush_all(self) -> None:
-        for _ in range(100):
-            if not self._pending:
+                continue
+            if self._closing and not self._pending:
                 return
-            try:
-                await self._flush_once()
-            except Exception:
-                log.exception("recording finished tasks failed at shutdown; will try again")
-                await asyncio.sleep(FLUSH_ERROR_PAUSE_S)
 
     async def _flush_once(self) -> None:
         batch = self._pending
@@ -269,7 +267,7 @@ class ConsumerLoop:
             states = await self.store.complete(
                 self.config.name, [s.completion for s in recorded if s.completion], self.owner,
                 time.time()) if recorded else []
-        except BaseException:
+        except Exception:
             self._pending[:0] = batch  # nothing was written: try the whole batch again
             raise
         lost = {id(s) for s, st in zip(recorded, states, strict=True) if st is None}

@@ -1,0 +1,82 @@
+"""Python handlers: results, Retry, Reject, exceptions and timeouts, sync and async."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from sluice import Message, Reject, Retry
+from sluice.handlers.python import PythonHandler, import_target
+
+
+def msg(payload: object = None, attempt: int = 1) -> Message:
+    return Message("t1", "p", payload, json.dumps(payload).encode(), attempt=attempt)
+
+
+async def async_ok(m: Message) -> dict[str, object]:
+    return {"got": m.payload, "attempt": m.attempt}
+
+
+def sync_ok(m: Message) -> bytes:
+    return b"\x00raw"
+
+
+async def async_slow(m: Message) -> None:
+    await asyncio.sleep(5)
+
+
+def sync_slow(m: Message) -> None:
+    time.sleep(1.0)
+
+
+def raises(exc: BaseException) -> object:
+    def handler(m: Message) -> None:
+        raise exc
+    return handler
+
+
+async def test_async_and_sync_results() -> None:
+    out = await PythonHandler(async_ok).invoke(msg({"a": 1}, attempt=2), 5)
+    assert out.status == "success"
+    assert json.loads(out.result or b"") == {"got": {"a": 1}, "attempt": 2}
+    assert out.result_type == "application/json"
+    out = await PythonHandler(sync_ok).invoke(msg(), 5)
+    assert (out.status, out.result, out.result_type) == ("success", b"\x00raw",
+                                                         "application/octet-stream")
+
+
+@pytest.mark.parametrize(("exc", "status", "error_type", "delay"), [
+    (Retry("later", delay_s=3), "retry", "Retry", 3),
+    (Reject("bad input"), "failure", "Reject", None),
+    (ValueError("boom"), "retry", "ValueError", None),
+])
+async def test_signals_and_errors(exc: BaseException, status: str, error_type: str,
+                                  delay: float | None) -> None:
+    out = await PythonHandler(raises(exc)).invoke(msg(), 5)  # type: ignore[arg-type]
+    assert (out.status, out.error_type, out.delay_s) == (status, error_type, delay)
+    assert out.error_message == str(exc)
+
+
+@pytest.mark.parametrize("fn", [async_slow, sync_slow])
+async def test_timeout_is_enforced_for_both_kinds(fn: object) -> None:
+    start = time.monotonic()
+    out = await PythonHandler(fn).invoke(msg(), 0.2)  # type: ignore[arg-type]
+    assert time.monotonic() - start < 0.9
+    assert (out.status, out.error_type) == ("retry", "Timeout")
+    assert "timeout_s=0.2" in (out.error_message or "")
+
+
+async def test_result_that_is_not_json_fails() -> None:
+    out = await PythonHandler(lambda m: object()).invoke(msg(), 5)
+    assert (out.status, out.error_type) == ("failure", "InvalidResult")
+
+
+def test_import_target_errors() -> None:
+    assert import_target("tests.helpers.handlers:echo").__name__ == "echo"
+    with pytest.raises(ImportError, match="cannot import module 'nope'"):
+        import_target("nope:fn")
+    with pytest.raises(ImportError, match="has no attribute"):
+        import_target("tests.helpers.handlers:missing")
