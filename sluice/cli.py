@@ -390,6 +390,14 @@ def schema() -> None:
     click.echo(schema_text(), nl=False)
 
 
+@cli.command()
+def reference() -> None:
+    """Print the reference of every key and command (docs/reference.md is this output)."""
+    from sluice.reference import render
+
+    click.echo(render(), nl=False)
+
+
 def main() -> None:
     cli(prog_name="sluice")
 

@@ -197,3 +197,36 @@ async def test_stop_hands_back_what_outlives_the_timeout(data_dir: Path, run_log
     await drain(make_loop(data_dir), timeout_s=10)
     rec = await task(data_dir, "t0")
     assert (rec.state, rec.attempts) == (TaskState.SUCCEEDED, 2)
+
+
+async def test_concurrency_bounds_tasks_in_flight(data_dir: Path, run_log: str) -> None:
+    submit(data_dir, *[{"sleep_s": 0.1} for _ in range(20)])
+    loop = make_loop(data_dir)  # concurrency: 4
+    seen: list[int] = []
+    runner = asyncio.create_task(drain(loop))
+    while not runner.done():
+        seen.append(loop.stats.in_flight)
+        await asyncio.sleep(0.01)
+    await runner
+    assert max(seen) == 4
+    assert loop.stats.succeeded == 20
+    wide = make_loop(data_dir)
+    wide.config = wide.config.with_concurrency(16)  # what `sluice run --concurrency 16` does
+    submit(data_dir, *[{"sleep_s": 0.2} for _ in range(32)], ids=[f"w{i}" for i in range(32)])
+    seen.clear()
+    runner = asyncio.create_task(drain(wide))
+    while not runner.done():
+        seen.append(wide.stats.in_flight)
+        await asyncio.sleep(0.01)
+    await runner
+    assert max(seen) == 16
+
+
+async def test_lease_is_extended_while_the_handler_runs(data_dir: Path, run_log: str) -> None:
+    # The handler runs 4x longer than the lease; a second worker polls the same queue all along.
+    submit(data_dir, {"sleep_s": 2.0})
+    first, second = make_loop(data_dir, lease_s=0.5), make_loop(data_dir, lease_s=0.5)
+    await asyncio.wait_for(asyncio.gather(first.run(asyncio.Event(), drain=True),
+                                          second.run(asyncio.Event(), drain=True)), 20)
+    assert [e[0] for e in read_log(run_log)] == ["start", "done"]  # never taken over
+    assert (await task(data_dir, "t0")).attempts == 1

@@ -38,7 +38,8 @@ def pipeline_file(tmp_path: Path, handler: str, lease_s: float = 1.0,
     return path
 
 
-def start_worker(pipeline: Path, data_dir: Path, run_log: str, *extra: str) -> subprocess.Popen[bytes]:
+def start_worker(pipeline: Path, data_dir: Path, run_log: str,
+                 *extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [*sluice_cmd(), "run", str(pipeline), "--data-dir", str(data_dir), *extra],
         cwd=ROOT, env=subprocess_env(SLUICE_TEST_LOG=run_log),
@@ -72,7 +73,7 @@ async def test_sigkill_mid_task_then_completes_exactly_once(tmp_path: Path, data
     assert (await store.get("victim", "jobs")).state == TaskState.RUNNING
 
     second = start_worker(pipeline, data_dir, run_log, "--drain")
-    out, errs = second.communicate(timeout=30)
+    _, errs = second.communicate(timeout=30)
     assert second.returncode == 0, errs.decode()
     rec = await store.get("victim", "jobs")
     assert (rec.state, rec.attempts) == (TaskState.SUCCEEDED, 2)

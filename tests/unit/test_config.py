@@ -172,3 +172,12 @@ def test_public_api_all() -> None:
          "TaskError", "TaskNotFound", "TaskState", "__version__"])
     for name in sluice.__all__:
         assert hasattr(sluice, name)
+
+
+def test_committed_reference_is_current() -> None:
+    from sluice.reference import render
+
+    committed = (ROOT / "docs" / "reference.md").read_text()
+    assert committed == render(), (
+        "docs/reference.md is stale: run `sluice reference > docs/reference.md`"
+    )
