@@ -81,13 +81,14 @@ class RssSampler:
 
 
 async def phase(data_dir: str, handler: str, concurrency: int, total: int, batch: int,
-                rate_per_s: float | None) -> dict[str, Any]:
+                rate_per_s: float | None, rss: RssSampler) -> dict[str, Any]:
     config = parse_pipeline(PIPELINE.format(handler=handler, concurrency=concurrency))
     loop = build(config, Path(data_dir))
     stop = asyncio.Event()
     ctx = multiprocessing.get_context("spawn")
     proc = ctx.Process(target=submitter, args=(data_dir, total, batch, rate_per_s))
     runner = asyncio.create_task(loop.run(stop))
+    first_sample = len(rss.samples)
     start = time.perf_counter()
     proc.start()
     while loop.stats.succeeded < total:
@@ -98,12 +99,14 @@ async def phase(data_dir: str, handler: str, concurrency: int, total: int, batch
     stop.set()
     await runner
     proc.join()
-    store = loop.store
-    records = await store.stats("bench")  # type: ignore[attr-defined]
-    waits = sorted((r.started_at - r.queued_at) * 1000 for r in records
-                   if r.started_at and r.queued_at)
+    during = rss.samples[first_sample:]  # the worker's RSS while it ran, nothing after
+    db = Database.open(data_dir)
+    rows = db.read_sync(lambda c: c.execute(
+        "SELECT (started_at - queued_at) * 1000 FROM tasks WHERE pipeline = 'bench'").fetchall())
+    waits = sorted(float(r[0]) for r in rows)
     await loop.handler.close()
     return {"tasks": total, "elapsed_s": elapsed, "tasks_per_s": total / elapsed,
+            "rss_mb": during,
             "submit_to_start_p50_ms": percentile(waits, 50),
             "submit_to_start_p99_ms": percentile(waits, 99)}
 
@@ -121,15 +124,15 @@ def main() -> None:
     try:
         with RssSampler() as rss:
             thr = asyncio.run(phase(str(root / "t"), args.handler, args.concurrency,
-                                    args.tasks, 100, None))
-            rss_after_throughput = list(rss.samples)
+                                    args.tasks, 100, None, rss))
             lat_tasks = int(1000 * args.latency_s)
             lat = asyncio.run(phase(str(root / "l"), args.handler, args.concurrency,
-                                    lat_tasks, 1, 1000.0))
+                                    lat_tasks, 1, 1000.0, rss))
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    samples = rss.samples
-    tenth = max(len(rss_after_throughput) // 10, 1)
+    samples = thr["rss_mb"] + lat["rss_mb"]
+    rss_thr = thr["rss_mb"]
+    tenth = max(len(rss_thr) // 10, 1)
     result = {
         "benchmark": "embedded",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
@@ -144,8 +147,8 @@ def main() -> None:
         "submit_to_start_p50_ms": round(lat["submit_to_start_p50_ms"], 2),
         "submit_to_start_p99_ms": round(lat["submit_to_start_p99_ms"], 2),
         "peak_rss_mb": round(max(samples), 1),
-        "rss_first_tenth_mb": round(max(rss_after_throughput[:tenth]), 1),
-        "rss_last_tenth_mb": round(max(rss_after_throughput[-tenth:]), 1),
+        "rss_first_tenth_mb": round(max(rss_thr[:tenth]), 1),
+        "rss_last_tenth_mb": round(max(rss_thr[-tenth:]), 1),
         "targets": {"tasks_per_s": ">= 5000", "submit_to_start_p99_ms": "<= 50 at 1000/s"},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
