@@ -4,9 +4,11 @@ Invariants:
 
 1. Every write runs in ``BEGIN IMMEDIATE`` … ``COMMIT``: the write lock is taken up front, so two
    processes never both read and then both try to upgrade (SQLite would fail one with BUSY).
-2. A committed transaction survives a crash of the process (WAL, ``synchronous=NORMAL``); with
+2. A lock held past ``SLUICE_SQLITE_BUSY_TIMEOUT_MS`` (default 30000) is an error
+   (:class:`~sluice.errors.SourceError`), never a half-written change.
+3. A committed transaction survives a crash of the process (WAL, ``synchronous=NORMAL``); with
    ``SLUICE_SQLITE_SYNC=FULL`` it also survives power loss, at a cost in throughput.
-3. In a process, one :class:`Database` per file and one connection, used from one thread at a
+4. In a process, one :class:`Database` per file and one connection, used from one thread at a
    time: async callers go through :meth:`Database.run`, which runs on the database's own thread,
    so the event loop never blocks on disk; sync callers (the CLI) use :meth:`Database.run_sync`.
 """
@@ -67,6 +69,12 @@ CREATE TABLE IF NOT EXISTS tasks (
     UNIQUE (pipeline, task_id)
 );
 CREATE INDEX IF NOT EXISTS tasks_by_id ON tasks (task_id);
+
+CREATE TABLE IF NOT EXISTS pipelines (
+    name         TEXT PRIMARY KEY,
+    paused       INTEGER NOT NULL DEFAULT 0,
+    updated_at   REAL    NOT NULL
+);
 CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (pipeline, state, seq);
 """
 
@@ -90,7 +98,8 @@ class Database:
             sync = "NORMAL"
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute(f"PRAGMA synchronous={sync}")
-        self._conn.execute("PRAGMA busy_timeout=30000")
+        busy_ms = int(os.environ.get("SLUICE_SQLITE_BUSY_TIMEOUT_MS", "30000"))
+        self._conn.execute(f"PRAGMA busy_timeout={busy_ms}")
         with self._lock:
             self._conn.executescript(SCHEMA)  # idempotent; executescript commits by itself
 
@@ -112,21 +121,34 @@ class Database:
             raise SourceError(f"cannot open a transaction on {self.path}: {exc}") from exc
         try:
             result = fn(conn)
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
         return result
 
     def run_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` in one write transaction, on the calling thread."""
+        """Run ``fn`` in one write transaction, on the calling thread.
+
+        A database that cannot be written (locked past the busy timeout, disk full, read-only)
+        raises :class:`~sluice.errors.SourceError`; the transaction was rolled back.
+        """
         with self._lock:
-            return self._transaction(fn)
+            try:
+                return self._transaction(fn)
+            except sqlite3.OperationalError as exc:
+                raise SourceError(f"the data directory's database {self.path} is unavailable: "
+                                  f"{exc}") from exc
 
     def read_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` outside a write transaction (a consistent WAL read snapshot per statement)."""
         with self._lock:
-            return fn(self._conn)
+            try:
+                return fn(self._conn)
+            except sqlite3.OperationalError as exc:
+                raise SourceError(f"the data directory's database {self.path} is unavailable: "
+                                  f"{exc}") from exc
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()

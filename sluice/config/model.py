@@ -40,6 +40,15 @@ CONSUMER_SPEC = ObjectSpec(
           fields=RETRY_SPEC),
 )
 
+TRIGGER_SPEC = ObjectSpec(
+    Field("http", "object", "An extra URL on `sluice serve` that submits to this pipeline "
+          "(the same as POST /v1/pipelines/<name>/tasks).", fields=ObjectSpec(
+              Field("path", "string", "The URL path, e.g. /thumbnails; not under /v1/.",
+                    default=REQUIRED, pattern=r"^/(?!v1/|v1$|healthz$|readyz$|metrics$|"
+                    r"openapi\.json$)[A-Za-z0-9._~/-]*$"),
+          )),
+)
+
 PIPELINE_SPEC = ObjectSpec(
     Field("name", "string", "Pipeline name, unique per deployment; names the default dead-letter "
           "queue and the task namespace.", default=REQUIRED, pattern=NAME_PATTERN),
@@ -54,6 +63,8 @@ PIPELINE_SPEC = ObjectSpec(
           fields=CONSUMER_SPEC),
     Field("dead_letter", "object", "Where a task that failed for good goes, with the reason. "
           "Default: the embedded queue '<name>.dlq'.", default=None, family="sink"),
+    Field("trigger", "object", "How tasks arrive besides the source itself.", default=None,
+          fields=TRIGGER_SPEC),
 )
 
 
@@ -91,11 +102,12 @@ class PipelineConfig:
     dead_letter: ComponentConfig
     description: str | None = None
     path: Path | None = None
+    trigger_path: str | None = None  # trigger.http.path
 
     def with_concurrency(self, concurrency: int) -> PipelineConfig:
         consumer = ConsumerConfig(concurrency, self.consumer.timeout_s, self.consumer.retry)
         return PipelineConfig(self.name, self.tenant, self.source, self.handler, consumer,
-                              self.dead_letter, self.description, self.path)
+                              self.dead_letter, self.description, self.path, self.trigger_path)
 
 
 def _component(value: dict[str, Any]) -> ComponentConfig:
@@ -120,4 +132,5 @@ def build_model(doc: dict[str, Any], path: Path | None) -> PipelineConfig:
         ),
         dead_letter=_component(dead_letter),
         path=path,
+        trigger_path=((doc.get("trigger") or {}).get("http") or {}).get("path"),
     )

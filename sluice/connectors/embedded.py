@@ -63,26 +63,50 @@ def put_in(conn: sqlite3.Connection, queue: str, messages: Sequence[QueuedMessag
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """One task to submit: its pipeline, tenant and queue, the message, and a delay."""
+
+    pipeline: str
+    tenant: str
+    queue: str
+    message: QueuedMessage
+    delay_s: float = 0.0
+    received_at: float | None = None
+
+
+def submit_in(conn: sqlite3.Connection, items: Sequence[Submission],
+              now: float) -> list[TaskRecord | None]:
+    """Create the tasks and enqueue their messages, in the caller's transaction.
+
+    A task id already used in its pipeline (before, or earlier in ``items``) is not enqueued
+    again: its slot in the returned list is ``None`` (the caller reports the existing task).
+    """
+    out: list[TaskRecord | None] = []
+    for item in items:
+        m = item.message
+        (created,) = create_in(conn, item.pipeline, item.tenant,
+                               [NewTask(m.task_id, m.key, item.received_at)], now)
+        if created is not None:
+            put_in(conn, item.queue, [m], now, item.delay_s)
+        out.append(created)
+    return out
+
+
 def submit(db: Database, pipeline: str, tenant: str, queue: str,
            messages: Sequence[QueuedMessage], *, delay_s: float = 0.0,
            received_at: float | None = None) -> list[TaskRecord | None]:
-    """Create the tasks and enqueue their messages in one transaction (all or nothing).
+    """Submit ``messages`` to one pipeline in one transaction (all or nothing)."""
+    items = [Submission(pipeline, tenant, queue, m, delay_s, received_at) for m in messages]
+    return db.run_sync(lambda c: submit_in(c, items, time.time()))
 
-    A task id already used in the pipeline is not enqueued again: its slot in the returned
-    list is ``None`` (the caller reports the existing task).
-    """
 
-    def write(conn: sqlite3.Connection) -> list[TaskRecord | None]:
-        now = time.time()
-        created = create_in(
-            conn, pipeline, tenant,
-            [NewTask(m.task_id, m.key, received_at) for m in messages], now,
-        )
-        put_in(conn, queue, [m for m, rec in zip(messages, created, strict=True) if rec], now,
-               delay_s)
-        return created
-
-    return db.run_sync(write)
+def wake_in(conn: sqlite3.Connection, queue: str, task_id: str, now: float) -> None:
+    """Make a waiting (not leased) message of ``task_id`` visible now: a resumed task."""
+    # deliveries > 0: it was handed out and put back (held while paused), not a scheduled one.
+    conn.execute("UPDATE messages SET visible_at = ? WHERE queue = ? AND task_id = ?"
+                 " AND lease_token IS NULL AND deliveries > 0 AND visible_at > ?",
+                 (now, queue, task_id, now))
 
 
 def new_task_id() -> str:

@@ -17,7 +17,11 @@ Invariants, in the order they happen to a message:
    between the two may send it twice; it is never lost).
 6. Records and settlements are batched: every attempt that ends while a batch is being written
    goes into the next batch (group commit).
-7. On stop: no new fetches; tasks in flight get ``timeout_s`` to finish; any still running are
+7. A paused pipeline fetches nothing (in-flight work finishes); a task cancelled while running
+   has its attempt cancelled (async handlers stop at their next await; a sync handler's thread
+   runs on, its outcome discarded) as soon as this worker learns of it: at once when the
+   cancel came through this process, else at the next lease extension.
+8. On stop: no new fetches; tasks in flight get ``timeout_s`` to finish; any still running are
    cancelled and handed back (their leases released, so another worker claims them at once).
 """
 
@@ -29,7 +33,9 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
+from sluice import metrics
 from sluice.config.model import PipelineConfig
 from sluice.connectors.base import Delivery, Sink, SinkRecord, Source
 from sluice.consumer.retry import RetryPolicy
@@ -40,7 +46,8 @@ from sluice.tasks.store import Claim, ClaimStatus, Completion, TaskStore
 
 log = logging.getLogger(__name__)
 
-HOLD_RECHECK_S = 1.0  # a PAUSED task's message comes back this often to see if it was resumed
+HOLD_RECHECK_S = 5.0  # a PAUSED task's message comes back this often to see if it was resumed
+PAUSE_RECHECK_S = 0.25  # how often a paused pipeline's workers look whether it was resumed
 FLUSH_ERROR_PAUSE_S = 0.5
 DEAD_LETTER_RETRY_S = 5.0
 FETCH_WAIT_S = 0.25  # how long one fetch waits for work; bounds how late a stop is noticed
@@ -79,6 +86,10 @@ class ConsumerLoop:
         self._pending: list[_Settle] = []
         self._pending_event = asyncio.Event()
         self._closing = False
+        self._cancelled: set[str] = set()  # task ids whose running attempt was cancelled
+        self._paused_until_check = 0.0
+        self._paused = False
+        self._histograms: dict[str, Any] = {}
         self._slot_freed = asyncio.Event()
 
     # -- the loop ---------------------------------------------------------------------------
@@ -105,6 +116,9 @@ class ConsumerLoop:
         stop_wait = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
+                if await self._pipeline_paused():
+                    await asyncio.wait({stop_wait}, timeout=PAUSE_RECHECK_S)
+                    continue
                 free = concurrency - len(self._running)
                 if free <= 0:
                     self._slot_freed.clear()
@@ -123,6 +137,22 @@ class ConsumerLoop:
                     break
         finally:
             stop_wait.cancel()
+
+    async def _pipeline_paused(self) -> bool:
+        now = time.monotonic()
+        if now >= self._paused_until_check:
+            self._paused = await self.store.is_paused(self.config.name)
+            self._paused_until_check = now + PAUSE_RECHECK_S
+        return self._paused
+
+    def cancel_attempt(self, task_id: str) -> bool:
+        """Stop the running attempt of ``task_id`` here, if any (its task was cancelled)."""
+        for task, delivery in self._running.items():
+            if delivery.task_id == task_id:
+                self._cancelled.add(task_id)
+                task.cancel()
+                return True
+        return False
 
     async def _drained(self) -> bool:
         if self._running or self._pending or self._held:
@@ -169,7 +199,19 @@ class ConsumerLoop:
                               error_message=f"{attempts - 1} attempts ended without a result "
                               "(the worker running them stopped)")
         else:
-            outcome = await self._invoke(delivery, attempts)
+            try:
+                outcome = await self._invoke(delivery, attempts)
+                self._observe(outcome.status, outcome.duration_s)
+            except asyncio.CancelledError:
+                if delivery.task_id not in self._cancelled:
+                    raise  # shutdown: the stop path hands the delivery back
+                self._cancelled.discard(delivery.task_id)
+                log.info("task %s: running attempt cancelled", delivery.task_id)
+                # The store refuses this completion (the task is CANCELLED, final) and reports
+                # the final state, so the message is settled (rule 4).
+                self._settle(_Settle(delivery, Completion(delivery.task_id, TaskState.FAILED,
+                                                          error_type="Cancelled")))
+                return
         if outcome.status == "success":
             self.stats.succeeded += 1
             self._settle(_Settle(delivery, Completion(delivery.task_id, TaskState.SUCCEEDED,
@@ -191,6 +233,13 @@ class ConsumerLoop:
                 return
             reason = decision.reason
         await self._fail(delivery, attempts, outcome, reason)
+
+    def _observe(self, status: str, duration_s: float) -> None:
+        child = self._histograms.get(status)
+        if child is None:
+            child = self._histograms[status] = metrics.HANDLER_SECONDS.labels(
+                self.config.name, status)
+        child.observe(duration_s)
 
     async def _invoke(self, delivery: Delivery, attempts: int) -> Outcome:
         try:
@@ -299,8 +348,10 @@ class ConsumerLoop:
             running = [d.task_id for d in self._running.values()]
             try:
                 await self.source.extend(held)
-                await self.store.extend(self.config.name, running, self.owner,
-                                        self.source.lease_s, time.time())
+                lost = await self.store.extend(self.config.name, running, self.owner,
+                                               self.source.lease_s, time.time())
+                for task_id in lost:
+                    self.cancel_attempt(task_id)
             except Exception:
                 log.exception("extending leases failed; will try again")
 

@@ -128,11 +128,36 @@ class SqliteTaskStore:
         return out
 
     async def extend(self, pipeline: str, task_ids: Sequence[str], owner: str,
-                     lease_s: float, now: float) -> None:
-        rows = [(now + lease_s, pipeline, t, owner) for t in task_ids]
-        await self.db.run(lambda c: c.executemany(
-            "UPDATE tasks SET lease_until = ? WHERE pipeline = ? AND task_id = ?"
-            " AND lease_owner = ? AND state = 'RUNNING'", rows))
+                     lease_s: float, now: float) -> builtins.list[str]:
+        def write(conn: sqlite3.Connection) -> builtins.list[str]:
+            lost = []
+            for task_id in task_ids:
+                cur = conn.execute(
+                    "UPDATE tasks SET lease_until = ? WHERE pipeline = ? AND task_id = ?"
+                    " AND lease_owner = ? AND state = 'RUNNING'",
+                    (now + lease_s, pipeline, task_id, owner))
+                if cur.rowcount == 0:
+                    lost.append(task_id)
+            return lost
+
+        return await self.db.run(write)
+
+    async def set_paused(self, pipeline: str, paused: bool, now: float) -> None:
+        await self.db.run(lambda c: c.execute(
+            "INSERT INTO pipelines (name, paused, updated_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET paused = excluded.paused,"
+            " updated_at = excluded.updated_at", (pipeline, int(paused), now)))
+
+    async def is_paused(self, pipeline: str) -> bool:
+        row = await self.db.read(lambda c: c.execute(
+            "SELECT paused FROM pipelines WHERE name = ?", (pipeline,)).fetchone())
+        return bool(row and row[0])
+
+    async def counts(self) -> dict[tuple[str, str], int]:
+        """(pipeline, state) → number of tasks; for metrics."""
+        rows = await self.db.read(lambda c: c.execute(
+            "SELECT pipeline, state, COUNT(*) FROM tasks GROUP BY pipeline, state").fetchall())
+        return {(r[0], r[1]): int(r[2]) for r in rows}
 
     async def release(self, pipeline: str, task_ids: Sequence[str], owner: str) -> None:
         rows = [(pipeline, t, owner) for t in task_ids]
@@ -180,17 +205,23 @@ class SqliteTaskStore:
         return await self.db.read(lambda c: get_in(c, task_id, None))
 
     async def list(self, pipeline: str | None = None, state: TaskState | None = None,
-                   limit: int = 50, before_seq: int | None = None) -> builtins.list[TaskRecord]:
-        where, args = [], []
+                   limit: int = 50, before_seq: int | None = None,
+                   pipelines: Sequence[str] | None = None) -> builtins.list[TaskRecord]:
+        """Newest first; ``pipelines`` restricts to a set (a tenant's pipelines)."""
+        where: builtins.list[str] = []
+        args: builtins.list[object] = []
         if pipeline is not None:
             where.append("pipeline = ?")
             args.append(pipeline)
+        if pipelines is not None:
+            where.append(f"pipeline IN ({','.join('?' * len(pipelines))})")
+            args.extend(pipelines)
         if state is not None:
             where.append("state = ?")
             args.append(str(state))
         if before_seq is not None:
             where.append("seq < ?")
-            args.append(str(before_seq))
+            args.append(before_seq)
         sql = f"SELECT {_COLUMNS} FROM tasks"
         if where:
             sql += " WHERE " + " AND ".join(where)

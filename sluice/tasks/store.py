@@ -129,7 +129,16 @@ class TaskStore(Protocol):
         ...
 
     async def extend(self, pipeline: str, task_ids: Sequence[str], owner: str,
-                     lease_s: float, now: float) -> None: ...
+                     lease_s: float, now: float) -> list[str]:
+        """Extend ``owner``'s leases; return the ids it no longer holds (cancelled meanwhile,
+        or taken over), whose attempts the caller should stop."""
+        ...
+
+    async def set_paused(self, pipeline: str, paused: bool, now: float) -> None:
+        """Pause (or resume) a whole pipeline: its workers take no new work while paused."""
+        ...
+
+    async def is_paused(self, pipeline: str) -> bool: ...
 
     async def complete(self, pipeline: str, completions: Sequence[Completion], owner: str,
                        now: float) -> list[TaskState | None]:
@@ -147,7 +156,8 @@ class TaskStore(Protocol):
         ...
 
     async def list(self, pipeline: str | None = None, state: TaskState | None = None,
-                   limit: int = 50, before_seq: int | None = None) -> list[TaskRecord]: ...
+                   limit: int = 50, before_seq: int | None = None,
+                   pipelines: Sequence[str] | None = None) -> list[TaskRecord]: ...
 
     async def transition(self, pipeline: str, task_id: str, wanted: TaskState,
                          now: float) -> TaskRecord:

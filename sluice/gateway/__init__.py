@@ -1,0 +1,1 @@
+"""The HTTP gateway (``sluice serve``): trigger URLs, the task API, auth, metrics, health."""

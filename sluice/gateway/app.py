@@ -1,0 +1,393 @@
+"""The aiohttp application: trigger URLs, the task API, pipeline control, health and metrics.
+
+Rules every handler keeps:
+
+1. A caller sees only its tenant's pipelines and tasks; anything else is a 404 that reads the
+   same as a missing one (admins see all).
+2. A submit answers 202 only after the task and its message are committed together; a store
+   that cannot be written answers 503 with Retry-After, and nothing of that submit is kept.
+3. Every error is ``application/problem+json`` (RFC 9457) naming what was wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import yaml
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from sluice import metrics
+from sluice.config.model import PipelineConfig
+from sluice.connectors import embedded
+from sluice.consumer.loop import ConsumerLoop
+from sluice.errors import IllegalTransition, SourceError, TaskNotFound
+from sluice.gateway import problems
+from sluice.gateway.auth import ADMIN, KeyRing, Principal
+from sluice.gateway.submitter import SubmitBatcher
+from sluice.message import is_json
+from sluice.tasks.sqlite import SqliteTaskStore
+from sluice.tasks.state import TaskState
+from sluice.tasks.store import TaskRecord
+
+log = logging.getLogger(__name__)
+
+OPENAPI_FILE = Path(__file__).resolve().parents[2] / "schemas" / "openapi.yaml"
+TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+=/-]{0,199}$")
+MAX_DELAY_S = 366 * 86400.0
+PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Gateway:
+    """What the routes work on: the served pipelines, the store, and this process's loops."""
+
+    pipelines: dict[str, PipelineConfig]
+    store: SqliteTaskStore
+    batcher: SubmitBatcher
+    keys: KeyRing | None = None
+    loops: dict[str, ConsumerLoop] = field(default_factory=dict)
+    max_body_bytes: int = 1 << 20
+
+    def visible(self, who: Principal, name: str) -> PipelineConfig | None:
+        config = self.pipelines.get(name)
+        return config if config is not None and who.sees(config.tenant) else None
+
+    def visible_names(self, who: Principal) -> list[str]:
+        return [n for n, c in self.pipelines.items() if who.sees(c.tenant)]
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+PRINCIPAL = "sluice.principal"
+
+
+def status_url(record_pipeline: str, task_id: str) -> str:
+    return f"/v1/tasks/{quote(task_id, safe='')}?pipeline={quote(record_pipeline, safe='')}"
+
+
+def task_json(record: TaskRecord) -> dict[str, Any]:
+    return {**record.to_json(), "status_url": status_url(record.pipeline, record.task_id)}
+
+
+# -- middleware -----------------------------------------------------------------------------
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[GATEWAY].max_body_bytes
+        return problems.problem(413, "too-large", "Request body too large",
+                                f"the body is larger than {limit} bytes "
+                                "(the server's --max-body-bytes)")
+    except web.HTTPNotFound:
+        return problems.not_found(f"no route for {request.method} {request.path}")
+    except web.HTTPMethodNotAllowed as exc:
+        return problems.problem(405, "method-not-allowed", "Method not allowed",
+                                f"{request.method} is not allowed on {request.path}",
+                                headers={"Allow": ", ".join(sorted(exc.allowed_methods))})
+    except SourceError as exc:
+        log.warning("store unavailable: %s", exc)
+        return problems.unavailable(f"the task store is unavailable: {exc}")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    if gw.keys is None or request.path in PUBLIC_PATHS:
+        request[PRINCIPAL] = ADMIN
+        return await handler(request)
+    who = gw.keys.principal(request.headers.get("Authorization"))
+    if who is None:
+        return problems.problem(401, "unauthorized", "Unauthorized",
+                                "send a valid API key as 'Authorization: Bearer <key>'",
+                                headers={"WWW-Authenticate": 'Bearer realm="sluice"'})
+    if request.path == "/metrics" and not who.admin:
+        return problems.problem(403, "forbidden", "Forbidden", "/metrics needs an admin key")
+    request[PRINCIPAL] = who
+    return await handler(request)
+
+
+def principal(request: web.Request) -> Principal:
+    who: Principal = request[PRINCIPAL]
+    return who
+
+
+# -- submit ---------------------------------------------------------------------------------
+
+async def submit_task(request: web.Request, pipeline: str | None = None) -> web.Response:
+    gw = request.app[GATEWAY]
+    name = pipeline or request.match_info["pipeline"]
+    config = gw.visible(principal(request), name)
+    if config is None:
+        return problems.not_found(f"no pipeline named {name!r}")
+    if config.source.type != "embedded":
+        return problems.problem(501, "not-implemented", "Not implemented",
+                                f"submitting to a {config.source.type!r} source over HTTP is "
+                                "not supported yet")
+    task_id = request.headers.get("Task-Id")
+    if task_id is not None and not TASK_ID_RE.match(task_id):
+        metrics.SUBMITS.labels(name, "invalid").inc()
+        return problems.bad_request(
+            "header Task-Id: expected 1-200 characters of letters, digits and ._:@+=/- "
+            f"starting with a letter or digit, got {task_id[:60]!r}")
+    delay_s = 0.0
+    if "Delay-S" in request.headers:
+        raw = request.headers["Delay-S"]
+        try:
+            delay_s = float(raw)
+        except ValueError:
+            delay_s = -1.0
+        if not (0 <= delay_s <= MAX_DELAY_S) or not math.isfinite(delay_s):
+            metrics.SUBMITS.labels(name, "invalid").inc()
+            return problems.bad_request(f"header Delay-S: expected a number of seconds from 0 "
+                                        f"to {MAX_DELAY_S:.0f}, got {raw[:40]!r}")
+    content_type = request.headers.get("Content-Type", "application/octet-stream")
+    body = await request.read()
+    if is_json(content_type):
+        try:
+            json.loads(body)
+        except ValueError as exc:
+            metrics.SUBMITS.labels(name, "invalid").inc()
+            return problems.bad_request(f"the body is declared {content_type} but is not valid "
+                                        f"JSON: {exc}")
+    tid = task_id or embedded.new_task_id()
+    message = embedded.QueuedMessage(tid, body, content_type, request.headers.get("Task-Key"))
+    queue = config.source.config.get("queue") or config.name
+    item = embedded.Submission(config.name, config.tenant, queue, message, delay_s, time.time())
+    try:
+        created = await gw.batcher.submit(item)
+    except SourceError as exc:
+        metrics.SUBMITS.labels(name, "unavailable").inc()
+        return problems.unavailable(f"the queue is unavailable; nothing was submitted: {exc}")
+    url = status_url(config.name, tid)
+    if created is None:
+        metrics.SUBMITS.labels(name, "duplicate").inc()
+        try:
+            existing = await gw.store.get(tid, config.name)
+            state = str(existing.state)
+        except TaskNotFound:
+            state = "UNKNOWN"
+        return problems.problem(409, "duplicate-task", "Task id already used",
+                                f"task id {tid!r} is already used in pipeline {config.name!r}",
+                                task_id=tid, state=state, status_url=url)
+    metrics.SUBMITS.labels(name, "accepted").inc()
+    return web.json_response({"task_id": tid, "pipeline": config.name, "state": "QUEUED",
+                              "status_url": url}, status=202, headers={"Location": url})
+
+
+def alias_handler(pipeline: str) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await submit_task(request, pipeline)
+    return handler
+
+
+# -- tasks ----------------------------------------------------------------------------------
+
+async def find_task(request: web.Request) -> TaskRecord | web.Response:
+    gw = request.app[GATEWAY]
+    task_id = request.match_info["task_id"]
+    visible = gw.visible_names(principal(request))
+    wanted = request.query.get("pipeline")
+    found = [r for r in await gw.store.find(task_id) if r.pipeline in visible]
+    if wanted is not None:
+        found = [r for r in found if r.pipeline == wanted]
+    if not found:
+        return problems.not_found(f"no task with id {task_id!r}")
+    if len(found) > 1:
+        return problems.problem(
+            409, "ambiguous-task", "Task id used in several pipelines",
+            f"task id {task_id!r} is used in pipelines "
+            f"{', '.join(r.pipeline for r in found)}; add ?pipeline=",
+            status_urls=[status_url(r.pipeline, r.task_id) for r in found])
+    return found[0]
+
+
+async def get_task(request: web.Request) -> web.Response:
+    found = await find_task(request)
+    if isinstance(found, web.Response):
+        return found
+    return web.json_response(task_json(found))
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    visible = gw.visible_names(principal(request))
+    q = request.query
+    pipeline = q.get("pipeline")
+    if pipeline is not None and pipeline not in visible:
+        return problems.not_found(f"no pipeline named {pipeline!r}")
+    state = None
+    if "state" in q:
+        try:
+            state = TaskState(q["state"].upper())
+        except ValueError:
+            return problems.bad_request(f"query state: expected one of "
+                                        f"{', '.join(s.value for s in TaskState)}, "
+                                        f"got {q['state'][:40]!r}")
+    try:
+        limit = int(q.get("limit", "50"))
+        if not 1 <= limit <= 1000:
+            raise ValueError
+    except ValueError:
+        return problems.bad_request(f"query limit: expected an integer from 1 to 1000, "
+                                    f"got {q.get('limit', '')[:40]!r}")
+    cursor = None
+    if q.get("cursor"):
+        try:
+            cursor = int(q["cursor"])
+        except ValueError:
+            return problems.bad_request("query cursor: expected the next_cursor of a previous "
+                                        "page")
+    records = await gw.store.list(pipeline, state, limit, cursor, pipelines=visible)
+    next_cursor = str(records[-1].seq) if len(records) == limit and records else None
+    return web.json_response({"tasks": [task_json(r) for r in records],
+                              "next_cursor": next_cursor})
+
+
+CONTROL = {"cancel": TaskState.CANCELLED, "pause": TaskState.PAUSED, "resume": TaskState.QUEUED}
+
+
+async def control_task(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    found = await find_task(request)
+    if isinstance(found, web.Response):
+        return found
+    action = request.match_info["action"]
+    wanted = CONTROL[action]
+    try:
+        record = await gw.store.transition(found.pipeline, found.task_id, wanted, time.time())
+    except IllegalTransition as exc:
+        return problems.problem(409, "illegal-transition", "Illegal transition",
+                                f"task {found.task_id!r} is {exc.current}; it cannot be "
+                                f"{action}{'ed' if action != 'pause' else 'd'}",
+                                state=exc.current, task_id=found.task_id)
+    if action == "cancel" and found.state == TaskState.RUNNING:
+        loop = gw.loops.get(found.pipeline)
+        if loop is not None:
+            loop.cancel_attempt(found.task_id)
+    if action == "resume":
+        config = gw.pipelines[found.pipeline]
+        if config.source.type == "embedded":
+            queue = config.source.config.get("queue") or config.name
+            await gw.store.db.run(lambda c: embedded.wake_in(c, queue, found.task_id,
+                                                              time.time()))
+    return web.json_response(task_json(record))
+
+
+# -- pipelines ------------------------------------------------------------------------------
+
+async def list_pipelines(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    out = []
+    for name in gw.visible_names(principal(request)):
+        config = gw.pipelines[name]
+        out.append({"name": name, "tenant": config.tenant, "source": config.source.type,
+                    "paused": await gw.store.is_paused(name),
+                    "submit_url": f"/v1/pipelines/{name}/tasks",
+                    "trigger_path": config.trigger_path})
+    return web.json_response({"pipelines": out})
+
+
+async def control_pipeline(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    name = request.match_info["pipeline"]
+    if gw.visible(principal(request), name) is None:
+        return problems.not_found(f"no pipeline named {name!r}")
+    paused = request.match_info["action"] == "pause"
+    await gw.store.set_paused(name, paused, time.time())
+    return web.json_response({"name": name, "paused": paused})
+
+
+# -- operations -----------------------------------------------------------------------------
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    problems_found = []
+    try:
+        await gw.store.db.read(lambda c: c.execute("SELECT 1").fetchone())
+    except Exception as exc:
+        problems_found.append(f"task store: {exc}")
+    for name, loop in gw.loops.items():
+        try:
+            await loop.source.pending()
+        except Exception as exc:
+            problems_found.append(f"source of {name}: {exc}")
+    if problems_found:
+        return problems.unavailable("not ready: " + "; ".join(problems_found), 5)
+    return web.json_response({"status": "ready"})
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    counts = await gw.store.counts()
+    for name in gw.pipelines:
+        for state in TaskState:
+            metrics.TASKS.labels(name, str(state)).set(counts.get((name, str(state)), 0))
+        metrics.PAUSED.labels(name).set(int(await gw.store.is_paused(name)))
+    for name, loop in gw.loops.items():
+        metrics.QUEUE_DEPTH.labels(name).set(await loop.source.pending())
+        metrics.IN_FLIGHT.labels(name).set(loop.stats.in_flight)
+    body = generate_latest(metrics.REGISTRY)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+_openapi_cache: dict[str, Any] = {}
+
+
+async def openapi(request: web.Request) -> web.Response:
+    if not _openapi_cache:
+        _openapi_cache.update(yaml.safe_load(OPENAPI_FILE.read_text(encoding="utf-8")))
+    return web.json_response(_openapi_cache)
+
+
+# -- the app --------------------------------------------------------------------------------
+
+def make_app(gateway: Gateway) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware, auth_middleware],
+                          client_max_size=gateway.max_body_bytes)
+    app[GATEWAY] = gateway
+    r = app.router
+    r.add_get("/healthz", healthz)
+    r.add_get("/readyz", readyz)
+    r.add_get("/metrics", metrics_endpoint)
+    r.add_get("/openapi.json", openapi)
+    r.add_get("/v1/pipelines", list_pipelines)
+    r.add_post("/v1/pipelines/{pipeline}/tasks", submit_task)
+    r.add_post("/v1/pipelines/{pipeline}/{action:pause|resume}", control_pipeline)
+    r.add_get("/v1/tasks", list_tasks)
+    r.add_post("/v1/tasks/{task_id:.+}/{action:cancel|pause|resume}", control_task)
+    r.add_get("/v1/tasks/{task_id:.+}", get_task)
+    for name, config in gateway.pipelines.items():
+        if config.trigger_path:
+            r.add_post(config.trigger_path, alias_handler(name))
+    return app
+
+
+def alias_conflicts(pipelines: Sequence[PipelineConfig]) -> list[str]:
+    seen: dict[str, str] = {}
+    out = []
+    for config in pipelines:
+        path = config.trigger_path
+        if path is None:
+            continue
+        if path in seen:
+            out.append(f"trigger.http.path {path!r} is used by both {seen[path]!r} and "
+                       f"{config.name!r}")
+        seen[path] = config.name
+    return out

@@ -1,0 +1,82 @@
+"""``sluice serve``: the HTTP API and, unless ``--no-workers``, the pipelines' workers, in one
+process. SIGINT/SIGTERM: stop accepting requests, let the workers finish in-flight tasks, exit."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+from collections.abc import Sequence
+from pathlib import Path
+
+from aiohttp import web
+
+from sluice import runtime
+from sluice.config.model import PipelineConfig
+from sluice.datadir import Database
+from sluice.errors import SluiceError
+from sluice.gateway.app import Gateway, alias_conflicts, make_app
+from sluice.gateway.auth import KeyRing
+from sluice.gateway.submitter import SubmitBatcher
+from sluice.tasks.sqlite import SqliteTaskStore
+
+log = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, keys: KeyRing | None, insecure: bool) -> None:
+    if keys is None and not insecure and not is_loopback(host):
+        raise SluiceError(
+            f"refusing to serve on {host} without --auth-file: anyone who can reach it could "
+            "submit and control every task. Give --auth-file FILE (see `sluice keys new`), "
+            "bind 127.0.0.1, or pass --insecure if the network is yours alone")
+
+
+def build_gateway(configs: Sequence[PipelineConfig], data_dir: Path, keys: KeyRing | None,
+                  max_body_bytes: int) -> Gateway:
+    conflicts = alias_conflicts(configs)
+    if conflicts:
+        raise SluiceError("; ".join(conflicts))
+    db = Database.open(data_dir)
+    return Gateway(pipelines={c.name: c for c in configs}, store=SqliteTaskStore(db),
+                   batcher=SubmitBatcher(db), keys=keys, max_body_bytes=max_body_bytes)
+
+
+async def serve(configs: Sequence[PipelineConfig], data_dir: Path, *, host: str, port: int,
+                keys: KeyRing | None, workers: bool, max_body_bytes: int,
+                stop: asyncio.Event | None = None) -> None:
+    gateway = build_gateway(configs, data_dir, keys, max_body_bytes)
+    loops = [runtime.build(c, data_dir) for c in configs]
+    gateway.loops = {lp.config.name: lp for lp in loops}
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    runner = web.AppRunner(make_app(gateway), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024)
+    await site.start()
+    log.info("serving %s on http://%s:%d (auth %s, workers %s)",
+             ", ".join(c.name for c in configs), host, port,
+             "on" if keys else "off", "on" if workers else "off")
+    worker_stop = asyncio.Event()
+    running = (asyncio.create_task(runtime.run_pipelines(loops, worker_stop))
+               if workers else None)
+    try:
+        await stop.wait()
+        log.info("stopping: no new requests; finishing tasks in flight")
+    finally:
+        await runner.cleanup()  # stops accepting, waits for requests in progress
+        await gateway.batcher.close()
+        worker_stop.set()
+        if running is not None:
+            await running

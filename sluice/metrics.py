@@ -1,0 +1,27 @@
+"""Prometheus metrics (``/metrics``), in one registry of sluice's own.
+
+Counters and histograms are updated where things happen; gauges that describe stored state
+(tasks per state, queue depth) are refreshed when ``/metrics`` is scraped.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+SUBMITS = Counter(
+    "sluice_submits", "Task submissions over HTTP, by outcome "
+    "(accepted, duplicate, invalid, unavailable).", ["pipeline", "status"], registry=REGISTRY)
+TASKS = Gauge("sluice_tasks", "Tasks in the store, by state.", ["pipeline", "state"],
+              registry=REGISTRY)
+HANDLER_SECONDS = Histogram(
+    "sluice_handler_duration_seconds", "Duration of handler attempts, by outcome "
+    "(success, retry, failure).", ["pipeline", "outcome"], registry=REGISTRY,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+QUEUE_DEPTH = Gauge("sluice_queue_depth", "Messages not yet finished in a pipeline's source.",
+                    ["pipeline"], registry=REGISTRY)
+IN_FLIGHT = Gauge("sluice_in_flight", "Tasks running in this process.", ["pipeline"],
+                  registry=REGISTRY)
+PAUSED = Gauge("sluice_pipeline_paused", "1 while a pipeline is paused.", ["pipeline"],
+               registry=REGISTRY)
