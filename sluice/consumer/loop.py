@@ -131,6 +131,11 @@ class ConsumerLoop:
                     # Fetched as stop came: hand them straight back, unclaimed.
                     await self.source.retry_later([(d, 0.0) for d in deliveries])
                     break
+                if deliveries and await self.store.is_paused(self.config.name):
+                    # Paused while this fetch waited: hand them back unclaimed (rule 7).
+                    self._paused, self._paused_until_check = True, 0.0
+                    await self.source.retry_later([(d, 0.0) for d in deliveries])
+                    continue
                 if deliveries:
                     await self._dispatch(deliveries)
                 elif drain and await self._drained():

@@ -137,7 +137,7 @@ async def submit_task(request: web.Request, pipeline: str | None = None) -> web.
                                 f"submitting to a {config.source.type!r} source over HTTP is "
                                 "not supported yet")
     task_id = request.headers.get("Task-Id")
-    if task_id is not None and not TASK_ID_RE.match(task_id):
+    if task_id is not None and not TASK_ID_RE.fullmatch(task_id):
         metrics.SUBMITS.labels(name, "invalid").inc()
         return problems.bad_request(
             "header Task-Id: expected 1-200 characters of letters, digits and ._:@+=/- "
@@ -257,6 +257,7 @@ async def list_tasks(request: web.Request) -> web.Response:
 
 
 CONTROL = {"cancel": TaskState.CANCELLED, "pause": TaskState.PAUSED, "resume": TaskState.QUEUED}
+DONE_WORDS = {"cancel": "cancelled", "pause": "paused", "resume": "resumed"}
 
 
 async def control_task(request: web.Request) -> web.Response:
@@ -271,7 +272,7 @@ async def control_task(request: web.Request) -> web.Response:
     except IllegalTransition as exc:
         return problems.problem(409, "illegal-transition", "Illegal transition",
                                 f"task {found.task_id!r} is {exc.current}; it cannot be "
-                                f"{action}{'ed' if action != 'pause' else 'd'}",
+                                f"{DONE_WORDS[action]}",
                                 state=exc.current, task_id=found.task_id)
     if action == "cancel" and found.state == TaskState.RUNNING:
         loop = gw.loops.get(found.pipeline)

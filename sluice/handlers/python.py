@@ -32,10 +32,23 @@ from sluice.spec import REQUIRED, Field
 TARGET_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"
 
 CONFIG = Field(
-    "python", "string", "An importable function, as package.module:function (imported from the "
-    "current directory and the pipeline file's directory).", default=REQUIRED,
+    "python", "string", "An importable function, as package.module:function; imported from the "
+    "current directory, else from the pipeline file's package root (its directory, or the "
+    "first directory above it without an __init__.py).", default=REQUIRED,
     pattern=TARGET_PATTERN,
 )
+
+
+def import_roots(pipeline_file: Path | None) -> tuple[Path, ...]:
+    """Where a pipeline file's handler modules import from, besides the current directory
+    (the rule pytest uses for test modules: climb out of packages)."""
+    if pipeline_file is None:
+        return ()
+    here = pipeline_file.resolve().parent
+    root = here
+    while (root / "__init__.py").exists() and root.parent != root:
+        root = root.parent
+    return (here,) if root == here else (here, root)
 
 
 def import_target(target: str, extra_paths: tuple[Path, ...] = ()) -> Callable[..., Any]:
@@ -43,7 +56,7 @@ def import_target(target: str, extra_paths: tuple[Path, ...] = ()) -> Callable[.
     module_name, _, attr_path = target.partition(":")
     for path in (Path.cwd(), *extra_paths):
         if str(path) not in sys.path:
-            sys.path.insert(0, str(path))
+            sys.path.append(str(path))
     try:
         obj: Any = importlib.import_module(module_name)
     except Exception as exc:  # any error while importing user code is reported, not raised
@@ -111,17 +124,16 @@ class PythonHandler:
 
 
 def check(config: Any, file: Path | None) -> list[tuple[tuple[str, ...], str]]:
-    extra = (file.resolve().parent,) if file is not None else ()
     try:
-        import_target(str(config), extra)
+        import_target(str(config), import_roots(file))
     except ImportError as exc:
         return [((), str(exc))]
     return []
 
 
 def build_handler(config: Any, ctx: registry.BuildContext) -> PythonHandler:
-    extra = (ctx.pipeline_file.resolve().parent,) if ctx.pipeline_file else ()
-    return PythonHandler(import_target(str(config), extra), max_threads=ctx.concurrency)
+    return PythonHandler(import_target(str(config), import_roots(ctx.pipeline_file)),
+                         max_threads=ctx.concurrency)
 
 
 registry.register(registry.ComponentSpec(
