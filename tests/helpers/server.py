@@ -67,7 +67,7 @@ def running_server(tmp: Path, *extra: str, files: tuple[Path, ...] = (GW / "a.ya
                 break
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                out, errs = proc.communicate(timeout=5)
+                _, errs = proc.communicate(timeout=5)
                 raise RuntimeError(f"sluice serve did not start: {errs}") from None
             time.sleep(0.1)
     try:

@@ -223,12 +223,12 @@ async def test_list_is_newest_first_and_paginates(http: aiohttp.ClientSession,
                                                   server: Server) -> None:
     for i in range(5):
         await submit(http, server, {}, task_id=f"page-{i}", pipeline="gw-b", who="beta")
-    status, body, _ = await call(http, server, "GET", "/v1/tasks?pipeline=gw-b&limit=2", "beta")
+    _, body, _ = await call(http, server, "GET", "/v1/tasks?pipeline=gw-b&limit=2", "beta")
     first = [t["task_id"] for t in body["tasks"]]
     assert first == ["page-4", "page-3"]
-    status, body, _ = await call(http, server, "GET",
-                                 f"/v1/tasks?pipeline=gw-b&limit=2&cursor={body['next_cursor']}",
-                                 "beta")
+    cursor = body["next_cursor"]
+    _, body, _ = await call(http, server, "GET",
+                            f"/v1/tasks?pipeline=gw-b&limit=2&cursor={cursor}", "beta")
     assert [t["task_id"] for t in body["tasks"]] == ["page-2", "page-1"]
 
 
