@@ -69,6 +69,15 @@ class Gateway:
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value) + "\n"  # a final newline: friendlier to curl and shell pipes
+
+
+def json_response(data: Any, *, status: int = 200,
+                  headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(data, status=status, headers=headers, dumps=_dumps)
 PRINCIPAL = "sluice.principal"
 
 
@@ -183,7 +192,7 @@ async def submit_task(request: web.Request, pipeline: str | None = None) -> web.
                                 f"task id {tid!r} is already used in pipeline {config.name!r}",
                                 task_id=tid, state=state, status_url=url)
     metrics.SUBMITS.labels(name, "accepted").inc()
-    return web.json_response({"task_id": tid, "pipeline": config.name, "state": "QUEUED",
+    return json_response({"task_id": tid, "pipeline": config.name, "state": "QUEUED",
                               "status_url": url}, status=202, headers={"Location": url})
 
 
@@ -218,7 +227,7 @@ async def get_task(request: web.Request) -> web.Response:
     found = await find_task(request)
     if isinstance(found, web.Response):
         return found
-    return web.json_response(task_json(found))
+    return json_response(task_json(found))
 
 
 async def list_tasks(request: web.Request) -> web.Response:
@@ -252,7 +261,7 @@ async def list_tasks(request: web.Request) -> web.Response:
                                         "page")
     records = await gw.store.list(pipeline, state, limit, cursor, pipelines=visible)
     next_cursor = str(records[-1].seq) if len(records) == limit and records else None
-    return web.json_response({"tasks": [task_json(r) for r in records],
+    return json_response({"tasks": [task_json(r) for r in records],
                               "next_cursor": next_cursor})
 
 
@@ -284,7 +293,7 @@ async def control_task(request: web.Request) -> web.Response:
             queue = config.source.config.get("queue") or config.name
             await gw.store.db.run(lambda c: embedded.wake_in(c, queue, found.task_id,
                                                               time.time()))
-    return web.json_response(task_json(record))
+    return json_response(task_json(record))
 
 
 # -- pipelines ------------------------------------------------------------------------------
@@ -298,7 +307,7 @@ async def list_pipelines(request: web.Request) -> web.Response:
                     "paused": await gw.store.is_paused(name),
                     "submit_url": f"/v1/pipelines/{name}/tasks",
                     "trigger_path": config.trigger_path})
-    return web.json_response({"pipelines": out})
+    return json_response({"pipelines": out})
 
 
 async def control_pipeline(request: web.Request) -> web.Response:
@@ -308,13 +317,13 @@ async def control_pipeline(request: web.Request) -> web.Response:
         return problems.not_found(f"no pipeline named {name!r}")
     paused = request.match_info["action"] == "pause"
     await gw.store.set_paused(name, paused, time.time())
-    return web.json_response({"name": name, "paused": paused})
+    return json_response({"name": name, "paused": paused})
 
 
 # -- operations -----------------------------------------------------------------------------
 
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -331,7 +340,7 @@ async def readyz(request: web.Request) -> web.Response:
             problems_found.append(f"source of {name}: {exc}")
     if problems_found:
         return problems.unavailable("not ready: " + "; ".join(problems_found), 5)
-    return web.json_response({"status": "ready"})
+    return json_response({"status": "ready"})
 
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
@@ -354,7 +363,7 @@ _openapi_cache: dict[str, Any] = {}
 async def openapi(request: web.Request) -> web.Response:
     if not _openapi_cache:
         _openapi_cache.update(yaml.safe_load(OPENAPI_FILE.read_text(encoding="utf-8")))
-    return web.json_response(_openapi_cache)
+    return json_response(_openapi_cache)
 
 
 # -- the app --------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ _BASE = "https://sluice.dev/problems/"
 def problem(status: int, slug: str, title: str, detail: str, *,
             headers: dict[str, str] | None = None, **extra: Any) -> web.Response:
     body = {"type": _BASE + slug, "title": title, "status": status, "detail": detail, **extra}
-    return web.Response(status=status, text=json.dumps(body), content_type=PROBLEM_TYPE,
+    return web.Response(status=status, text=json.dumps(body) + "\n", content_type=PROBLEM_TYPE,
                         headers=headers)
 
 
