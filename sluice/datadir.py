@@ -11,11 +11,15 @@ Invariants:
 4. In a process, one :class:`Database` per file and one connection, used from one thread at a
    time: async callers go through :meth:`Database.run`, which runs on the database's own thread,
    so the event loop never blocks on disk; sync callers (the CLI) use :meth:`Database.run_sync`.
+5. Commits never run a WAL checkpoint (``wal_autocheckpoint=0``); a background thread with its
+   own connection runs a PASSIVE checkpoint every 0.5 s, which never blocks a writer, so the
+   hot path does not stall while the WAL is copied back into the database file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 import threading
@@ -28,7 +32,10 @@ from sluice.errors import SourceError
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 DEFAULT_DATA_DIR = Path(".sluice")
+CHECKPOINT_EVERY_S = 0.5
 DB_FILE = "sluice.db"
 
 SCHEMA = """
@@ -100,8 +107,26 @@ class Database:
         self._conn.execute(f"PRAGMA synchronous={sync}")
         busy_ms = int(os.environ.get("SLUICE_SQLITE_BUSY_TIMEOUT_MS", "30000"))
         self._conn.execute(f"PRAGMA busy_timeout={busy_ms}")
+        # Checkpoints run on their own thread (invariant 5), not inside a commit.
+        self._conn.execute("PRAGMA wal_autocheckpoint=0")
+        self._closed = threading.Event()
+        self._checkpointer = threading.Thread(target=self._checkpoint_forever, args=(busy_ms,),
+                                              name="sluice-db-checkpoint", daemon=True)
+        self._checkpointer.start()
         with self._lock:
             self._conn.executescript(SCHEMA)  # idempotent; executescript commits by itself
+
+    def _checkpoint_forever(self, busy_ms: int) -> None:
+        conn = sqlite3.connect(self.path, timeout=busy_ms / 1000, isolation_level=None,
+                               check_same_thread=False)
+        try:
+            while not self._closed.wait(CHECKPOINT_EVERY_S):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+                except sqlite3.Error as exc:
+                    log.warning("WAL checkpoint of %s failed (will retry): %s", self.path, exc)
+        finally:
+            conn.close()
 
     @classmethod
     def open(cls, data_dir: str | Path | None = None) -> Database:
@@ -161,6 +186,8 @@ class Database:
     def close(self) -> None:
         with self._instances_lock:
             self._instances.pop(self.path, None)
+        self._closed.set()
+        self._checkpointer.join()
         self._executor.shutdown(wait=True)
         with self._lock:
             self._conn.close()

@@ -127,7 +127,7 @@ async def test_sync_handler_timeout_retries(data_dir: Path, run_log: str) -> Non
 
 
 async def test_max_age_stops_retries(data_dir: Path, run_log: str) -> None:
-    submit(data_dir, {"fail_until": 99})
+    submit(data_dir, {"fail_until": 99, "sleep_s": 0.05})  # older than max_age_s when it fails
     await drain(make_loop(data_dir, max_age_s=0.01))
     rec = await task(data_dir, "t0")
     assert (rec.state, rec.attempts) == (TaskState.FAILED, 1)
