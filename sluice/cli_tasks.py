@@ -216,6 +216,12 @@ def _show(data: dict[str, Any], as_json: bool) -> None:
         table.add_row(stage["stage"], _ts(stage["at"]),
                       "-" if since is None else f"{since * 1000:.1f} ms")
     out.print(table)
+    if data.get("deliveries"):
+        deliveries = Table("destination", "delivery", "attempts", "at", "error")
+        for name, d in sorted(data["deliveries"].items()):
+            deliveries.add_row(name, d["state"], str(d["attempts"]), _ts(d["at"]),
+                               d.get("error") or "")
+        out.print(deliveries)
 
 
 @tasks.command("get")

@@ -19,12 +19,14 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
@@ -73,6 +75,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     updated_at   REAL    NOT NULL,
     lease_owner  TEXT,
     lease_until  REAL,
+    delivered    TEXT,
     UNIQUE (pipeline, task_id)
 );
 CREATE INDEX IF NOT EXISTS tasks_by_id ON tasks (task_id);
@@ -84,6 +87,25 @@ CREATE TABLE IF NOT EXISTS pipelines (
 );
 CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (pipeline, state, seq);
 """
+
+
+@dataclass(frozen=True, slots=True)
+class QueuedMessage:
+    task_id: str
+    body: bytes
+    content_type: str = "application/json"
+    key: str | None = None
+    headers: dict[str, str] | None = None
+
+
+def put_in(conn: sqlite3.Connection, queue: str, messages: Sequence[QueuedMessage],
+           now: float, delay_s: float = 0.0) -> None:
+    conn.executemany(
+        "INSERT INTO messages (queue, task_id, body, content_type, key, headers, enqueued_at,"
+        " visible_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [(queue, m.task_id, m.body, m.content_type, m.key,
+          json.dumps(m.headers) if m.headers else None, now, now + delay_s) for m in messages],
+    )
 
 
 class Database:

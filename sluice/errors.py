@@ -10,6 +10,7 @@
     │   ├── DuplicateTask            a client-chosen task id is already used in that pipeline
     │   └── IllegalTransition        a state change the state machine does not allow
     ├── SourceError                  a source or queue cannot be read or written
+    ├── DeliveryError                a sink could not deliver a record (retryable or not)
     └── HandlerSignal                raised *by handlers* to steer the outcome of one attempt
         ├── Retry                    retry this task (optionally after ``delay_s``)
         └── Reject                   fail this task now, without retrying
@@ -94,6 +95,17 @@ class IllegalTransition(TaskError):
 
 class SourceError(SluiceError):
     """A source or queue cannot be read or written."""
+
+
+class DeliveryError(SluiceError):
+    """A sink could not deliver. ``permanent``: retrying cannot help (e.g. HTTP 400/404);
+    ``retry_after_s``: the destination asked to wait this long (HTTP Retry-After)."""
+
+    def __init__(self, message: str, *, permanent: bool = False,
+                 retry_after_s: float | None = None) -> None:
+        self.permanent = permanent
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
 
 
 class HandlerSignal(SluiceError):

@@ -23,6 +23,8 @@ _BUILTIN_MODULES = (
     "sluice.connectors.embedded",
     "sluice.handlers.python",
     "sluice.sinks.embedded",
+    "sluice.sinks.http",
+    "sluice.sinks.webhook",
 )
 
 

@@ -20,6 +20,7 @@ from sluice.connectors.base import Sink, Source
 from sluice.consumer.loop import ConsumerLoop, LoopStats
 from sluice.datadir import Database
 from sluice.handlers.base import Handler
+from sluice.sinks.delivery import Deliverer, Destination
 from sluice.tasks.sqlite import SqliteTaskStore
 
 log = logging.getLogger(__name__)
@@ -46,13 +47,24 @@ def build_source(config: PipelineConfig, data_dir: Path | None) -> Source:
 def build(config: PipelineConfig, data_dir: Path | None,
           worker_id: str | None = None) -> ConsumerLoop:
     ctx = context(config, data_dir)
+    db = Database.open(data_dir)
+    store = SqliteTaskStore(db)
+    dead_letter = cast(Sink, _make("sink", config.dead_letter, ctx))
+    deliverers = [
+        Deliverer(config.name, Destination(f"{slot}.{i}.{component.type}", component),
+                  cast(Sink, _make("sink", component, ctx)), dead_letter, db, store)
+        for slot, components in (("on_success", config.on_success),
+                                 ("on_failure", config.on_failure))
+        for i, component in enumerate(components)
+    ]
     return ConsumerLoop(
         config,
         source=cast(Source, _make("source", config.source, ctx)),
-        store=SqliteTaskStore(Database.open(data_dir)),
+        store=store,
         handler=cast(Handler, _make("handler", config.handler, ctx)),
-        dead_letter=cast(Sink, _make("sink", config.dead_letter, ctx)),
+        dead_letter=dead_letter,
         worker_id=worker_id,
+        deliverers=deliverers,
     )
 
 

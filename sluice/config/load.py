@@ -169,24 +169,39 @@ def _show(value: Any) -> str:
     return repr(value)
 
 
+SLOTS = (("source", "source"), ("handler", "handler"), ("dead_letter", "sink"),
+         ("on_success", "sink"), ("on_failure", "sink"))
+
+
+def _slot_items(doc: dict[str, Any]) -> Iterable[tuple[PathKey, str, str, Any]]:
+    """(path, family, type name, config) of every component in the document."""
+    for slot, family in SLOTS:
+        value = doc.get(slot)
+        items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for index, item in items:
+            if isinstance(item, dict) and len(item) == 1:
+                ((name, config),) = item.items()
+                path: PathKey = (slot,) if index is None else (slot, index)
+                yield path, family, name, config
+
+
 def _apply_defaults(doc: dict[str, Any]) -> dict[str, Any]:
     doc = PIPELINE_SPEC.apply_defaults(doc)
-    for slot, family in (("source", "source"), ("handler", "handler"), ("dead_letter", "sink")):
-        if isinstance(doc.get(slot), dict):
-            ((name, config),) = doc[slot].items()
-            doc[slot] = {name: registry.get(family, name).apply_defaults(config)}
+    for path, family, name, config in list(_slot_items(doc)):
+        filled = {name: registry.get(family, name).apply_defaults(config)}
+        if len(path) == 1:
+            doc[str(path[0])] = filled
+        else:
+            doc[str(path[0])][int(path[1])] = filled
     return doc
 
 
 def _component_checks(doc: dict[str, Any], marks: Marks,
                       file: Path | None) -> Iterable[ConfigIssue]:
     """Checks a schema cannot express (a handler that does not import, ...)."""
-    for slot, family in (("source", "source"), ("handler", "handler"), ("dead_letter", "sink")):
-        if not isinstance(doc.get(slot), dict):
-            continue
-        ((name, config),) = doc[slot].items()
+    for path, family, name, config in _slot_items(doc):
         spec = registry.get(family, name)
         if spec.check is None:
             continue
         for sub_path, message in spec.check(config, file):
-            yield marks.issue((slot, name, *sub_path), message)
+            yield marks.issue((*path, name, *sub_path), message)

@@ -9,6 +9,7 @@ destination for tasks that fail for good. Components are one-key objects named b
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,11 @@ PIPELINE_SPEC = ObjectSpec(
           fields=CONSUMER_SPEC),
     Field("dead_letter", "object", "Where a task that failed for good goes, with the reason. "
           "Default: the embedded queue '<name>.dlq'.", default=None, family="sink"),
+    Field("on_success", "array", "Where each succeeded task's result record goes (sinks; "
+          "delivered durably, with retries, after the task is recorded).", default=None,
+          items=Field("sink", "object", "A sink.", family="sink")),
+    Field("on_failure", "array", "Where each failed task's result record goes (as on_success).",
+          default=None, items=Field("sink", "object", "A sink.", family="sink")),
     Field("trigger", "object", "How tasks arrive besides the source itself.", default=None,
           fields=TRIGGER_SPEC),
 )
@@ -103,11 +109,12 @@ class PipelineConfig:
     description: str | None = None
     path: Path | None = None
     trigger_path: str | None = None  # trigger.http.path
+    on_success: tuple[ComponentConfig, ...] = ()
+    on_failure: tuple[ComponentConfig, ...] = ()
 
     def with_concurrency(self, concurrency: int) -> PipelineConfig:
         consumer = ConsumerConfig(concurrency, self.consumer.timeout_s, self.consumer.retry)
-        return PipelineConfig(self.name, self.tenant, self.source, self.handler, consumer,
-                              self.dead_letter, self.description, self.path, self.trigger_path)
+        return dataclasses.replace(self, consumer=consumer)
 
 
 def _component(value: dict[str, Any]) -> ComponentConfig:
@@ -133,4 +140,6 @@ def build_model(doc: dict[str, Any], path: Path | None) -> PipelineConfig:
         dead_letter=_component(dead_letter),
         path=path,
         trigger_path=((doc.get("trigger") or {}).get("http") or {}).get("path"),
+        on_success=tuple(_component(c) for c in doc.get("on_success") or ()),
+        on_failure=tuple(_component(c) for c in doc.get("on_failure") or ()),
     )

@@ -29,6 +29,8 @@ from typing import Any
 from sluice import registry
 from sluice.connectors.base import Delivery
 from sluice.datadir import Database
+from sluice.datadir import QueuedMessage as QueuedMessage  # re-exported: the queue API
+from sluice.datadir import put_in as put_in
 from sluice.spec import Field, ObjectSpec
 from sluice.tasks.sqlite import create_in
 from sluice.tasks.store import NewTask, TaskRecord
@@ -42,25 +44,6 @@ CONFIG = ObjectSpec(
     Field("poll_interval_s", "number", "Pause between polls of an empty queue.", default=0.01,
           exclusive_minimum=0, maximum=10),
 )
-
-
-@dataclass(frozen=True, slots=True)
-class QueuedMessage:
-    task_id: str
-    body: bytes
-    content_type: str = "application/json"
-    key: str | None = None
-    headers: dict[str, str] | None = None
-
-
-def put_in(conn: sqlite3.Connection, queue: str, messages: Sequence[QueuedMessage],
-           now: float, delay_s: float = 0.0) -> None:
-    conn.executemany(
-        "INSERT INTO messages (queue, task_id, body, content_type, key, headers, enqueued_at,"
-        " visible_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        [(queue, m.task_id, m.body, m.content_type, m.key,
-          json.dumps(m.headers) if m.headers else None, now, now + delay_s) for m in messages],
-    )
 
 
 @dataclass(frozen=True, slots=True)

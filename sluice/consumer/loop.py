@@ -32,17 +32,23 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sluice import metrics
 from sluice.config.model import PipelineConfig
 from sluice.connectors.base import Delivery, Sink, SinkRecord, Source
 from sluice.consumer.retry import RetryPolicy
+from sluice.datadir import QueuedMessage
 from sluice.handlers.base import Handler
 from sluice.message import Message, Outcome, decode_payload
+from sluice.sinks import record
 from sluice.tasks.state import TaskState
-from sluice.tasks.store import Claim, ClaimStatus, Completion, TaskStore
+from sluice.tasks.store import Claim, ClaimResult, ClaimStatus, Completion, TaskStore
+
+if TYPE_CHECKING:
+    from sluice.sinks.delivery import Deliverer
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +78,8 @@ class LoopStats:
 
 class ConsumerLoop:
     def __init__(self, config: PipelineConfig, source: Source, store: TaskStore,
-                 handler: Handler, dead_letter: Sink, *, worker_id: str | None = None) -> None:
+                 handler: Handler, dead_letter: Sink, *, worker_id: str | None = None,
+                 deliverers: Sequence[Deliverer] = ()) -> None:
         self.config = config
         self.source = source
         self.store = store
@@ -81,6 +88,13 @@ class ConsumerLoop:
         self.owner = worker_id or uuid.uuid4().hex[:16]
         self.policy = RetryPolicy(config.consumer.retry)
         self.stats = LoopStats()
+        self.deliverers = list(deliverers)
+        self._outboxes = {
+            state: [(d.destination.name, d.outbox.q.queue) for d in self.deliverers
+                    if d.destination.name.startswith(slot + ".")]
+            for state, slot in ((TaskState.SUCCEEDED, "on_success"),
+                                (TaskState.FAILED, "on_failure"))
+        }
         self._running: dict[asyncio.Task[None], Delivery] = {}
         self._held: dict[int, Delivery] = {}  # every delivery not yet settled, by id()
         self._pending: list[_Settle] = []
@@ -99,6 +113,9 @@ class ConsumerLoop:
         await self.source.start()
         flusher = asyncio.create_task(self._flush_forever(), name="sluice-flush")
         heartbeat = asyncio.create_task(self._heartbeat_forever(), name="sluice-heartbeat")
+        deliver_stop, upstream_done = asyncio.Event(), asyncio.Event()
+        delivering = [asyncio.create_task(d.run(deliver_stop, upstream_done))
+                      for d in self.deliverers]
         try:
             await self._fetch_until(stop, drain)
             await self._finish_in_flight()
@@ -109,6 +126,12 @@ class ConsumerLoop:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
+            # Deliveries drain their outboxes with --drain; else they stop with the loop (what
+            # is left waits, durably, for the next run).
+            upstream_done.set()
+            if not drain or stop.is_set():
+                deliver_stop.set()
+            await asyncio.gather(*delivering, return_exceptions=True)
         return self.stats
 
     async def _fetch_until(self, stop: asyncio.Event, drain: bool) -> None:
@@ -173,8 +196,7 @@ class ConsumerLoop:
         now = time.time()
         for delivery, claim in zip(deliveries, results, strict=True):
             if claim.status == ClaimStatus.RUN:
-                task = asyncio.create_task(self._attempt(delivery, claim.attempts,
-                                                         claim.received_at))
+                task = asyncio.create_task(self._attempt(delivery, claim))
                 self._running[task] = delivery
                 task.add_done_callback(self._attempt_done)
             elif claim.status == ClaimStatus.DONE:
@@ -196,8 +218,9 @@ class ConsumerLoop:
 
     # -- one attempt ------------------------------------------------------------------------
 
-    async def _attempt(self, delivery: Delivery, attempts: int, received_at: float | None) -> None:
+    async def _attempt(self, delivery: Delivery, claim: ClaimResult) -> None:
         cfg = self.config
+        attempts, received_at = claim.attempts, claim.received_at
         if attempts > cfg.consumer.retry.max_attempts:
             # Its previous attempts were lost with their workers (rule 3 of the state machine).
             outcome = Outcome("failure", error_type="WorkerLost",
@@ -219,8 +242,9 @@ class ConsumerLoop:
                 return
         if outcome.status == "success":
             self.stats.succeeded += 1
-            self._settle(_Settle(delivery, Completion(delivery.task_id, TaskState.SUCCEEDED,
-                                                      outcome.result, outcome.result_type)))
+            self._settle(_Settle(delivery, Completion(
+                delivery.task_id, TaskState.SUCCEEDED, outcome.result, outcome.result_type,
+                outbox=self._outbox(delivery, claim, TaskState.SUCCEEDED, outcome))))
             return
         reason = "" if outcome.error_type == "Reject" else "not retryable"
         if outcome.status == "retry":
@@ -237,7 +261,22 @@ class ConsumerLoop:
                     delay_s=decision.delay_s))
                 return
             reason = decision.reason
-        await self._fail(delivery, attempts, outcome, reason)
+        await self._fail(delivery, claim, outcome, reason)
+
+    def _outbox(self, delivery: Delivery, claim: ClaimResult, state: TaskState,
+                outcome: Outcome, error_message: str | None = None,
+                ) -> tuple[tuple[str, str, QueuedMessage], ...]:
+        """The result record for each destination of this final state (rule 1 of delivery)."""
+        targets = self._outboxes[state]
+        if not targets:
+            return ()
+        body = record.encode(record.TaskOutcome(
+            self.config.name, self.config.tenant, delivery.task_id, str(state), claim.attempts,
+            delivery.key, delivery.body, delivery.content_type, outcome.result,
+            outcome.result_type, outcome.error_type, error_message or outcome.error_message,
+            claim.received_at, claim.queued_at, claim.started_at, time.time()))
+        message = QueuedMessage(delivery.task_id, body, record.CONTENT_TYPE, delivery.key)
+        return tuple((name, queue, message) for name, queue in targets)
 
     def _observe(self, status: str, duration_s: float) -> None:
         child = self._histograms.get(status)
@@ -257,8 +296,9 @@ class ConsumerLoop:
                           delivery.content_type, delivery.key, delivery.headers, attempts)
         return await self.handler.invoke(message, self.config.consumer.timeout_s)
 
-    async def _fail(self, delivery: Delivery, attempts: int, outcome: Outcome,
+    async def _fail(self, delivery: Delivery, claim: ClaimResult, outcome: Outcome,
                     reason: str) -> None:
+        attempts = claim.attempts
         headers = {
             **delivery.headers,
             "sluice-pipeline": self.config.name,
@@ -284,10 +324,11 @@ class ConsumerLoop:
         log.warning("task %s failed for good: %s: %s (%s); sent to the dead letter",
                     delivery.task_id, outcome.error_type, outcome.error_message,
                     reason or "rejected by the handler")
+        message = f"{outcome.error_message} ({reason})" if reason else outcome.error_message
         self._settle(_Settle(delivery, Completion(
             delivery.task_id, TaskState.FAILED, error_type=outcome.error_type,
-            error_message=f"{outcome.error_message} ({reason})" if reason
-            else outcome.error_message)))
+            error_message=message,
+            outbox=self._outbox(delivery, claim, TaskState.FAILED, outcome, message))))
 
     # -- recording and settling (group commit) -----------------------------------------------
 

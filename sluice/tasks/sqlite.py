@@ -8,23 +8,25 @@ inside a transaction, so a submit can create its tasks and enqueue their message
 from __future__ import annotations
 
 import builtins
+import json
 import sqlite3
 from collections.abc import Sequence
 
-from sluice.datadir import Database
+from sluice.datadir import Database, put_in
 from sluice.errors import IllegalTransition, TaskNotFound
 from sluice.tasks.state import FINAL, TaskState, allowed
 from sluice.tasks.store import Claim, ClaimResult, ClaimStatus, Completion, NewTask, TaskRecord
 
 _COLUMNS = (
     "pipeline, task_id, tenant, state, attempts, key, result, result_type, error_type, "
-    "error_message, received_at, queued_at, started_at, finished_at, updated_at, seq"
+    "error_message, received_at, queued_at, started_at, finished_at, updated_at, seq, delivered"
 )
 
 
 def _record(row: sqlite3.Row | tuple[object, ...]) -> TaskRecord:
     values = list(row)
     values[3] = TaskState(values[3])
+    values[-1] = json.loads(values[-1]) if values[-1] else None
     return TaskRecord(*values)
 
 
@@ -78,15 +80,17 @@ class SqliteTaskStore:
     def _claim(conn: sqlite3.Connection, pipeline: str, tenant: str, claims: Sequence[Claim],
                owner: str, lease_until: float, now: float) -> list[ClaimResult]:
         ids = [c.task_id for c in claims]
-        current: dict[str, tuple[str, int, float | None, str | None, float | None]] = {}
+        current: dict[str, tuple[str, int, float | None, str | None, float | None,
+                                 float | None, float | None]] = {}
         for start in range(0, len(ids), 500):
             chunk = ids[start:start + 500]
             marks = ",".join("?" * len(chunk))
             for row in conn.execute(
-                "SELECT task_id, state, attempts, lease_until, lease_owner, received_at"
-                f" FROM tasks WHERE pipeline = ? AND task_id IN ({marks})", (pipeline, *chunk)
+                "SELECT task_id, state, attempts, lease_until, lease_owner, received_at,"
+                f" queued_at, started_at FROM tasks WHERE pipeline = ? AND task_id IN ({marks})",
+                (pipeline, *chunk),
             ):
-                current[row[0]] = (row[1], row[2], row[3], row[4], row[5])
+                current[row[0]] = (row[1], row[2], row[3], row[4], row[5], row[6], row[7])
         out: list[ClaimResult] = []
         updates: list[tuple[object, ...]] = []
         for claim in claims:
@@ -101,10 +105,11 @@ class SqliteTaskStore:
                     (pipeline, claim.task_id, tenant, claim.key, received, received, now, now,
                      owner, lease_until),
                 )
-                current[claim.task_id] = ("RUNNING", 1, lease_until, owner, received)
-                out.append(ClaimResult(ClaimStatus.RUN, 1, received))
+                current[claim.task_id] = ("RUNNING", 1, lease_until, owner, received, received,
+                                          now)
+                out.append(ClaimResult(ClaimStatus.RUN, 1, received, None, received, now))
                 continue
-            state, attempts, their_lease, their_owner, received = found
+            state, attempts, their_lease, their_owner, received, queued, started = found
             if state in FINAL:
                 out.append(ClaimResult(ClaimStatus.DONE, attempts, received))
                 continue
@@ -116,9 +121,11 @@ class SqliteTaskStore:
                 out.append(ClaimResult(ClaimStatus.BUSY, attempts, received, their_lease))
                 continue
             attempts += 1
-            current[claim.task_id] = ("RUNNING", attempts, lease_until, owner, received)
+            started = started if started is not None else now
+            current[claim.task_id] = ("RUNNING", attempts, lease_until, owner, received, queued,
+                                      started)
             updates.append((attempts, now, now, owner, lease_until, pipeline, claim.task_id))
-            out.append(ClaimResult(ClaimStatus.RUN, attempts, received))
+            out.append(ClaimResult(ClaimStatus.RUN, attempts, received, None, queued, started))
         conn.executemany(
             "UPDATE tasks SET state = 'RUNNING', attempts = ?,"
             " started_at = COALESCE(started_at, ?), updated_at = ?, lease_owner = ?,"
@@ -141,6 +148,14 @@ class SqliteTaskStore:
             return lost
 
         return await self.db.run(write)
+
+    async def record_delivery(self, pipeline: str, task_id: str, destination: str,
+                              status: dict[str, object]) -> None:
+        """Set the delivery status of one destination in the task's ``delivered`` map."""
+        await self.db.run(lambda c: c.execute(
+            "UPDATE tasks SET delivered = json_set(COALESCE(delivered, '{}'), ?, json(?))"
+            " WHERE pipeline = ? AND task_id = ?",
+            (f'$."{destination}"', json.dumps(status), pipeline, task_id)))
 
     async def set_paused(self, pipeline: str, paused: bool, now: float) -> None:
         await self.db.run(lambda c: c.execute(
@@ -185,6 +200,13 @@ class SqliteTaskStore:
                  done.task_id, owner),
             )
             if cur.rowcount == 1:
+                if done.outbox:
+                    for _, queue, message in done.outbox:
+                        put_in(conn, queue, [message], now)
+                    pending = {dest: {"state": "pending", "at": now, "attempts": 0}
+                               for dest, _, _ in done.outbox}
+                    conn.execute("UPDATE tasks SET delivered = ? WHERE pipeline = ? AND"
+                                 " task_id = ?", (json.dumps(pending), pipeline, done.task_id))
                 out.append(done.state)
                 continue
             row = conn.execute("SELECT state FROM tasks WHERE pipeline = ? AND task_id = ?",

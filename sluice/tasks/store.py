@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
+from sluice.datadir import QueuedMessage
 from sluice.tasks.state import TaskState
 
 
@@ -33,6 +34,9 @@ class TaskRecord:
     finished_at: float | None = None
     updated_at: float | None = None
     seq: int | None = None  # store order: newer tasks have larger values (list cursors)
+    # Result deliveries, by destination: {"state": pending|delivered|failed, "at", "attempts",
+    # "error"}; see sluice.sinks.delivery.
+    delivered: dict[str, dict[str, Any]] | None = None
 
     def timeline(self) -> list[tuple[str, float | None, float | None]]:
         """(stage, timestamp, seconds since the previous stage) for each stage."""
@@ -70,6 +74,7 @@ class TaskRecord:
                 {"stage": stage, "at": at, "since_previous_s": since}
                 for stage, at, since in self.timeline()
             ],
+            "deliveries": self.delivered or {},
         }
 
 
@@ -102,6 +107,8 @@ class ClaimResult:
     attempts: int = 0
     received_at: float | None = None
     lease_until: float | None = None  # for BUSY: when the other owner's lease ends
+    queued_at: float | None = None
+    started_at: float | None = None  # of the first attempt
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +121,9 @@ class Completion:
     result_type: str | None = None
     error_type: str | None = None
     error_message: str | None = None
+    # Messages to enqueue in the same transaction as this completion, only if it is written
+    # (the transactional outbox of result deliveries): (destination, queue, message).
+    outbox: tuple[tuple[str, str, QueuedMessage], ...] = ()
 
 
 class TaskStore(Protocol):

@@ -1,0 +1,126 @@
+"""Sink: POST each record to an HTTP endpoint (``http: {url, headers}``).
+
+2xx is delivered. 408, 425, 429 and 5xx, timeouts and connection errors are retried (a
+``Retry-After`` is honoured); any other 4xx is permanent (the record goes to the dead letter at
+once). One pooled session with keep-alive per destination; the SSRF guard of
+:mod:`sluice.sinks.ssrf` on every connection.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import aiohttp
+
+from sluice import registry
+from sluice.connectors.base import SinkRecord
+from sluice.errors import DeliveryError
+from sluice.sinks.ssrf import GuardedResolver, check_url_config, url_problems
+from sluice.spec import REQUIRED, Field, ObjectSpec
+
+RETRYABLE = frozenset({408, 425, 429})
+
+DELIVERY_FIELDS = (
+    Field("timeout_s", "number", "Time limit of one delivery attempt.", default=10.0,
+          exclusive_minimum=0),
+    Field("max_attempts", "integer", "Attempts before the record goes to the pipeline's dead "
+          "letter (under on_success/on_failure).", default=10, minimum=1),
+    Field("initial_backoff_s", "number", "First retry delay bound (full jitter).", default=1.0,
+          minimum=0),
+    Field("max_backoff_s", "number", "Largest retry delay bound.", default=300.0, minimum=0),
+    Field("max_age_s", "number", "A record older than this is not retried again.",
+          default=86400.0, exclusive_minimum=0),
+    Field("concurrency", "integer", "Deliveries in flight to this destination.", default=8,
+          minimum=1, maximum=1000),
+)
+
+URL_FIELDS = (
+    Field("url", "string", "Where to POST (http:// or https://).", default=REQUIRED),
+    Field("headers", "object", "Extra request headers (values may use ${ENV}).", default=None),
+    Field("allow_link_local", "boolean", "Allow a URL that is or resolves to a link-local or "
+          "cloud-metadata address (refused by default: SSRF guard).", default=False),
+)
+
+CONFIG = ObjectSpec(*URL_FIELDS, *DELIVERY_FIELDS)
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(when.timestamp() - time.time(), 0.0)
+
+
+class HttpSink:
+    content_type = "application/cloudevents+json"
+
+    def __init__(self, url: str, headers: Mapping[str, str] | None = None, *,
+                 timeout_s: float = 10.0, allow_link_local: bool = False) -> None:
+        problems = url_problems(url, allow_link_local=allow_link_local)
+        if problems:
+            raise ValueError(problems[0])
+        self.url = url
+        self.headers = dict(headers or {})
+        self.timeout_s = timeout_s
+        self.allow_link_local = allow_link_local
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=100, resolver=None if self.allow_link_local else GuardedResolver())
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+        return self._session
+
+    def request_headers(self, record: SinkRecord) -> dict[str, str]:
+        return {"Content-Type": record.content_type, **self.headers}
+
+    async def send(self, records: Sequence[SinkRecord]) -> None:
+        for record in records:
+            await self._post(record)
+
+    async def _post(self, record: SinkRecord) -> None:
+        try:
+            async with self.session().post(self.url, data=record.body,
+                                           headers=self.request_headers(record)) as resp:
+                await resp.read()
+                if 200 <= resp.status < 300:
+                    return
+                wait = retry_after_s(resp.headers.get("Retry-After"))
+                permanent = 400 <= resp.status < 500 and resp.status not in RETRYABLE
+                raise DeliveryError(f"{self.url} answered HTTP {resp.status}",
+                                    permanent=permanent, retry_after_s=wait)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise DeliveryError(f"{self.url}: {type(exc).__name__}: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def build_sink(config: dict[str, Any], ctx: registry.BuildContext) -> HttpSink:
+    return HttpSink(str(config["url"]), config.get("headers"),
+                    timeout_s=float(config["timeout_s"]),
+                    allow_link_local=bool(config["allow_link_local"]))
+
+
+registry.register(registry.ComponentSpec(
+    family="sink",
+    name="http",
+    summary="POST each record (a CloudEvent, structured JSON) to a URL.",
+    config=CONFIG,
+    factory=build_sink,
+    check=lambda config, file: check_url_config(config),
+))

@@ -1,0 +1,99 @@
+"""The result record: one JSON shape for every destination, a CloudEvent (structured mode) of
+type ``sluice.task.succeeded`` or ``sluice.task.failed``. Its schema is
+``schemas/result-record.schema.json``.
+
+The request payload is inlined (JSON as JSON, anything else base64) up to
+``MAX_INLINE_BYTES``; a larger one is referenced by its size and SHA-256 digest.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sluice.message import is_json
+
+MAX_INLINE_BYTES = 256 * 1024
+CONTENT_TYPE = "application/cloudevents+json"
+TYPES = {"SUCCEEDED": "sluice.task.succeeded", "FAILED": "sluice.task.failed"}
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOutcome:
+    """What a record is made of (known to the consumer loop when a task ends)."""
+
+    pipeline: str
+    tenant: str
+    task_id: str
+    state: str  # SUCCEEDED or FAILED
+    attempts: int
+    key: str | None
+    request_body: bytes
+    request_type: str
+    result: bytes | None
+    result_type: str | None
+    error_type: str | None
+    error_message: str | None
+    received_at: float | None
+    queued_at: float | None
+    started_at: float | None
+    finished_at: float
+
+
+def _request(body: bytes, content_type: str) -> dict[str, Any]:
+    if len(body) > MAX_INLINE_BYTES:
+        return {"content_type": content_type, "size_bytes": len(body),
+                "sha256": hashlib.sha256(body).hexdigest()}
+    if is_json(content_type):
+        try:
+            return {"content_type": content_type, "json": json.loads(body)}
+        except ValueError:
+            pass
+    return {"content_type": content_type, "base64": base64.b64encode(body).decode()}
+
+
+def _result(body: bytes | None, content_type: str | None) -> Any:
+    if body is None:
+        return None
+    if content_type == "application/json":
+        return json.loads(body)
+    return {"content_type": content_type, "base64": base64.b64encode(body).decode()}
+
+
+def _iso(at: float) -> str:
+    return datetime.fromtimestamp(at, UTC).isoformat().replace("+00:00", "Z")
+
+
+def build(o: TaskOutcome) -> dict[str, Any]:
+    stages = [("received", o.received_at), ("queued", o.queued_at), ("started", o.started_at),
+              ("finished", o.finished_at)]
+    return {
+        "specversion": "1.0",
+        "id": o.task_id,
+        "source": f"/sluice/pipelines/{o.pipeline}",
+        "type": TYPES[o.state],
+        "subject": o.task_id,
+        "time": _iso(o.finished_at),
+        "datacontenttype": "application/json",
+        "data": {
+            "task_id": o.task_id,
+            "pipeline": o.pipeline,
+            "tenant": o.tenant,
+            "state": o.state,
+            "attempts": o.attempts,
+            "key": o.key,
+            "request": _request(o.request_body, o.request_type),
+            "result": _result(o.result, o.result_type),
+            "error": ({"type": o.error_type, "message": o.error_message}
+                      if o.error_type else None),
+            "timeline": [{"stage": s, "at": at} for s, at in stages],
+        },
+    }
+
+
+def encode(o: TaskOutcome) -> bytes:
+    return json.dumps(build(o), separators=(",", ":")).encode()

@@ -1,0 +1,66 @@
+"""Sink: a signed webhook per the Standard Webhooks spec (``webhook: {url, secret_env}``),
+signed with the ``standardwebhooks`` library: ``webhook-id`` is the task id (the same on every
+retry, so a receiver can drop repeats), ``webhook-timestamp`` the time of the attempt, and
+``webhook-signature`` the HMAC-SHA256 of ``id.timestamp.body`` under the secret. The secret
+(``whsec_`` + base64, as the spec's libraries make them) is read from the environment variable
+named by ``secret_env``, never from the file."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from typing import Any
+
+from standardwebhooks import Webhook
+
+from sluice import registry
+from sluice.connectors.base import SinkRecord
+from sluice.sinks.http import DELIVERY_FIELDS, URL_FIELDS, HttpSink
+from sluice.sinks.ssrf import check_url_config
+from sluice.spec import REQUIRED, Field, ObjectSpec
+
+CONFIG = ObjectSpec(
+    *URL_FIELDS,
+    Field("secret_env", "string", "Name of the environment variable holding the signing "
+          "secret (whsec_...).", default=REQUIRED, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$"),
+    *DELIVERY_FIELDS,
+)
+
+
+class WebhookSink(HttpSink):
+    def __init__(self, url: str, secret: str, headers: dict[str, str] | None = None, *,
+                 timeout_s: float = 10.0, allow_link_local: bool = False) -> None:
+        super().__init__(url, headers, timeout_s=timeout_s, allow_link_local=allow_link_local)
+        self._signer = Webhook(secret)
+
+    def request_headers(self, record: SinkRecord) -> dict[str, str]:
+        now = datetime.now(UTC)
+        signature = self._signer.sign(record.task_id, now, record.body.decode())
+        return {**super().request_headers(record), "webhook-id": record.task_id,
+                "webhook-timestamp": str(int(now.timestamp())),
+                "webhook-signature": signature}
+
+
+def check(config: Any, file: object) -> list[tuple[tuple[str, ...], str]]:
+    problems = check_url_config(config)
+    name = str(config.get("secret_env", ""))
+    if name and not os.environ.get(name):
+        problems.append((("secret_env",), f"environment variable {name!r} is not set "
+                                          "(it holds the webhook signing secret)"))
+    return problems
+
+
+def build_sink(config: dict[str, Any], ctx: registry.BuildContext) -> WebhookSink:
+    return WebhookSink(str(config["url"]), os.environ[str(config["secret_env"])],
+                       config.get("headers"), timeout_s=float(config["timeout_s"]),
+                       allow_link_local=bool(config["allow_link_local"]))
+
+
+registry.register(registry.ComponentSpec(
+    family="sink",
+    name="webhook",
+    summary="A signed webhook (Standard Webhooks: webhook-id, -timestamp, -signature).",
+    config=CONFIG,
+    factory=build_sink,
+    check=check,
+))
