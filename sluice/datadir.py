@@ -55,6 +55,7 @@ CREATE TABLE IF NOT EXISTS messages (
     deliveries   INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, visible_at, id);
+CREATE INDEX IF NOT EXISTS messages_by_key ON messages (queue, key, id);
 
 CREATE TABLE IF NOT EXISTS tasks (
     seq          INTEGER PRIMARY KEY AUTOINCREMENT,

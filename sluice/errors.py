@@ -13,6 +13,7 @@
     ├── DeliveryError                a sink could not deliver a record (retryable or not)
     └── HandlerSignal                raised *by handlers* to steer the outcome of one attempt
         ├── Retry                    retry this task (optionally after ``delay_s``)
+        │   └── Overloaded           retry, and the backend is overloaded: the limit shrinks
         └── Reject                   fail this task now, without retrying
 
 A user-facing error names where (file:line:col, key path) and what was expected; the CLI prints
@@ -121,6 +122,16 @@ class Retry(HandlerSignal):
         self.reason = reason
         self.delay_s = delay_s
         super().__init__(reason)
+
+
+class Overloaded(Retry):
+    """The backend is overloaded: retry this task, and cut the concurrency limit (AIMD).
+    ``retry_after_s`` also holds every new attempt of this handler for that long."""
+
+    def __init__(self, reason: str = "backend overloaded", *,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(reason, delay_s=retry_after_s)
+        self.retry_after_s = retry_after_s
 
 
 class Reject(HandlerSignal):

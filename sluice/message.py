@@ -57,6 +57,8 @@ class Outcome:
     error_message: str | None = None
     delay_s: float | None = None
     duration_s: float = 0.0
+    overload: bool = False  # a load signal for the limiter: 429/503, a timeout, Overloaded
+    retry_after_s: float | None = None  # hold new attempts this long (the backend asked)
 
     @property
     def error(self) -> dict[str, str] | None:

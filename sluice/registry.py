@@ -37,6 +37,7 @@ class BuildContext:
     data_dir: Path | None = None
     pipeline_file: Path | None = None
     concurrency: int = 8
+    ordering: str = "key"  # consumer.ordering (a source may keep keys in order itself)
 
 
 @dataclass(frozen=True)

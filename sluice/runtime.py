@@ -33,6 +33,7 @@ def context(config: PipelineConfig, data_dir: Path | None) -> registry.BuildCont
         data_dir=data_dir,
         pipeline_file=config.path,
         concurrency=config.consumer.concurrency,
+        ordering=config.consumer.ordering,
     )
 
 

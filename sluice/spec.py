@@ -45,13 +45,17 @@ class Field:
     items: Field | None = None
     fields: ObjectSpec | None = None  # for kind "object"
     family: str | None = None  # a one-key component slot ("source", "handler", "sink")
+    variants: tuple[Field, ...] = ()  # alternatives (anyOf), e.g. an integer or a mapping
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
 
     def json_schema(self) -> dict[str, Any]:
-        if self.family is not None:
+        schema: dict[str, Any]
+        if self.variants:
+            schema = {"anyOf": [v.json_schema() for v in self.variants]}
+        elif self.family is not None:
             from sluice import registry  # late: the registry imports components that use specs
 
             schema = registry.family_schema(self.family)
@@ -78,6 +82,8 @@ class Field:
         return schema
 
     def type_label(self) -> str:
+        if self.variants:
+            return " or ".join(v.type_label() for v in self.variants)
         kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
         return "|".join(kinds)
 
@@ -112,6 +118,10 @@ class ObjectSpec:
                     out[f.name] = f.default
             elif f.fields is not None and isinstance(out[f.name], Mapping):
                 out[f.name] = f.fields.apply_defaults(out[f.name])
+            elif f.variants and isinstance(out[f.name], Mapping):
+                for variant in f.variants:
+                    if variant.fields is not None:
+                        out[f.name] = variant.fields.apply_defaults(out[f.name])
         return out
 
 

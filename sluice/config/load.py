@@ -117,7 +117,20 @@ def _schema_issues(doc: dict[str, Any], marks: Marks) -> Iterable[ConfigIssue]:
 
 def _leaves(errors: Iterable[ValidationError]) -> Iterable[ValidationError]:
     for error in errors:
-        if error.context:
+        if error.validator == "anyOf":
+            # Follow the alternative of the value's own kind, if one; else say what fits.
+            kind = "object" if isinstance(error.instance, dict) else (
+                "integer" if isinstance(error.instance, int)
+                and not isinstance(error.instance, bool) else None)
+            options = error.validator_value if isinstance(error.validator_value, list) else []
+            index = next((i for i, o in enumerate(options) if o.get("type") == kind), None)
+            sub = [e for e in error.context or () if e.schema_path
+                   and e.schema_path[0] == index] if index is not None else []
+            if sub:
+                yield from _leaves(sub)
+            else:
+                yield error
+        elif error.context:
             yield from _leaves(error.context)
         else:
             yield error
@@ -127,6 +140,10 @@ def _describe(error: ValidationError, marks: Marks) -> ConfigIssue:
     path: PathKey = tuple(error.absolute_path)
     schema: Mapping[str, Any] = error.schema if isinstance(error.schema, Mapping) else {}
     kind = error.validator
+    if kind == "anyOf":
+        return marks.issue(path, "expected " + " or ".join(
+            describe_expected(o) for o in error.validator_value) +
+            f", got {_show(error.instance)}")
     if kind == "additionalProperties":
         known = sorted(schema.get("properties", {}))
         extra = sorted(set(error.instance) - set(known))
@@ -149,6 +166,9 @@ def _describe(error: ValidationError, marks: Marks) -> ConfigIssue:
         types = ", ".join(sorted(schema.get("properties", {})))
         return marks.issue(path, f"expected a mapping naming one {schema['x-sluice-family']} "
                                  f"type ({types}), got {_show(error.instance)}")
+    if kind == "anyOf":
+        words = " or ".join(describe_expected(o) for o in schema.get("anyOf", []))
+        return marks.issue(path, f"expected {words}, got {_show(error.instance)}")
     return marks.issue(path, f"expected {describe_expected(schema)}, got {_show(error.instance)}")
 
 

@@ -32,9 +32,30 @@ RETRY_SPEC = ObjectSpec(
           exclusive_minimum=0),
 )
 
+ADAPTIVE_SPEC = ObjectSpec(
+    Field("initial", "integer", "The limit to start from.", default=8, minimum=1,
+          maximum=10000),
+    Field("min", "integer", "The limit never goes below this.", default=1, minimum=1,
+          maximum=10000),
+    Field("max", "integer", "The limit never goes above this.", default=256, minimum=1,
+          maximum=10000),
+    Field("backoff_ratio", "number", "Multiplier of the limit on an overload signal (HTTP 429 "
+          "or 503, a timeout, Overloaded).", default=0.5, exclusive_minimum=0, maximum=1),
+    Field("algorithm", "string", "aimd: additive increase, multiplicative decrease; gradient: "
+          "also scales down as latency rises over its no-load baseline.", default="aimd",
+          enum=("aimd", "gradient")),
+)
+
 CONSUMER_SPEC = ObjectSpec(
-    Field("concurrency", "integer", "Tasks in flight at once in one worker process.", default=8,
-          minimum=1, maximum=10000),
+    Field("concurrency", ("integer", "object"), "Tasks in flight at once in one worker process: "
+          "an integer is a fixed limit; a mapping makes it adaptive (AIMD between min and max).",
+          default=8, variants=(
+              Field("concurrency", "integer", "A fixed limit.", minimum=1, maximum=10000),
+              Field("concurrency", "object", "An adaptive limit.", fields=ADAPTIVE_SPEC),
+          )),
+    Field("ordering", "string", "key: tasks with one key run one at a time, in order (others "
+          "in parallel); partition: one at a time per partition; unordered: all in parallel.",
+          default="key", enum=("key", "partition", "unordered")),
     Field("timeout_s", "number", "Time limit of one handler attempt; a timed-out attempt "
           "counts as failed and is retried.", default=30.0, exclusive_minimum=0),
     Field("retry", "object", "Retries with exponential backoff and full jitter.",
@@ -93,9 +114,15 @@ class RetryConfig:
 
 @dataclass(frozen=True)
 class ConsumerConfig:
-    concurrency: int = 8
+    concurrency: int = 8  # the starting (or fixed) limit
     timeout_s: float = 30.0
     retry: RetryConfig = RetryConfig()
+    adaptive: dict[str, Any] | None = None  # consumer.concurrency as a mapping
+    ordering: str = "key"
+
+    @property
+    def limit_config(self) -> int | dict[str, Any]:
+        return self.adaptive if self.adaptive is not None else self.concurrency
 
 
 @dataclass(frozen=True)
@@ -113,7 +140,8 @@ class PipelineConfig:
     on_failure: tuple[ComponentConfig, ...] = ()
 
     def with_concurrency(self, concurrency: int) -> PipelineConfig:
-        consumer = ConsumerConfig(concurrency, self.consumer.timeout_s, self.consumer.retry)
+        """A fixed limit instead of the configured one (``--concurrency``)."""
+        consumer = dataclasses.replace(self.consumer, concurrency=concurrency, adaptive=None)
         return dataclasses.replace(self, consumer=consumer)
 
 
@@ -133,9 +161,14 @@ def build_model(doc: dict[str, Any], path: Path | None) -> PipelineConfig:
         source=_component(doc["source"]),
         handler=_component(doc["handler"]),
         consumer=ConsumerConfig(
-            concurrency=int(consumer["concurrency"]),
+            concurrency=(int(consumer["concurrency"]["initial"])
+                         if isinstance(consumer["concurrency"], dict)
+                         else int(consumer["concurrency"])),
+            adaptive=consumer["concurrency"] if isinstance(consumer["concurrency"], dict)
+            else None,
             timeout_s=float(consumer["timeout_s"]),
             retry=RetryConfig(**{k: v for k, v in consumer["retry"].items()}),
+            ordering=str(consumer["ordering"]),
         ),
         dead_letter=_component(dead_letter),
         path=path,

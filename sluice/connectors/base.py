@@ -24,6 +24,7 @@ class Delivery:
     enqueued_at: float | None = None  # when the source accepted it (epoch seconds)
     deliveries: int = 1  # how many times the source has handed it out, this one included
     ref: Any = None  # the source's own handle: a row id and lease token, a partition/offset …
+    partition: int | None = None  # for ordering: partition; None for an unpartitioned queue
 
 
 class Source(Protocol):

@@ -12,6 +12,9 @@ Semantics (those of a visibility-timeout queue such as SQS):
 5. Several processes may share one data directory: a fetch is one ``BEGIN IMMEDIATE``
    transaction that selects and leases in a single ``UPDATE … RETURNING``, so no message is
    leased twice.
+6. With ``consumer.ordering: key``, only the oldest message of each key can be taken (as in an
+   SQS FIFO message group): while it is leased or waiting for a retry, the key's later
+   messages wait, across every worker process.
 """
 
 from __future__ import annotations
@@ -99,19 +102,24 @@ def new_task_id() -> str:
 class EmbeddedQueue:
     """Queue operations on one named queue (sync; the async source wraps them)."""
 
-    def __init__(self, db: Database, queue: str, lease_s: float = 30.0) -> None:
+    def __init__(self, db: Database, queue: str, lease_s: float = 30.0,
+                 ordered_keys: bool = False) -> None:
         self.db = db
         self.queue = queue
         self.lease_s = lease_s
+        self.ordered_keys = ordered_keys
         self._owner = uuid.uuid4().hex[:12]
         self._tokens = itertools.count()
 
     def lease_in(self, conn: sqlite3.Connection, max_n: int, now: float) -> list[Delivery]:
         token = f"{self._owner}:{next(self._tokens)}"
+        head_of_key = (" AND (m.key IS NULL OR m.id = (SELECT MIN(h.id) FROM messages h"
+                       " WHERE h.queue = m.queue AND h.key = m.key))"
+                       if self.ordered_keys else "")
         rows = conn.execute(
             "UPDATE messages SET visible_at = ?, lease_token = ?, deliveries = deliveries + 1"
-            " WHERE id IN (SELECT id FROM messages WHERE queue = ? AND visible_at <= ?"
-            " ORDER BY visible_at, id LIMIT ?)"
+            " WHERE id IN (SELECT m.id FROM messages m WHERE m.queue = ? AND m.visible_at <= ?"
+            f"{head_of_key} ORDER BY m.visible_at, m.id LIMIT ?)"
             " RETURNING id, task_id, body, content_type, key, headers, enqueued_at, deliveries",
             (now + self.lease_s, token, self.queue, now, max_n),
         ).fetchall()
@@ -160,8 +168,10 @@ class EmbeddedQueue:
 class EmbeddedSource:
     """:class:`~sluice.connectors.base.Source` over an :class:`EmbeddedQueue`."""
 
-    def __init__(self, db: Database, queue: str, lease_s: float, poll_interval_s: float) -> None:
-        self.q = EmbeddedQueue(db, queue, lease_s)
+    def __init__(self, db: Database, queue: str, lease_s: float, poll_interval_s: float,
+                 ordered_keys: bool = False) -> None:
+        self.q = EmbeddedQueue(db, queue, lease_s, ordered_keys)
+        self.orders_keys = ordered_keys  # the dispatcher need not hold lanes for retries
         self.db = db
         self.lease_s = lease_s
         self.poll_interval_s = poll_interval_s
@@ -174,17 +184,17 @@ class EmbeddedSource:
         while True:
             now = time.time()
             next_at = await self.db.read(self.q.next_visible_in)
+            pause = self.poll_interval_s
             if next_at is not None and next_at <= now:
                 got = await self.db.run(lambda c: self.q.lease_in(c, max_n, time.time()))
                 if got:
                     return got
-                continue
+                # Visible, but none can be taken (their keys are busy, rule 6): poll again.
+            elif next_at is not None:
+                pause = min(pause, max(next_at - now, 0.0))
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
-            pause = self.poll_interval_s
-            if next_at is not None:
-                pause = min(pause, max(next_at - now, 0.0))
             await asyncio.sleep(min(pause, remaining))
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
@@ -212,6 +222,7 @@ def build_source(config: dict[str, Any], ctx: registry.BuildContext) -> Embedded
         config.get("queue") or ctx.pipeline,
         float(config["lease_s"]),
         float(config["poll_interval_s"]),
+        ordered_keys=ctx.ordering == "key",
     )
 
 

@@ -30,15 +30,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sluice import metrics
 from sluice.config.model import PipelineConfig
 from sluice.connectors.base import Delivery, Sink, SinkRecord, Source
+from sluice.consumer.dispatcher import Dispatcher
+from sluice.consumer.limiter import Permit, Signal, make_limiter
 from sluice.consumer.retry import RetryPolicy
 from sluice.datadir import QueuedMessage
 from sluice.handlers.base import Handler
@@ -95,6 +99,11 @@ class ConsumerLoop:
             for state, slot in ((TaskState.SUCCEEDED, "on_success"),
                                 (TaskState.FAILED, "on_failure"))
         }
+        self.limiter = make_limiter(config.name, config.consumer.limit_config)
+        self.dispatcher: Dispatcher[tuple[Delivery, ClaimResult]] = Dispatcher(
+            config.consumer.ordering,
+            source_orders_keys=bool(getattr(source, "orders_keys", False)))
+        self._ready: deque[tuple[Delivery, ClaimResult]] = deque()  # lane is theirs; no permit
         self._running: dict[asyncio.Task[None], Delivery] = {}
         self._held: dict[int, Delivery] = {}  # every delivery not yet settled, by id()
         self._pending: list[_Settle] = []
@@ -134,19 +143,31 @@ class ConsumerLoop:
             await asyncio.gather(*delivering, return_exceptions=True)
         return self.stats
 
+    def _fetch_budget(self) -> int:
+        """How many deliveries to fetch now (rule 1): none while a Retry-After holds; else up
+        to twice the limit, minus what is running, ready or waiting in a lane."""
+        if self.limiter.held_for_s() > 0:
+            return 0
+        capacity = 2 * math.floor(self.limiter.limit)
+        return capacity - len(self._running) - len(self._ready) - self.dispatcher.waiting
+
     async def _fetch_until(self, stop: asyncio.Event, drain: bool) -> None:
-        concurrency = self.config.consumer.concurrency
         stop_wait = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
                 if await self._pipeline_paused():
                     await asyncio.wait({stop_wait}, timeout=PAUSE_RECHECK_S)
                     continue
-                free = concurrency - len(self._running)
+                for item in self.dispatcher.expired():
+                    self._offer(*item)
+                self._start_ready()
+                free = self._fetch_budget()
                 if free <= 0:
                     self._slot_freed.clear()
                     slot = asyncio.create_task(self._slot_freed.wait())
-                    await asyncio.wait({slot, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                    wait_s = self.limiter.held_for_s() or FETCH_WAIT_S
+                    await asyncio.wait({slot, stop_wait}, timeout=wait_s,
+                                       return_when=asyncio.FIRST_COMPLETED)
                     slot.cancel()
                     continue
                 deliveries = await self.source.fetch(free, FETCH_WAIT_S)
@@ -183,7 +204,7 @@ class ConsumerLoop:
         return False
 
     async def _drained(self) -> bool:
-        if self._running or self._pending or self._held:
+        if self._running or self._pending or self._held or self._ready:
             return False
         return await self.source.pending() == 0
 
@@ -196,9 +217,7 @@ class ConsumerLoop:
         now = time.time()
         for delivery, claim in zip(deliveries, results, strict=True):
             if claim.status == ClaimStatus.RUN:
-                task = asyncio.create_task(self._attempt(delivery, claim))
-                self._running[task] = delivery
-                task.add_done_callback(self._attempt_done)
+                self._offer(delivery, claim)
             elif claim.status == ClaimStatus.DONE:
                 self.stats.skipped += 1
                 self._settle(_Settle(delivery))
@@ -207,18 +226,55 @@ class ConsumerLoop:
                 self._settle(_Settle(delivery, delay_s=wait))
             else:  # HELD (paused)
                 self._settle(_Settle(delivery, delay_s=HOLD_RECHECK_S))
-        self.stats.in_flight = len(self._running)
+        self._start_ready()
+
+    def _lane(self, delivery: Delivery) -> Hashable | None:
+        return self.dispatcher.lane_of(delivery.key, delivery.partition)
+
+    def _offer(self, delivery: Delivery, claim: ClaimResult) -> None:
+        if self.dispatcher.offer(self._lane(delivery), delivery.task_id, (delivery, claim)):
+            self._ready.append((delivery, claim))
+
+    def _start_ready(self) -> None:
+        """Start ready tasks while the limiter has permits."""
+        while self._ready and self.limiter.available() > 0:
+            delivery, claim = self._ready.popleft()
+            permit = self.limiter.take()
+            task = asyncio.create_task(self._run_attempt(delivery, claim, permit))
+            self._running[task] = delivery
+            task.add_done_callback(self._attempt_done)
+        self.stats.in_flight = self.limiter.in_flight
 
     def _attempt_done(self, task: asyncio.Task[None]) -> None:
         self._running.pop(task, None)
-        self.stats.in_flight = len(self._running)
         self._slot_freed.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("internal error in an attempt", exc_info=task.exception())
 
+    async def _run_attempt(self, delivery: Delivery, claim: ClaimResult,
+                           permit: Permit) -> None:
+        """One attempt, then: the permit back with its load signal, the lane moved on."""
+        signal, retry_after_s, latency_s = Signal.ERROR, None, None
+        retrying, retry_in_s = False, 0.0
+        try:
+            outcome, retrying, retry_in_s = await self._attempt(delivery, claim)
+            if outcome is not None:
+                latency_s, retry_after_s = outcome.duration_s, outcome.retry_after_s
+                signal = (Signal.SUCCESS if outcome.status == "success" else
+                          Signal.OVERLOAD if outcome.overload else Signal.ERROR)
+        finally:
+            self.limiter.give_back(permit, signal, retry_after_s, latency_s)
+            for item in self.dispatcher.finished(self._lane(delivery), delivery.task_id,
+                                                 retrying=retrying, retry_in_s=retry_in_s):
+                self._offer(*item)
+            self._start_ready()
+
     # -- one attempt ------------------------------------------------------------------------
 
-    async def _attempt(self, delivery: Delivery, claim: ClaimResult) -> None:
+    async def _attempt(self, delivery: Delivery,
+                       claim: ClaimResult) -> tuple[Outcome | None, bool, float]:
+        """Run and record one attempt: (its outcome, whether it will be retried, in how long).
+        """
         cfg = self.config
         attempts, received_at = claim.attempts, claim.received_at
         if attempts > cfg.consumer.retry.max_attempts:
@@ -239,13 +295,13 @@ class ConsumerLoop:
                 # the final state, so the message is settled (rule 4).
                 self._settle(_Settle(delivery, Completion(delivery.task_id, TaskState.FAILED,
                                                           error_type="Cancelled")))
-                return
+                return None, False, 0.0
         if outcome.status == "success":
             self.stats.succeeded += 1
             self._settle(_Settle(delivery, Completion(
                 delivery.task_id, TaskState.SUCCEEDED, outcome.result, outcome.result_type,
                 outbox=self._outbox(delivery, claim, TaskState.SUCCEEDED, outcome))))
-            return
+            return outcome, False, 0.0
         reason = "" if outcome.error_type == "Reject" else "not retryable"
         if outcome.status == "retry":
             decision = self.policy.decide(attempts, received_at, time.time(), outcome.delay_s)
@@ -259,9 +315,10 @@ class ConsumerLoop:
                                error_type=outcome.error_type,
                                error_message=outcome.error_message),
                     delay_s=decision.delay_s))
-                return
+                return outcome, True, decision.delay_s
             reason = decision.reason
-        await self._fail(delivery, claim, outcome, reason)
+        retrying = await self._fail(delivery, claim, outcome, reason)
+        return outcome, retrying, DEAD_LETTER_RETRY_S
 
     def _outbox(self, delivery: Delivery, claim: ClaimResult, state: TaskState,
                 outcome: Outcome, error_message: str | None = None,
@@ -297,7 +354,8 @@ class ConsumerLoop:
         return await self.handler.invoke(message, self.config.consumer.timeout_s)
 
     async def _fail(self, delivery: Delivery, claim: ClaimResult, outcome: Outcome,
-                    reason: str) -> None:
+                    reason: str) -> bool:
+        """Dead-letter and record FAILED; True if it must be retried (dead letter down)."""
         attempts = claim.attempts
         headers = {
             **delivery.headers,
@@ -319,7 +377,7 @@ class ConsumerLoop:
             self._settle(_Settle(delivery, Completion(
                 delivery.task_id, TaskState.RETRYING, error_type=outcome.error_type,
                 error_message=outcome.error_message), delay_s=DEAD_LETTER_RETRY_S))
-            return
+            return True
         self.stats.failed += 1
         log.warning("task %s failed for good: %s: %s (%s); sent to the dead letter",
                     delivery.task_id, outcome.error_type, outcome.error_message,
@@ -329,6 +387,7 @@ class ConsumerLoop:
             delivery.task_id, TaskState.FAILED, error_type=outcome.error_type,
             error_message=message,
             outbox=self._outbox(delivery, claim, TaskState.FAILED, outcome, message))))
+        return False
 
     # -- recording and settling (group commit) -----------------------------------------------
 
@@ -402,12 +461,24 @@ class ConsumerLoop:
                 log.exception("extending leases failed; will try again")
 
     async def _finish_in_flight(self) -> None:
+        unstarted = [d for d, _ in self._ready] + [d for d, _ in self.dispatcher.drop_waiting()]
+        self._ready.clear()
+        if unstarted:  # claimed but never started: hand back at once
+            await self.store.release(self.config.name, [d.task_id for d in unstarted],
+                                     self.owner)
+            await self.source.retry_later([(d, 0.0) for d in unstarted])
+            for d in unstarted:
+                self._held.pop(id(d), None)
         if not self._running:
             return
         grace = self.config.consumer.timeout_s + 1.0
         log.info("stopping: waiting up to %.1fs for %d task(s) in flight", grace,
                  len(self._running))
         _done, still = await asyncio.wait(set(self._running), timeout=grace)
+        self._ready.clear()  # lanes freed by the finishing tasks: not started now
+        leftovers = [d for d, _ in self.dispatcher.drop_waiting()]
+        if leftovers:
+            await self.source.retry_later([(d, 0.0) for d in leftovers])
         if not still:
             return
         handed_back = [self._running[t] for t in still if t in self._running]

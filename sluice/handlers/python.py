@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from sluice import registry
-from sluice.errors import Reject, Retry
+from sluice.errors import Overloaded, Reject, Retry
 from sluice.message import Message, Outcome, encode_result
 from sluice.spec import REQUIRED, Field
 
@@ -99,7 +99,11 @@ class PythonHandler:
         except TimeoutError:
             return Outcome("retry", error_type="Timeout",
                            error_message=f"the attempt took longer than timeout_s={timeout_s:g}",
-                           duration_s=time.perf_counter() - started)
+                           duration_s=time.perf_counter() - started, overload=True)
+        except Overloaded as exc:
+            return Outcome("retry", error_type="Overloaded", error_message=exc.reason,
+                           delay_s=exc.delay_s, duration_s=time.perf_counter() - started,
+                           overload=True, retry_after_s=exc.retry_after_s)
         except Reject as exc:
             return Outcome("failure", error_type="Reject", error_message=exc.reason,
                            duration_s=time.perf_counter() - started)

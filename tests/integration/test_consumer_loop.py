@@ -181,7 +181,6 @@ async def test_graceful_stop_finishes_in_flight(data_dir: Path, run_log: str) ->
 async def test_stop_hands_back_what_outlives_the_timeout(data_dir: Path, run_log: str) -> None:
     submit(data_dir, {"sleep_first_s": 30})
     loop = make_loop(data_dir, timeout_s=60)
-    loop.config = loop.config.with_concurrency(4)
     stop = asyncio.Event()
     runner = asyncio.create_task(loop.run(stop))
     while not read_log(run_log):
@@ -210,8 +209,8 @@ async def test_concurrency_bounds_tasks_in_flight(data_dir: Path, run_log: str) 
     await runner
     assert max(seen) == 4
     assert loop.stats.succeeded == 20
-    wide = make_loop(data_dir)
-    wide.config = wide.config.with_concurrency(16)  # what `sluice run --concurrency 16` does
+    narrow = make_loop(data_dir)
+    wide = build(narrow.config.with_concurrency(16), data_dir)  # `sluice run --concurrency 16`
     submit(data_dir, *[{"sleep_s": 0.2} for _ in range(32)], ids=[f"w{i}" for i in range(32)])
     seen.clear()
     runner = asyncio.create_task(drain(wide))

@@ -168,8 +168,8 @@ def test_every_example_pipeline_validates() -> None:
 def test_public_api_all() -> None:
     assert sorted(sluice.__all__) == sorted(
         ["ConfigError", "DuplicateTask", "HandlerSignal", "IllegalTransition", "Message",
-         "MissingDependency", "Outcome", "Reject", "Retry", "SluiceError", "SourceError",
-         "TaskError", "TaskNotFound", "TaskState", "__version__"])
+         "MissingDependency", "Outcome", "Overloaded", "Reject", "Retry", "SluiceError",
+         "SourceError", "TaskError", "TaskNotFound", "TaskState", "__version__"])
     for name in sluice.__all__:
         assert hasattr(sluice, name)
 

@@ -1,0 +1,112 @@
+"""Ordering lanes: which claimed task may run now (``consumer.ordering``).
+
+- ``key`` (default): tasks with one key run one at a time, in the order they arrived; tasks
+  with different keys (or no key) run in parallel, up to the concurrency limit.
+- ``partition``: one at a time per partition (an unpartitioned queue is one partition).
+- ``unordered``: everything in parallel.
+
+Invariants:
+
+1. A lane has at most one task running; the others wait in arrival order (offset order for a
+   partitioned source, queue order for the embedded queue).
+2. A task that will be retried keeps its lane until it comes back and finishes (the retry runs
+   before anything behind it), unless the source itself already keeps keys in order (the
+   embedded queue in key mode hands out only each key's oldest message). A lane held for a
+   retry that does not come back here (its partition moved to another worker) is let go after
+   ``hold_s``.
+3. Waiting tasks hold no concurrency permit, but count against the fetch budget with the
+   running ones, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+ORDERINGS = ("key", "partition", "unordered")
+
+T = TypeVar("T")
+
+
+@dataclass
+class _Lane(Generic[T]):
+    waiting: deque[T] = field(default_factory=deque)
+    held_by: str | None = None  # the task id running, or retrying, in this lane
+    hold_expires: float = 0.0  # time.monotonic(); only for a lane held by a retry
+
+
+class Dispatcher(Generic[T]):
+    def __init__(self, ordering: str, *, source_orders_keys: bool = False,
+                 hold_s: float = 60.0) -> None:
+        if ordering not in ORDERINGS:
+            raise ValueError(f"ordering must be one of {ORDERINGS}, got {ordering!r}")
+        self.ordering = ordering
+        self.hold_retries = not (source_orders_keys and ordering == "key")
+        self.hold_s = hold_s
+        self._lanes: dict[Hashable, _Lane[T]] = {}
+        self.waiting = 0
+
+    def lane_of(self, key: str | None, partition: int | None) -> Hashable | None:
+        if self.ordering == "key":
+            return None if key is None else ("k", key)
+        if self.ordering == "partition":
+            return ("p", partition)
+        return None
+
+    def offer(self, lane_id: Hashable | None, task_id: str, item: T) -> bool:
+        """True: run ``item`` now (its lane is now held by it). False: it waits in its lane."""
+        if lane_id is None:
+            return True
+        lane = self._lanes.get(lane_id)
+        if lane is None:
+            self._lanes[lane_id] = _Lane(held_by=task_id)
+            return True
+        if lane.held_by is None or lane.held_by == task_id or (
+                lane.hold_expires and time.monotonic() > lane.hold_expires):
+            lane.held_by, lane.hold_expires = task_id, 0.0
+            return True
+        lane.waiting.append(item)
+        self.waiting += 1
+        return False
+
+    def finished(self, lane_id: Hashable | None, task_id: str, *,
+                 retrying: bool = False, retry_in_s: float = 0.0) -> list[T]:
+        """``task_id`` ended an attempt; return the items now free to run (at most one)."""
+        if lane_id is None:
+            return []
+        lane = self._lanes.get(lane_id)
+        if lane is None or lane.held_by != task_id:
+            return []
+        if retrying and self.hold_retries:
+            lane.hold_expires = time.monotonic() + retry_in_s + self.hold_s
+            return []
+        return self._advance(lane_id, lane)
+
+    def _advance(self, lane_id: Hashable, lane: _Lane[T]) -> list[T]:
+        lane.held_by, lane.hold_expires = None, 0.0
+        if not lane.waiting:
+            del self._lanes[lane_id]
+            return []
+        self.waiting -= 1
+        return [lane.waiting.popleft()]  # the caller offers it again (it takes the lane)
+
+    def expired(self) -> list[T]:
+        """Items freed by lanes whose retry hold expired (invariant 2)."""
+        now = time.monotonic()
+        out: list[T] = []
+        for lane_id, lane in list(self._lanes.items()):
+            if lane.hold_expires and now > lane.hold_expires:
+                out.extend(self._advance(lane_id, lane))
+        return out
+
+    def drop_waiting(self) -> list[T]:
+        """Every waiting item (at stop: they are handed back unrun)."""
+        out: list[T] = []
+        for lane in self._lanes.values():
+            out.extend(lane.waiting)
+            lane.waiting.clear()
+        self.waiting = 0
+        return out

@@ -1,0 +1,147 @@
+"""Concurrency limits, one per handler: static, AIMD, or gradient (latency-aware AIMD).
+
+The consumer loop asks :meth:`Limiter.available` before it fetches (so a full limiter stops
+the source: backpressure), takes a permit per attempt, and gives each permit back with the
+attempt's signal.
+
+AIMD (``algorithm: aimd``), as TCP congestion control:
+
+1. Additive increase: each success adds ``1 / limit``, so the limit grows by one per round of
+   ``limit`` successes, and only while the limit is actually used (the attempt started with
+   the limit full, or nearly): an idle pool does not inflate its limit.
+2. Multiplicative decrease: an overload signal (HTTP 429/503, a timeout, ``Overloaded``)
+   multiplies the limit by ``backoff_ratio``, at most once per round: a signal from an attempt
+   that started before the last decrease is already accounted for (the burst of 429s that one
+   overload causes halves the limit once, not ten times).
+3. A ``Retry-After`` holds every new attempt until it has passed.
+4. The limit stays within ``[min, max]``.
+
+Gradient (``algorithm: gradient``), in the manner of Netflix concurrency-limits' Gradient2:
+additionally, each success compares a short-term latency average with the long-term (no-load)
+baseline and scales the limit by ``clamp(tolerance * long / short, 0.5, 1)`` plus a queue
+allowance of ``sqrt(limit)``, smoothed, so the limit settles as latency rises, before errors.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+
+from sluice import metrics
+
+
+class Signal(StrEnum):
+    SUCCESS = "success"
+    OVERLOAD = "overload"  # 429/503, a timeout, Overloaded: decrease
+    ERROR = "error"  # a failure that says nothing about load: no change
+
+
+@dataclass(frozen=True, slots=True)
+class Permit:
+    generation: int
+    in_flight_at_start: int
+    started_at: float
+
+
+class Limiter:
+    """A static limit: ``initial`` in flight, whatever happens."""
+
+    algorithm = "static"
+
+    def __init__(self, name: str, initial: int, minimum: int = 1, maximum: int = 10000,
+                 backoff_ratio: float = 0.5) -> None:
+        self.name = name
+        self.min = max(1, minimum)
+        self.max = max(self.min, maximum)
+        self.limit = float(min(max(initial, self.min), self.max))
+        self.backoff_ratio = backoff_ratio
+        self.in_flight = 0
+        self.hold_until = 0.0  # time.monotonic(): no new attempt before this
+        self.generation = 0
+        self.decreases = 0
+        self._gauge_limit = metrics.LIMIT.labels(name)
+        self._gauge_limit.set(self.limit)
+        self._signals = {s: metrics.LIMIT_SIGNALS.labels(name, str(s)) for s in Signal}
+
+    def available(self) -> int:
+        if time.monotonic() < self.hold_until:
+            return 0
+        return max(math.floor(self.limit) - self.in_flight, 0)
+
+    def held_for_s(self) -> float:
+        return max(self.hold_until - time.monotonic(), 0.0)
+
+    def take(self) -> Permit:
+        permit = Permit(self.generation, self.in_flight, time.monotonic())
+        self.in_flight += 1
+        return permit
+
+    def give_back(self, permit: Permit, signal: Signal, retry_after_s: float | None = None,
+                  latency_s: float | None = None) -> None:
+        self.in_flight -= 1
+        self._signals[signal].inc()
+        if retry_after_s:
+            self.hold_until = max(self.hold_until, time.monotonic() + retry_after_s)
+        self._adjust(permit, signal, latency_s)
+        self._gauge_limit.set(self.limit)
+
+    def _adjust(self, permit: Permit, signal: Signal, latency_s: float | None) -> None:
+        return None
+
+
+class AimdLimiter(Limiter):
+    algorithm = "aimd"
+    USED = 0.8  # "actually used": the attempt started with the limit at least this full
+
+    def _adjust(self, permit: Permit, signal: Signal, latency_s: float | None) -> None:
+        if signal == Signal.OVERLOAD:
+            if permit.generation == self.generation:  # rule 2: once per round
+                self.limit = max(self.min, self.limit * self.backoff_ratio)
+                self.generation += 1
+                self.decreases += 1
+        elif signal == Signal.SUCCESS and permit.in_flight_at_start + 1 >= self.USED * self.limit:
+            self.limit = min(self.max, self.limit + 1.0 / self.limit)
+
+
+class GradientLimiter(AimdLimiter):
+    algorithm = "gradient"
+    TOLERANCE = 1.5  # latency may rise to 1.5x the baseline before the limit is cut
+    SMOOTHING = 0.2
+    LONG_WINDOW = 600  # samples in the baseline's exponential average
+    SHORT_WINDOW = 10
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._long_s: float | None = None
+        self._short_s: float | None = None
+
+    def _adjust(self, permit: Permit, signal: Signal, latency_s: float | None) -> None:
+        super()._adjust(permit, signal, latency_s)
+        if signal != Signal.SUCCESS or latency_s is None or latency_s <= 0:
+            return
+        self._short_s = _ema(self._short_s, latency_s, self.SHORT_WINDOW)
+        self._long_s = _ema(self._long_s, latency_s, self.LONG_WINDOW)
+        if self._long_s > self._short_s * 2:  # latency fell a lot: forget the old baseline
+            self._long_s = self._short_s
+        gradient = max(0.5, min(1.0, self.TOLERANCE * self._long_s / self._short_s))
+        target = self.limit * gradient + math.sqrt(self.limit)
+        smoothed = self.limit * (1 - self.SMOOTHING) + target * self.SMOOTHING
+        self.limit = min(self.max, max(self.min, min(smoothed, self.limit + 1.0 / self.limit)))
+
+
+def _ema(current: float | None, sample: float, window: int) -> float:
+    if current is None:
+        return sample
+    return current + (sample - current) * (2.0 / (window + 1))
+
+
+def make_limiter(name: str, config: int | dict[str, object]) -> Limiter:
+    """``consumer.concurrency``: an integer is a static limit; a mapping is adaptive."""
+    if isinstance(config, int):
+        return Limiter(name, config, config, config)
+    algorithm = str(config.get("algorithm", "aimd"))
+    cls = {"aimd": AimdLimiter, "gradient": GradientLimiter}[algorithm]
+    return cls(name, int(str(config["initial"])), int(str(config["min"])),
+               int(str(config["max"])), float(str(config["backoff_ratio"])))
