@@ -21,10 +21,13 @@ FAMILIES = ("source", "handler", "sink")
 
 _BUILTIN_MODULES = (
     "sluice.connectors.embedded",
+    "sluice.connectors.kafka",
     "sluice.handlers.python",
+    "sluice.handlers.http",
     "sluice.sinks.embedded",
     "sluice.sinks.http",
     "sluice.sinks.webhook",
+    "sluice.sinks.kafka",
 )
 
 
@@ -38,6 +41,7 @@ class BuildContext:
     pipeline_file: Path | None = None
     concurrency: int = 8
     ordering: str = "key"  # consumer.ordering (a source may keep keys in order itself)
+    source: Any = None  # the pipeline's source ComponentConfig (a sink may default to its broker)
 
 
 @dataclass(frozen=True)

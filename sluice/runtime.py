@@ -34,6 +34,7 @@ def context(config: PipelineConfig, data_dir: Path | None) -> registry.BuildCont
         pipeline_file=config.path,
         concurrency=config.consumer.concurrency,
         ordering=config.consumer.ordering,
+        source=config.source,
     )
 
 

@@ -82,7 +82,7 @@ def test_unknown_key_with_did_you_mean() -> None:
 def test_unknown_component_type_lists_known() -> None:
     (msg,) = issues(GOOD.replace("embedded: {queue: images}", "embeded: {queue: images}"))
     assert msg == ("p.yaml:3:3: source.embeded: unknown source type 'embeded' "
-                   "(did you mean 'embedded'?); known types: embedded")
+                   "(did you mean 'embedded'?); known types: embedded, kafka")
 
 
 def test_missing_required_key() -> None:
@@ -133,8 +133,9 @@ def test_two_components_in_one_slot() -> None:
     found = issues(GOOD.replace("embedded: {queue: images}",
                                 "embedded: {queue: images}\n  kafka2: {}"))
     assert found == [
-        "p.yaml:3:3: source: expected exactly one source type, one of: embedded",
-        "p.yaml:4:3: source.kafka2: unknown source type 'kafka2'; known types: embedded",
+        "p.yaml:3:3: source: expected exactly one source type, one of: embedded, kafka",
+        "p.yaml:4:3: source.kafka2: unknown source type 'kafka2' (did you mean 'kafka'?); "
+        "known types: embedded, kafka",
     ]
 
 

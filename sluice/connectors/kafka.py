@@ -1,0 +1,416 @@
+"""The Kafka source (confluent-kafka): a consumer group whose commits cover only finished work.
+
+Invariants:
+
+1. One thread, the poll thread, makes every call on the consumer (consume, commit, pause,
+   resume, close), and the rebalance callbacks run on it. The event loop never waits on Kafka:
+   it trades with the poll thread through a :class:`PartitionedBuffer` (one lock).
+2. The poll thread polls all the time, whether or not the consumer layer fetches, so the
+   member stays in its group (``max.poll.interval.ms``) while handlers run long.
+3. A consumed message is tracked (:mod:`sluice.consumer.offsets`) until it is acknowledged. A
+   partition's committed offset is its lowest unfinished offset: work finishing out of order is
+   never committed past unfinished work, so a crash loses nothing.
+4. Commits are asynchronous every ``commit_interval_ms``, synchronous on revocation and at close.
+5. ``retry_later`` keeps the delivery in memory (Kafka cannot requeue) and hands it out again
+   after the delay; its offset stays uncommitted meanwhile, so a crash redelivers it.
+6. On revocation, the partition's buffered and delayed deliveries are dropped (the next owner
+   reads them from the committed offset), its deliveries in flight get up to
+   ``revoke_timeout_s`` to finish, then the finished offsets are committed and the partition is
+   let go. A settlement for a partition no longer held (or held again, a new epoch) is ignored.
+7. Backpressure: a partition with ``max_uncommitted`` offsets tracked is paused, and resumed when
+   it is down to half; the poll thread goes on polling (rule 2).
+8. A task's id is the value of its ``task_id_header``, else ``topic/partition/offset``: the task
+   store claims by id, so a message redelivered after its task finished is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from sluice import registry
+from sluice.connectors import kafka_client as kc
+from sluice.connectors.base import Delivery
+from sluice.connectors.partitioned import PartitionedBuffer
+from sluice.consumer.offsets import Partition
+from sluice.errors import SourceError
+from sluice.spec import REQUIRED, Field, ObjectSpec
+
+log = logging.getLogger(__name__)
+
+POLL_TIMEOUT_S = 0.05  # one consume call; bounds how late a request or a stop is served
+
+CONFIG = ObjectSpec(
+    Field("brokers", "string", "Bootstrap brokers, host:port[,host:port...].", default=REQUIRED,
+          pattern=kc.BROKERS_PATTERN),
+    Field("topic", "string", "Topic to consume.", default=REQUIRED, pattern=kc.TOPIC_PATTERN),
+    Field("group", "string", "Consumer group id; default: sluice.<pipeline>.", default=None),
+    Field("task_id_header", "string", "Header whose value is the task id; a message without it "
+          "gets topic/partition/offset.", default="sluice-task-id"),
+    Field("content_type", "string", "Content type of a message without a content-type header.",
+          default="application/json"),
+    kc.create_topic_field("source"),
+    Field("auto_offset_reset", "string", "Where a group without a committed offset starts.",
+          default="earliest", enum=("earliest", "latest")),
+    Field("lease_s", "number", "How long a running task stays claimed in the task store unless "
+          "extended (every lease_s/3 while it runs); after a worker dies, its tasks run "
+          "elsewhere once this lapses.", default=30.0, exclusive_minimum=0),
+    Field("session_timeout_ms", "integer", "A member silent this long leaves the group and its "
+          "partitions move (the broker bounds it, by default 6000 to 300000).", default=10000,
+          minimum=1),
+    Field("heartbeat_interval_ms", "integer", "How often the member heartbeats; a rebalance "
+          "reaches it at its next heartbeat, so this bounds how fast partitions move.",
+          default=1000, minimum=1),
+    Field("max_poll_interval_ms", "integer", "Longest a rebalance may wait for this member.",
+          default=300000, minimum=1),
+    Field("max_poll_records", "integer", "Messages taken from the client per poll.",
+          default=500, minimum=1, maximum=100000),
+    Field("max_uncommitted", "integer", "Offsets tracked per partition (buffered, running, "
+          "waiting to retry, or finished after an unfinished one) before the partition is "
+          "paused.", default=5000, minimum=1),
+    Field("commit_interval_ms", "integer", "Commit finished offsets this often.", default=500,
+          minimum=1),
+    Field("revoke_timeout_s", "number", "On a rebalance, how long a revoked partition's work in "
+          "flight may take to finish before the partition is let go anyway.", default=15.0,
+          minimum=0),
+    Field("instance_id", "string", "Static group membership (group.instance.id): a restarted "
+          "worker with the same id takes its partitions back without a rebalance.",
+          default=None),
+    kc.extra_config_field(),
+)
+
+
+@dataclass(slots=True)
+class _Request:  # work the event loop asks of the poll thread
+    fn: Any
+    future: Future[Any]
+
+
+class KafkaSource:
+    """:class:`~sluice.connectors.base.Source` over one topic (see the module invariants)."""
+
+    def __init__(self, config: dict[str, Any], group: str) -> None:
+        self.cfg = config
+        self.brokers: str = config["brokers"]
+        self.topic: str = config["topic"]
+        self.group = group
+        self.lease_s = float(config["lease_s"])
+        self.buffer = PartitionedBuffer()
+        self._lock = threading.Lock()  # guards the requests to the poll thread
+        self._requests: deque[_Request] = deque()
+        self._poll_done = False
+        self._stopping = threading.Event()
+        self._closing = False
+        self._failure: BaseException | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-kafka")
+        self._consumer: Any = None
+        self._poller: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup = asyncio.Event()
+        self._last_commit = 0.0
+
+    # -- the event loop's side ------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._poller is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        await self._loop.run_in_executor(self._executor, self._open)
+        self._poller = self._loop.run_in_executor(self._executor, self._poll_forever)
+
+    async def fetch(self, max_n: int, wait_s: float) -> list[Delivery]:
+        deadline = time.monotonic() + wait_s
+        while True:
+            if self._failure is not None:
+                raise SourceError(f"kafka consumer of {self.topic!r} on {self.brokers} "
+                                  f"stopped: {self._failure}") from self._failure
+            self._wakeup.clear()
+            got, next_due = self.buffer.take(max_n)
+            if got:
+                return got
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            if next_due is not None:
+                remaining = min(remaining, max(next_due - time.monotonic(), 0.0))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        if deliveries:
+            self.buffer.ack(deliveries)
+
+    async def retry_later(self, deliveries: Sequence[tuple[Delivery, float]]) -> None:
+        if deliveries:
+            self.buffer.retry_later(deliveries)
+            self._wakeup.set()
+
+    async def extend(self, deliveries: Sequence[Delivery]) -> None:
+        return None  # a partition is ours while the member is in the group (rule 2)
+
+    async def pending(self) -> int:
+        """Messages not finished: tracked here (buffered, running, delayed) plus the lag of the
+        assigned partitions; 1 until the first assignment (the group is still forming)."""
+        if self._poller is None:
+            return 1
+        return int(await self._ask(self._count_pending))
+
+    async def close(self) -> None:
+        if self._poller is None:
+            self._executor.shutdown(wait=False)
+            return
+        self._stopping.set()
+        with contextlib.suppress(Exception):  # already logged by the poll thread
+            await self._poller
+        self._poller = None
+        self._executor.shutdown(wait=True)
+
+    def paused_partitions(self) -> list[Partition]:
+        """Partitions paused for backpressure (for tests and metrics)."""
+        return self.buffer.paused()
+
+    async def _ask(self, fn: Any) -> Any:
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._poll_done:
+                raise SourceError(f"the kafka source of {self.topic!r} is closed")
+            self._requests.append(_Request(fn, future))
+        return await asyncio.wrap_future(future)
+
+    def _wake_loop(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._wakeup.set)
+
+    # -- the poll thread ------------------------------------------------------------------
+
+    def _open(self) -> None:
+        ck = kc.confluent()
+        own = {
+            "group.id": self.group,
+            "partition.assignment.strategy": "cooperative-sticky",
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": self.cfg["auto_offset_reset"],
+            "session.timeout.ms": int(self.cfg["session_timeout_ms"]),
+            "heartbeat.interval.ms": int(self.cfg["heartbeat_interval_ms"]),
+            "max.poll.interval.ms": int(self.cfg["max_poll_interval_ms"]),
+            "on_commit": self._on_commit,
+        }
+        if self.cfg.get("instance_id"):
+            own["group.instance.id"] = self.cfg["instance_id"]
+        config = kc.client_config(self.brokers, self.cfg.get("config"), **own)
+        try:
+            self._consumer = ck.Consumer(config)
+        except ck.KafkaException as exc:
+            raise SourceError(f"kafka source for {self.topic!r}: bad client settings: "
+                              f"{exc}") from None
+        try:
+            kc.ensure_topic(self._consumer, self.brokers, self.topic, self.cfg.get("create_topic"),
+                            kc.client_config(self.brokers, self.cfg.get("config")))
+            self._consumer.subscribe([self.topic], on_assign=self._on_assign,
+                                     on_revoke=self._on_revoke, on_lost=self._on_lost)
+        except BaseException:
+            self._consumer.close()
+            raise
+        log.info("kafka source: consuming %s on %s as group %s", self.topic, self.brokers,
+                 self.group)
+
+    def _poll_forever(self) -> None:
+        consumer = self._consumer
+        batch = int(self.cfg["max_poll_records"])
+        interval_s = self.cfg["commit_interval_ms"] / 1e3
+        try:
+            while not self._stopping.is_set():
+                self._serve_requests()
+                self._backpressure()
+                messages = consumer.consume(batch, POLL_TIMEOUT_S)
+                if messages and self.buffer.accept(self._records(messages)):
+                    self._wake_loop()
+                if time.monotonic() - self._last_commit >= interval_s:
+                    self._commit(None, sync=False)
+            self._closing = True
+            self._commit(None, sync=True)
+        except BaseException as exc:
+            log.error("kafka source for %s stopped: %s", self.topic, exc)
+            self._failure = exc
+            self._wake_loop()
+            raise
+        finally:
+            self._closing = True
+            try:
+                consumer.close()  # revokes every partition (committing) and leaves the group
+            except Exception as exc:
+                log.warning("kafka source: closing the consumer: %s", exc)
+            with self._lock:
+                requests, self._requests = list(self._requests), deque()
+                self._poll_done = True
+            for req in requests:
+                req.future.set_exception(SourceError("the kafka source is closed"))
+
+    def _serve_requests(self) -> None:
+        while True:
+            with self._lock:
+                if not self._requests:
+                    return
+                req = self._requests.popleft()
+            try:
+                req.future.set_result(req.fn())
+            except Exception as exc:
+                req.future.set_exception(exc)
+
+    def _records(self, messages: list[Any]) -> list[tuple[Partition, int, Delivery]]:
+        ck = kc.confluent()
+        header = self.cfg["task_id_header"]
+        out: list[tuple[Partition, int, Delivery]] = []
+        for m in messages:
+            error = m.error()
+            if error is not None:
+                if error.fatal():
+                    raise ck.KafkaException(error)
+                if error.code() != ck.KafkaError._PARTITION_EOF:
+                    log.warning("kafka source %s: %s", self.topic, error)
+                continue
+            part: Partition = (m.topic(), m.partition())
+            offset = int(m.offset())
+            headers = kc.headers_dict(m.headers())
+            kind, stamp = m.timestamp()
+            raw_key = m.key()
+            out.append((part, offset, Delivery(
+                task_id=headers.get(header) or f"{part[0]}/{part[1]}/{offset}",
+                body=m.value() or b"",
+                content_type=headers.get("content-type", self.cfg["content_type"]),
+                key=None if raw_key is None else raw_key.decode("utf-8", errors="replace"),
+                partition=part[1],
+                headers=headers,
+                enqueued_at=stamp / 1000.0 if kind != ck.TIMESTAMP_NOT_AVAILABLE else None,
+            )))
+        return out
+
+    def _backpressure(self) -> None:
+        pause, resume = self.buffer.backpressure(int(self.cfg["max_uncommitted"]))
+        if pause:
+            self._consumer.pause(_tps(pause))
+            log.debug("kafka source: paused %s (max_uncommitted reached)", pause)
+        if resume:
+            self._consumer.resume(_tps(resume))
+            log.debug("kafka source: resumed %s", resume)
+
+    def _commit(self, parts: list[Partition] | None, *, sync: bool) -> None:
+        ck = kc.confluent()
+        self._last_commit = time.monotonic()
+        points = self.buffer.to_commit(parts)
+        if not points:
+            return
+        offsets = [ck.TopicPartition(t, p, o) for (t, p), o in points.items()]
+        try:
+            if sync:
+                self._on_commit(None, self._consumer.commit(offsets=offsets, asynchronous=False))
+            else:
+                self._consumer.commit(offsets=offsets, asynchronous=True)
+        except ck.KafkaException as exc:
+            log.warning("kafka source %s: commit of %s failed: %s", self.topic, points, exc)
+
+    def _on_commit(self, error: Any, partitions: list[Any]) -> None:
+        if error is not None:
+            ck = kc.confluent()
+            transient = error.code() in (ck.KafkaError.ILLEGAL_GENERATION,
+                                         ck.KafkaError.REBALANCE_IN_PROGRESS,
+                                         ck.KafkaError.UNKNOWN_MEMBER_ID)
+            log.log(logging.INFO if transient else logging.WARNING,
+                    "kafka source %s: commit refused (%s); the next commit covers it",
+                    self.topic, error)
+            return
+        for tp in partitions or []:
+            if tp.error is None and tp.offset >= 0:
+                self.buffer.confirm((tp.topic, tp.partition), tp.offset)
+
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        self.buffer.assign((tp.topic, tp.partition) for tp in partitions)
+        if partitions:
+            log.info("kafka source: assigned %s", _names(partitions))
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        self._let_go([(tp.topic, tp.partition) for tp in partitions], lost=False)
+
+    def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
+        self._let_go([(tp.topic, tp.partition) for tp in partitions], lost=True)
+
+    def _let_go(self, parts: list[Partition], *, lost: bool) -> None:
+        if not parts:
+            return
+        self.buffer.begin_revoke(parts)
+        wait_s = 0.0 if lost or self._closing else float(self.cfg["revoke_timeout_s"])
+        left = self.buffer.wait_settled(parts, wait_s)
+        if left and wait_s > 0:
+            log.warning("kafka source: letting go of %s with work still in flight %s (it "
+                        "finishes here; the next owner skips it once recorded)", parts, left)
+        paused = [p for p in parts if p in set(self.buffer.paused())]
+        if paused:  # let go of it unpaused: if it comes back, it is read again
+            self._consumer.resume(_tps(paused))
+        if not lost:
+            self._commit(parts, sync=True)
+        self.buffer.end_revoke(parts)
+        log.info("kafka source: %s %s", "lost" if lost else "revoked", parts)
+
+    def _count_pending(self) -> int:
+        if not self.buffer.assigned_once:
+            return 1
+        tracked, parts = self.buffer.unfinished()
+        return tracked + self._lag(parts)
+
+    def _lag(self, parts: list[Partition]) -> int:
+        if not parts:
+            return 0
+        ck = kc.confluent()
+        positions = self._consumer.position(_tps(parts))
+        unknown = [tp for tp in positions if tp.offset < 0]
+        committed = {(tp.topic, tp.partition): tp.offset for tp in
+                     (self._consumer.committed(unknown, timeout=kc.METADATA_TIMEOUT_S)
+                      if unknown else [])}
+        total = 0
+        for tp in positions:
+            # The client keeps the watermarks of every fetch response (for read_committed, the
+            # last stable offset); ask the broker only before the first one.
+            part = ck.TopicPartition(tp.topic, tp.partition)
+            low, high = self._consumer.get_watermark_offsets(part, cached=True)
+            if high < 0 or (low < 0 and tp.offset < 0):
+                low, high = self._consumer.get_watermark_offsets(
+                    part, timeout=kc.METADATA_TIMEOUT_S)
+            at = tp.offset if tp.offset >= 0 else committed.get((tp.topic, tp.partition), -1)
+            if at < 0:
+                at = low if self.cfg["auto_offset_reset"] == "earliest" else high
+            total += max(high - at, 0)
+        return total
+
+
+def _tps(parts: Sequence[Partition]) -> list[Any]:
+    ck = kc.confluent()
+    return [ck.TopicPartition(t, p) for t, p in parts]
+
+
+def _names(partitions: list[Any]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions)
+
+
+def build_source(config: dict[str, Any], ctx: registry.BuildContext) -> KafkaSource:
+    kc.confluent()  # a missing extra is reported when the pipeline is built, not at first use
+    return KafkaSource(config, config.get("group") or f"sluice.{ctx.pipeline}")
+
+
+registry.register(registry.ComponentSpec(
+    family="source",
+    name="kafka",
+    summary="An Apache Kafka topic, consumed by a consumer group (cooperative-sticky); commits "
+            "only offsets below which every message is finished.",
+    config=CONFIG,
+    factory=build_source,
+    extra="kafka",
+))

@@ -1,0 +1,141 @@
+"""What the Kafka source and sink share: the lazy import of confluent-kafka, client settings,
+and the topic check (a missing topic is a clear error, or created when asked).
+
+confluent-kafka is an optional dependency (``pip install 'sluice[kafka]'``): nothing here imports
+it at module import, so the schema and ``sluice connectors`` cover Kafka on every install.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from types import ModuleType
+from typing import Any
+
+from sluice.errors import MissingDependency, SourceError
+from sluice.spec import REQUIRED, Field, ObjectSpec
+
+log = logging.getLogger("sluice.kafka")
+
+METADATA_TIMEOUT_S = 10.0
+
+CREATE_TOPIC_SPEC = ObjectSpec(
+    Field("partitions", "integer", "Partitions of the topic to create.", default=REQUIRED,
+          minimum=1),
+    Field("replication_factor", "integer", "Replicas of each partition.", default=1, minimum=1),
+)
+
+BROKERS_PATTERN = r"^\s*[^,\s]+(\s*,\s*[^,\s]+)*\s*$"  # host:port, host:port ...
+TOPIC_PATTERN = r"^[A-Za-z0-9._-]{1,249}$"
+
+
+def create_topic_field(what: str) -> Field:
+    return Field("create_topic", "object", f"Create the {what} topic with these settings when "
+                 "it does not exist (without it, a missing topic is an error).",
+                 fields=CREATE_TOPIC_SPEC)
+
+
+def extra_config_field() -> Field:
+    return Field("config", "object", "Extra librdkafka properties (e.g. security.protocol, "
+                 "sasl.mechanisms); they override sluice's own settings.", default=None)
+
+
+def confluent() -> ModuleType:
+    """The confluent_kafka module, or :class:`MissingDependency` naming the ``kafka`` extra."""
+    try:
+        import confluent_kafka
+        import confluent_kafka.admin  # ck.admin below
+    except ImportError:
+        raise MissingDependency("confluent-kafka", "kafka") from None
+    return confluent_kafka
+
+
+def client_config(brokers: str, extra: Mapping[str, Any] | None, **own: Any) -> dict[str, Any]:
+    """sluice's settings for one client, then the user's ``config`` over them."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": ",".join(b.strip() for b in brokers.split(",")),
+        "error_cb": _log_error,
+        "logger": logging.getLogger("sluice.kafka.librdkafka"),
+        **own,
+    }
+    config.update(extra or {})
+    return config
+
+
+def _log_error(error: Any) -> None:
+    log.warning("kafka: %s", error)
+
+
+def wanted_partitions(create_topic: Mapping[str, Any] | None) -> int | None:
+    """``create_topic.partitions`` if creating was asked for (the spec fills in defaults, so an
+    absent ``create_topic`` has no ``partitions``)."""
+    if not create_topic or create_topic.get("partitions") is None:
+        return None
+    return int(create_topic["partitions"])
+
+
+def ensure_topic(client: Any, brokers: str, topic: str, create_topic: Mapping[str, Any] | None,
+                 admin_config: Mapping[str, Any]) -> int:
+    """Check that ``topic`` exists (creating it if ``create_topic`` says so); its partitions.
+
+    ``client`` is a Consumer or Producer (for metadata). Raises :class:`SourceError` naming the
+    topic and the brokers when the topic is missing or the brokers cannot be reached.
+    """
+    ck = confluent()
+    meta = _topic_metadata(client, brokers, topic)
+    if meta is not None:
+        return len(meta.partitions)
+    partitions = wanted_partitions(create_topic)
+    if partitions is None:
+        raise SourceError(
+            f"kafka topic {topic!r} does not exist on brokers {brokers}; create it, or set "
+            f"create_topic: {{partitions: N}} to have sluice create it")
+    assert create_topic is not None
+    admin = ck.admin.AdminClient(dict(admin_config))
+    new = ck.admin.NewTopic(topic, num_partitions=partitions,
+                            replication_factor=int(create_topic["replication_factor"]))
+    try:
+        admin.create_topics([new], operation_timeout=METADATA_TIMEOUT_S)[topic].result(
+            timeout=METADATA_TIMEOUT_S)
+        log.info("created kafka topic %s (%d partitions) on %s", topic, partitions, brokers)
+    except ck.KafkaException as exc:
+        error = exc.args[0] if exc.args else None
+        if getattr(error, "code", lambda: None)() != ck.KafkaError.TOPIC_ALREADY_EXISTS:
+            raise SourceError(f"cannot create kafka topic {topic!r} on brokers {brokers}: "
+                              f"{exc}") from None
+    deadline = time.monotonic() + METADATA_TIMEOUT_S
+    while time.monotonic() < deadline:  # metadata catches up with the creation
+        meta = _topic_metadata(client, brokers, topic)
+        if meta is not None and meta.partitions:
+            return len(meta.partitions)
+        time.sleep(0.1)
+    raise SourceError(f"kafka topic {topic!r} was created on brokers {brokers} but does not "
+                      f"show in their metadata after {METADATA_TIMEOUT_S:g}s")
+
+
+def _topic_metadata(client: Any, brokers: str, topic: str) -> Any:
+    ck = confluent()
+    try:
+        cluster = client.list_topics(topic, timeout=METADATA_TIMEOUT_S)
+    except ck.KafkaException as exc:
+        raise SourceError(f"cannot reach kafka brokers {brokers} (for topic {topic!r}): "
+                          f"{exc}") from None
+    meta = cluster.topics.get(topic)
+    if meta is None:
+        return None
+    if meta.error is not None:
+        if meta.error.code() in (ck.KafkaError.UNKNOWN_TOPIC_OR_PART,
+                                 ck.KafkaError.LEADER_NOT_AVAILABLE):
+            return None
+        raise SourceError(f"kafka topic {topic!r} on brokers {brokers}: {meta.error}")
+    return meta
+
+
+def headers_dict(raw: Any) -> dict[str, str]:
+    """Kafka record headers as text (a repeated header keeps its last value)."""
+    if not raw:
+        return {}
+    items = raw.items() if isinstance(raw, Mapping) else raw
+    return {str(k): (v.decode("utf-8", errors="replace") if isinstance(v, bytes) else
+                     "" if v is None else str(v)) for k, v in items}

@@ -1,0 +1,194 @@
+"""Sink to a Kafka topic: dead letters (``dead_letter: {kafka: {topic: jobs.dlq}}``) and results.
+
+Invariants:
+
+1. The producer is idempotent (``enable.idempotence=true``, so ``acks=all``): a retry inside the
+   client never writes a record twice, and records of one partition keep their order.
+2. ``send`` returns only when the broker has acknowledged every record of the batch, and raises
+   :class:`~sluice.errors.DeliveryError` if any failed (``permanent`` when retrying cannot
+   help: a record too large, a topic not allowed). As a dead letter, the consumer layer settles
+   the failed message only after the send returned, so its offset is committed only after the
+   broker acknowledged the dead letter. Under ``on_success``/``on_failure``, records go through
+   the pipeline's durable outbox first (:mod:`sluice.sinks.delivery`).
+3. One thread polls the producer (delivery reports); the event loop only enqueues records.
+4. The record keeps the task's key and headers, with ``sluice-task-id`` and ``content-type``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from sluice import registry
+from sluice.connectors import kafka_client as kc
+from sluice.connectors.base import SinkRecord
+from sluice.errors import DeliveryError, SourceError
+from sluice.sinks.http import DELIVERY_FIELDS
+from sluice.spec import REQUIRED, Field, ObjectSpec
+
+log = logging.getLogger(__name__)
+
+QUEUE_FULL_PAUSE_S = 0.005
+PERMANENT_ERRORS = ("MSG_SIZE_TOO_LARGE", "RECORD_LIST_TOO_LARGE", "INVALID_RECORD",
+                    "TOPIC_AUTHORIZATION_FAILED")
+
+CONFIG = ObjectSpec(
+    Field("topic", "string", "Topic to write records to.", default=REQUIRED,
+          pattern=kc.TOPIC_PATTERN),
+    Field("brokers", "string", "Bootstrap brokers; default: those of the pipeline's Kafka "
+          "source.", default=None, pattern=kc.BROKERS_PATTERN),
+    kc.create_topic_field("sink"),
+    Field("linger_ms", "integer", "How long the producer gathers records into one request.",
+          default=5, minimum=0),
+    Field("delivery_timeout_ms", "integer", "A record the broker has not acknowledged in this "
+          "time fails the send (it is retried later).", default=30000, minimum=1),
+    kc.extra_config_field(),
+    *DELIVERY_FIELDS,  # used under on_success / on_failure (the outbox's retries)
+)
+
+
+class KafkaSink:
+    """Writes records to one topic with an idempotent producer (see the invariants)."""
+
+    def __init__(self, config: dict[str, Any], brokers: str) -> None:
+        self.cfg = config
+        self.brokers = brokers
+        self.topic: str = config["topic"]
+        self._producer: Any = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-kafka-out")
+        self._starting = asyncio.Lock()
+        self._poller: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    async def start(self) -> None:
+        async with self._starting:
+            if self._producer is None:  # a failed start is tried again at the next send
+                await asyncio.get_running_loop().run_in_executor(self._executor, self._open)
+        if self._poller is None:
+            self._poller = threading.Thread(target=self._poll_forever, daemon=True,
+                                            name="sluice-kafka-out-poll")
+            self._poller.start()
+
+    def _open(self) -> None:
+        ck = kc.confluent()
+        own = {
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": int(self.cfg["linger_ms"]),
+            "delivery.timeout.ms": int(self.cfg["delivery_timeout_ms"]),
+            "allow.auto.create.topics": False,
+        }
+        try:
+            producer = ck.Producer(kc.client_config(self.brokers, self.cfg.get("config"), **own))
+        except ck.KafkaException as exc:
+            raise SourceError(f"kafka sink to {self.topic!r}: bad client settings: "
+                              f"{exc}") from None
+        kc.ensure_topic(producer, self.brokers, self.topic, self.cfg.get("create_topic"),
+                        kc.client_config(self.brokers, self.cfg.get("config")))
+        self._producer = producer
+
+    def _poll_forever(self) -> None:
+        while not self._stopping.is_set():
+            self._producer.poll(0.05)
+
+    async def send(self, records: Sequence[SinkRecord]) -> None:
+        if not records:
+            return
+        try:
+            await self.start()
+        except SourceError as exc:  # the topic or the brokers: may come right later
+            raise DeliveryError(str(exc)) from None
+        ck = kc.confluent()
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[None]] = []
+        for record in records:
+            future: asyncio.Future[None] = loop.create_future()
+            headers = {"content-type": record.content_type, **record.headers,
+                       "sluice-task-id": record.task_id}
+            while True:
+                try:
+                    self._producer.produce(
+                        self.topic, value=record.body, key=record.key,
+                        headers=[(k, v.encode()) for k, v in headers.items()],
+                        on_delivery=_reporter(loop, future))
+                    break
+                except BufferError:  # the client's queue is full: let it drain
+                    await asyncio.sleep(QUEUE_FULL_PAUSE_S)
+                except ck.KafkaException as exc:
+                    future.set_exception(_delivery_error(exc.args[0] if exc.args else exc))
+                    break
+            futures.append(future)
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            first = failed[0]
+            raise DeliveryError(
+                f"kafka sink to {self.topic!r} on {self.brokers}: {len(failed)} of "
+                f"{len(records)} record(s) not acknowledged: {first}",
+                permanent=all(isinstance(f, DeliveryError) and f.permanent for f in failed))
+
+    async def close(self) -> None:
+        if self._producer is not None:
+            remaining = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self._producer.flush, 10.0)
+            if remaining:
+                log.warning("kafka sink %s: %d record(s) not delivered at close", self.topic,
+                            remaining)
+        self._stopping.set()
+        if self._poller is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._poller.join)
+        self._executor.shutdown(wait=False)
+
+
+def _reporter(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> Any:
+    def report(error: Any, _message: Any) -> None:
+        loop.call_soon_threadsafe(_resolve, future, error)
+
+    return report
+
+
+def _resolve(future: asyncio.Future[None], error: Any) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(_delivery_error(error))
+
+
+def _delivery_error(error: Any) -> DeliveryError:
+    """A KafkaError as a DeliveryError; permanent when the broker would refuse it again."""
+    ck = kc.confluent()
+    permanent = {getattr(ck.KafkaError, name) for name in PERMANENT_ERRORS}
+    code = error.code() if isinstance(error, ck.KafkaError) else None
+    return DeliveryError(str(error), permanent=code in permanent)
+
+
+def sink_brokers(config: dict[str, Any], ctx: registry.BuildContext) -> str:
+    if config.get("brokers"):
+        return str(config["brokers"])
+    source = ctx.source
+    if source is not None and source.type == "kafka":
+        return str(source.config["brokers"])
+    raise SourceError(f"pipeline {ctx.pipeline!r}: the kafka sink to {config['topic']!r} needs "
+                      "brokers: the pipeline's source is not kafka, so set brokers: host:port")
+
+
+def build_sink(config: dict[str, Any], ctx: registry.BuildContext) -> KafkaSink:
+    kc.confluent()
+    return KafkaSink(config, sink_brokers(config, ctx))
+
+
+registry.register(registry.ComponentSpec(
+    family="sink",
+    name="kafka",
+    summary="A Kafka topic, written by an idempotent producer; a send returns once the broker "
+            "acknowledged every record.",
+    config=CONFIG,
+    factory=build_sink,
+    extra="kafka",
+))

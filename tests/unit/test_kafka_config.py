@@ -1,0 +1,69 @@
+"""Kafka components without a broker: their keys, and the missing extra."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from sluice.config.load import parse_pipeline
+from sluice.connectors import kafka_client
+from sluice.connectors.kafka import CONFIG
+from sluice.errors import ConfigError, MissingDependency
+
+PIPELINE = """
+name: images
+source:
+  kafka: {{brokers: "{brokers}", topic: images{extra}}}
+handler: {{python: "tests.helpers.handlers:echo"}}
+dead_letter: {{kafka: {{topic: images.dlq}}}}
+"""
+
+
+def test_defaults_and_no_topic_creation_unless_asked() -> None:
+    config = parse_pipeline(PIPELINE.format(brokers="localhost:9092", extra=""))
+    source = config.source.config
+    assert (source["group"], source["task_id_header"], source["auto_offset_reset"]) == (
+        None, "sluice-task-id", "earliest")
+    assert kafka_client.wanted_partitions(source["create_topic"]) is None
+    created = CONFIG.apply_defaults({"brokers": "b:1", "topic": "t",
+                                     "create_topic": {"partitions": 6}})
+    assert created["create_topic"] == {"partitions": 6, "replication_factor": 1}
+    assert kafka_client.wanted_partitions(created["create_topic"]) == 6
+
+
+def test_bad_keys_are_reported_with_their_place() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_pipeline(PIPELINE.format(brokers="a:1,,b:2",
+                                       extra=", create_topic: {}, max_poll_records: 0"), "p.yaml")
+    found = [str(i) for i in caught.value.issues]
+    assert any(i.startswith("p.yaml:4:") and "source.kafka.brokers: expected a string "
+               "matching" in i for i in found), found
+    assert any("source.kafka.create_topic: missing required key 'partitions'" in i
+               for i in found), found
+    assert any("source.kafka.max_poll_records: expected an integer >= 1 <= 100000, got 0" in i
+               for i in found), found
+
+
+def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "confluent_kafka", None)  # import fails
+    with pytest.raises(MissingDependency, match=r"pip install 'sluice\[kafka\]'"):
+        kafka_client.confluent()
+    from sluice.connectors.kafka import build_source
+    from sluice.registry import BuildContext
+
+    with pytest.raises(MissingDependency):
+        build_source(CONFIG.apply_defaults({"brokers": "b:1", "topic": "t"}),
+                     BuildContext("images"))
+
+
+def test_headers_as_text() -> None:
+    assert kafka_client.headers_dict([("a", b"1"), ("b", None), ("a", b"2")]) == {
+        "a": "2", "b": ""}
+    assert kafka_client.headers_dict(None) == {}
+
+
+def test_brokers_may_have_spaces() -> None:
+    config = parse_pipeline(PIPELINE.format(brokers="a:1, b:2", extra=""))
+    assert kafka_client.client_config(config.source.config["brokers"], None)[
+        "bootstrap.servers"] == "a:1,b:2"
