@@ -21,7 +21,15 @@ import click
 from rich.table import Table
 
 from sluice import registry
-from sluice.cli_common import data_dir_option, fail, guarded, load_all, out, setup_logging
+from sluice.cli_common import (
+    data_dir_option,
+    fail,
+    guarded,
+    load_all,
+    out,
+    run_async,
+    setup_logging,
+)
 from sluice.cli_tasks import pipelines, submit, tasks
 from sluice.config.load import load_pipeline, schema_text
 from sluice.errors import ConfigError
@@ -106,7 +114,7 @@ def run(files: Sequence[Path], data_dir: Path, concurrency: int | None, drain: b
             log.info("%s: %d succeeded, %d failed, %d retried, %d skipped as already done",
                      lp.config.name, s.succeeded, s.failed, s.retried, s.skipped)
 
-    asyncio.run(main())
+    guarded(lambda: run_async(main()), code=1)
 
 
 async def _progress(loops: Sequence[Any], log: logging.Logger, every_s: float = 10.0) -> None:
@@ -200,8 +208,9 @@ def serve(files: Sequence[Path], host: str, port: int, data_dir: Path, workers: 
     keys = guarded(lambda: KeyRing.load(auth_file)) if auth_file else None
     guarded(lambda: check_bind(host, keys, insecure))
     try:
-        asyncio.run(serve_forever(configs, data_dir, host=host, port=port, keys=keys,
-                                  workers=workers, max_body_bytes=max_body_bytes))
+        guarded(lambda: run_async(serve_forever(
+            configs, data_dir, host=host, port=port, keys=keys, workers=workers,
+            max_body_bytes=max_body_bytes)), code=1)
     except OSError as exc:
         fail(f"cannot serve on {host}:{port}: {exc.strerror or exc}")
 

@@ -41,7 +41,8 @@ from sluice.tasks.store import TaskRecord
 
 log = logging.getLogger(__name__)
 
-OPENAPI_FILE = Path(__file__).resolve().parents[2] / "schemas" / "openapi.yaml"
+# Shipped inside the package (schemas/openapi.yaml in the repository links here).
+OPENAPI_FILE = Path(__file__).resolve().parent / "openapi.yaml"
 TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+=/-]{0,199}$")
 MAX_DELAY_S = 366 * 86400.0
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
