@@ -16,6 +16,9 @@ Invariants:
    ``hold_s``.
 3. Waiting tasks hold no concurrency permit, but count against the fetch budget with the
    running ones, so memory stays bounded.
+4. A retry that holds its lane is due back from the source at a known time; from then on the
+   loop may fetch for it even when waiting tasks fill the budget (``due_retries``), else the
+   tasks behind it would wait for it while it waits for room to be fetched.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class _Lane(Generic[T]):
     waiting: deque[T] = field(default_factory=deque)
     held_by: str | None = None  # the task id running, or retrying, in this lane
     hold_expires: float = 0.0  # time.monotonic(); only for a lane held by a retry
+    retry_due: float = 0.0  # time.monotonic() when that retry is visible again at the source
 
 
 class Dispatcher(Generic[T]):
@@ -66,7 +70,7 @@ class Dispatcher(Generic[T]):
             return True
         if lane.held_by is None or lane.held_by == task_id or (
                 lane.hold_expires and time.monotonic() > lane.hold_expires):
-            lane.held_by, lane.hold_expires = task_id, 0.0
+            lane.held_by, lane.hold_expires, lane.retry_due = task_id, 0.0, 0.0
             return True
         lane.waiting.append(item)
         self.waiting += 1
@@ -81,12 +85,18 @@ class Dispatcher(Generic[T]):
         if lane is None or lane.held_by != task_id:
             return []
         if retrying and self.hold_retries:
-            lane.hold_expires = time.monotonic() + retry_in_s + self.hold_s
+            lane.retry_due = time.monotonic() + retry_in_s
+            lane.hold_expires = lane.retry_due + self.hold_s
             return []
         return self._advance(lane_id, lane)
 
+    def due_retries(self) -> int:
+        """How many lanes wait for a retry that is due back from the source now (rule 4)."""
+        now = time.monotonic()
+        return sum(1 for lane in self._lanes.values() if lane.retry_due and now >= lane.retry_due)
+
     def _advance(self, lane_id: Hashable, lane: _Lane[T]) -> list[T]:
-        lane.held_by, lane.hold_expires = None, 0.0
+        lane.held_by, lane.hold_expires, lane.retry_due = None, 0.0, 0.0
         if not lane.waiting:
             del self._lanes[lane_id]
             return []

@@ -149,7 +149,10 @@ class ConsumerLoop:
         if self.limiter.held_for_s() > 0:
             return 0
         capacity = 2 * math.floor(self.limiter.limit)
-        return capacity - len(self._running) - len(self._ready) - self.dispatcher.waiting
+        free = capacity - len(self._running) - len(self._ready) - self.dispatcher.waiting
+        # Room for every retry that holds its lane and is due, whatever waits behind it
+        # (rule 4 of the dispatcher): sources hand out due redeliveries before new messages.
+        return max(free, self.dispatcher.due_retries())
 
     async def _fetch_until(self, stop: asyncio.Event, drain: bool) -> None:
         stop_wait = asyncio.create_task(stop.wait())

@@ -5,7 +5,8 @@ What a source must do inside the consumer layer:
 - deliver every message, each task run once;
 - redeliver a message whose attempt failed (nack), until it succeeds;
 - send a task that fails for good to the dead letter, with the reason;
-- keep a key's messages in order under ``ordering: key`` (a retry included);
+- keep a key's messages in order under ``ordering: key`` (a retry included), and a
+  partition's under ``ordering: partition``, however many wait behind a retry;
 - hold back while the pipeline is paused (the layer does not fetch), then deliver all of it;
 - lose nothing when a worker process is SIGKILLed mid-task (at-least-once);
 - lose nothing when a second worker joins and then leaves (rebalance).
@@ -136,6 +137,19 @@ async def test_order_per_key(connector: Connector, data_dir: Path, run_log: str)
         starts = [e[1] for e in log if e[0] == "start" and e[1] in set(wanted)]
         assert starts == sorted(starts)  # the retry ran again before anything behind it
     assert await state_counts(data_dir) == {"SUCCEEDED": 200}
+
+
+async def test_a_retry_holding_its_lane_comes_back_when_waiters_fill_the_budget(
+        connector: Connector, data_dir: Path, run_log: str) -> None:
+    # ordering: partition, concurrency 1 (fetch budget 2), one key (one partition): the first
+    # message fails once; while its retry is delayed, the messages behind it fill the budget.
+    # The retry must still be fetched when due (the lane waits for it), and order must hold.
+    sent = [Item(f"r{i:03d}", {"fail_until": 2, "retry_delay_s": 0.5} if i == 0 else {},
+                 key="one") for i in range(6)]
+    connector.publish(sent)
+    await drain(make_loop(connector, data_dir, concurrency=1, ordering="partition"))
+    assert [e[1] for e in read_log(run_log) if e[0] == "done"] == [i.task_id for i in sent]
+    assert await state_counts(data_dir) == {"SUCCEEDED": 6}
 
 
 async def test_paused_pipeline_holds_back_then_delivers_all(connector: Connector,
