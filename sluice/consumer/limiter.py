@@ -101,7 +101,8 @@ class AimdLimiter(Limiter):
                 self.limit = max(self.min, self.limit * self.backoff_ratio)
                 self.generation += 1
                 self.decreases += 1
-        elif signal == Signal.SUCCESS and permit.in_flight_at_start + 1 >= self.USED * self.limit:
+        elif (signal == Signal.SUCCESS
+              and permit.in_flight_at_start + 1 >= self.USED * math.floor(self.limit)):
             self.limit = min(self.max, self.limit + 1.0 / self.limit)
 
 
