@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -110,6 +110,20 @@ class Dispatcher(Generic[T]):
         for lane_id, lane in list(self._lanes.items()):
             if lane.hold_expires and now > lane.hold_expires:
                 out.extend(self._advance(lane_id, lane))
+        return out
+
+    def waiting_items(self) -> list[T]:
+        return [item for lane in self._lanes.values() for item in lane.waiting]
+
+    def remove_waiting(self, keep: Callable[[T], bool]) -> list[T]:
+        """Take out every waiting item for which ``keep`` is false; return them."""
+        out: list[T] = []
+        for lane in self._lanes.values():
+            gone = [item for item in lane.waiting if not keep(item)]
+            if gone:
+                lane.waiting = deque(item for item in lane.waiting if keep(item))
+                out.extend(gone)
+        self.waiting -= len(out)
         return out
 
     def drop_waiting(self) -> list[T]:

@@ -447,21 +447,44 @@ class ConsumerLoop:
     # -- leases ---------------------------------------------------------------------------
 
     async def _heartbeat_forever(self) -> None:
+        """Extend the source's leases of every delivery held here, and the store's lease of
+        every task claimed here: running, ready, or waiting in its lane (a task that waits
+        behind its key must not be taken over meanwhile). A task whose store lease was lost
+        (another worker took it over) is cancelled if running, else dropped unrun."""
         interval = max(self.source.lease_s / 3.0, 0.05)
         while True:
             await asyncio.sleep(interval)
             held = list(self._held.values())
             if not held:
                 continue
-            running = [d.task_id for d in self._running.values()]
+            claimed = ([d.task_id for d in self._running.values()]
+                       + [d.task_id for d, _ in self._ready]
+                       + [d.task_id for d, _ in self.dispatcher.waiting_items()])
             try:
                 await self.source.extend(held)
-                lost = await self.store.extend(self.config.name, running, self.owner,
+                lost = await self.store.extend(self.config.name, claimed, self.owner,
                                                self.source.lease_s, time.time())
-                for task_id in lost:
-                    self.cancel_attempt(task_id)
             except Exception:
                 log.exception("extending leases failed; will try again")
+                continue
+            if lost:
+                await self._drop_lost(set(lost))
+
+    async def _drop_lost(self, lost: set[str]) -> None:
+        for task_id in lost:
+            self.cancel_attempt(task_id)
+        unstarted = [d for d, _ in self._ready if d.task_id in lost]
+        self._ready = deque(item for item in self._ready if item[0].task_id not in lost)
+        unstarted += [d for d, _ in self.dispatcher.remove_waiting(
+            lambda item: item[0].task_id not in lost)]
+        if not unstarted:
+            return
+        log.warning("%d task(s) waiting here were taken over by another worker; dropped "
+                    "unrun", len(unstarted))
+        await self.source.retry_later([(d, 0.0) for d in unstarted])
+        for d in unstarted:
+            self._held.pop(id(d), None)
+        self._slot_freed.set()
 
     async def _finish_in_flight(self) -> None:
         unstarted = [d for d, _ in self._ready] + [d for d, _ in self.dispatcher.drop_waiting()]
