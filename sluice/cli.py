@@ -122,8 +122,8 @@ async def _progress(loops: Sequence[Any], log: logging.Logger, every_s: float = 
         await asyncio.sleep(every_s)
         for lp in loops:
             s = lp.stats
-            log.info("%s: in flight %d, succeeded %d, failed %d, retried %d", lp.config.name,
-                     s.in_flight, s.succeeded, s.failed, s.retried)
+            log.info("%s: %s; succeeded %d, failed %d, retried %d", lp.config.name,
+                     lp.limiter.status(), s.succeeded, s.failed, s.retried)
 
 
 # -- connectors and schema --------------------------------------------------------------------

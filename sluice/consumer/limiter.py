@@ -64,11 +64,21 @@ class Limiter:
         self._gauge_limit = metrics.LIMIT.labels(name)
         self._gauge_limit.set(self.limit)
         self._signals = {s: metrics.LIMIT_SIGNALS.labels(name, str(s)) for s in Signal}
+        self._gauge_in_flight = metrics.IN_FLIGHT.labels(name)
+        self.signal_counts = dict.fromkeys(Signal, 0)
 
     def available(self) -> int:
         if time.monotonic() < self.hold_until:
             return 0
         return max(math.floor(self.limit) - self.in_flight, 0)
+
+    def status(self) -> str:
+        """One line for ``sluice run``'s status: limit, in flight, signals, hold."""
+        line = (f"limit {self.limit:.1f} ({self.algorithm}), in flight {self.in_flight}, "
+                f"overloads {self.signal_counts[Signal.OVERLOAD]}, "
+                f"cuts {self.decreases}")
+        held = self.held_for_s()
+        return line + (f", held {held:.1f}s (Retry-After)" if held else "")
 
     def held_for_s(self) -> float:
         return max(self.hold_until - time.monotonic(), 0.0)
@@ -76,12 +86,15 @@ class Limiter:
     def take(self) -> Permit:
         permit = Permit(self.generation, self.in_flight, time.monotonic())
         self.in_flight += 1
+        self._gauge_in_flight.set(self.in_flight)
         return permit
 
     def give_back(self, permit: Permit, signal: Signal, retry_after_s: float | None = None,
                   latency_s: float | None = None) -> None:
         self.in_flight -= 1
+        self._gauge_in_flight.set(self.in_flight)
         self._signals[signal].inc()
+        self.signal_counts[signal] += 1
         if retry_after_s:
             self.hold_until = max(self.hold_until, time.monotonic() + retry_after_s)
         self._adjust(permit, signal, latency_s)

@@ -353,7 +353,6 @@ async def metrics_endpoint(request: web.Request) -> web.Response:
         metrics.PAUSED.labels(name).set(int(await gw.store.is_paused(name)))
     for name, loop in gw.loops.items():
         metrics.QUEUE_DEPTH.labels(name).set(await loop.source.pending())
-        metrics.IN_FLIGHT.labels(name).set(loop.stats.in_flight)
     body = generate_latest(metrics.REGISTRY)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -23,6 +23,7 @@ from sluice.connectors.embedded import QueuedMessage
 from sluice.datadir import Database
 from sluice.handlers.http import HttpHandler
 from sluice.message import Message
+from sluice.metrics import REGISTRY
 from sluice.runtime import build
 from sluice.tasks.sqlite import SqliteTaskStore
 from sluice.tasks.state import TaskState
@@ -191,6 +192,12 @@ async def test_a_pipeline_backs_off_on_429_and_holds_for_retry_after(
     loop = build(parse_pipeline(PIPELINE.format(url=f"{base}/fn")), data_dir)
     await asyncio.wait_for(loop.run(asyncio.Event(), drain=True), 30)
     assert loop.limiter.decreases == 1
+    overloads = REGISTRY.get_sample_value("sluice_limit_signals_total",
+                                          {"pipeline": "thumbs", "signal": "overload"})
+    assert overloads is not None and overloads >= 1
+    assert REGISTRY.get_sample_value("sluice_concurrency_limit", {"pipeline": "thumbs"}) == \
+        loop.limiter.limit
+    assert "overloads 1, cuts 1" in loop.limiter.status()  # sluice run's status line
     # Nothing was sent for a second after the 429 (one call at a time: concurrency initial 1).
     assert fn.arrivals[1] - fn.arrivals[0] >= 0.95
     assert len(fn.arrivals) == 7  # six tasks, one of them twice
