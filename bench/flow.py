@@ -1,0 +1,380 @@
+"""Benchmark: the consumer layer's flow control. Writes bench/results/flow.json and, for the
+AIMD run, bench/results/aimd.png (limit and goodput over time).
+
+key_order
+    A handler that sleeps 20 ms, ``ordering: key``, 10,000 keys, 20,000 messages on a 4-partition
+    Kafka topic (``SLUICE_KAFKA_BROKERS``, default 127.0.0.1:9092; ``--key-source embedded`` runs
+    it on the embedded queue instead). The sequential baseline, one message at a time per
+    partition, is 4 / 20 ms = 200 msg/s. The handler checks every message: its key's messages
+    must run one at a time, in the order sent. ``speedup`` = msgs_per_s / 200.
+
+aimd
+    sluice calls an HTTP function (bench/backend.py, in its own process) that serves at most C
+    requests at once, each taking ``--service-ms``, and answers 429 above C. C is 64, then 32,
+    then 128, each for ``--phase-s``. The same run with AIMD (the default backoff_ratio 0.5),
+    AIMD with backoff_ratio 0.9, the gradient limiter, and static limits of 16 and 200.
+    - goodput_share: requests served / what C allowed (sum over phases of C / service time ×
+      phase length);
+    - rejected_share: 429s / all requests the function received;
+    - settle_s: per step, seconds from the step until every later one-second window of that
+      phase serves >= 90% of the new ideal with <= 5% 429s (the phase length if never);
+      the JSON gives each step and the worst.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench import handlers
+from sluice.cli_common import run_async
+from sluice.config.load import parse_pipeline
+from sluice.connectors import embedded
+from sluice.datadir import Database
+from sluice.runtime import build, run_pipelines
+
+RESULTS = Path(__file__).parent / "results"
+BROKERS = os.environ.get("SLUICE_KAFKA_BROKERS", "127.0.0.1:9092")
+
+KEY_PIPELINE = """
+name: key-order
+source: {source}
+handler: {{python: "bench.handlers:ordered_sleep"}}
+consumer: {{concurrency: {concurrency}, ordering: key, timeout_s: 30}}
+"""
+
+AIMD_PIPELINE = """
+name: aimd-{name}
+source: {{embedded: {{queue: aimd}}}}
+handler: {{http: {{url: "{url}", timeout_s: 10}}}}
+consumer:
+  concurrency: {concurrency}
+  ordering: unordered
+  timeout_s: 10
+  retry: {{max_attempts: 1000, initial_backoff_s: 0.02, max_backoff_s: 0.2, max_age_s: 3600}}
+"""
+
+CONFIGS: dict[str, str] = {
+    "aimd": "{initial: 16, min: 1, max: 400}",
+    "aimd_backoff_0.9": "{initial: 16, min: 1, max: 400, backoff_ratio: 0.9}",
+    "gradient": "{initial: 16, min: 1, max: 400, algorithm: gradient}",
+    "static_16": "16",
+    "static_200": "200",
+}
+
+
+# -- key_order --------------------------------------------------------------------------------
+
+def produce_keyed(topic: str, keys: int, per_key: int) -> None:
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.cimpl import NewTopic
+
+    admin = AdminClient({"bootstrap.servers": BROKERS})
+    admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])[topic].result()
+    producer = Producer({"bootstrap.servers": BROKERS, "linger.ms": 20, "acks": "all"})
+    for seq in range(per_key):
+        for k in range(keys):
+            producer.produce(topic, json.dumps({"seq": seq}).encode(), key=f"key-{k:05d}")
+            producer.poll(0)
+    producer.flush(60)
+
+
+def delete_topic(topic: str) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    with contextlib.suppress(Exception):
+        AdminClient({"bootstrap.servers": BROKERS}).delete_topics([topic])[topic].result(30)
+
+
+async def key_order(source_kind: str, keys: int, per_key: int, concurrency: int,
+                    work: Path) -> dict[str, Any]:
+    total = keys * per_key
+    handlers.KEY_SEEN.clear()
+    handlers.ORDER_VIOLATIONS.clear()
+    data_dir = work / "key-order"
+    topic = f"bench-keys-{uuid.uuid4().hex[:8]}"
+    if source_kind == "kafka":
+        produce_keyed(topic, keys, per_key)
+        source = (f"{{kafka: {{brokers: '{BROKERS}', topic: {topic}, group: {topic}}}}}")
+    else:
+        db = Database.open(data_dir)
+        msgs = [embedded.QueuedMessage(f"{k}-{seq}", json.dumps({"seq": seq}).encode(),
+                                       key=f"key-{k:05d}")
+                for seq in range(per_key) for k in range(keys)]
+        embedded.submit(db, "key-order", "default", "keys", msgs)
+        source = "{embedded: {queue: keys}}"
+    loop = build(parse_pipeline(KEY_PIPELINE.format(source=source, concurrency=concurrency)),
+                 data_dir)
+    stop = asyncio.Event()
+    running = asyncio.create_task(run_pipelines([loop], stop))
+    started = time.perf_counter()
+    first_start: float | None = None
+    while loop.stats.succeeded < total:
+        if running.done():
+            running.result()
+            raise RuntimeError("the pipeline stopped early")
+        if first_start is None and loop.limiter.in_flight:
+            first_start = time.perf_counter()
+        await asyncio.sleep(0.002 if first_start is None else 0.02)
+    finished = time.perf_counter()
+    elapsed = finished - (first_start or started)
+    stop.set()
+    await running
+    if source_kind == "kafka":
+        delete_topic(topic)
+    rate = total / elapsed
+    baseline = 4 / 0.020
+    return {
+        "source": (f"kafka topic, 4 partitions ({BROKERS})" if source_kind == "kafka"
+                   else "embedded queue (key order kept by the queue itself)"),
+        "messages": total, "keys": keys, "handler_sleep_ms": 20,
+        "concurrency": concurrency,
+        "startup_s": round((first_start or started) - started, 2),
+        "elapsed_s": round(elapsed, 2),
+        "msgs_per_s": round(rate, 1),
+        "msgs_per_s_with_startup": round(total / (finished - started), 1),
+        "measured": "from the first message started to the last finished; startup_s (the "
+                    "consumer joining its group, first fetch) is before that",
+        "baseline_msgs_per_s": baseline,
+        "speedup": round(rate / baseline, 1),
+        "order_violations": len(handlers.ORDER_VIOLATIONS),
+        "keys_seen": len(handlers.KEY_SEEN),
+        "target_speedup": ">= 50",
+    }
+
+
+# -- aimd -------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_for_backend(url: str) -> None:
+    deadline = time.monotonic() + 20
+    async with aiohttp.ClientSession() as http:
+        while True:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with http.get(f"{url}/stats") as resp:
+                    if resp.status == 200:
+                        return
+            if time.monotonic() > deadline:
+                raise RuntimeError("the backend simulator did not start")
+            await asyncio.sleep(0.1)
+
+
+async def aimd_run(name: str, concurrency: str, phases: list[int], phase_s: float,
+                   service_s: float, work: Path) -> dict[str, Any]:
+    port = free_port()
+    backend = subprocess.Popen(
+        [sys.executable, "-m", "bench.backend", "--port", str(port), "--capacity",
+         str(phases[0]), "--service-ms", str(service_s * 1000)],
+        stdout=subprocess.DEVNULL, cwd=Path(__file__).parent.parent)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await wait_for_backend(base)
+        data_dir = work / f"aimd-{name}"
+        db = Database.open(data_dir)
+        # Enough work that the function is never short of it: the most C allows, plus a margin.
+        needed = int(sum(c / service_s * phase_s for c in phases) * 1.3) + 1000
+        body = b'{"n": 0}'
+        for start in range(0, needed, 20_000):
+            embedded.submit(db, f"aimd-{name}", "default", "aimd",
+                            [embedded.QueuedMessage(f"t{i}", body)
+                             for i in range(start, min(start + 20_000, needed))])
+        text = AIMD_PIPELINE.format(name=name, url=f"{base}/fn", concurrency=concurrency)
+        loop = build(parse_pipeline(text), data_dir)
+        stop = asyncio.Event()
+        running = asyncio.create_task(run_pipelines([loop], stop))
+        timeline: list[dict[str, float]] = []
+        started = time.monotonic()
+        async with aiohttp.ClientSession() as http:
+            for index, capacity in enumerate(phases):
+                if index:
+                    async with http.post(f"{base}/control", json={"capacity": capacity}):
+                        pass
+                phase_end = started + phase_s * (index + 1)
+                while time.monotonic() < phase_end:
+                    timeline.append({"t": round(time.monotonic() - started, 2),
+                                     "limit": round(loop.limiter.limit, 2),
+                                     "in_flight": loop.limiter.in_flight,
+                                     "capacity": capacity})
+                    await asyncio.sleep(0.1)
+            async with http.get(f"{base}/stats") as resp:
+                stats = await resp.json()
+        stop.set()
+        await running
+    finally:
+        backend.terminate()
+        backend.wait(10)
+    return summarize(name, concurrency, phases, phase_s, service_s, started, stats, timeline)
+
+
+def summarize(name: str, concurrency: str, phases: list[int], phase_s: float, service_s: float,
+              started_mono: float, stats: dict[str, Any],
+              timeline: list[dict[str, float]]) -> dict[str, Any]:
+    history = stats["history"]  # one entry per wall-clock second: served, rejected, capacity
+    # Align the backend's per-second windows with the phases: drop the first and the last
+    # (partial) seconds, then cut by capacity.
+    windows = history[1:]
+    served = sum(w["served"] for w in windows)
+    rejected = sum(w["rejected"] for w in windows)
+    seconds_by_phase: list[list[dict[str, float]]] = []
+    current: list[dict[str, float]] = []
+    last_capacity = None
+    for w in windows:
+        if last_capacity is not None and w["capacity"] != last_capacity:
+            seconds_by_phase.append(current)
+            current = []
+        current.append(w)
+        last_capacity = w["capacity"]
+    seconds_by_phase.append(current)
+    ideal = sum(w["capacity"] / service_s for w in windows)
+    settle: list[float] = []
+    for phase in seconds_by_phase[1:]:
+        cap = phase[0]["capacity"] if phase else 0
+        settled_at = float(len(phase))
+        for i in range(len(phase)):
+            rest = phase[i:]
+            if all(w["served"] >= 0.9 * cap / service_s
+                   and w["rejected"] <= 0.05 * max(w["served"] + w["rejected"], 1)
+                   for w in rest):
+                settled_at = float(i)
+                break
+        settle.append(settled_at)
+    return {
+        "concurrency": concurrency,
+        "goodput_share": round(served / ideal, 3) if ideal else 0.0,
+        "rejected_share": round(rejected / max(served + rejected, 1), 4),
+        "settle_s": max(settle) if settle else None,
+        "settle_s_per_step": settle,
+        "served": served, "rejected": rejected, "ideal": round(ideal),
+        "max_in_flight_at_function": stats["max_in_flight"],
+        "timeline": timeline,
+        "per_second": windows,
+    }
+
+
+def plot(run: dict[str, Any], service_s: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tl = run["timeline"]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    top.plot([p["t"] for p in tl], [p["limit"] for p in tl], label="AIMD limit")
+    top.plot([p["t"] for p in tl], [p["capacity"] for p in tl], "--", label="capacity C")
+    top.set_ylabel("concurrency")
+    top.legend(loc="upper left")
+    per_s = run["per_second"]
+    xs = list(range(len(per_s)))
+    bottom.plot(xs, [w["served"] for w in per_s], label="served/s (goodput)")
+    bottom.plot(xs, [w["capacity"] / service_s for w in per_s], "--",
+                label="ideal C / service time")
+    bottom.plot(xs, [w["rejected"] for w in per_s], label="429s/s")
+    bottom.set_xlabel("seconds")
+    bottom.set_ylabel("requests/s")
+    bottom.legend(loc="upper left")
+    fig.suptitle("sluice AIMD against a function of capacity 64 → 32 → 128")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+# -- main -------------------------------------------------------------------------------------
+
+def kafka_reachable() -> bool:
+    host, _, port = BROKERS.split(",")[0].rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="sluice-flow-"))
+    try:
+        result: dict[str, Any] = {
+            "benchmark": "flow",
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                        "platform": platform.platform()},
+        }
+        if "key_order" in args.only:
+            source = args.key_source or ("kafka" if kafka_reachable() else "embedded")
+            result["key_order"] = await key_order(source, args.keys, 2, args.key_concurrency,
+                                                  work)
+            print(json.dumps(result["key_order"], indent=2), flush=True)
+        if "aimd" in args.only:
+            phases = [64, 32, 128]
+            service_s = args.service_ms / 1000
+            runs: dict[str, Any] = {}
+            for name, concurrency in CONFIGS.items():
+                runs[name] = await aimd_run(name, concurrency, phases, args.phase_s, service_s,
+                                            work)
+                brief = {k: v for k, v in runs[name].items()
+                         if k not in ("timeline", "per_second")}
+                print(name, json.dumps(brief), flush=True)
+            plot(runs["aimd"], service_s, RESULTS / "aimd.png")
+            aimd = {k: v for k, v in runs["aimd"].items()}
+            aimd.update({
+                "function": {"capacity_steps": phases, "phase_s": args.phase_s,
+                             "service_ms": args.service_ms},
+                "settle_definition": "seconds from a step until every later 1-s window of "
+                                     "the phase serves >= 90% of C/service time with <= 5% "
+                                     "429s",
+                "targets": {"goodput_share": ">= 0.95", "rejected_share": "<= 0.03",
+                            "settle_s": "<= 10"},
+            })
+            result["aimd"] = aimd
+            for name, run in runs.items():
+                if name != "aimd":
+                    result[name] = {k: v for k, v in run.items() if k != "per_second"}
+            for run in result.values():
+                if isinstance(run, dict):
+                    run.pop("timeline", None)
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", default=["key_order", "aimd"],
+                        choices=["key_order", "aimd"])
+    parser.add_argument("--keys", type=int, default=10_000, help="key_order: keys (2 msgs each)")
+    parser.add_argument("--key-concurrency", type=int, default=1000)
+    parser.add_argument("--key-source", choices=["kafka", "embedded"], default=None)
+    parser.add_argument("--phase-s", type=float, default=20.0, help="aimd: seconds per C")
+    parser.add_argument("--service-ms", type=float, default=100.0)
+    args = parser.parse_args()
+    result = run_async(main_async(args))  # uvloop, as `sluice run` uses
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "flow.json"
+    if out.exists() and len(args.only) < 2:  # keep the other half of an earlier run
+        earlier = json.loads(out.read_text())
+        earlier.update(result)
+        result = earlier
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
