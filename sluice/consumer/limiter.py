@@ -8,7 +8,12 @@ AIMD (``algorithm: aimd``), as TCP congestion control:
 
 1. Additive increase: each success adds ``1 / limit``, so the limit grows by one per round of
    ``limit`` successes, and only while the limit is actually used (the attempt started with
-   the limit full, or nearly): an idle pool does not inflate its limit.
+   the limit full, or nearly): an idle pool does not inflate its limit. Until the first
+   overload signal the limiter is in slow start, as TCP is: each used success adds one, so
+   the limit doubles per round while it looks for the backend's capacity. Past the limit of
+   the last cut (the capacity the backend had then) the increase per round doubles each round
+   (at most a quarter of the limit), as CUBIC probes: capacity that grew is found in a few
+   rounds, while below that point growth stays one per round.
 2. Multiplicative decrease: an overload signal (HTTP 429/503, a timeout, ``Overloaded``)
    multiplies the limit by ``backoff_ratio``, at most once per round: a signal from an attempt
    that started before the last decrease is already accounted for (the burst of 429s that one
@@ -108,15 +113,33 @@ class AimdLimiter(Limiter):
     algorithm = "aimd"
     USED = 0.8  # "actually used": the attempt started with the limit at least this full
 
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.slow_start = True  # until the first overload signal (rule 1)
+        self.last_max = 0.0  # the limit when it was last cut
+        self._per_round = 1.0  # the increase per round in congestion avoidance
+        self._round_successes = 0
+
     def _adjust(self, permit: Permit, signal: Signal, latency_s: float | None) -> None:
         if signal == Signal.OVERLOAD:
             if permit.generation == self.generation:  # rule 2: once per round
+                self.last_max = self.limit
                 self.limit = max(self.min, self.limit * self.backoff_ratio)
                 self.generation += 1
                 self.decreases += 1
+                self.slow_start = False
+                self._per_round, self._round_successes = 1.0, 0
         elif (signal == Signal.SUCCESS
               and permit.in_flight_at_start + 1 >= self.USED * math.floor(self.limit)):
-            self.limit = min(self.max, self.limit + 1.0 / self.limit)
+            if self.slow_start:
+                self.limit = min(self.max, self.limit + 1.0)
+                return
+            self.limit = min(self.max, self.limit + self._per_round / self.limit)
+            self._round_successes += 1
+            if self._round_successes >= math.floor(self.limit):  # a round ended
+                self._round_successes = 0
+                self._per_round = (min(self._per_round * 2, max(1.0, self.limit / 4))
+                                   if self.limit > self.last_max else 1.0)
 
 
 class GradientLimiter(AimdLimiter):
@@ -127,7 +150,7 @@ class GradientLimiter(AimdLimiter):
     SHORT_WINDOW = 10
 
     def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        super().__init__(*args, **kwargs)
         self._long_s: float | None = None
         self._short_s: float | None = None
 
@@ -140,6 +163,8 @@ class GradientLimiter(AimdLimiter):
         if self._long_s > self._short_s * 2:  # latency fell a lot: forget the old baseline
             self._long_s = self._short_s
         gradient = max(0.5, min(1.0, self.TOLERANCE * self._long_s / self._short_s))
+        if gradient < 1.0:
+            self.slow_start = False  # latency rising is the signal slow start looks for
         target = self.limit * gradient + math.sqrt(self.limit)
         smoothed = self.limit * (1 - self.SMOOTHING) + target * self.SMOOTHING
         self.limit = min(self.max, max(self.min, min(smoothed, self.limit + 1.0 / self.limit)))

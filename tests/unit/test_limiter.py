@@ -50,10 +50,26 @@ def burst(lim: Limiter, signal: Signal) -> None:
         lim.give_back(p, signal)
 
 
-def test_aimd_grows_by_one_per_round_while_the_limit_is_used(clock: Clock) -> None:
-    lim = AimdLimiter("grow", initial=10, minimum=1, maximum=100)
-    rounds(lim, 5)
-    assert 14.5 <= lim.limit <= 15.5
+def test_aimd_doubles_per_round_in_slow_start_then_grows_by_one(clock: Clock) -> None:
+    lim = AimdLimiter("grow", initial=10, minimum=1, maximum=1000)
+    rounds(lim, 3)  # slow start: no overload seen yet
+    assert lim.limit >= 25  # +1 per used success: far more than +1 per round
+    burst(lim, Signal.OVERLOAD)  # the first overload ends slow start
+    assert not lim.slow_start
+    cut = lim.limit
+    rounds(lim, 5)  # below the limit of the cut: one per round
+    assert cut + 4.5 <= lim.limit <= cut + 5.5
+
+
+def test_aimd_probes_faster_past_the_limit_of_its_last_cut(clock: Clock) -> None:
+    lim = AimdLimiter("probe", initial=40, minimum=1, maximum=1000, backoff_ratio=0.5)
+    lim.slow_start = False
+    burst(lim, Signal.OVERLOAD)  # cut at 40: the backend took 40 then
+    assert (lim.last_max, lim.limit) == (40, 20)
+    rounds(lim, 20)  # 20 → 40, one per round
+    assert lim.limit == pytest.approx(40, abs=1)
+    rounds(lim, 6)  # past 40: the backend may have grown; the increase doubles per round
+    assert lim.limit > 40 + 6 * 3
 
 
 def test_aimd_does_not_grow_while_idle(clock: Clock) -> None:
@@ -82,6 +98,7 @@ def test_a_plain_error_does_not_change_the_limit(clock: Clock) -> None:
 
 def test_bounds_hold(clock: Clock) -> None:
     lim = AimdLimiter("bounds", initial=4, minimum=3, maximum=5, backoff_ratio=0.1)
+    lim.slow_start = False
     burst(lim, Signal.OVERLOAD)
     assert lim.limit == 3
     rounds(lim, 50)
@@ -110,6 +127,7 @@ def test_static_never_moves(clock: Clock) -> None:
 
 def test_gradient_settles_as_latency_rises_without_errors(clock: Clock) -> None:
     lim = GradientLimiter("grad", initial=20, minimum=1, maximum=1000)
+    lim.slow_start = False
     rounds(lim, 30, latency_s=0.02)  # the no-load baseline: 20 ms; the limit grows while used
     grown = lim.limit
     assert grown > 40
