@@ -123,15 +123,20 @@ def _submit_local(pipeline: str, files: Sequence[Path], bodies: list[bytes],
     if config is None:
         fail(f"no pipeline named {pipeline!r} in {', '.join(map(str, files))}; "
              f"found: {', '.join(c.name for c in configs) or 'none'}")
-    if config.source.type != "embedded":
+    if config.source.type not in ("embedded", "kafka"):
         fail(f"submit to a {config.source.type!r} source is not supported yet; "
-             "only the embedded queue")
+             "only the embedded queue and kafka")
+    if delay_s and config.source.type == "kafka":
+        fail("--delay-s: a kafka source has no delayed delivery; submit without it")
     queue = config.source.config.get("queue") or config.name
     messages = [embedded.QueuedMessage(task_id or embedded.new_task_id(), body, key=key)
                 for body in bodies]
     db = Database.open(data_dir)
-    created = guarded(lambda: embedded.submit(db, config.name, config.tenant, queue, messages,
-                                              delay_s=delay_s))
+    if config.source.type == "kafka":
+        created = guarded(lambda: asyncio.run(_submit_kafka(db, config, messages)), code=1)
+    else:
+        created = guarded(lambda: embedded.submit(db, config.name, config.tenant, queue,
+                                                  messages, delay_s=delay_s))
     refused = False
     for message, record in zip(messages, created, strict=True):
         if record is None:
@@ -144,6 +149,19 @@ def _submit_local(pipeline: str, files: Sequence[Path], bodies: list[bytes],
         else:
             click.echo(message.task_id)
     sys.exit(2 if refused else 0)
+
+
+async def _submit_kafka(db: Any, config: Any, messages: list[Any]) -> list[Any]:
+    """Create the tasks, then produce their messages to the pipeline's topic."""
+    from sluice.connectors.embedded import Submission
+    from sluice.connectors.kafka_submit import KafkaSubmitter
+
+    submitter = KafkaSubmitter(db, config)
+    try:
+        return await submitter.submit([Submission(config.name, config.tenant, "", m)
+                                       for m in messages])
+    finally:
+        await submitter.close()
 
 
 # -- tasks ----------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sluice import metrics
 from sluice.config.model import PipelineConfig
 from sluice.connectors import embedded
+from sluice.connectors.embedded import Submission
+from sluice.connectors.kafka_submit import KafkaSubmitter
 from sluice.consumer.loop import ConsumerLoop
 from sluice.errors import IllegalTransition, SourceError, TaskNotFound
 from sluice.gateway import problems
@@ -60,6 +62,23 @@ class Gateway:
     keys: KeyRing | None = None
     loops: dict[str, ConsumerLoop] = field(default_factory=dict)
     max_body_bytes: int = 1 << 20
+    kafka_submitters: dict[str, KafkaSubmitter] = field(default_factory=dict)
+
+    async def submit(self, config: PipelineConfig, item: Submission) -> TaskRecord | None:
+        """Create the task and queue its message on the pipeline's source."""
+        if config.source.type == "embedded":
+            return await self.batcher.submit(item)
+        submitter = self.kafka_submitters.get(config.name)
+        if submitter is None:
+            submitter = self.kafka_submitters[config.name] = KafkaSubmitter(
+                self.batcher.db, config)
+        (created,) = await submitter.submit([item])
+        return created
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        for submitter in self.kafka_submitters.values():
+            await submitter.close()
 
     def visible(self, who: Principal, name: str) -> PipelineConfig | None:
         config = self.pipelines.get(name)
@@ -136,13 +155,15 @@ def principal(request: web.Request) -> Principal:
 
 # -- submit ---------------------------------------------------------------------------------
 
+SUBMITTABLE = ("embedded", "kafka")  # sources a task can be submitted to (HTTP and CLI)
+
 async def submit_task(request: web.Request, pipeline: str | None = None) -> web.Response:
     gw = request.app[GATEWAY]
     name = pipeline or request.match_info["pipeline"]
     config = gw.visible(principal(request), name)
     if config is None:
         return problems.not_found(f"no pipeline named {name!r}")
-    if config.source.type != "embedded":
+    if config.source.type not in SUBMITTABLE:
         return problems.problem(501, "not-implemented", "Not implemented",
                                 f"submitting to a {config.source.type!r} source over HTTP is "
                                 "not supported yet")
@@ -163,6 +184,10 @@ async def submit_task(request: web.Request, pipeline: str | None = None) -> web.
             metrics.SUBMITS.labels(name, "invalid").inc()
             return problems.bad_request(f"header Delay-S: expected a number of seconds from 0 "
                                         f"to {MAX_DELAY_S:.0f}, got {raw[:40]!r}")
+        if delay_s and config.source.type == "kafka":
+            metrics.SUBMITS.labels(name, "invalid").inc()
+            return problems.bad_request("header Delay-S: a kafka source has no delayed "
+                                        "delivery; submit without Delay-S")
     content_type = request.headers.get("Content-Type", "application/octet-stream")
     body = await request.read()
     if is_json(content_type):
@@ -177,7 +202,7 @@ async def submit_task(request: web.Request, pipeline: str | None = None) -> web.
     queue = config.source.config.get("queue") or config.name
     item = embedded.Submission(config.name, config.tenant, queue, message, delay_s, time.time())
     try:
-        created = await gw.batcher.submit(item)
+        created = await gw.submit(config, item)
     except SourceError as exc:
         metrics.SUBMITS.labels(name, "unavailable").inc()
         return problems.unavailable(f"the queue is unavailable; nothing was submitted: {exc}")

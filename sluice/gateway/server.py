@@ -81,7 +81,7 @@ async def serve(configs: Sequence[PipelineConfig], data_dir: Path, *, host: str,
         log.info("stopping: no new requests; finishing tasks in flight")
     finally:
         await runner.cleanup()  # stops accepting, waits for requests in progress
-        await gateway.batcher.close()
+        await gateway.close()
         worker_stop.set()
         if running is not None:
             await running

@@ -1,0 +1,82 @@
+"""Submitting tasks to a pipeline whose source is a Kafka topic (``sluice submit``, the HTTP
+trigger): the task is created in the store (``QUEUED``), then its message is produced to the
+source topic with the task id in the ``sluice-task-id`` header, so the worker that consumes it
+claims that same task.
+
+Invariants:
+
+1. A submit succeeds only once the broker acknowledged the message (idempotent producer,
+   ``acks=all``); a 202 means the task is in the topic.
+2. A task id already used in the pipeline is refused before anything is produced.
+3. If the produce fails, the tasks it created are removed again (still ``QUEUED``, never
+   seen by a worker), so the client may submit the same task id again. A crash between the
+   store write and the produce leaves a ``QUEUED`` task with no message: it is reported with
+   its state, and may be cancelled.
+4. Kafka has no delayed visibility: a delay is refused (the HTTP API answers 400).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from sluice.config.model import PipelineConfig
+from sluice.connectors.base import SinkRecord
+from sluice.connectors.embedded import Submission
+from sluice.datadir import Database
+from sluice.errors import DeliveryError, SourceError
+from sluice.sinks.kafka import KafkaSink
+from sluice.tasks.sqlite import create_in
+from sluice.tasks.store import NewTask, TaskRecord
+
+HEADER = "sluice-task-id"
+
+
+class KafkaSubmitter:
+    """Submits to one Kafka-sourced pipeline (see the invariants)."""
+
+    def __init__(self, db: Database, config: PipelineConfig) -> None:
+        source = config.source.config
+        if source.get("task_id_header", HEADER) != HEADER:
+            raise SourceError(f"pipeline {config.name!r}: submitting needs the source's "
+                              f"task_id_header to be {HEADER!r}, it is "
+                              f"{source['task_id_header']!r}")
+        self.db = db
+        self.config = config
+        self.sink = KafkaSink({"topic": source["topic"], "linger_ms": 1,
+                               "delivery_timeout_ms": 30000, "config": source.get("config")},
+                              str(source["brokers"]))
+
+    async def submit(self, items: Sequence[Submission]) -> list[TaskRecord | None]:
+        """The created tasks; ``None`` where the task id was already used."""
+        if any(item.delay_s for item in items):
+            raise SourceError("a kafka source has no delayed delivery: submit without a delay")
+        now = time.time()
+
+        def create(conn: sqlite3.Connection) -> list[TaskRecord | None]:
+            return [create_in(conn, i.pipeline, i.tenant,
+                              [NewTask(i.message.task_id, i.message.key, i.received_at)], now)[0]
+                    for i in items]
+
+        created = await self.db.run(create)
+        records = [SinkRecord(i.message.task_id, i.message.body, i.message.content_type,
+                              i.message.key, dict(i.message.headers or {}))
+                   for i, rec in zip(items, created, strict=True) if rec is not None]
+        try:
+            await self.sink.send(records)
+        except DeliveryError as exc:
+            ids = [r.task_id for r in records]
+            await self.db.run(lambda conn: _forget(conn, self.config.name, ids))
+            raise SourceError(f"kafka topic {self.sink.topic!r} on {self.sink.brokers}: "
+                              f"{exc}") from None
+        return created
+
+    async def close(self) -> None:
+        await self.sink.close()
+
+
+def _forget(conn: sqlite3.Connection, pipeline: str, task_ids: Sequence[str]) -> Any:
+    conn.executemany("DELETE FROM tasks WHERE pipeline = ? AND task_id = ? AND state = 'QUEUED'",
+                     [(pipeline, t) for t in task_ids])
