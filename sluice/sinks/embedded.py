@@ -22,6 +22,8 @@ CONFIG = ObjectSpec(
 class EmbeddedSink:
     """Puts records on an embedded queue (dead letters; a pipeline can consume them)."""
 
+    takes_batches = True  # one transaction for the whole batch
+
     def __init__(self, db: Database, queue: str) -> None:
         self.db = db
         self.queue = queue

@@ -1,0 +1,271 @@
+"""Benchmark: Kafka → no-op handler → Kafka, against the practical limit and against Faust.
+
+Each system gets its own input topic (6 partitions) holding the same N messages of 200 bytes
+(default N = 1,000,000), and its own output topic; each runs as its own process, started on a
+topic already full:
+
+- ``sluice``: ``sluice run`` of a pipeline with a kafka source, ``bench.handlers:noop`` and a
+  kafka ``on_success`` destination (the result record of each task, through the outbox), with
+  task tracking as configured by default (every task recorded in the SQLite task store);
+- ``raw_loop``: a Python loop on confluent-kafka: consume 500, produce each, commit
+  asynchronously (no tracking, no retries: the practical limit of Python on this client);
+- ``faust``: a faust-streaming agent forwarding each value to the output topic.
+
+Throughput = N / (process start → the output topic holds N records); the time to the first
+output record (group join, first fetch) is reported too. Writes bench/results/kafka.json.
+Brokers: ``SLUICE_KAFKA_BROKERS`` (default 127.0.0.1:9092; start it with
+``scripts/services start kafka``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results" / "kafka.json"
+BROKERS = os.environ.get("SLUICE_KAFKA_BROKERS", "127.0.0.1:9092")
+PARTITIONS = 6
+
+PIPELINE = """
+name: kbench
+source: {{kafka: {{brokers: "{brokers}", topic: {topic}, group: {group}}}}}
+handler: {{python: "bench.handlers:noop"}}
+consumer: {{concurrency: {concurrency}, ordering: unordered}}
+on_success:
+  - kafka: {{topic: {out}}}
+"""
+
+RAW_LOOP = """
+import os, signal, sys
+from confluent_kafka import Consumer, Producer
+running = True
+def stop(*_):
+    global running
+    running = False
+signal.signal(signal.SIGTERM, stop)
+c = Consumer({"bootstrap.servers": os.environ["BROKERS"], "group.id": os.environ["GROUP"],
+              "auto.offset.reset": "earliest", "enable.auto.commit": False})
+p = Producer({"bootstrap.servers": os.environ["BROKERS"], "linger.ms": 5,
+              "enable.idempotence": True})
+c.subscribe([os.environ["IN"]])
+out = os.environ["OUT"]
+while running:
+    batch = c.consume(500, 0.2)
+    for m in batch:
+        if m.error():
+            continue
+        while True:
+            try:
+                p.produce(out, m.value(), m.key())
+                break
+            except BufferError:
+                p.poll(0.01)
+    p.poll(0)
+    if batch:
+        c.commit(asynchronous=True)
+p.flush(30)
+c.close()
+"""
+
+FAUST_APP = """
+import os
+import faust
+
+app = faust.App(os.environ["GROUP"], broker="kafka://" + os.environ["BROKERS"],
+                topic_partitions=6, store="memory://", web_enabled=False,
+                consumer_auto_offset_reset="earliest", producer_linger_ms=5)
+source = app.topic(os.environ["IN"], value_type=bytes, value_serializer="raw",
+                   key_type=bytes, key_serializer="raw")
+out = app.topic(os.environ["OUT"], value_type=bytes, value_serializer="raw",
+                key_type=bytes, key_serializer="raw")
+
+
+@app.agent(source)
+async def forward(stream):
+    async for value in stream:
+        await out.send(value=value)
+
+
+if __name__ == "__main__":
+    app.main()
+"""
+
+
+_ADMIN: list[AdminClient] = []
+
+
+def admin() -> AdminClient:
+    """One client for the run (a client dropped while a request is out cancels it)."""
+    if not _ADMIN:
+        _ADMIN.append(AdminClient({"bootstrap.servers": BROKERS}))
+    return _ADMIN[0]
+
+
+def create(topic: str) -> None:
+    admin().create_topics([NewTopic(topic, num_partitions=PARTITIONS,
+                                    replication_factor=1)])[topic].result(60)
+
+
+def fill(topic: str, n: int, size: int) -> None:
+    producer = Producer({"bootstrap.servers": BROKERS, "linger.ms": 20,
+                         "batch.size": 1_000_000, "enable.idempotence": True})
+    payload = json.dumps({"pad": "x" * (size - 11)}).encode()[:size]
+    for i in range(n):
+        while True:
+            try:
+                producer.produce(topic, payload, key=str(i).encode())
+                break
+            except BufferError:
+                producer.poll(0.05)
+        if i % 10_000 == 0:
+            producer.poll(0)
+    if producer.flush(120):
+        raise RuntimeError(f"filling {topic}: messages left unsent")
+
+
+def count(topic: str, consumer: Consumer) -> int:
+    total = 0
+    for p in range(PARTITIONS):
+        _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+        total += high
+    return total
+
+
+def measure(name: str, cmd: list[str], env: dict[str, str], out: str, n: int,
+            timeout_s: float, log: Path) -> dict[str, Any]:
+    watcher = Consumer({"bootstrap.servers": BROKERS, "group.id": f"watch-{uuid.uuid4().hex}"})
+    with log.open("w") as log_file:
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=log_file,
+                                start_new_session=True)
+        first: float | None = None
+        done = 0
+        try:
+            while True:
+                done = count(out, watcher)
+                now = time.perf_counter()
+                if done and first is None:
+                    first = now
+                if done >= n:
+                    break
+                if proc.poll() is not None:
+                    return {"error": f"exited with {proc.returncode}; see {log.name}: "
+                                     + log.read_text()[-800:]}
+                if now - started > timeout_s:
+                    return {"error": f"timed out after {timeout_s:g}s with {done} of {n}"}
+                time.sleep(0.25)
+            elapsed = time.perf_counter() - started
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+            watcher.close()
+    result = {"msgs_per_s": round(n / elapsed, 1), "elapsed_s": round(elapsed, 2),
+              "first_output_s": round((first or started) - started, 2),
+              "output_records": done}
+    print(f"{name}: {json.dumps(result)}", flush=True)
+    return result
+
+
+def run_one(name: str, n: int, size: int, work: Path, timeout_s: float,
+            concurrency: int) -> dict[str, Any]:
+    tag = uuid.uuid4().hex[:8]
+    src, out, group = f"bench-{name}-in-{tag}", f"bench-{name}-out-{tag}", f"bench-{name}-{tag}"
+    create(src)
+    create(out)
+    try:
+        t0 = time.perf_counter()
+        fill(src, n, size)
+        print(f"{name}: filled {src} with {n:,} messages in {time.perf_counter() - t0:.1f}s",
+              flush=True)
+        env = dict(os.environ, BROKERS=BROKERS, IN=src, OUT=out, GROUP=group,
+                   PYTHONPATH=str(ROOT))
+        if name == "sluice":
+            file = work / "kbench.yaml"
+            file.write_text(PIPELINE.format(brokers=BROKERS, topic=src, group=group, out=out,
+                                            concurrency=concurrency))
+            cmd = [sys.executable, "-m", "sluice.cli", "run", str(file), "--data-dir",
+                   str(work / "data"), "--log-level", "warning"]
+        elif name == "raw_loop":
+            cmd = [sys.executable, "-c", RAW_LOOP]
+        else:
+            app = work / "faust_bench.py"
+            app.write_text(textwrap.dedent(FAUST_APP))
+            cmd = [sys.executable, str(app), "worker", "-l", "warn", "--without-web"]
+        return measure(name, cmd, env, out, n, timeout_s, work / f"{name}.log")
+    finally:
+        with contextlib.suppress(Exception):
+            for future in admin().delete_topics([src, out], operation_timeout=30).values():
+                future.result(60)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=1_000_000)
+    parser.add_argument("--size", type=int, default=200, help="message bytes")
+    parser.add_argument("--timeout-s", type=float, default=900.0, help="per system")
+    parser.add_argument("--concurrency", type=int, default=256,
+                        help="sluice's consumer.concurrency (a no-op handler)")
+    parser.add_argument("--only", nargs="+", default=["raw_loop", "sluice", "faust"],
+                        choices=["raw_loop", "sluice", "faust"])
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="sluice-kbench-"))
+    try:
+        rows = {name: run_one(name, args.messages, args.size, work / name, args.timeout_s,
+                              args.concurrency)
+                for name in args.only if (work / name).mkdir() is None}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def rate(name: str) -> float | None:
+        value = rows.get(name, {}).get("msgs_per_s")
+        return float(value) if value else None
+
+    sluice, raw, faust = rate("sluice"), rate("raw_loop"), rate("faust")
+    result = {
+        "benchmark": "kafka",
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "broker": f"Apache Kafka 4.3.1 (scripts/services) at {BROKERS}",
+        "messages": args.messages, "message_bytes": args.size, "partitions": PARTITIONS,
+        "sluice_msgs_per_s": sluice, "raw_loop_msgs_per_s": raw, "faust_msgs_per_s": faust,
+        "ratio_vs_raw": round(sluice / raw, 3) if sluice and raw else None,
+        "ratio_vs_faust": round(sluice / faust, 3) if sluice and faust else None,
+        "sluice_config": {"concurrency": args.concurrency, "ordering": "unordered",
+                          "tracking": "every task recorded in the SQLite task store (the "
+                                      "default; a pipeline cannot turn it down yet)",
+                          "results": "on_success kafka: one CloudEvent result record per "
+                                     "task, through the durable outbox"},
+        "rows": rows,
+        "targets": {"ratio_vs_raw": ">= 0.7", "ratio_vs_faust": ">= 3"},
+    }
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
