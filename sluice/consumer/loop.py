@@ -2,8 +2,10 @@
 
 Invariants, in the order they happen to a message:
 
-1. Fetch only as many deliveries as there are free slots (``concurrency`` minus tasks in
-   flight): a full layer stops fetching, which is the backpressure to the source.
+1. Hold at most twice the concurrency limit of deliveries (running, ready, waiting in an
+   ordering lane, or finished and not yet recorded), and fetch only what fits: a full layer
+   stops fetching, which is the backpressure to the source. (A retry that holds its lane may
+   come back beyond that: rule 4 of the dispatcher.)
 2. Claim every fetched task in the task store before running it. A task already final is
    settled (acknowledged) without running; one RUNNING under another live lease is handed back
    to the source until that lease ends; a PAUSED one is held back. Only a successful claim runs.
@@ -145,11 +147,12 @@ class ConsumerLoop:
 
     def _fetch_budget(self) -> int:
         """How many deliveries to fetch now (rule 1): none while a Retry-After holds; else up
-        to twice the limit, minus what is running, ready or waiting in a lane."""
+        to twice the limit, minus every delivery held here (running, ready, waiting in a lane,
+        or finished and waiting to be recorded): what a worker holds never passes 2 x limit."""
         if self.limiter.held_for_s() > 0:
             return 0
         capacity = 2 * math.floor(self.limiter.limit)
-        free = capacity - len(self._running) - len(self._ready) - self.dispatcher.waiting
+        free = capacity - len(self._held)
         # Room for every retry that holds its lane and is due, whatever waits behind it
         # (rule 4 of the dispatcher): sources hand out due redeliveries before new messages.
         return max(free, self.dispatcher.due_retries())
