@@ -2,10 +2,10 @@
 
 Invariants, in the order they happen to a message:
 
-1. Hold at most twice the concurrency limit of deliveries (running, ready, waiting in an
-   ordering lane, or finished and not yet recorded), and fetch only what fits: a full layer
-   stops fetching, which is the backpressure to the source. (A retry that holds its lane may
-   come back beyond that: rule 4 of the dispatcher.)
+1. Hold at most ``HELD_PER_SLOT`` (3) times the concurrency limit of deliveries (running,
+   ready, waiting in an ordering lane, or finished and not yet recorded); fetch only what
+   fits: a full layer stops fetching, which is the backpressure to the source. (A retry that
+   holds its lane may come back beyond that: rule 4 of the dispatcher.)
 2. Claim every fetched task in the task store before running it. A task already final is
    settled (acknowledged) without running; one RUNNING under another live lease is handed back
    to the source until that lease ends; a PAUSED one is held back. Only a successful claim runs.
@@ -63,6 +63,9 @@ PAUSE_RECHECK_S = 0.25  # how often a paused pipeline's workers look whether it 
 FLUSH_ERROR_PAUSE_S = 0.5
 DEAD_LETTER_RETRY_S = 5.0
 FETCH_WAIT_S = 0.25  # how long one fetch waits for work; bounds how late a stop is noticed
+# Deliveries held per slot of the limit (rule 1): one running, one ready or waiting in its
+# lane, one finished and waiting for its group commit.
+HELD_PER_SLOT = 3
 
 
 @dataclass(slots=True)
@@ -147,11 +150,11 @@ class ConsumerLoop:
 
     def _fetch_budget(self) -> int:
         """How many deliveries to fetch now (rule 1): none while a Retry-After holds; else up
-        to twice the limit, minus every delivery held here (running, ready, waiting in a lane,
-        or finished and waiting to be recorded): what a worker holds never passes 2 x limit."""
+        to HELD_PER_SLOT x the limit, minus every delivery held here (running, ready, waiting
+        in a lane, or finished and waiting to be recorded)."""
         if self.limiter.held_for_s() > 0:
             return 0
-        capacity = 2 * math.floor(self.limiter.limit)
+        capacity = HELD_PER_SLOT * math.floor(self.limiter.limit)
         free = capacity - len(self._held)
         # Room for every retry that holds its lane and is due, whatever waits behind it
         # (rule 4 of the dispatcher): sources hand out due redeliveries before new messages.
