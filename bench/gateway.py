@@ -7,7 +7,8 @@ Go module proxy when it is not on PATH). Both servers run in their own process; 
 
 1. Peak: vegeta at unbounded rate with --workers connections for --duration-s; the rate of
    202 answers is the server's peak.
-2. Half load: sluice at half its peak rate for --duration-s; p50/p99 of its latency.
+2. Half load: sluice at half its peak rate for --duration-s; p50/p99 of its latency; then
+   the bare server at that same rate, whose p99 is this machine's and vegeta's own tail.
 
 Writes bench/results/gateway.json and prints the numbers.
 """
@@ -125,17 +126,7 @@ def main() -> None:
     py = sys.executable
     try:
         bare_port, sluice_port = free_port(), free_port()
-        bare = serve([py, "-m", "bench.bare_server", "--port", str(bare_port)],
-                     f"http://127.0.0.1:{bare_port}/")
-        try:
-            bare_url = f"http://127.0.0.1:{bare_port}/v1/pipelines/bench-gw/tasks"
-            n = 400_000
-            bare_peak = summary(attack(vegeta, targets_file(work / "bare.jsonl", bare_url, n,
-                                                            "bare"),
-                                       args.duration_s, None, args.workers))
-        finally:
-            bare.terminate()
-            bare.wait()
+        n = 400_000
         sluice = serve([py, "-m", "sluice.cli", "serve", str(HERE / "gateway.yaml"),
                         "--no-workers", "--port", str(sluice_port), "--data-dir",
                         str(work / "data"), "--log-level", "warning"],
@@ -145,13 +136,27 @@ def main() -> None:
             peak = summary(attack(vegeta, targets_file(work / "peak.jsonl", url, n, "peak"),
                                   args.duration_s, None, args.workers))
             half_rate = max(int(peak["accepted_per_s"] / 2), 1)
-            half = summary(attack(vegeta, targets_file(work / "half.jsonl", url,
-                                                       int(half_rate * args.duration_s) + 100,
-                                                       "half"),
+            half_n = int(half_rate * args.duration_s) + 100
+            half = summary(attack(vegeta, targets_file(work / "half.jsonl", url, half_n, "half"),
                                   args.duration_s, half_rate, args.workers))
         finally:
             sluice.terminate()
             sluice.wait()
+        bare = serve([py, "-m", "bench.bare_server", "--port", str(bare_port)],
+                     f"http://127.0.0.1:{bare_port}/")
+        try:
+            bare_url = f"http://127.0.0.1:{bare_port}/v1/pipelines/bench-gw/tasks"
+            bare_peak = summary(attack(vegeta, targets_file(work / "bare.jsonl", bare_url, n,
+                                                            "bare"),
+                                       args.duration_s, None, args.workers))
+            # The same rate against the bare server: the latency tail of this machine and
+            # load generator alone, to read sluice's p99 against.
+            bare_half = summary(attack(vegeta, targets_file(work / "bare-half.jsonl", bare_url,
+                                                            half_n, "bare-half"),
+                                       args.duration_s, half_rate, args.workers))
+        finally:
+            bare.terminate()
+            bare.wait()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result = {
@@ -166,15 +171,17 @@ def main() -> None:
         "half_load_rps": half_rate,
         "p99_ms_at_half_load": half["p99_ms"],
         "p50_ms_at_half_load": half["p50_ms"],
+        "bare_p99_ms_at_the_same_rate": bare_half["p99_ms"],
         "sluice_peak": peak,
         "bare_peak": bare_peak,
+        "bare_at_the_same_rate": bare_half,
         "sluice_half_load": half,
         "targets": {"ratio": ">= 0.5", "p99_ms_at_half_load": "< 10"},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     for key in ("sluice_rps", "bare_rps", "ratio", "half_load_rps", "p50_ms_at_half_load",
-                "p99_ms_at_half_load"):
+                "p99_ms_at_half_load", "bare_p99_ms_at_the_same_rate"):
         print(f"{key:<22} {result[key]}")
     print(f"sluice peak status codes {peak['status_codes']}, half {half['status_codes']}")
     print(f"wrote {args.out}")
