@@ -227,12 +227,11 @@ async def aimd_run(name: str, concurrency: str, phases: list[int], phase_s: floa
     finally:
         backend.terminate()
         backend.wait(10)
-    return summarize(name, concurrency, phases, phase_s, service_s, started, stats, timeline)
+    return summarize(concurrency, phases, phase_s, service_s, stats, timeline)
 
 
-def summarize(name: str, concurrency: str, phases: list[int], phase_s: float, service_s: float,
-              started_mono: float, stats: dict[str, Any],
-              timeline: list[dict[str, float]]) -> dict[str, Any]:
+def summarize(concurrency: str, phases: list[int], phase_s: float, service_s: float,
+              stats: dict[str, Any], timeline: list[dict[str, float]]) -> dict[str, Any]:
     history = stats["history"]  # one entry per wall-clock second: served, rejected, capacity
     # Align the backend's per-second windows with the phases: drop the first and the last
     # (partial) seconds, then cut by capacity.
@@ -331,7 +330,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                          if k not in ("timeline", "per_second")}
                 print(name, json.dumps(brief), flush=True)
             plot(runs["aimd"], service_s, RESULTS / "aimd.png")
-            aimd = {k: v for k, v in runs["aimd"].items()}
+            aimd = dict(runs["aimd"])
             aimd.update({
                 "function": {"capacity_steps": phases, "phase_s": args.phase_s,
                              "service_ms": args.service_ms},

@@ -233,9 +233,11 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sluice-kbench-"))
     try:
-        rows = {name: run_one(name, args.messages, args.size, work / name, args.timeout_s,
-                              args.concurrency)
-                for name in args.only if (work / name).mkdir() is None}
+        rows: dict[str, dict[str, Any]] = {}
+        for name in args.only:
+            (work / name).mkdir()
+            rows[name] = run_one(name, args.messages, args.size, work / name, args.timeout_s,
+                                 args.concurrency)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

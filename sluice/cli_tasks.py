@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.table import Table
@@ -23,6 +23,10 @@ from sluice.client import ApiResponse, Client
 from sluice.errors import IllegalTransition, SluiceError, TaskNotFound
 from sluice.tasks.state import TaskState
 from sluice.tasks.store import TaskRecord
+
+if TYPE_CHECKING:
+    from sluice.config.model import PipelineConfig
+    from sluice.datadir import Database, QueuedMessage
 
 
 def remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -151,7 +155,8 @@ def _submit_local(pipeline: str, files: Sequence[Path], bodies: list[bytes],
     sys.exit(2 if refused else 0)
 
 
-async def _submit_kafka(db: Any, config: Any, messages: list[Any]) -> list[Any]:
+async def _submit_kafka(db: Database, config: PipelineConfig,
+                        messages: list[QueuedMessage]) -> list[TaskRecord | None]:
     """Create the tasks, then produce their messages to the pipeline's topic."""
     from sluice.connectors.embedded import Submission
     from sluice.connectors.kafka_submit import KafkaSubmitter

@@ -38,8 +38,6 @@ T = TypeVar("T")
 class _Lane(Generic[T]):
     waiting: deque[T] = field(default_factory=deque)
     held_by: str | None = None  # the task id running, or retrying, in this lane
-    hold_expires: float = 0.0  # time.monotonic(); only for a lane held by a retry
-    retry_due: float = 0.0  # time.monotonic() when that retry is visible again at the source
 
 
 class Dispatcher(Generic[T]):
@@ -51,6 +49,9 @@ class Dispatcher(Generic[T]):
         self.hold_retries = not (source_orders_keys and ordering == "key")
         self.hold_s = hold_s
         self._lanes: dict[Hashable, _Lane[T]] = {}
+        # Lanes held by a retry → when it is due back (time.monotonic()); the hold lapses
+        # hold_s later. Kept apart so the loop's per-fetch checks see only these few lanes.
+        self._retry_due: dict[Hashable, float] = {}
         self.waiting = 0
 
     def lane_of(self, key: str | None, partition: int | None) -> Hashable | None:
@@ -68,9 +69,10 @@ class Dispatcher(Generic[T]):
         if lane is None:
             self._lanes[lane_id] = _Lane(held_by=task_id)
             return True
-        if lane.held_by is None or lane.held_by == task_id or (
-                lane.hold_expires and time.monotonic() > lane.hold_expires):
-            lane.held_by, lane.hold_expires, lane.retry_due = task_id, 0.0, 0.0
+        if lane.held_by is None or lane.held_by == task_id or self._hold_lapsed(
+                lane_id, time.monotonic()):
+            lane.held_by = task_id
+            self._retry_due.pop(lane_id, None)
             return True
         lane.waiting.append(item)
         self.waiting += 1
@@ -85,18 +87,22 @@ class Dispatcher(Generic[T]):
         if lane is None or lane.held_by != task_id:
             return []
         if retrying and self.hold_retries:
-            lane.retry_due = time.monotonic() + retry_in_s
-            lane.hold_expires = lane.retry_due + self.hold_s
+            self._retry_due[lane_id] = time.monotonic() + retry_in_s
             return []
         return self._advance(lane_id, lane)
+
+    def _hold_lapsed(self, lane_id: Hashable, now: float) -> bool:
+        due = self._retry_due.get(lane_id)
+        return due is not None and now > due + self.hold_s
 
     def due_retries(self) -> int:
         """How many lanes wait for a retry that is due back from the source now (rule 4)."""
         now = time.monotonic()
-        return sum(1 for lane in self._lanes.values() if lane.retry_due and now >= lane.retry_due)
+        return sum(1 for due in self._retry_due.values() if now >= due)
 
     def _advance(self, lane_id: Hashable, lane: _Lane[T]) -> list[T]:
-        lane.held_by, lane.hold_expires, lane.retry_due = None, 0.0, 0.0
+        lane.held_by = None
+        self._retry_due.pop(lane_id, None)
         if not lane.waiting:
             del self._lanes[lane_id]
             return []
@@ -104,12 +110,11 @@ class Dispatcher(Generic[T]):
         return [lane.waiting.popleft()]  # the caller offers it again (it takes the lane)
 
     def expired(self) -> list[T]:
-        """Items freed by lanes whose retry hold expired (invariant 2)."""
+        """Items freed by lanes whose retry hold lapsed (invariant 2)."""
         now = time.monotonic()
         out: list[T] = []
-        for lane_id, lane in list(self._lanes.items()):
-            if lane.hold_expires and now > lane.hold_expires:
-                out.extend(self._advance(lane_id, lane))
+        for lane_id in [lid for lid in self._retry_due if self._hold_lapsed(lid, now)]:
+            out.extend(self._advance(lane_id, self._lanes[lane_id]))
         return out
 
     def waiting_items(self) -> list[T]:
@@ -128,9 +133,4 @@ class Dispatcher(Generic[T]):
 
     def drop_waiting(self) -> list[T]:
         """Every waiting item (at stop: they are handed back unrun)."""
-        out: list[T] = []
-        for lane in self._lanes.values():
-            out.extend(lane.waiting)
-            lane.waiting.clear()
-        self.waiting = 0
-        return out
+        return self.remove_waiting(lambda _item: False)

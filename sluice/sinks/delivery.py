@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import sqlite3
 import time
@@ -38,7 +37,7 @@ from sluice.connectors.embedded import EmbeddedSource
 from sluice.consumer.retry import RetryPolicy
 from sluice.datadir import Database
 from sluice.errors import DeliveryError
-from sluice.tasks.sqlite import SqliteTaskStore
+from sluice.tasks.sqlite import SqliteTaskStore, record_deliveries_in
 
 log = logging.getLogger(__name__)
 
@@ -139,15 +138,13 @@ class Deliverer:
             await asyncio.gather(*(self._deliver(item) for item in items))
             return
         now = time.time()
-        status = [(f'$."{self.destination.name}"',
-                   json.dumps({"state": "delivered", "at": now, "attempts": i.deliveries}),
-                   self.pipeline, i.task_id) for i in items]
+        statuses: list[tuple[str, dict[str, object]]] = [
+            (i.task_id, {"state": "delivered", "at": now, "attempts": i.deliveries})
+            for i in items]
 
         def done(conn: sqlite3.Connection) -> None:
             self.outbox.q.delete_in(conn, items)
-            conn.executemany(
-                "UPDATE tasks SET delivered = json_set(COALESCE(delivered, '{}'), ?, json(?))"
-                " WHERE pipeline = ? AND task_id = ?", status)
+            record_deliveries_in(conn, self.pipeline, self.destination.name, statuses)
 
         await self.outbox.db.run(done)
         self.delivered += len(items)

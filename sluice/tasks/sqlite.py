@@ -49,6 +49,16 @@ def create_in(conn: sqlite3.Connection, pipeline: str, tenant: str, tasks: Seque
     return out
 
 
+def record_deliveries_in(conn: sqlite3.Connection, pipeline: str, destination: str,
+                         statuses: Sequence[tuple[str, dict[str, object]]]) -> None:
+    """Set one destination's delivery status in each task's ``delivered`` map."""
+    conn.executemany(
+        "UPDATE tasks SET delivered = json_set(COALESCE(delivered, '{}'), ?, json(?))"
+        " WHERE pipeline = ? AND task_id = ?",
+        [(f'$."{destination}"', json.dumps(status), pipeline, task_id)
+         for task_id, status in statuses])
+
+
 def get_in(conn: sqlite3.Connection, task_id: str, pipeline: str | None) -> list[TaskRecord]:
     if pipeline is None:
         rows = conn.execute(f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,))
@@ -152,10 +162,8 @@ class SqliteTaskStore:
     async def record_delivery(self, pipeline: str, task_id: str, destination: str,
                               status: dict[str, object]) -> None:
         """Set the delivery status of one destination in the task's ``delivered`` map."""
-        await self.db.run(lambda c: c.execute(
-            "UPDATE tasks SET delivered = json_set(COALESCE(delivered, '{}'), ?, json(?))"
-            " WHERE pipeline = ? AND task_id = ?",
-            (f'$."{destination}"', json.dumps(status), pipeline, task_id)))
+        await self.db.run(lambda c: record_deliveries_in(c, pipeline, destination,
+                                                         [(task_id, status)]))
 
     async def set_paused(self, pipeline: str, paused: bool, now: float) -> None:
         await self.db.run(lambda c: c.execute(
