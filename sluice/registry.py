@@ -42,6 +42,7 @@ class BuildContext:
     concurrency: int = 8
     ordering: str = "key"  # consumer.ordering (a source may keep keys in order itself)
     source: Any = None  # the pipeline's source ComponentConfig (a sink may default to its broker)
+    exactly_once: bool = False  # consumer.exactly_once (a Kafka source then runs transactions)
 
 
 @dataclass(frozen=True)

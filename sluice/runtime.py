@@ -16,7 +16,7 @@ from typing import Any, cast
 
 from sluice import registry
 from sluice.config.model import ComponentConfig, PipelineConfig
-from sluice.connectors.base import Sink, Source
+from sluice.connectors.base import Sink, Source, TransactionalSource
 from sluice.consumer.loop import ConsumerLoop, LoopStats
 from sluice.datadir import Database
 from sluice.handlers.base import Handler
@@ -35,6 +35,7 @@ def context(config: PipelineConfig, data_dir: Path | None) -> registry.BuildCont
         concurrency=config.consumer.concurrency,
         ordering=config.consumer.ordering,
         source=config.source,
+        exactly_once=config.consumer.exactly_once,
     )
 
 
@@ -52,21 +53,32 @@ def build(config: PipelineConfig, data_dir: Path | None,
     db = Database.open(data_dir)
     store = SqliteTaskStore(db)
     dead_letter = cast(Sink, _make("sink", config.dead_letter, ctx))
-    deliverers = [
-        Deliverer(config.name, Destination(f"{slot}.{i}.{component.type}", component),
-                  cast(Sink, _make("sink", component, ctx)), dead_letter, db, store)
-        for slot, components in (("on_success", config.on_success),
-                                 ("on_failure", config.on_failure))
-        for i, component in enumerate(components)
-    ]
+    source = cast(Source, _make("source", config.source, ctx))
+    deliverers: list[Deliverer] = []
+    transactional: list[tuple[str, str, Any]] = []  # (destination, topic, create_topic)
+    for slot, components in (("on_success", config.on_success),
+                             ("on_failure", config.on_failure)):
+        for i, component in enumerate(components):
+            name = f"{slot}.{i}.{component.type}"
+            if config.consumer.exactly_once and component.type == "kafka":
+                # Written in the source's transactions (rule 9 of the consumer loop).
+                transactional.append((name, component.config["topic"],
+                                      component.config.get("create_topic")))
+                continue
+            deliverers.append(Deliverer(config.name, Destination(name, component),
+                                        cast(Sink, _make("sink", component, ctx)), dead_letter,
+                                        db, store))
+    if transactional:
+        cast(TransactionalSource, source).produce_to([(t, c) for _, t, c in transactional])
     return ConsumerLoop(
         config,
-        source=cast(Source, _make("source", config.source, ctx)),
+        source=source,
         store=store,
         handler=cast(Handler, _make("handler", config.handler, ctx)),
         dead_letter=dead_letter,
         worker_id=worker_id,
         deliverers=deliverers,
+        transactional=[(name, topic) for name, topic, _ in transactional],
     )
 
 

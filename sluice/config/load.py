@@ -75,6 +75,7 @@ def parse_pipeline(text: str, file: str = "<string>") -> PipelineConfig:
     doc = _apply_defaults(doc)
     path = Path(file) if file != "<string>" else None
     issues.extend(_component_checks(doc, marks, path))
+    issues.extend(_exactly_once_checks(doc, marks))
     if issues:
         raise ConfigError(issues)
     return build_model(doc, path)
@@ -225,3 +226,31 @@ def _component_checks(doc: dict[str, Any], marks: Marks,
             continue
         for sub_path, message in spec.check(config, file):
             yield marks.issue((*path, name, *sub_path), message)
+
+
+def _exactly_once_checks(doc: dict[str, Any], marks: Marks) -> Iterable[ConfigIssue]:
+    """``consumer.exactly_once`` joins a Kafka source and its Kafka destinations in one
+    transaction: both must be Kafka, on the same brokers."""
+    if not doc["consumer"].get("exactly_once"):
+        return
+    where: PathKey = ("consumer", "exactly_once")
+    ((source_type, source),) = doc["source"].items()
+    if source_type != "kafka":
+        yield marks.issue(where, f"exactly_once needs a kafka source (its offsets are committed "
+                          f"in the results' transaction); this source is {source_type}")
+        return
+    kafka_sinks = [(path, config) for path, family, name, config in _slot_items(doc)
+                   if path[0] in ("on_success", "on_failure") and name == "kafka"]
+    if not kafka_sinks:
+        yield marks.issue(where, "exactly_once has nothing to write: add a kafka destination "
+                          "to on_success or on_failure (other destinations are at least once)")
+    for path, config in kafka_sinks:
+        brokers = config.get("brokers")
+        if brokers and _broker_set(brokers) != _broker_set(source["brokers"]):
+            yield marks.issue((*path, "kafka", "brokers"), "with consumer.exactly_once, a kafka "
+                              "destination must be on the source's brokers (one transaction "
+                              f"covers both): {source['brokers']}")
+
+
+def _broker_set(brokers: str) -> set[str]:
+    return {b.strip() for b in brokers.split(",")}

@@ -60,6 +60,11 @@ CONSUMER_SPEC = ObjectSpec(
           "counts as failed and is retried.", default=30.0, exclusive_minimum=0),
     Field("retry", "object", "Retries with exponential backoff and full jitter.",
           fields=RETRY_SPEC),
+    Field("exactly_once", "boolean", "Kafka to Kafka: the results for the kafka destinations in "
+          "on_success/on_failure are written in one transaction with the source's offsets, so "
+          "readers with isolation.level=read_committed see each result exactly once, across "
+          "crashes and rebalances. Needs a kafka source; its kafka destinations must be on "
+          "the source's brokers.", default=False),
 )
 
 TRIGGER_SPEC = ObjectSpec(
@@ -119,6 +124,7 @@ class ConsumerConfig:
     retry: RetryConfig = RetryConfig()
     adaptive: dict[str, Any] | None = None  # consumer.concurrency as a mapping
     ordering: str = "key"
+    exactly_once: bool = False
 
     @property
     def limit_config(self) -> int | dict[str, Any]:
@@ -169,6 +175,7 @@ def build_model(doc: dict[str, Any], path: Path | None) -> PipelineConfig:
             timeout_s=float(consumer["timeout_s"]),
             retry=RetryConfig(**{k: v for k, v in consumer["retry"].items()}),
             ordering=str(consumer["ordering"]),
+            exactly_once=bool(consumer["exactly_once"]),
         ),
         dead_letter=_component(dead_letter),
         path=path,

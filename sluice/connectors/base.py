@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 
 @dataclass(slots=True)
@@ -74,3 +74,26 @@ class SinkRecord:
     content_type: str
     key: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """A record to write in the same transaction as its source message's acknowledgement."""
+
+    topic: str
+    record: SinkRecord
+
+
+@runtime_checkable
+class TransactionalSource(Source, Protocol):
+    """A source that writes results and commits its position in one transaction (Kafka with
+    ``consumer.exactly_once``): a message's outputs become visible exactly when its
+    acknowledgement is committed, and are discarded with it otherwise."""
+
+    def produce_to(self, topics: Sequence[tuple[str, Any]]) -> None:
+        """Before :meth:`start`: the output topics, each with its ``create_topic`` setting."""
+        ...
+
+    async def ack_producing(self, items: Sequence[tuple[Delivery, Sequence[Output]]]) -> None:
+        """Acknowledge each delivery; its outputs are committed with its acknowledgement."""
+        ...

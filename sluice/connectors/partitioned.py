@@ -15,6 +15,9 @@ Invariants:
    then wait for its in-flight count to reach zero.
 5. Each assignment of a partition is a new epoch. A settlement carries the epoch of its delivery;
    one of another epoch (the partition was revoked meanwhile) changes nothing.
+6. Outputs (exactly-once) are kept with their finished offset until a transaction commits the
+   partition's position past it (:meth:`outputs_below`, then :meth:`committed_outputs`); those
+   of a revoked partition are dropped with it (the next owner makes them again).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sluice.connectors.base import Delivery
+from sluice.connectors.base import Delivery, Output
 from sluice.consumer.offsets import OffsetTracker, Partition
 
 
@@ -54,6 +57,7 @@ class PartitionedBuffer:
         self._paused: set[Partition] = set()
         self._epochs = itertools.count(1)
         self._seq = itertools.count()
+        self._outputs: dict[Partition, dict[int, Sequence[Output]]] = {}  # rule 6
         self.assigned_once = False
 
     # -- the client thread ------------------------------------------------------------------
@@ -101,6 +105,7 @@ class PartitionedBuffer:
             for part in parts:
                 self._tracker.revoke(part)
                 self._in_flight.pop(part, None)
+                self._outputs.pop(part, None)
                 self._paused.discard(part)
                 self._revoking.discard(part)
 
@@ -111,6 +116,28 @@ class PartitionedBuffer:
     def confirm(self, part: Partition, offset: int) -> None:
         with self._lock:
             self._tracker.confirm(part, offset)
+
+    def outputs_below(self, points: dict[Partition, int]) -> list[Output]:
+        """The outputs of finished offsets below each partition's new commit point, in offset
+        order per partition (rule 6); they stay here until :meth:`committed_outputs`."""
+        out: list[Output] = []
+        with self._lock:
+            for part, point in points.items():
+                kept = self._outputs.get(part)
+                if kept:
+                    for offset in sorted(o for o in kept if o < point):
+                        out.extend(kept[offset])
+        return out
+
+    def committed_outputs(self, points: dict[Partition, int]) -> None:
+        """A transaction committed these points: forget the outputs below them."""
+        with self._lock:
+            for part, point in points.items():
+                self._tracker.confirm(part, point)
+                kept = self._outputs.get(part)
+                if kept:
+                    for offset in [o for o in kept if o < point]:
+                        del kept[offset]
 
     def backpressure(self, limit: int) -> tuple[list[Partition], list[Partition]]:
         """Partitions to pause (``limit`` offsets tracked) and to resume (down to half)."""
@@ -164,6 +191,16 @@ class PartitionedBuffer:
                 ref: PartitionRef = d.ref
                 if self._settle(ref):
                     self._tracker.finish(ref.partition, ref.epoch, ref.offset)
+            self._settled.notify_all()
+
+    def ack_producing(self, items: Sequence[tuple[Delivery, Sequence[Output]]]) -> None:
+        """Acknowledge, keeping each delivery's outputs until its offset is committed."""
+        with self._lock:
+            for d, outputs in items:
+                ref: PartitionRef = d.ref
+                if self._settle(ref) and self._tracker.finish(ref.partition, ref.epoch,
+                                                              ref.offset) and outputs:
+                    self._outputs.setdefault(ref.partition, {})[ref.offset] = outputs
             self._settled.notify_all()
 
     def retry_later(self, deliveries: Sequence[tuple[Delivery, float]]) -> None:

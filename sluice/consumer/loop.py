@@ -25,6 +25,11 @@ Invariants, in the order they happen to a message:
    cancel came through this process, else at the next lease extension.
 8. On stop: no new fetches; tasks in flight get ``timeout_s`` to finish; any still running are
    cancelled and handed back (their leases released, so another worker claims them at once).
+9. Exactly-once (a :class:`~sluice.connectors.base.TransactionalSource`): the result records
+   for the transactional destinations go with the acknowledgement, not through an outbox; the
+   source commits them with the message's offset. A message whose task is already final (its
+   end recorded, then a crash before the transaction committed) gets its result record made
+   again from the task store, so the output is written exactly once either way.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from sluice import metrics
 from sluice.config.model import PipelineConfig
-from sluice.connectors.base import Delivery, Sink, SinkRecord, Source
+from sluice.connectors.base import Delivery, Output, Sink, SinkRecord, Source, TransactionalSource
 from sluice.consumer.dispatcher import Dispatcher
 from sluice.consumer.limiter import Permit, Signal, make_limiter
 from sluice.consumer.retry import RetryPolicy
@@ -51,7 +56,14 @@ from sluice.handlers.base import Handler
 from sluice.message import Message, Outcome, decode_payload
 from sluice.sinks import record
 from sluice.tasks.state import TaskState
-from sluice.tasks.store import Claim, ClaimResult, ClaimStatus, Completion, TaskStore
+from sluice.tasks.store import (
+    Claim,
+    ClaimResult,
+    ClaimStatus,
+    Completion,
+    TaskRecord,
+    TaskStore,
+)
 
 if TYPE_CHECKING:
     from sluice.sinks.delivery import Deliverer
@@ -73,6 +85,7 @@ class _Settle:
     delivery: Delivery
     completion: Completion | None = None  # None: settle only (the task is not ours to record)
     delay_s: float | None = None  # requeue after this delay instead of acknowledging
+    outputs: tuple[Output, ...] = ()  # written with the acknowledgement (rule 9)
 
 
 @dataclass
@@ -88,7 +101,8 @@ class LoopStats:
 class ConsumerLoop:
     def __init__(self, config: PipelineConfig, source: Source, store: TaskStore,
                  handler: Handler, dead_letter: Sink, *, worker_id: str | None = None,
-                 deliverers: Sequence[Deliverer] = ()) -> None:
+                 deliverers: Sequence[Deliverer] = (),
+                 transactional: Sequence[tuple[str, str]] = ()) -> None:
         self.config = config
         self.source = source
         self.store = store
@@ -98,12 +112,21 @@ class ConsumerLoop:
         self.policy = RetryPolicy(config.consumer.retry)
         self.stats = LoopStats()
         self.deliverers = list(deliverers)
+        slots = ((TaskState.SUCCEEDED, "on_success"), (TaskState.FAILED, "on_failure"))
         self._outboxes = {
             state: [(d.destination.name, d.outbox.q.queue) for d in self.deliverers
                     if d.destination.name.startswith(slot + ".")]
-            for state, slot in ((TaskState.SUCCEEDED, "on_success"),
-                                (TaskState.FAILED, "on_failure"))
+            for state, slot in slots
         }
+        # Rule 9: (destination, topic) written in the source's transaction, by final state.
+        self._txn_source: TransactionalSource | None = None
+        if transactional:
+            if not isinstance(source, TransactionalSource):
+                raise TypeError(f"pipeline {config.name!r}: the source cannot write results "
+                                "in its transactions")
+            self._txn_source = source
+        self._txn_topics = {state: [t for name, t in transactional
+                                    if name.startswith(slot + ".")] for state, slot in slots}
         self.limiter = make_limiter(config.name, config.consumer.limit_config)
         self.dispatcher: Dispatcher[tuple[Delivery, ClaimResult]] = Dispatcher(
             config.consumer.ordering,
@@ -229,7 +252,11 @@ class ConsumerLoop:
                 self._offer(delivery, claim)
             elif claim.status == ClaimStatus.DONE:
                 self.stats.skipped += 1
-                self._settle(_Settle(delivery))
+                if self._txn_source is not None:
+                    task = await self.store.get(delivery.task_id, self.config.name)
+                    self._settle(_Settle(delivery, outputs=self._stored_outputs(delivery, task)))
+                else:
+                    self._settle(_Settle(delivery))
             elif claim.status == ClaimStatus.BUSY:
                 wait = max((claim.lease_until or now) - now, 0.0) + 0.05
                 self._settle(_Settle(delivery, delay_s=wait))
@@ -307,9 +334,11 @@ class ConsumerLoop:
                 return None, False, 0.0
         if outcome.status == "success":
             self.stats.succeeded += 1
+            body = self._record_body(delivery, claim, TaskState.SUCCEEDED, outcome)
             self._settle(_Settle(delivery, Completion(
                 delivery.task_id, TaskState.SUCCEEDED, outcome.result, outcome.result_type,
-                outbox=self._outbox(delivery, claim, TaskState.SUCCEEDED, outcome))))
+                outbox=self._outbox(delivery, TaskState.SUCCEEDED, body)),
+                outputs=self._outputs(delivery, TaskState.SUCCEEDED, body)))
             return outcome, False, 0.0
         reason = "" if outcome.error_type == "Reject" else "not retryable"
         if outcome.status == "retry":
@@ -329,20 +358,47 @@ class ConsumerLoop:
         retrying = await self._fail(delivery, claim, outcome, reason)
         return outcome, retrying, DEAD_LETTER_RETRY_S
 
-    def _outbox(self, delivery: Delivery, claim: ClaimResult, state: TaskState,
-                outcome: Outcome, error_message: str | None = None,
-                ) -> tuple[tuple[str, str, QueuedMessage], ...]:
-        """The result record for each destination of this final state (rule 1 of delivery)."""
-        targets = self._outboxes[state]
-        if not targets:
-            return ()
-        body = record.encode(record.TaskOutcome(
+    def _record_body(self, delivery: Delivery, claim: ClaimResult, state: TaskState,
+                     outcome: Outcome, error_message: str | None = None) -> bytes | None:
+        """The result record of a task that ends in ``state`` now, if any destination takes
+        it (``None`` otherwise)."""
+        if not self._outboxes[state] and not self._txn_topics[state]:
+            return None
+        return record.encode(record.TaskOutcome(
             self.config.name, self.config.tenant, delivery.task_id, str(state), claim.attempts,
             delivery.key, delivery.body, delivery.content_type, outcome.result,
             outcome.result_type, outcome.error_type, error_message or outcome.error_message,
             claim.received_at, claim.queued_at, claim.started_at, time.time()))
+
+    def _outbox(self, delivery: Delivery, state: TaskState, body: bytes | None,
+                ) -> tuple[tuple[str, str, QueuedMessage], ...]:
+        """The result record for each outbox destination of this state (rule 1 of delivery)."""
+        targets = self._outboxes[state]
+        if not targets or body is None:
+            return ()
         message = QueuedMessage(delivery.task_id, body, record.CONTENT_TYPE, delivery.key)
         return tuple((name, queue, message) for name, queue in targets)
+
+    def _outputs(self, delivery: Delivery, state: TaskState,
+                 body: bytes | None) -> tuple[Output, ...]:
+        """The result record for each transactional destination of this state (rule 9)."""
+        topics = self._txn_topics[state]
+        if not topics or body is None:
+            return ()
+        sink_record = SinkRecord(delivery.task_id, body, record.CONTENT_TYPE, delivery.key)
+        return tuple(Output(topic, sink_record) for topic in topics)
+
+    def _stored_outputs(self, delivery: Delivery, task: TaskRecord) -> tuple[Output, ...]:
+        """Rule 9: the result record of a task already final, made again from the store."""
+        state = task.state
+        if state not in self._txn_topics or not self._txn_topics[state]:
+            return ()
+        body = record.encode(record.TaskOutcome(
+            self.config.name, self.config.tenant, delivery.task_id, str(state), task.attempts,
+            delivery.key, delivery.body, delivery.content_type, task.result, task.result_type,
+            task.error_type, task.error_message, task.received_at, task.queued_at,
+            task.started_at, task.finished_at or task.updated_at or time.time()))
+        return self._outputs(delivery, state, body)
 
     def _observe(self, status: str, duration_s: float) -> None:
         child = self._histograms.get(status)
@@ -392,10 +448,11 @@ class ConsumerLoop:
                     delivery.task_id, outcome.error_type, outcome.error_message,
                     reason or "rejected by the handler")
         message = f"{outcome.error_message} ({reason})" if reason else outcome.error_message
+        body = self._record_body(delivery, claim, TaskState.FAILED, outcome, message)
         self._settle(_Settle(delivery, Completion(
             delivery.task_id, TaskState.FAILED, error_type=outcome.error_type,
-            error_message=message,
-            outbox=self._outbox(delivery, claim, TaskState.FAILED, outcome, message))))
+            error_message=message, outbox=self._outbox(delivery, TaskState.FAILED, body)),
+            outputs=self._outputs(delivery, TaskState.FAILED, body)))
         return False
 
     # -- recording and settling (group commit) -----------------------------------------------
@@ -433,19 +490,23 @@ class ConsumerLoop:
         except Exception:
             self._pending[:0] = batch  # nothing was written: try the whole batch again
             raise
-        lost = {id(s) for s, st in zip(recorded, states, strict=True) if st is None}
-        final = {id(s) for s, st in zip(recorded, states, strict=True)
-                 if st is not None and st.final}
-        acks: list[Delivery] = []
+        recorded_as = {id(s): st for s, st in zip(recorded, states, strict=True)}
+        acks: list[tuple[Delivery, tuple[Output, ...]]] = []
         requeues: list[tuple[Delivery, float]] = []
         for s in batch:
-            if id(s) in lost:
+            state = recorded_as.get(id(s))
+            if id(s) in recorded_as and state is None:
                 continue  # another worker owns the task now; its message is not ours to settle
-            if s.delay_s is not None and id(s) not in final:
+            if s.delay_s is not None and (state is None or not state.final):
                 requeues.append((s.delivery, s.delay_s))
             else:
-                acks.append(s.delivery)
-        await self.source.ack(acks)
+                # Outputs only of the end this attempt recorded (not, say, a cancel that won).
+                keep = s.completion is None or s.completion.state == state
+                acks.append((s.delivery, s.outputs if keep else ()))
+        if self._txn_source is not None:
+            await self._txn_source.ack_producing(acks)
+        else:
+            await self.source.ack([d for d, _ in acks])
         await self.source.retry_later(requeues)
         for s in batch:
             self._held.pop(id(s.delivery), None)

@@ -109,14 +109,11 @@ class KafkaSink:
         futures: list[asyncio.Future[None]] = []
         for record in records:
             future: asyncio.Future[None] = loop.create_future()
-            headers = {"content-type": record.content_type, **record.headers,
-                       "sluice-task-id": record.task_id}
             while True:
                 try:
                     self._producer.produce(
                         self.topic, value=record.body, key=record.key,
-                        headers=[(k, v.encode()) for k, v in headers.items()],
-                        on_delivery=_reporter(loop, future))
+                        headers=kafka_headers(record), on_delivery=_reporter(loop, future))
                     break
                 except BufferError:  # the client's queue is full: let it drain
                     await asyncio.sleep(QUEUE_FULL_PAUSE_S)
@@ -144,6 +141,13 @@ class KafkaSink:
         if self._poller is not None:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._poller.join)
         self._executor.shutdown(wait=False)
+
+
+def kafka_headers(record: SinkRecord) -> list[tuple[str, bytes]]:
+    """A record's Kafka headers (rule 4): its own, with ``sluice-task-id`` and ``content-type``."""
+    headers = {"content-type": record.content_type, **record.headers,
+               "sluice-task-id": record.task_id}
+    return [(k, v.encode()) for k, v in headers.items()]
 
 
 def _reporter(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> Any:

@@ -140,3 +140,14 @@ def committed(group: str, topic: str, partitions: Sequence[int]) -> dict[int, in
         return {tp.partition: tp.offset for tp in got if tp.offset >= 0}
     finally:
         consumer.close()
+
+
+def ends(topic: str) -> dict[int, int]:
+    """The end offset (high watermark) of each partition of ``topic``."""
+    consumer = Consumer({"bootstrap.servers": BROKERS, "group.id": f"ends-{uuid.uuid4().hex}"})
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                for p in meta.partitions}
+    finally:
+        consumer.close()

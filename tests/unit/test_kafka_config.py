@@ -67,3 +67,49 @@ def test_brokers_may_have_spaces() -> None:
     config = parse_pipeline(PIPELINE.format(brokers="a:1, b:2", extra=""))
     assert kafka_client.client_config(config.source.config["brokers"], None)[
         "bootstrap.servers"] == "a:1,b:2"
+
+
+def eos_issues(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_pipeline(text, "eos.yaml")
+    return [str(i) for i in caught.value.issues]
+
+
+def test_exactly_once_needs_a_kafka_source_and_destination_on_its_brokers() -> None:
+    assert eos_issues("""\
+name: e
+source: {embedded: {queue: q}}
+handler: {python: "tests.helpers.handlers:echo"}
+consumer: {exactly_once: true}
+on_success: [{kafka: {topic: out, brokers: "h:1"}}]
+""") == ["eos.yaml:4:26: consumer.exactly_once: exactly_once needs a kafka source (its offsets "
+         "are committed in the results' transaction); this source is embedded"]
+    assert eos_issues("""\
+name: e
+source: {kafka: {brokers: "a:1, b:2", topic: t}}
+handler: {python: "tests.helpers.handlers:echo"}
+consumer: {exactly_once: true}
+on_success: [{http: {url: "http://example.com/"}}]
+""") == ["eos.yaml:4:26: consumer.exactly_once: exactly_once has nothing to write: add a kafka "
+         "destination to on_success or on_failure (other destinations are at least once)"]
+    found = eos_issues("""\
+name: e
+source: {kafka: {brokers: "a:1, b:2", topic: t}}
+handler: {python: "tests.helpers.handlers:echo"}
+consumer: {exactly_once: true}
+on_success: [{kafka: {topic: ok, brokers: "b:2,a:1"}}]
+on_failure:
+  - kafka: {topic: bad, brokers: "c:3"}
+""")
+    assert found == ["eos.yaml:7:34: on_failure[0].kafka.brokers: with consumer.exactly_once, "
+                     "a kafka destination must be on the source's brokers (one transaction "
+                     "covers both): a:1, b:2"]
+    config = parse_pipeline("""\
+name: e
+source: {kafka: {brokers: "a:1", topic: t}}
+handler: {python: "tests.helpers.handlers:echo"}
+consumer: {exactly_once: true}
+on_success: [{kafka: {topic: ok}}]
+""")
+    assert config.consumer.exactly_once
+    assert not parse_pipeline(PIPELINE.format(brokers="a:1", extra="")).consumer.exactly_once
