@@ -151,3 +151,33 @@ def ends(topic: str) -> dict[int, int]:
                 for p in meta.partitions}
     finally:
         consumer.close()
+
+
+def read_to_end(topic: str, timeout_s: float = 60,
+                isolation: str = "read_committed") -> list[In]:
+    """Every message of ``topic`` up to the end of each partition as it is now (for
+    read_committed: up to its last stable offset)."""
+    consumer = Consumer({"bootstrap.servers": BROKERS, "group.id": f"reader-{uuid.uuid4().hex}",
+                         "enable.auto.commit": False, "isolation.level": isolation,
+                         "enable.partition.eof": True})
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        consumer.assign([TopicPartition(topic, p, 0) for p in meta.partitions])
+        at_end: set[int] = set()
+        out: list[In] = []
+        deadline = time.monotonic() + timeout_s
+        while len(at_end) < len(meta.partitions):
+            assert time.monotonic() < deadline, f"{topic}: not at the end in {timeout_s}s"
+            for m in consumer.consume(1000, 0.2):
+                error = m.error()
+                if error is not None:
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        at_end.add(m.partition() or 0)
+                    continue
+                at_end.discard(m.partition() or 0)
+                out.append(In(m.partition() or 0, m.offset() or 0,
+                              None if m.key() is None else (m.key() or b"").decode(),
+                              m.value() or b"", headers_dict(m.headers())))
+        return out
+    finally:
+        consumer.close()

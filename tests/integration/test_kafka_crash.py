@@ -1,5 +1,6 @@
 """Crash test on the real broker: 2 worker processes on a 6-partition topic, 20 SIGKILLs of a
-worker during 100,000 messages (a new worker started after each kill): none lost.
+worker during 100,000 messages (a new worker started after each kill): none lost; and with
+``consumer.exactly_once``, each result in the output topic exactly once (read_committed).
 
 A handler call is repeated only for work a killed worker had in flight (it ran, but its end was
 not recorded before the kill). The numbers are printed (run with ``-s`` to see them) and written
@@ -37,7 +38,8 @@ source:
           session_timeout_ms: 6000, commit_interval_ms: 200,
           instance_id: "${{SLUICE_INSTANCE_ID:-}}"}}
 handler: {{python: "tests.helpers.handlers:behave"}}
-consumer: {{concurrency: 16, timeout_s: 30, retry: {{max_attempts: 50}}}}
+consumer: {{concurrency: 16, timeout_s: 30, retry: {{max_attempts: 50}}{exactly_once}}}
+{outputs}
 """
 
 
@@ -86,14 +88,18 @@ def start(pipeline: Path, data_dir: Path, run_log: str, slot: int) -> subprocess
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("exactly_once", [False, True], ids=["at_least_once", "exactly_once"])
 def test_20_kills_during_100k_messages_lose_nothing(tmp_path: Path, data_dir: Path,
-                                                    run_log: str) -> None:
+                                                    run_log: str, exactly_once: bool) -> None:
     kt.require_broker()
     topic = kt.new_topic(PARTITIONS, "sluice-crash")
+    out = kt.new_topic(PARTITIONS, "sluice-crash-out") if exactly_once else ""
     began = time.monotonic()
     kt.produce(topic, (kt.Out({"i": i, "sleep_s": HANDLER_SLEEP_S}) for i in range(MESSAGES)))
     pipeline = tmp_path / "crash.yaml"
-    pipeline.write_text(PIPELINE.format(brokers=kt.BROKERS, topic=topic))
+    pipeline.write_text(PIPELINE.format(
+        brokers=kt.BROKERS, topic=topic, exactly_once=", exactly_once: true" if out else "",
+        outputs=f"on_success: [{{kafka: {{topic: {out}}}}}]" if out else ""))
     tail = LogTail(run_log)
     workers = [start(pipeline, data_dir, run_log, slot) for slot in range(2)]
     killed: set[int] = set()
@@ -144,22 +150,30 @@ def test_20_kills_during_100k_messages_lose_nothing(tmp_path: Path, data_dir: Pa
     unexplained = [t for t, pids in pids_of.items() if any(p not in killed for p in pids[:-1])]
     states = dict(Database.open(data_dir).run_sync(lambda c: c.execute(
         "SELECT state, COUNT(*) FROM tasks GROUP BY state").fetchall()))
+    outputs = Counter(m.headers["sluice-task-id"] for m in kt.read_to_end(out)) if out else None
     report = {
         "messages": MESSAGES, "partitions": PARTITIONS, "kills": len(killed),
+        "exactly_once": bool(out),
         "kill_at_done": kill_at, "lost": len(lost), "handled": len(runs),
         "handler_calls": sum(runs.values()), "repeated_tasks": len(repeated),
         "repeated_calls": sum(n - 1 for n in repeated.values()),
         "unexplained_repeats": len(unexplained), "task_states": states,
         "seconds": round(elapsed, 1),
     }
+    if outputs is not None:
+        report["output_records"] = sum(outputs.values())
+        report["output_duplicates"] = sum(n - 1 for n in outputs.values())
     (tmp_path / "crash-report.json").write_text(json.dumps(report, indent=2))
     print("\ncrash test:", json.dumps(report))
-    kt.delete_topics(topic)
+    kt.delete_topics(*(t for t in (topic, out) if t))
     assert len(killed) == KILLS
     assert not lost, f"{len(lost)} lost, e.g. {sorted(lost)[:5]}"
     assert set(runs) == expected
     assert not unexplained, unexplained[:10]
     assert states == {"SUCCEEDED": MESSAGES}
+    if outputs is not None:  # each result exactly once, none missing
+        assert set(outputs) == expected
+        assert report["output_duplicates"] == 0, [t for t, n in outputs.items() if n > 1][:10]
 
 
 def _offsets(topic: str) -> list[tuple[int, int]]:
