@@ -16,7 +16,8 @@ from typing import Any, cast
 
 from sluice import registry
 from sluice.config.model import ComponentConfig, PipelineConfig
-from sluice.connectors.base import Sink, Source, TransactionalSource
+from sluice.connectors.base import ProducingSource, Sink, Source
+from sluice.connectors.kafka_client import same_brokers
 from sluice.consumer.loop import ConsumerLoop, LoopStats
 from sluice.datadir import Database
 from sluice.handlers.base import Handler
@@ -55,21 +56,21 @@ def build(config: PipelineConfig, data_dir: Path | None,
     dead_letter = cast(Sink, _make("sink", config.dead_letter, ctx))
     source = cast(Source, _make("source", config.source, ctx))
     deliverers: list[Deliverer] = []
-    transactional: list[tuple[str, str, Any]] = []  # (destination, topic, create_topic)
+    with_offsets: list[tuple[str, str, Any]] = []  # (destination, topic, create_topic)
     for slot, components in (("on_success", config.on_success),
                              ("on_failure", config.on_failure)):
         for i, component in enumerate(components):
             name = f"{slot}.{i}.{component.type}"
-            if config.consumer.exactly_once and component.type == "kafka":
-                # Written in the source's transactions (rule 9 of the consumer loop).
-                transactional.append((name, component.config["topic"],
-                                      component.config.get("create_topic")))
+            if writes_with_offsets(config, component):
+                # Written by the source with its commits (rule 9 of the consumer loop).
+                with_offsets.append((name, component.config["topic"],
+                                     component.config.get("create_topic")))
                 continue
             deliverers.append(Deliverer(config.name, Destination(name, component),
                                         cast(Sink, _make("sink", component, ctx)), dead_letter,
                                         db, store))
-    if transactional:
-        cast(TransactionalSource, source).produce_to([(t, c) for _, t, c in transactional])
+    if with_offsets:
+        cast(ProducingSource, source).produce_to([(t, c) for _, t, c in with_offsets])
     return ConsumerLoop(
         config,
         source=source,
@@ -78,8 +79,20 @@ def build(config: PipelineConfig, data_dir: Path | None,
         dead_letter=dead_letter,
         worker_id=worker_id,
         deliverers=deliverers,
-        transactional=[(name, topic) for name, topic, _ in transactional],
+        with_offsets=[(name, topic) for name, topic, _ in with_offsets],
     )
+
+
+def writes_with_offsets(config: PipelineConfig, destination: ComponentConfig) -> bool:
+    """Whether the source writes this result destination with its commits instead of the
+    outbox: a Kafka destination on a Kafka source's brokers, unless it asks for the outbox
+    (always under ``consumer.exactly_once``: the configuration check refuses the rest)."""
+    if config.source.type != "kafka" or destination.type != "kafka":
+        return False
+    if destination.config.get("outbox") and not config.consumer.exactly_once:
+        return False
+    brokers = destination.config.get("brokers")
+    return not brokers or same_brokers(brokers, config.source.config["brokers"])
 
 
 async def run_pipelines(loops: Sequence[ConsumerLoop], stop: asyncio.Event, *,

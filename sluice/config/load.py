@@ -22,6 +22,7 @@ from jsonschema.exceptions import ValidationError
 from sluice import registry
 from sluice.config.model import PIPELINE_SPEC, PipelineConfig, build_model
 from sluice.config.yamlmarks import Marks, PathKey, load_marked
+from sluice.connectors.kafka_client import same_brokers
 from sluice.errors import ConfigError, ConfigIssue
 from sluice.spec import describe_expected
 
@@ -246,11 +247,11 @@ def _exactly_once_checks(doc: dict[str, Any], marks: Marks) -> Iterable[ConfigIs
                           "to on_success or on_failure (other destinations are at least once)")
     for path, config in kafka_sinks:
         brokers = config.get("brokers")
-        if brokers and _broker_set(brokers) != _broker_set(source["brokers"]):
+        if brokers and not same_brokers(brokers, source["brokers"]):
             yield marks.issue((*path, "kafka", "brokers"), "with consumer.exactly_once, a kafka "
                               "destination must be on the source's brokers (one transaction "
                               f"covers both): {source['brokers']}")
-
-
-def _broker_set(brokers: str) -> set[str]:
-    return {b.strip() for b in brokers.split(",")}
+        if config.get("outbox"):
+            yield marks.issue((*path, "kafka", "outbox"), "with consumer.exactly_once, a kafka "
+                              "destination is written in the source's transactions, not "
+                              "through the outbox: remove outbox: true")

@@ -78,22 +78,24 @@ class SinkRecord:
 
 @dataclass(frozen=True, slots=True)
 class Output:
-    """A record to write in the same transaction as its source message's acknowledgement."""
+    """A record to write with its source message's acknowledgement (:class:`ProducingSource`)."""
 
     topic: str
     record: SinkRecord
 
 
 @runtime_checkable
-class TransactionalSource(Source, Protocol):
-    """A source that writes results and commits its position in one transaction (Kafka with
-    ``consumer.exactly_once``): a message's outputs become visible exactly when its
-    acknowledgement is committed, and are discarded with it otherwise."""
+class ProducingSource(Source, Protocol):
+    """A source that writes results with its own commits (Kafka, for Kafka destinations on its
+    brokers): a message's outputs are written before its acknowledgement is committed (after
+    the broker acknowledged them, or in the same transaction with ``consumer.exactly_once``),
+    and are made again if the message is read again."""
 
     def produce_to(self, topics: Sequence[tuple[str, Any]]) -> None:
         """Before :meth:`start`: the output topics, each with its ``create_topic`` setting."""
         ...
 
     async def ack_producing(self, items: Sequence[tuple[Delivery, Sequence[Output]]]) -> None:
-        """Acknowledge each delivery; its outputs are committed with its acknowledgement."""
+        """Acknowledge each delivery; its outputs are written before its acknowledgement is
+        committed."""
         ...

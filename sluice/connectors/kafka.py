@@ -21,13 +21,10 @@ Invariants:
    it is down to half; the poll thread goes on polling (rule 2).
 8. A task's id is the value of its ``task_id_header``, else ``topic/partition/offset``: the task
    store claims by id, so a message redelivered after its task finished is skipped.
-9. Exactly-once (``consumer.exactly_once``): the poll thread also owns a transactional producer.
-   A commit is a transaction: the outputs of the messages below each new commit point are
-   produced, the points are added with ``send_offsets_to_transaction`` (with the consumer's
-   group metadata, so a member fenced out of the group by a rebalance cannot commit: KIP-447),
-   and the transaction commits. Outputs become visible to ``read_committed`` readers exactly
-   when their messages' offsets are committed; an aborted transaction (or a crash) discards
-   both, and the outputs are made again from the messages read again.
+9. Results for Kafka destinations on the source's brokers (``produce_to``) are written by the
+   poll thread's own producer at each commit, before the offsets they belong to are committed:
+   after the broker acknowledged them (at least once), or in one transaction with the offsets
+   (``consumer.exactly_once``); see :mod:`sluice.connectors.kafka_output`.
 """
 
 from __future__ import annotations
@@ -37,7 +34,6 @@ import contextlib
 import logging
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -47,17 +43,15 @@ from typing import Any
 from sluice import registry
 from sluice.connectors import kafka_client as kc
 from sluice.connectors.base import Delivery, Output
+from sluice.connectors.kafka_output import OutputProducer, rebalancing
 from sluice.connectors.partitioned import PartitionedBuffer
 from sluice.consumer.offsets import Partition
 from sluice.errors import SourceError
-from sluice.sinks.kafka import kafka_headers
 from sluice.spec import REQUIRED, Field, ObjectSpec
 
 log = logging.getLogger(__name__)
 
 POLL_TIMEOUT_S = 0.05  # one consume call; bounds how late a request or a stop is served
-TXN_TIMEOUT_S = 30.0  # one transactional call (init, send offsets, commit, abort)
-TXN_COMMIT_TRIES = 3  # a commit that fails with a retriable error is tried again this often
 
 CONFIG = ObjectSpec(
     Field("brokers", "string", "Bootstrap brokers, host:port[,host:port...].", default=REQUIRED,
@@ -119,7 +113,7 @@ class KafkaSource:
         self.cfg = config
         self.exactly_once = exactly_once
         self._outputs: list[tuple[str, Any]] = []  # (topic, create_topic), rule 9
-        self._producer: Any = None
+        self._out: OutputProducer | None = None
         self.brokers: str = config["brokers"]
         self.topic: str = config["topic"]
         self.group = group
@@ -170,8 +164,6 @@ class KafkaSource:
             self.buffer.ack(deliveries)
 
     def produce_to(self, topics: Sequence[tuple[str, Any]]) -> None:
-        if not self.exactly_once:
-            raise SourceError("the kafka source writes outputs only with consumer.exactly_once")
         self._outputs.extend(topics)
 
     async def ack_producing(self, items: Sequence[tuple[Delivery, Sequence[Output]]]) -> None:
@@ -248,8 +240,11 @@ class KafkaSource:
             admin_config = kc.client_config(self.brokers, self.cfg.get("config"))
             kc.ensure_topic(self._consumer, self.brokers, self.topic, self.cfg.get("create_topic"),
                             admin_config)
-            if self.exactly_once:
-                self._open_producer(admin_config)
+            if self._outputs or self.exactly_once:
+                out = OutputProducer(self.topic, self.brokers, self.cfg, self.group,
+                                     exactly_once=self.exactly_once)
+                out.open(self._outputs, admin_config)
+                self._out = out
             self._consumer.subscribe([self.topic], on_assign=self._on_assign,
                                      on_revoke=self._on_revoke, on_lost=self._on_lost)
         except BaseException:
@@ -257,35 +252,6 @@ class KafkaSource:
             raise
         log.info("kafka source: consuming %s on %s as group %s%s", self.topic, self.brokers,
                  self.group, " (exactly-once)" if self.exactly_once else "")
-
-    def _open_producer(self, admin_config: dict[str, Any]) -> None:
-        """The transactional producer of rule 9; its open transaction of an earlier process
-        with the same transactional.id is aborted here (init_transactions)."""
-        ck = kc.confluent()
-        instance = self.cfg.get("instance_id")
-        tid = (self.cfg.get("transactional_id")
-               or f"sluice.{self.group}.{instance or uuid.uuid4().hex[:12]}")
-        own = {
-            "transactional.id": tid,
-            "transaction.timeout.ms": int(self.cfg["transaction_timeout_ms"]),
-            "enable.idempotence": True,
-            "linger.ms": 5,
-            "allow.auto.create.topics": False,
-        }
-        extra = {k: v for k, v in (self.cfg.get("config") or {}).items()
-                 if k not in CONSUMER_ONLY}
-        try:
-            self._producer = ck.Producer(kc.client_config(self.brokers, extra, **own))
-        except ck.KafkaException as exc:
-            raise SourceError(f"kafka source for {self.topic!r}: bad producer settings: "
-                              f"{exc}") from None
-        for topic, create_topic in self._outputs:
-            kc.ensure_topic(self._producer, self.brokers, topic, create_topic, admin_config)
-        try:
-            self._producer.init_transactions(TXN_TIMEOUT_S)
-        except ck.KafkaException as exc:
-            raise SourceError(f"kafka source for {self.topic!r}: cannot start transactions "
-                              f"as {tid!r} on {self.brokers}: {exc}") from None
 
     def _poll_forever(self) -> None:
         consumer = self._consumer
@@ -298,8 +264,8 @@ class KafkaSource:
                 messages = consumer.consume(batch, POLL_TIMEOUT_S)
                 if messages and self.buffer.accept(self._records(messages)):
                     self._wake_loop()
-                if self._producer is not None:
-                    self._producer.poll(0)
+                if self._out is not None:
+                    self._out.poll()
                 if time.monotonic() - self._last_commit >= interval_s:
                     self._commit(None, sync=False)
             self._closing = True
@@ -315,8 +281,8 @@ class KafkaSource:
                 consumer.close()  # revokes every partition (committing) and leaves the group
             except Exception as exc:
                 log.warning("kafka source: closing the consumer: %s", exc)
-            if self._producer is not None:
-                self._producer.flush(TXN_TIMEOUT_S)  # nothing is pending between commits
+            if self._out is not None:
+                self._out.close()
             with self._lock:
                 requests, self._requests = list(self._requests), deque()
                 self._poll_done = True
@@ -372,15 +338,26 @@ class KafkaSource:
             log.debug("kafka source: resumed %s", resume)
 
     def _commit(self, parts: list[Partition] | None, *, sync: bool) -> None:
-        ck = kc.confluent()
         self._last_commit = time.monotonic()
         points = self.buffer.to_commit(parts)
         if not points:
             return
-        if self._producer is not None:
-            self._commit_transaction(points)
-            return
+        ck = kc.confluent()
         offsets = [ck.TopicPartition(t, p, o) for (t, p), o in points.items()]
+        if self._out is None:
+            self._commit_offsets(offsets, points, sync)
+            return
+        # Rule 9: the results below the points first, then the points.
+        if self._out.commit(self.buffer.outputs_below(points), offsets, self._consumer,
+                            lambda: self._commit_offsets(offsets, points, sync)):
+            self.buffer.drop_outputs(points)
+            if self.exactly_once:  # committed by the transaction
+                for part, point in points.items():
+                    self.buffer.confirm(part, point)
+
+    def _commit_offsets(self, offsets: list[Any], points: dict[Partition, int],
+                        sync: bool) -> None:
+        ck = kc.confluent()
         try:
             if sync:
                 self._on_commit(None, self._consumer.commit(offsets=offsets, asynchronous=False))
@@ -389,58 +366,9 @@ class KafkaSource:
         except ck.KafkaException as exc:
             log.warning("kafka source %s: commit of %s failed: %s", self.topic, points, exc)
 
-    def _commit_transaction(self, points: dict[Partition, int]) -> None:
-        """Rule 9: outputs below ``points`` and the points themselves, in one transaction. A
-        transaction that must be aborted keeps the outputs here: the next commit makes them
-        again (for the partitions still ours). Raises :class:`SourceError` when the producer
-        is fenced or fails for good: this worker must stop."""
-        ck = kc.confluent()
-        producer = self._producer
-        outputs = self.buffer.outputs_below(points)
-        offsets = [ck.TopicPartition(t, p, o) for (t, p), o in points.items()]
-        try:
-            producer.begin_transaction()
-            for output in outputs:
-                self._produce(output)
-            producer.send_offsets_to_transaction(
-                offsets, self._consumer.consumer_group_metadata(), TXN_TIMEOUT_S)
-            for attempt in range(TXN_COMMIT_TRIES):
-                try:
-                    producer.commit_transaction(TXN_TIMEOUT_S)
-                    break
-                except ck.KafkaException as exc:
-                    if not _error(exc).retriable() or attempt == TXN_COMMIT_TRIES - 1:
-                        raise
-        except ck.KafkaException as exc:
-            error = _error(exc)
-            if error.fatal() or not (error.txn_requires_abort() or error.retriable()):
-                raise SourceError(f"kafka source {self.topic!r}: the transactional producer "
-                                  f"failed for good: {error}") from None
-            log.log(logging.INFO if _rebalancing(error) else logging.WARNING,
-                    "kafka source %s: transaction of %d output(s) and offsets %s aborted "
-                    "(%s); the next commit makes it again", self.topic, len(outputs), points,
-                    error)
-            try:
-                producer.abort_transaction(TXN_TIMEOUT_S)
-            except ck.KafkaException as abort_exc:
-                raise SourceError(f"kafka source {self.topic!r}: cannot abort a transaction: "
-                                  f"{_error(abort_exc)}") from None
-            return
-        self.buffer.committed_outputs(points)
-
-    def _produce(self, output: Output) -> None:
-        record = output.record
-        while True:
-            try:
-                self._producer.produce(output.topic, value=record.body, key=record.key,
-                                       headers=kafka_headers(record))
-                return
-            except BufferError:  # the client's queue is full: let it send
-                self._producer.poll(0.05)
-
     def _on_commit(self, error: Any, partitions: list[Any]) -> None:
         if error is not None:
-            log.log(logging.INFO if _rebalancing(error) else logging.WARNING,
+            log.log(logging.INFO if rebalancing(error) else logging.WARNING,
                     "kafka source %s: commit refused (%s); the next commit covers it",
                     self.topic, error)
             return
@@ -505,31 +433,6 @@ class KafkaSource:
                 at = low if self.cfg["auto_offset_reset"] == "earliest" else high
             total += max(high - at, 0)
         return total
-
-
-# librdkafka properties of a consumer that a producer does not take (the source's ``config``
-# applies to both its clients under exactly-once).
-CONSUMER_ONLY = frozenset({"isolation.level", "auto.offset.reset", "fetch.min.bytes",
-                           "fetch.max.bytes", "fetch.wait.max.ms", "max.partition.fetch.bytes",
-                           "queued.min.messages", "queued.max.messages.kbytes",
-                           "session.timeout.ms", "heartbeat.interval.ms", "group.id",
-                           "group.instance.id", "max.poll.interval.ms",
-                           "partition.assignment.strategy", "enable.auto.commit",
-                           "auto.commit.interval.ms", "enable.auto.offset.store",
-                           "check.crcs", "enable.partition.eof"})
-
-
-def _error(exc: Any) -> Any:
-    """The KafkaError a KafkaException carries."""
-    return exc.args[0] if exc.args else exc
-
-
-def _rebalancing(error: Any) -> bool:
-    ck = kc.confluent()
-    return bool(error.code() in (ck.KafkaError.ILLEGAL_GENERATION,
-                                 ck.KafkaError.REBALANCE_IN_PROGRESS,
-                                 ck.KafkaError.UNKNOWN_MEMBER_ID,
-                                 ck.KafkaError.FENCED_INSTANCE_ID))
 
 
 def _tps(parts: Sequence[Partition]) -> list[Any]:

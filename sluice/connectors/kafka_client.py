@@ -41,6 +41,11 @@ def extra_config_field() -> Field:
                  "sasl.mechanisms); they override sluice's own settings.", default=None)
 
 
+def same_brokers(a: str, b: str) -> bool:
+    """Whether two bootstrap lists name the same brokers (order and spaces aside)."""
+    return {x.strip() for x in a.split(",")} == {x.strip() for x in b.split(",")}
+
+
 def confluent() -> ModuleType:
     """The confluent_kafka module, or :class:`MissingDependency` naming the ``kafka`` extra."""
     try:

@@ -16,7 +16,7 @@ Invariants:
 5. Each assignment of a partition is a new epoch. A settlement carries the epoch of its delivery;
    one of another epoch (the partition was revoked meanwhile) changes nothing.
 6. Outputs (exactly-once) are kept with their finished offset until a transaction commits the
-   partition's position past it (:meth:`outputs_below`, then :meth:`committed_outputs`); those
+   partition's position past it (:meth:`outputs_below`, then :meth:`drop_outputs`); those
    of a revoked partition are dropped with it (the next owner makes them again).
 """
 
@@ -119,7 +119,7 @@ class PartitionedBuffer:
 
     def outputs_below(self, points: dict[Partition, int]) -> list[Output]:
         """The outputs of finished offsets below each partition's new commit point, in offset
-        order per partition (rule 6); they stay here until :meth:`committed_outputs`."""
+        order per partition (rule 6); they stay here until :meth:`drop_outputs`."""
         out: list[Output] = []
         with self._lock:
             for part, point in points.items():
@@ -129,11 +129,10 @@ class PartitionedBuffer:
                         out.extend(kept[offset])
         return out
 
-    def committed_outputs(self, points: dict[Partition, int]) -> None:
-        """A transaction committed these points: forget the outputs below them."""
+    def drop_outputs(self, points: dict[Partition, int]) -> None:
+        """The outputs below these points are written: forget them."""
         with self._lock:
             for part, point in points.items():
-                self._tracker.confirm(part, point)
                 kept = self._outputs.get(part)
                 if kept:
                     for offset in [o for o in kept if o < point]:

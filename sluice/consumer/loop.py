@@ -25,11 +25,12 @@ Invariants, in the order they happen to a message:
    cancel came through this process, else at the next lease extension.
 8. On stop: no new fetches; tasks in flight get ``timeout_s`` to finish; any still running are
    cancelled and handed back (their leases released, so another worker claims them at once).
-9. Exactly-once (a :class:`~sluice.connectors.base.TransactionalSource`): the result records
-   for the transactional destinations go with the acknowledgement, not through an outbox; the
-   source commits them with the message's offset. A message whose task is already final (its
-   end recorded, then a crash before the transaction committed) gets its result record made
-   again from the task store, so the output is written exactly once either way.
+9. Results for Kafka destinations on a Kafka source's brokers go with the acknowledgement (a
+   :class:`~sluice.connectors.base.ProducingSource`), not through the outbox: the source writes
+   them before it commits the message's offset (in one transaction with it under
+   ``consumer.exactly_once``). A message whose task is already final (its end recorded, then a
+   crash before the commit) gets its result record made again from the task store, so the
+   result is written either way (exactly once under ``exactly_once``).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 from sluice import metrics
 from sluice.config.model import PipelineConfig
-from sluice.connectors.base import Delivery, Output, Sink, SinkRecord, Source, TransactionalSource
+from sluice.connectors.base import Delivery, Output, ProducingSource, Sink, SinkRecord, Source
 from sluice.consumer.dispatcher import Dispatcher
 from sluice.consumer.limiter import Permit, Signal, make_limiter
 from sluice.consumer.retry import RetryPolicy
@@ -102,7 +103,7 @@ class ConsumerLoop:
     def __init__(self, config: PipelineConfig, source: Source, store: TaskStore,
                  handler: Handler, dead_letter: Sink, *, worker_id: str | None = None,
                  deliverers: Sequence[Deliverer] = (),
-                 transactional: Sequence[tuple[str, str]] = ()) -> None:
+                 with_offsets: Sequence[tuple[str, str]] = ()) -> None:
         self.config = config
         self.source = source
         self.store = store
@@ -118,14 +119,14 @@ class ConsumerLoop:
                     if d.destination.name.startswith(slot + ".")]
             for state, slot in slots
         }
-        # Rule 9: (destination, topic) written in the source's transaction, by final state.
-        self._txn_source: TransactionalSource | None = None
-        if transactional:
-            if not isinstance(source, TransactionalSource):
+        # Rule 9: the topics written with the source's commits, by final state.
+        self._producing: ProducingSource | None = None
+        if with_offsets:
+            if not isinstance(source, ProducingSource):
                 raise TypeError(f"pipeline {config.name!r}: the source cannot write results "
-                                "in its transactions")
-            self._txn_source = source
-        self._txn_topics = {state: [t for name, t in transactional
+                                "with its commits")
+            self._producing = source
+        self._with_offsets = {state: [t for name, t in with_offsets
                                     if name.startswith(slot + ".")] for state, slot in slots}
         self.limiter = make_limiter(config.name, config.consumer.limit_config)
         self.dispatcher: Dispatcher[tuple[Delivery, ClaimResult]] = Dispatcher(
@@ -252,7 +253,7 @@ class ConsumerLoop:
                 self._offer(delivery, claim)
             elif claim.status == ClaimStatus.DONE:
                 self.stats.skipped += 1
-                if self._txn_source is not None:
+                if self._producing is not None:
                     task = await self.store.get(delivery.task_id, self.config.name)
                     self._settle(_Settle(delivery, outputs=self._stored_outputs(delivery, task)))
                 else:
@@ -362,7 +363,7 @@ class ConsumerLoop:
                      outcome: Outcome, error_message: str | None = None) -> bytes | None:
         """The result record of a task that ends in ``state`` now, if any destination takes
         it (``None`` otherwise)."""
-        if not self._outboxes[state] and not self._txn_topics[state]:
+        if not self._outboxes[state] and not self._with_offsets[state]:
             return None
         return record.encode(record.TaskOutcome(
             self.config.name, self.config.tenant, delivery.task_id, str(state), claim.attempts,
@@ -381,8 +382,8 @@ class ConsumerLoop:
 
     def _outputs(self, delivery: Delivery, state: TaskState,
                  body: bytes | None) -> tuple[Output, ...]:
-        """The result record for each transactional destination of this state (rule 9)."""
-        topics = self._txn_topics[state]
+        """The result record for each destination written with the offsets (rule 9)."""
+        topics = self._with_offsets[state]
         if not topics or body is None:
             return ()
         sink_record = SinkRecord(delivery.task_id, body, record.CONTENT_TYPE, delivery.key)
@@ -391,7 +392,7 @@ class ConsumerLoop:
     def _stored_outputs(self, delivery: Delivery, task: TaskRecord) -> tuple[Output, ...]:
         """Rule 9: the result record of a task already final, made again from the store."""
         state = task.state
-        if state not in self._txn_topics or not self._txn_topics[state]:
+        if state not in self._with_offsets or not self._with_offsets[state]:
             return ()
         body = record.encode(record.TaskOutcome(
             self.config.name, self.config.tenant, delivery.task_id, str(state), task.attempts,
@@ -503,8 +504,8 @@ class ConsumerLoop:
                 # Outputs only of the end this attempt recorded (not, say, a cancel that won).
                 keep = s.completion is None or s.completion.state == state
                 acks.append((s.delivery, s.outputs if keep else ()))
-        if self._txn_source is not None:
-            await self._txn_source.ack_producing(acks)
+        if self._producing is not None:
+            await self._producing.ack_producing(acks)
         else:
             await self.source.ack([d for d, _ in acks])
         await self.source.retry_later(requeues)

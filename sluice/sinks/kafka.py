@@ -46,6 +46,11 @@ CONFIG = ObjectSpec(
           default=5, minimum=0),
     Field("delivery_timeout_ms", "integer", "A record the broker has not acknowledged in this "
           "time fails the send (it is retried later).", default=30000, minimum=1),
+    Field("outbox", "boolean", "Under on_success/on_failure of a pipeline whose source is "
+          "Kafka on the same brokers, results are written by the source with its commits (a "
+          "message's offset is committed once the broker acknowledged its result). true: "
+          "through the durable outbox instead, with the retry keys below, a dead letter after "
+          "max_attempts and a delivery status per task.", default=False),
     kc.extra_config_field(),
     *DELIVERY_FIELDS,  # used under on_success / on_failure (the outbox's retries)
 )

@@ -237,8 +237,10 @@ async def test_sink_defaults_to_the_source_brokers_and_checks_its_topic() -> Non
         build_sink(SINK_CONFIG.apply_defaults({"topic": "x"}), registry.BuildContext("p"))
 
 
-async def test_results_to_a_kafka_topic_through_the_outbox(tmp_path: Path,
-                                                          run_log: str) -> None:
+@pytest.mark.parametrize("outbox", [False, True], ids=["with_offsets", "outbox"])
+async def test_results_to_a_kafka_topic(tmp_path: Path, run_log: str, outbox: bool) -> None:
+    """By default the source writes the results with its commits; ``outbox: true`` sends them
+    through the durable outbox (with a delivery status per task)."""
     kt.require_broker()
     source_topic, results = kt.new_topic(2), kt.new_topic(1)
     try:
@@ -247,9 +249,10 @@ async def test_results_to_a_kafka_topic_through_the_outbox(tmp_path: Path,
 name: results
 source: {{kafka: {{brokers: "{kt.BROKERS}", topic: {source_topic}}}}}
 handler: {{python: "tests.helpers.handlers:echo"}}
-on_success: [{{kafka: {{topic: {results}}}}}]
+on_success: [{{kafka: {{topic: {results}, outbox: {str(outbox).lower()}}}}}]
 """)
         loop = build(config, tmp_path / "data")
+        assert bool(loop.deliverers) == outbox
         await asyncio.wait_for(run_pipelines([loop], asyncio.Event(), drain=True), DEADLINE_S)
         got = kt.read_all(results, 20)
         events = {json.loads(m.value)["id"]: json.loads(m.value) for m in got}
@@ -257,5 +260,9 @@ on_success: [{{kafka: {{topic: {results}}}}}]
         assert events["r3"]["type"] == "sluice.task.succeeded"
         assert events["r3"]["data"]["result"] == {"n": 3}
         assert got[0].headers["content-type"] == "application/cloudevents+json"
+        assert kt.committed("sluice.results", source_topic, [0, 1]) == kt.ends(source_topic)
+        task = await loop.store.get("r3", "results")
+        states = {name: d["state"] for name, d in (task.delivered or {}).items()}
+        assert states == ({"on_success.0.kafka": "delivered"} if outbox else {})
     finally:
         kt.delete_topics(source_topic, results)

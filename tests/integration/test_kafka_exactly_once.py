@@ -1,6 +1,8 @@
-"""Exactly-once Kafka→Kafka on the real broker (``consumer.exactly_once``): results and source
-offsets commit in one transaction; an output waits for its offset's commit; a task already
-final gets its result from the task store; a member pushed out of its group cannot commit.
+"""Results written with the Kafka source's commits, on the real broker: exactly once
+(``consumer.exactly_once``: results and source offsets in one transaction) and at least once
+(offsets committed after the broker acknowledged the results). An output waits for its
+offset's commit; a task already final gets its result from the task store; a member pushed out
+of its group cannot commit.
 
 The crash half (SIGKILLs, 0 duplicates in the output) is in ``test_kafka_crash.py``.
 """
@@ -40,11 +42,12 @@ on_failure: [{{kafka: {{topic: {bad}}}}}]
 """
 
 
-def eos_source(topic: str, out: str, **options: Any) -> KafkaSource:
+def eos_source(topic: str, out: str, exactly_once: bool = True,
+               **options: Any) -> KafkaSource:
     config = CONFIG.apply_defaults({"brokers": kt.BROKERS, "topic": topic,
                                     "session_timeout_ms": 6000, "commit_interval_ms": 50,
                                     **options})
-    src = KafkaSource(config, f"g-{topic}", exactly_once=True)
+    src = KafkaSource(config, f"g-{topic}", exactly_once=exactly_once)
     src.produce_to([(out, None)])
     return src
 
@@ -110,10 +113,13 @@ async def test_results_and_offsets_commit_in_one_transaction(tmp_path: Path,
         kt.delete_topics(source, ok, bad)
 
 
-async def test_an_output_waits_for_its_offset_to_be_committed() -> None:
+@pytest.mark.parametrize("exactly_once", [True, False], ids=["transaction", "acknowledged"])
+async def test_an_output_waits_for_its_offset_to_be_committed(exactly_once: bool) -> None:
+    """The outputs of finished messages are written only when the commit point passes them,
+    before it is committed (in its transaction, or acknowledged by the broker first)."""
     kt.require_broker()
     topic, out = kt.new_topic(1), kt.new_topic(1)
-    src = eos_source(topic, out)
+    src = eos_source(topic, out, exactly_once)
     try:
         kt.produce(topic, [kt.Out({"n": i}) for i in range(3)])
         await src.start()
