@@ -23,6 +23,7 @@ from sluice.datadir import Database
 from sluice.handlers.base import Handler
 from sluice.sinks.delivery import Deliverer, Destination
 from sluice.tasks.sqlite import SqliteTaskStore
+from sluice.tasks.untracked import UntrackedStore
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def build(config: PipelineConfig, data_dir: Path | None,
     return ConsumerLoop(
         config,
         source=source,
-        store=store,
+        store=store if config.consumer.track_tasks else UntrackedStore(store),
         handler=cast(Handler, _make("handler", config.handler, ctx)),
         dead_letter=dead_letter,
         worker_id=worker_id,

@@ -77,6 +77,7 @@ def parse_pipeline(text: str, file: str = "<string>") -> PipelineConfig:
     path = Path(file) if file != "<string>" else None
     issues.extend(_component_checks(doc, marks, path))
     issues.extend(_exactly_once_checks(doc, marks))
+    issues.extend(_untracked_checks(doc, marks))
     if issues:
         raise ConfigError(issues)
     return build_model(doc, path)
@@ -255,3 +256,18 @@ def _exactly_once_checks(doc: dict[str, Any], marks: Marks) -> Iterable[ConfigIs
             yield marks.issue((*path, "kafka", "outbox"), "with consumer.exactly_once, a kafka "
                               "destination is written in the source's transactions, not "
                               "through the outbox: remove outbox: true")
+
+
+def _untracked_checks(doc: dict[str, Any], marks: Marks) -> Iterable[ConfigIssue]:
+    """``consumer.track_tasks: false`` relies on a Kafka source's offsets, and leaves no task
+    for a submit to create."""
+    if doc["consumer"].get("track_tasks", True):
+        return
+    where: PathKey = ("consumer", "track_tasks")
+    ((source_type, _),) = doc["source"].items()
+    if source_type != "kafka":
+        yield marks.issue(where, "track_tasks: false needs a kafka source (its committed "
+                          f"offsets record what is finished); this source is {source_type}")
+    if (doc.get("trigger") or {}).get("http"):
+        yield marks.issue(("trigger", "http"), "a pipeline with track_tasks: false has no task to "
+                          "submit to: remove trigger, or track tasks")

@@ -65,6 +65,11 @@ CONSUMER_SPEC = ObjectSpec(
           "readers with isolation.level=read_committed see each result exactly once, across "
           "crashes and rebalances. Needs a kafka source; its kafka destinations must be on "
           "the source's brokers.", default=False),
+    Field("track_tasks", "boolean", "false: tasks are not recorded in the task store (Kafka "
+          "source only; the committed offsets say what is finished). Saves two store writes "
+          "per message; there is no task API, per-task cancel or pause, submit, or dedup by "
+          "task id across workers for this pipeline. Retries, dead letters and results work "
+          "as before.", default=True),
 )
 
 TRIGGER_SPEC = ObjectSpec(
@@ -125,6 +130,7 @@ class ConsumerConfig:
     adaptive: dict[str, Any] | None = None  # consumer.concurrency as a mapping
     ordering: str = "key"
     exactly_once: bool = False
+    track_tasks: bool = True
 
     @property
     def limit_config(self) -> int | dict[str, Any]:
@@ -176,6 +182,7 @@ def build_model(doc: dict[str, Any], path: Path | None) -> PipelineConfig:
             retry=RetryConfig(**{k: v for k, v in consumer["retry"].items()}),
             ordering=str(consumer["ordering"]),
             exactly_once=bool(consumer["exactly_once"]),
+            track_tasks=bool(consumer["track_tasks"]),
         ),
         dead_letter=_component(dead_letter),
         path=path,

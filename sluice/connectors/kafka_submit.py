@@ -39,6 +39,9 @@ class KafkaSubmitter:
 
     def __init__(self, db: Database, config: PipelineConfig) -> None:
         source = config.source.config
+        if not config.consumer.track_tasks:
+            raise SourceError(f"pipeline {config.name!r} does not track its tasks "
+                              "(consumer.track_tasks: false): produce to its topic instead")
         if source.get("task_id_header", HEADER) != HEADER:
             raise SourceError(f"pipeline {config.name!r}: submitting needs the source's "
                               f"task_id_header to be {HEADER!r}, it is "

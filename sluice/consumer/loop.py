@@ -244,7 +244,7 @@ class ConsumerLoop:
     async def _dispatch(self, deliveries: list[Delivery]) -> None:
         for d in deliveries:
             self._held[id(d)] = d
-        claims = [Claim(d.task_id, d.key, d.enqueued_at) for d in deliveries]
+        claims = [Claim(d.task_id, d.key, d.enqueued_at, d.deliveries) for d in deliveries]
         results = await self.store.claim(self.config.name, self.config.tenant, claims, self.owner,
                                          self.source.lease_s, time.time())
         now = time.time()

@@ -99,6 +99,7 @@ class Claim:
     task_id: str
     key: str | None = None
     received_at: float | None = None  # used when the task is first seen at the consumer
+    deliveries: int = 1  # times the source handed the message out (an untracked attempt count)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from sluice.config.load import parse_pipeline
 from sluice.connectors import kafka_client
 from sluice.connectors.base import Delivery, SinkRecord
 from sluice.connectors.kafka import CONFIG, KafkaSource
+from sluice.datadir import Database
 from sluice.errors import DeliveryError, SourceError
 from sluice.runtime import build, run_pipelines
 from sluice.sinks.kafka import CONFIG as SINK_CONFIG
@@ -266,3 +267,37 @@ on_success: [{{kafka: {{topic: {results}, outbox: {str(outbox).lower()}}}}}]
         assert states == ({"on_success.0.kafka": "delivered"} if outbox else {})
     finally:
         kt.delete_topics(source_topic, results)
+
+
+async def test_a_pipeline_that_does_not_track_tasks(tmp_path: Path, run_log: str) -> None:
+    """consumer.track_tasks: false: no task record, yet retries, dead letters and results
+    work, and the offsets are committed at the end."""
+    kt.require_broker()
+    source_topic, results, dlq = kt.new_topic(2), kt.new_topic(1), kt.new_topic(1)
+    try:
+        kt.produce(source_topic, [kt.Out({"n": i, "fail_until": 2, "retry_delay_s": 0.05}
+                                         if i == 3 else {"reject": "no"} if i == 4 else
+                                         {"n": i}, task_id=f"u{i}") for i in range(30)])
+        config = parse_pipeline(f"""
+name: untracked
+source: {{kafka: {{brokers: "{kt.BROKERS}", topic: {source_topic}}}}}
+handler: {{python: "tests.helpers.handlers:behave"}}
+consumer: {{track_tasks: false, retry: {{max_attempts: 3, initial_backoff_s: 0.05}}}}
+on_success: [{{kafka: {{topic: {results}}}}}]
+dead_letter: {{kafka: {{topic: {dlq}}}}}
+""")
+        loop = build(config, tmp_path / "data")
+        await asyncio.wait_for(run_pipelines([loop], asyncio.Event(), drain=True), DEADLINE_S)
+        events = {json.loads(m.value)["id"]: json.loads(m.value)
+                  for m in kt.read_all(results, 29)}
+        assert set(events) == {f"u{i}" for i in range(30) if i != 4}
+        assert events["u3"]["data"]["attempts"] == 2  # retried once, counted by the source
+        assert events["u3"]["data"]["result"] == {"attempt": 2}
+        (dead,) = kt.read_all(dlq, 1)
+        assert dead.headers["sluice-task-id"] == "u4"
+        assert kt.committed("sluice.untracked", source_topic, [0, 1]) == kt.ends(source_topic)
+        count = Database.open(tmp_path / "data").run_sync(
+            lambda c: c.execute("SELECT COUNT(*) FROM tasks").fetchone()[0])
+        assert count == 0
+    finally:
+        kt.delete_topics(source_topic, results, dlq)

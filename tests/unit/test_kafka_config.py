@@ -113,3 +113,19 @@ on_success: [{kafka: {topic: ok}}]
 """)
     assert config.consumer.exactly_once
     assert not parse_pipeline(PIPELINE.format(brokers="a:1", extra="")).consumer.exactly_once
+
+
+def test_track_tasks_false_needs_a_kafka_source_and_no_trigger() -> None:
+    assert eos_issues("""\
+name: e
+source: {embedded: {queue: q}}
+handler: {python: "tests.helpers.handlers:echo"}
+consumer: {track_tasks: false}
+trigger: {http: {path: /e}}
+""") == ["eos.yaml:4:25: consumer.track_tasks: track_tasks: false needs a kafka source (its "
+         "committed offsets record what is finished); this source is embedded",
+         "eos.yaml:5:17: trigger.http: a pipeline with track_tasks: false has no task to submit "
+         "to: remove trigger, or track tasks"]
+    config = parse_pipeline(PIPELINE.format(brokers="a:1", extra="").replace(
+        "handler:", "consumer: {track_tasks: false}\nhandler:"))
+    assert not config.consumer.track_tasks

@@ -1,0 +1,79 @@
+"""The task store of a pipeline that does not track its tasks (``consumer.track_tasks: false``).
+
+A Kafka source's committed offsets already say which messages are finished; a pipeline may
+leave out the per-task records (two task-store writes per message) when it needs neither the
+task API, per-task cancel/pause, nor dedup by task id across workers. What stays:
+
+1. Every claim runs; its attempt number is the source's delivery count (retries are held by the
+   source, so they count as before, within one worker).
+2. A completion is accepted as given. Its outbox messages (results for destinations that go
+   through the outbox) are still written, in one transaction per batch: results are as
+   reliable as with tracking.
+3. Pausing a whole pipeline works (it reads the real store); everything about single tasks
+   finds nothing.
+"""
+
+from __future__ import annotations
+
+import builtins
+import sqlite3
+from collections.abc import Sequence
+
+from sluice.datadir import put_in
+from sluice.errors import TaskNotFound
+from sluice.tasks.sqlite import SqliteTaskStore
+from sluice.tasks.state import TaskState
+from sluice.tasks.store import Claim, ClaimResult, ClaimStatus, Completion, NewTask, TaskRecord
+
+
+class UntrackedStore:
+    """:class:`~sluice.tasks.store.TaskStore` that records no task (see the rules)."""
+
+    def __init__(self, inner: SqliteTaskStore) -> None:
+        self.inner = inner
+        self.db = inner.db
+
+    async def create(self, pipeline: str, tenant: str, tasks: Sequence[NewTask],
+                     now: float) -> builtins.list[TaskRecord | None]:
+        raise TaskNotFound(f"pipeline {pipeline!r} does not track its tasks")
+
+    async def claim(self, pipeline: str, tenant: str, claims: Sequence[Claim], owner: str,
+                    lease_s: float, now: float) -> builtins.list[ClaimResult]:
+        return [ClaimResult(ClaimStatus.RUN, c.deliveries, c.received_at, None, c.received_at,
+                            now) for c in claims]
+
+    async def extend(self, pipeline: str, task_ids: Sequence[str], owner: str,
+                     lease_s: float, now: float) -> builtins.list[str]:
+        return []
+
+    async def set_paused(self, pipeline: str, paused: bool, now: float) -> None:
+        await self.inner.set_paused(pipeline, paused, now)
+
+    async def is_paused(self, pipeline: str) -> bool:
+        return await self.inner.is_paused(pipeline)
+
+    async def complete(self, pipeline: str, completions: Sequence[Completion], owner: str,
+                       now: float) -> builtins.list[TaskState | None]:
+        outbox = [entry for done in completions for entry in done.outbox]
+        if outbox:
+            def write(conn: sqlite3.Connection) -> None:
+                for _, queue, message in outbox:
+                    put_in(conn, queue, [message], now)
+
+            await self.db.run(write)
+        return [done.state for done in completions]
+
+    async def release(self, pipeline: str, task_ids: Sequence[str], owner: str) -> None:
+        return None
+
+    async def get(self, task_id: str, pipeline: str | None = None) -> TaskRecord:
+        raise TaskNotFound(task_id)
+
+    async def list(self, pipeline: str | None = None, state: TaskState | None = None,
+                   limit: int = 50, before_seq: int | None = None,
+                   pipelines: Sequence[str] | None = None) -> builtins.list[TaskRecord]:
+        return []
+
+    async def transition(self, pipeline: str, task_id: str, wanted: TaskState,
+                         now: float) -> TaskRecord:
+        raise TaskNotFound(task_id)
