@@ -49,6 +49,20 @@ def create_in(conn: sqlite3.Connection, pipeline: str, tenant: str, tasks: Seque
     return out
 
 
+_COMPLETE = (
+    "UPDATE tasks SET state = ?, result = ?, result_type = ?, error_type = ?,"
+    " error_message = ?, finished_at = ?, updated_at = ?,"
+    " lease_owner = CASE WHEN ? THEN NULL ELSE lease_owner END, lease_until = NULL"
+    " WHERE pipeline = ? AND task_id = ? AND state = 'RUNNING' AND lease_owner = ?")
+
+
+def _complete_row(done: Completion, pipeline: str, owner: str,
+                  now: float) -> tuple[object, ...]:
+    final = done.state in FINAL
+    return (str(done.state), done.result, done.result_type, done.error_type, done.error_message,
+            now if final else None, now, final, pipeline, done.task_id, owner)
+
+
 def record_deliveries_in(conn: sqlite3.Connection, pipeline: str, destination: str,
                          statuses: Sequence[tuple[str, dict[str, object]]]) -> None:
     """Set one destination's delivery status in each task's ``delivered`` map."""
@@ -103,18 +117,14 @@ class SqliteTaskStore:
                 current[row[0]] = (row[1], row[2], row[3], row[4], row[5], row[6], row[7])
         out: list[ClaimResult] = []
         updates: list[tuple[object, ...]] = []
+        inserts: list[tuple[object, ...]] = []
         for claim in claims:
             found = current.get(claim.task_id)
             if found is None:
                 received: float | None = (
                     claim.received_at if claim.received_at is not None else now)
-                conn.execute(
-                    "INSERT INTO tasks (pipeline, task_id, tenant, state, attempts, key,"
-                    " received_at, queued_at, started_at, updated_at, lease_owner, lease_until)"
-                    " VALUES (?, ?, ?, 'RUNNING', 1, ?, ?, ?, ?, ?, ?, ?)",
-                    (pipeline, claim.task_id, tenant, claim.key, received, received, now, now,
-                     owner, lease_until),
-                )
+                inserts.append((pipeline, claim.task_id, tenant, claim.key, received, received,
+                                now, now, owner, lease_until))
                 current[claim.task_id] = ("RUNNING", 1, lease_until, owner, received, received,
                                           now)
                 out.append(ClaimResult(ClaimStatus.RUN, 1, received, None, received, now))
@@ -136,6 +146,10 @@ class SqliteTaskStore:
                                       started)
             updates.append((attempts, now, now, owner, lease_until, pipeline, claim.task_id))
             out.append(ClaimResult(ClaimStatus.RUN, attempts, received, None, queued, started))
+        conn.executemany(  # one statement for the batch (a repeated id is claimed once above)
+            "INSERT INTO tasks (pipeline, task_id, tenant, state, attempts, key,"
+            " received_at, queued_at, started_at, updated_at, lease_owner, lease_until)"
+            " VALUES (?, ?, ?, 'RUNNING', 1, ?, ?, ?, ?, ?, ?, ?)", inserts)
         conn.executemany(
             "UPDATE tasks SET state = 'RUNNING', attempts = ?,"
             " started_at = COALESCE(started_at, ?), updated_at = ?, lease_owner = ?,"
@@ -196,17 +210,18 @@ class SqliteTaskStore:
     def _complete(conn: sqlite3.Connection, pipeline: str, completions: Sequence[Completion],
                   owner: str, now: float) -> list[TaskState | None]:
         out: list[TaskState | None] = []
+        if not any(done.outbox for done in completions):
+            # The common batch in one statement: if every row was written, that is all.
+            conn.execute("SAVEPOINT batch")
+            cur = conn.executemany(_COMPLETE, [_complete_row(d, pipeline, owner, now)
+                                               for d in completions])
+            if cur.rowcount == len(completions):
+                conn.execute("RELEASE batch")
+                return [done.state for done in completions]
+            conn.execute("ROLLBACK TO batch")  # some were not ours: one by one, below
+            conn.execute("RELEASE batch")
         for done in completions:
-            final = done.state in FINAL
-            cur = conn.execute(
-                "UPDATE tasks SET state = ?, result = ?, result_type = ?, error_type = ?,"
-                " error_message = ?, finished_at = ?, updated_at = ?,"
-                " lease_owner = CASE WHEN ? THEN NULL ELSE lease_owner END, lease_until = NULL"
-                " WHERE pipeline = ? AND task_id = ? AND state = 'RUNNING' AND lease_owner = ?",
-                (str(done.state), done.result, done.result_type, done.error_type,
-                 done.error_message, now if final else None, now, final, pipeline,
-                 done.task_id, owner),
-            )
+            cur = conn.execute(_COMPLETE, _complete_row(done, pipeline, owner, now))
             if cur.rowcount == 1:
                 if done.outbox:
                     for _, queue, message in done.outbox:

@@ -120,3 +120,18 @@ async def test_list_newest_first_with_filters(store: SqliteTaskStore) -> None:
     nxt = await store.list(P, limit=2, before_seq=page[-1].seq)
     assert [r.task_id for r in nxt] == ["t2", "t1"]
     assert len(await store.list()) == 6
+
+
+async def test_a_batch_with_one_completion_not_ours_writes_the_others(
+        store: SqliteTaskStore) -> None:
+    """A batch is written in one statement; when a row of it is not ours any more, the batch
+    is undone and written one by one, so each completion gets its own answer."""
+    claims = [Claim(t) for t in ("a", "b", "c")]
+    await store.claim(P, "t", claims, "w1", lease_s=30, now=100.0)
+    await store.claim(P, "t", [Claim("b")], "w2", lease_s=30, now=140.0)  # w1's lease lapsed
+    got = await store.complete(P, [Completion(t, TaskState.SUCCEEDED, b"1", "application/json")
+                                   for t in ("a", "b", "c")], "w1", 141.0)
+    assert got == [TaskState.SUCCEEDED, None, TaskState.SUCCEEDED]
+    states = {t: (await store.get(t, P)).state for t in ("a", "b", "c")}
+    assert states == {"a": TaskState.SUCCEEDED, "b": TaskState.RUNNING, "c": TaskState.SUCCEEDED}
+    assert (await store.get("b", P)).attempts == 2
