@@ -14,7 +14,8 @@ topic already full:
 - ``faust``: a faust-streaming agent forwarding each value to the output topic.
 
 Throughput = N / (process start → the output topic holds N records); the time to the first
-output record (group join, first fetch) is reported too. Writes bench/results/kafka.json.
+output record (group join, first fetch) and the CPU time the process used (all its threads,
+user + system) are reported too. Writes bench/results/kafka.json.
 Brokers: ``SLUICE_KAFKA_BROKERS`` (default 127.0.0.1:9092; start it with
 ``scripts/services start kafka``).
 """
@@ -37,6 +38,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psutil
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
@@ -175,6 +177,8 @@ def measure(name: str, cmd: list[str], env: dict[str, str], out: str, n: int,
                     return {"error": f"timed out after {timeout_s:g}s with {done} of {n}"}
                 time.sleep(0.25)
             elapsed = time.perf_counter() - started
+            times = psutil.Process(proc.pid).cpu_times()
+            cpu_s = times.user + times.system
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -186,6 +190,7 @@ def measure(name: str, cmd: list[str], env: dict[str, str], out: str, n: int,
             watcher.close()
     result = {"msgs_per_s": round(n / elapsed, 1), "elapsed_s": round(elapsed, 2),
               "first_output_s": round((first or started) - started, 2),
+              "cpu_s": round(cpu_s, 2), "cpu_us_per_msg": round(cpu_s / n * 1e6, 1),
               "output_records": done}
     print(f"{name}: {json.dumps(result)}", flush=True)
     return result

@@ -4,9 +4,12 @@ came to (:class:`Outcome`)."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import orjson
 
 JSON_TYPES = ("application/json", "text/json")
 
@@ -16,13 +19,29 @@ def is_json(content_type: str) -> bool:
     return base in JSON_TYPES or base.endswith("+json")
 
 
+# orjson reads an integer beyond 64 bits as a float: a body with a run of 19 digits or more is
+# read by the standard library instead, which keeps it exact.
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+
+
+def loads_json(body: bytes) -> Any:
+    """Parse a JSON body as ``json.loads`` does (same values, same bodies accepted), faster:
+    orjson, else the standard library (long integers; ``NaN``; a UTF-16 body)."""
+    if not _LONG_DIGITS.search(body):
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(body)
+
+
 def decode_payload(body: bytes, content_type: str) -> Any:
     """JSON bodies decode to Python values, ``text/*`` to ``str``, anything else stays bytes.
 
     Raises ``ValueError`` for a JSON body that does not parse.
     """
     if is_json(content_type):
-        return json.loads(body)
+        return loads_json(body)
     if content_type.lower().startswith("text/"):
         return body.decode("utf-8", errors="replace")
     return body

@@ -26,6 +26,7 @@ from typing import Any
 
 from sluice import registry
 from sluice.errors import Overloaded, Reject, Retry
+from sluice.handlers.deadlines import Deadlines
 from sluice.message import Message, Outcome, encode_result
 from sluice.spec import REQUIRED, Field
 
@@ -82,6 +83,7 @@ class PythonHandler:
     def __init__(self, fn: Callable[..., Any], max_threads: int = 8) -> None:
         self.fn = fn
         self.is_async = _is_async(fn)
+        self._deadlines = Deadlines()  # consumer.timeout_s of every attempt
         self._executor = (
             None if self.is_async
             else ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="sluice-handler")
@@ -89,15 +91,20 @@ class PythonHandler:
 
     async def invoke(self, message: Message, timeout_s: float) -> Outcome:
         started = time.perf_counter()
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("PythonHandler.invoke must run in an asyncio task")
+        cancelling = task.cancelling()
+        self._deadlines.add(task, timeout_s)
         try:
-            # asyncio.timeout: no extra task per attempt (wait_for makes one on 3.11)
-            async with asyncio.timeout(timeout_s):
-                if self.is_async:
-                    value = await self.fn(message)
-                else:
-                    value = await asyncio.get_running_loop().run_in_executor(
-                        self._executor, functools.partial(self.fn, message))
-        except TimeoutError:
+            if self.is_async:
+                value = await self.fn(message)
+            else:
+                value = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, functools.partial(self.fn, message))
+        except asyncio.CancelledError:
+            if not self._deadlines.expired(task, cancelling):
+                raise
             return Outcome("retry", error_type="Timeout",
                            error_message=f"the attempt took longer than timeout_s={timeout_s:g}",
                            duration_s=time.perf_counter() - started, overload=True)
@@ -114,6 +121,8 @@ class PythonHandler:
         except Exception as exc:
             return Outcome("retry", error_type=type(exc).__name__, error_message=str(exc),
                            duration_s=time.perf_counter() - started)
+        finally:
+            self._deadlines.discard(task)
         duration = time.perf_counter() - started
         try:
             result, result_type = encode_result(value)

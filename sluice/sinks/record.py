@@ -15,9 +15,8 @@ import base64
 import functools
 import hashlib
 import math
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -28,9 +27,10 @@ CONTENT_TYPE = "application/cloudevents+json"
 TYPES = {"SUCCEEDED": "sluice.task.succeeded", "FAILED": "sluice.task.failed"}
 
 
-@dataclass(frozen=True, slots=True)
-class TaskOutcome:
-    """What a record is made of (known to the consumer loop when a task ends)."""
+class TaskOutcome(NamedTuple):
+    """What a record is made of (known to the consumer loop when a task ends). A named tuple:
+    one is made per finished task, and a tuple is made several times faster than a frozen
+    dataclass."""
 
     pipeline: str
     tenant: str

@@ -80,3 +80,49 @@ def test_import_target_errors() -> None:
         import_target("nope:fn")
     with pytest.raises(ImportError, match="has no attribute"):
         import_target("tests.helpers.handlers:missing")
+
+
+async def test_a_timeout_fires_within_a_tick_and_many_attempts_time_out_each() -> None:
+    handler = PythonHandler(async_slow)
+    start = time.monotonic()
+    outs = await asyncio.gather(*(handler.invoke(msg(), 0.3) for _ in range(50)))
+    elapsed = time.monotonic() - start
+    assert {(o.status, o.error_type) for o in outs} == {("retry", "Timeout")}
+    assert 0.3 <= elapsed < 1.0  # a sweep tick (0.03 s here) late, plus slack for a busy machine
+
+
+async def test_a_cancellation_that_is_not_the_timeout_propagates() -> None:
+    handler = PythonHandler(async_slow)
+    attempt = asyncio.ensure_future(handler.invoke(msg(), 10))
+    await asyncio.sleep(0.05)
+    attempt.cancel()  # a stop, or the task was cancelled: not a timeout
+    with pytest.raises(asyncio.CancelledError):
+        await attempt
+
+
+async def test_a_cancellation_on_top_of_a_timeout_still_propagates() -> None:
+    handler = PythonHandler(async_slow)
+    attempt = asyncio.ensure_future(handler.invoke(msg(), 0.05))
+    while not handler._deadlines._fired:  # the sweep cancelled it; it has not resumed yet
+        await asyncio.sleep(0)
+    attempt.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await attempt
+
+
+async def test_a_handler_that_swallows_the_timeout_leaves_its_task_uncancelled() -> None:
+    async def stubborn(m: Message) -> str:
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            return "finished anyway"
+        return "slept"
+
+    async def attempt() -> tuple[str | None, int]:
+        out = await PythonHandler(stubborn).invoke(msg(), 0.05)
+        task = asyncio.current_task()
+        assert task is not None
+        await asyncio.sleep(0.01)  # would raise CancelledError if a cancel were left pending
+        return out.status, task.cancelling()
+
+    assert await attempt() == ("success", 0)
