@@ -4,7 +4,6 @@ came to (:class:`Outcome`)."""
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -20,14 +19,16 @@ def is_json(content_type: str) -> bool:
 
 
 # orjson reads an integer beyond 64 bits as a float: a body with a run of 19 digits or more is
-# read by the standard library instead, which keeps it exact.
-_LONG_DIGITS = re.compile(rb"[0-9]{19}")
+# read by the standard library instead, which keeps it exact. (Found by mapping every digit to
+# "0" and everything else to "." and looking for 19 zeros: several times faster than a regex.)
+_DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= i <= 0x39 else 0x2E for i in range(256))
+_LONG_RUN = b"0" * 19
 
 
 def loads_json(body: bytes) -> Any:
     """Parse a JSON body as ``json.loads`` does (same values, same bodies accepted), faster:
     orjson, else the standard library (long integers; ``NaN``; a UTF-16 body)."""
-    if not _LONG_DIGITS.search(body):
+    if _LONG_RUN not in body.translate(_DIGITS_AS_ZERO):
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError:

@@ -67,7 +67,7 @@ class Sink(Protocol):
     async def close(self) -> None: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # never changed once made (frozen: a 5x slower init, per message)
 class SinkRecord:
     task_id: str
     body: bytes
@@ -76,7 +76,7 @@ class SinkRecord:
     headers: Mapping[str, str] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # never changed once made (frozen: a 5x slower init, per message)
 class Output:
     """A record to write with its source message's acknowledgement (:class:`ProducingSource`)."""
 

