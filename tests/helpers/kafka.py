@@ -153,6 +153,13 @@ def ends(topic: str) -> dict[int, int]:
         consumer.close()
 
 
+def written_ends(topic: str) -> dict[int, int]:
+    """:func:`ends` of the partitions that hold messages: what a group that finished them all
+    has committed (it commits nothing for an empty partition, and a batch of keyless messages
+    may all go to one partition)."""
+    return {p: end for p, end in ends(topic).items() if end > 0}
+
+
 def read_to_end(topic: str, timeout_s: float = 60,
                 isolation: str = "read_committed") -> list[In]:
     """Every message of ``topic`` up to the end of each partition as it is now (for

@@ -261,7 +261,8 @@ on_success: [{{kafka: {{topic: {results}, outbox: {str(outbox).lower()}}}}}]
         assert events["r3"]["type"] == "sluice.task.succeeded"
         assert events["r3"]["data"]["result"] == {"n": 3}
         assert got[0].headers["content-type"] == "application/cloudevents+json"
-        assert kt.committed("sluice.results", source_topic, [0, 1]) == kt.ends(source_topic)
+        assert (kt.committed("sluice.results", source_topic, [0, 1])
+                == kt.written_ends(source_topic))
         task = await loop.store.get("r3", "results")
         states = {name: d["state"] for name, d in (task.delivered or {}).items()}
         assert states == ({"on_success.0.kafka": "delivered"} if outbox else {})
@@ -295,7 +296,8 @@ dead_letter: {{kafka: {{topic: {dlq}}}}}
         assert events["u3"]["data"]["result"] == {"attempt": 2}
         (dead,) = kt.read_all(dlq, 1)
         assert dead.headers["sluice-task-id"] == "u4"
-        assert kt.committed("sluice.untracked", source_topic, [0, 1]) == kt.ends(source_topic)
+        assert (kt.committed("sluice.untracked", source_topic, [0, 1])
+                == kt.written_ends(source_topic))
         count = Database.open(tmp_path / "data").run_sync(
             lambda c: c.execute("SELECT COUNT(*) FROM tasks").fetchone()[0])
         assert count == 0

@@ -103,7 +103,7 @@ async def test_results_and_offsets_commit_in_one_transaction(tmp_path: Path,
         # Nothing aborted on the way: a read_uncommitted reader sees the same records.
         assert len(kt.read_all(ok, 54)) == 54
         # The offsets went in the same transactions: the group is at the end of each partition.
-        assert kt.committed(f"g-{source}", source, [0, 1, 2]) == kt.ends(source)
+        assert kt.committed(f"g-{source}", source, [0, 1, 2]) == kt.written_ends(source)
         # No outbox for a transactional destination: the result went with the offsets.
         db = Database.open(tmp_path / "data")
         queues = db.run_sync(lambda c: c.execute(
