@@ -52,7 +52,7 @@ PIPELINE = """
 name: kbench
 source: {{kafka: {{brokers: "{brokers}", topic: {topic}, group: {group}}}}}
 handler: {{python: "bench.handlers:noop"}}
-consumer: {{concurrency: {concurrency}, ordering: unordered, track_tasks: {tracked}}}
+consumer: {{concurrency: {concurrency}, track_tasks: {tracked}}}
 on_success:
   - kafka: {{topic: {out}}}
 """
@@ -268,7 +268,7 @@ def main() -> None:
         "untracked_ratio_vs_raw": round(untracked / raw, 3) if untracked and raw else None,
         "untracked_ratio_vs_faust": (round(untracked / faust, 3) if untracked and faust
                                      else None),
-        "sluice_config": {"concurrency": args.concurrency, "ordering": "unordered",
+        "sluice_config": {"concurrency": args.concurrency, "ordering": "key (the default)",
                           "tracking": "sluice: every task recorded in the SQLite task store "
                                       "(the default); sluice_untracked: "
                                       "consumer.track_tasks: false",

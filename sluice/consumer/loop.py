@@ -274,9 +274,12 @@ class ConsumerLoop:
 
     def _start_ready(self) -> None:
         """Start ready tasks while the limiter has permits."""
+        if not self._ready:
+            self.stats.in_flight = self.limiter.in_flight
+            return
         # Each take() lowers available() by one: count once (it reads the clock).
         start = asyncio.get_running_loop().create_task  # no name: asyncio.create_task's extra
-        for _ in range(min(len(self._ready), self.limiter.available()) if self._ready else 0):
+        for _ in range(min(len(self._ready), self.limiter.available())):
             delivery, claim = self._ready.popleft()
             permit = self.limiter.take()
             task = start(self._run_attempt(delivery, claim, permit))
@@ -389,7 +392,7 @@ class ConsumerLoop:
         if not topics or body is None:
             return ()
         sink_record = SinkRecord(delivery.task_id, body, record.CONTENT_TYPE, delivery.key)
-        return tuple(Output(topic, sink_record) for topic in topics)
+        return tuple([Output(topic, sink_record) for topic in topics])
 
     def _stored_outputs(self, delivery: Delivery, task: TaskRecord) -> tuple[Output, ...]:
         """Rule 9: the result record of a task already final, made again from the store."""
