@@ -13,6 +13,9 @@ Invariants:
    ``cancelling()`` count, as ``asyncio.timeout`` checks it). Any other cancellation (a stop, a
    cancelled task) propagates as it is.
 3. The timer runs only while attempts are registered, on the loop that runs them.
+4. While every attempt has had the same timeout (the consumer loop's ``consumer.timeout_s``),
+   deadlines are in the order the attempts were added, so a sweep stops at the first one not
+   yet due: its cost is the attempts it cancels, not the attempts running.
 """
 
 from __future__ import annotations
@@ -30,10 +33,15 @@ class Deadlines:
         self._tick_s = MAX_TICK_S
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._timeout_s: float | None = None  # the timeout of every attempt so far, if one
+        self._in_order = True  # rule 4
 
     def add(self, task: asyncio.Task[object], timeout_s: float) -> None:
         loop = asyncio.get_running_loop()
         self._due[task] = loop.time() + timeout_s
+        if timeout_s != self._timeout_s:
+            self._in_order = self._timeout_s is None
+            self._timeout_s = timeout_s
         tick_s = min(max(timeout_s / 10, MIN_TICK_S), MAX_TICK_S)
         if tick_s < self._tick_s:
             self._tick_s = tick_s
@@ -67,7 +75,12 @@ class Deadlines:
         if not self._due or self._loop is None:
             return
         now = self._loop.time()
-        late = [task for task, at in self._due.items() if at <= now]
+        late = []
+        for task, at in self._due.items():
+            if at <= now:
+                late.append(task)
+            elif self._in_order:
+                break  # rule 4: the rest are due later still
         for task in late:
             del self._due[task]
             self._fired.add(task)

@@ -126,3 +126,16 @@ async def test_a_handler_that_swallows_the_timeout_leaves_its_task_uncancelled()
         return out.status, task.cancelling()
 
     assert await attempt() == ("success", 0)
+
+
+async def test_a_short_timeout_behind_a_long_one_still_fires() -> None:
+    handler = PythonHandler(async_slow)
+    long_attempt = asyncio.ensure_future(handler.invoke(msg(), 4))
+    await asyncio.sleep(0.01)
+    start = time.monotonic()
+    out = await handler.invoke(msg(), 0.1)  # due before the attempt added ahead of it
+    assert (out.status, out.error_type) == ("retry", "Timeout")
+    assert time.monotonic() - start < 1.0
+    long_attempt.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await long_attempt
