@@ -179,11 +179,10 @@ class OutputProducer:
 
     def _produce(self, output: Output, on_delivery: Any) -> None:
         record = output.record
-        extra = {} if on_delivery is None else {"on_delivery": on_delivery}
         while True:
             try:
                 self._producer.produce(output.topic, value=record.body, key=record.key,
-                                       headers=kafka_headers(record), **extra)
+                                       headers=kafka_headers(record), on_delivery=on_delivery)
                 return
             except BufferError:  # the client's queue is full: let it send
                 self._producer.poll(0.05)

@@ -274,17 +274,15 @@ class ConsumerLoop:
 
     def _start_ready(self) -> None:
         """Start ready tasks while the limiter has permits."""
-        if not self._ready:
-            self.stats.in_flight = self.limiter.in_flight
-            return
-        # Each take() lowers available() by one: count once (it reads the clock).
-        start = asyncio.get_running_loop().create_task  # no name: asyncio.create_task's extra
-        for _ in range(min(len(self._ready), self.limiter.available())):
-            delivery, claim = self._ready.popleft()
-            permit = self.limiter.take()
-            task = start(self._run_attempt(delivery, claim, permit))
-            self._running[task] = delivery
-            task.add_done_callback(self._attempt_done)
+        if self._ready:
+            # Each take() lowers available() by one: count once (it reads the clock).
+            start = asyncio.get_running_loop().create_task  # no name: asyncio.create_task's
+            for _ in range(min(len(self._ready), self.limiter.available())):
+                delivery, claim = self._ready.popleft()
+                permit = self.limiter.take()
+                task = start(self._run_attempt(delivery, claim, permit))
+                self._running[task] = delivery
+                task.add_done_callback(self._attempt_done)
         self.stats.in_flight = self.limiter.in_flight
 
     def _attempt_done(self, task: asyncio.Task[None]) -> None:

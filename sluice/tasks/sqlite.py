@@ -12,7 +12,7 @@ import json
 import sqlite3
 from collections.abc import Sequence
 
-from sluice.datadir import Database, put_in
+from sluice.datadir import Database, QueuedMessage, put_in
 from sluice.errors import IllegalTransition, TaskNotFound
 from sluice.tasks.state import FINAL, TaskState, allowed
 from sluice.tasks.store import Claim, ClaimResult, ClaimStatus, Completion, NewTask, TaskRecord
@@ -47,6 +47,14 @@ def create_in(conn: sqlite3.Connection, pipeline: str, tenant: str, tasks: Seque
             if cur.rowcount == 1 else None
         )
     return out
+
+
+def put_outbox(conn: sqlite3.Connection,
+               entries: Sequence[tuple[str, str, QueuedMessage]], now: float) -> None:
+    """Enqueue a completion's outbox entries, (destination, queue, message), in ``conn``'s
+    transaction."""
+    for _, queue, message in entries:
+        put_in(conn, queue, [message], now)
 
 
 _COMPLETE = (
@@ -224,8 +232,7 @@ class SqliteTaskStore:
             cur = conn.execute(_COMPLETE, _complete_row(done, pipeline, owner, now))
             if cur.rowcount == 1:
                 if done.outbox:
-                    for _, queue, message in done.outbox:
-                        put_in(conn, queue, [message], now)
+                    put_outbox(conn, done.outbox, now)
                     pending = {dest: {"state": "pending", "at": now, "attempts": 0}
                                for dest, _, _ in done.outbox}
                     conn.execute("UPDATE tasks SET delivered = ? WHERE pipeline = ? AND"

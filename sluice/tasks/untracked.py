@@ -16,12 +16,10 @@ task API, per-task cancel/pause, nor dedup by task id across workers. What stays
 from __future__ import annotations
 
 import builtins
-import sqlite3
 from collections.abc import Sequence
 
-from sluice.datadir import put_in
 from sluice.errors import TaskNotFound
-from sluice.tasks.sqlite import SqliteTaskStore
+from sluice.tasks.sqlite import SqliteTaskStore, put_outbox
 from sluice.tasks.state import TaskState
 from sluice.tasks.store import Claim, ClaimResult, ClaimStatus, Completion, NewTask, TaskRecord
 
@@ -56,11 +54,7 @@ class UntrackedStore:
                        now: float) -> builtins.list[TaskState | None]:
         outbox = [entry for done in completions for entry in done.outbox]
         if outbox:
-            def write(conn: sqlite3.Connection) -> None:
-                for _, queue, message in outbox:
-                    put_in(conn, queue, [message], now)
-
-            await self.db.run(write)
+            await self.db.run(lambda conn: put_outbox(conn, outbox, now))
         return [done.state for done in completions]
 
     async def release(self, pipeline: str, task_ids: Sequence[str], owner: str) -> None:

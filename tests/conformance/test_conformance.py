@@ -20,7 +20,6 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 from sluice.config.load import parse_pipeline
@@ -32,6 +31,7 @@ from sluice.tasks.state import TaskState
 from tests.conformance.conftest import Connector, Item
 from tests.conftest import ROOT, sluice_cmd, subprocess_env
 from tests.helpers.handlers import read_log
+from tests.helpers.waiting import wait_until
 
 PIPELINE = """
 name: jobs
@@ -77,14 +77,6 @@ def done_runs(run_log: str) -> Counter[str]:
 
 def items(n: int, prefix: str = "t", **payload: object) -> list[Item]:
     return [Item(f"{prefix}{i:05d}", dict(payload), key=f"k{i % 5}") for i in range(n)]
-
-
-async def wait_until(predicate: Callable[[], bool], timeout_s: float = RUN_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        await asyncio.sleep(0.05)
 
 
 async def test_delivers_every_message_once(connector: Connector, data_dir: Path,

@@ -20,6 +20,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from sluice.connectors.base import Delivery, Source
 from sluice.connectors.kafka_client import headers_dict
 
 BROKERS = os.environ.get("SLUICE_KAFKA_BROKERS", "127.0.0.1:9092")
@@ -188,3 +189,13 @@ def read_to_end(topic: str, timeout_s: float = 60,
         return out
     finally:
         consumer.close()
+
+
+async def fetch_n(src: Source, n: int, timeout_s: float = 60.0) -> list[Delivery]:
+    """Exactly ``n`` deliveries from ``src`` (fetched in as many calls as it takes)."""
+    got: list[Delivery] = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < n:
+        assert time.monotonic() < deadline, f"got {len(got)} of {n}"
+        got.extend(await src.fetch(n - len(got), 0.2))
+    return got

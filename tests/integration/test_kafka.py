@@ -23,6 +23,7 @@ from sluice.runtime import build, run_pipelines
 from sluice.sinks.kafka import CONFIG as SINK_CONFIG
 from sluice.sinks.kafka import KafkaSink, build_sink
 from tests.helpers import kafka as kt
+from tests.helpers.waiting import wait_until
 
 DEADLINE_S = 60.0
 
@@ -56,21 +57,6 @@ async def opened() -> AsyncIterator[Callable[[KafkaSource], Awaitable[KafkaSourc
         await src.close()
 
 
-async def fetch_n(src: KafkaSource, n: int) -> list[Delivery]:
-    got: list[Delivery] = []
-    deadline = time.monotonic() + DEADLINE_S
-    while len(got) < n:
-        assert time.monotonic() < deadline, f"got {len(got)} of {n}"
-        got.extend(await src.fetch(n - len(got), 0.2))
-    return got
-
-
-async def wait_until(predicate: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await asyncio.sleep(0.05)
-
 
 def offsets(deliveries: list[Delivery]) -> list[int]:
     return [d.ref.offset for d in deliveries]
@@ -79,7 +65,7 @@ def offsets(deliveries: list[Delivery]) -> list[int]:
 async def test_delivery_carries_the_record(topic: str, opened: Any) -> None:
     kt.produce(topic, [kt.Out({"n": 1}, key="k1"), kt.Out({"n": 2}, task_id="mine")])
     src = await opened(source(topic))
-    first, second = await fetch_n(src, 2)
+    first, second = await kt.fetch_n(src, 2)
     assert first.task_id == f"{topic}/0/0"  # no task id header: topic/partition/offset
     assert second.task_id == "mine"
     assert (first.body, first.key, first.content_type) == (b'{"n": 1}', "k1", "application/json")
@@ -90,7 +76,7 @@ async def test_delivery_carries_the_record(topic: str, opened: Any) -> None:
 async def test_commits_only_below_the_lowest_unfinished(topic: str, opened: Any) -> None:
     kt.produce(topic, [kt.Out({"n": i}) for i in range(6)])
     src = await opened(source(topic, group=f"g-{topic}"))
-    got = await fetch_n(src, 6)
+    got = await kt.fetch_n(src, 6)
     assert offsets(got) == [0, 1, 2, 3, 4, 5]
     await src.ack([got[i] for i in (1, 2, 4, 5)])  # 0 and 3 still running
     await asyncio.sleep(0.3)  # several commit intervals: nothing may be committed past 0
@@ -102,7 +88,7 @@ async def test_commits_only_below_the_lowest_unfinished(topic: str, opened: Any)
 
     # The next member of the group starts at the unfinished 3; 4 and 5 come again too.
     again = await opened(source(topic, group=f"g-{topic}"))
-    redelivered = await fetch_n(again, 3)
+    redelivered = await kt.fetch_n(again, 3)
     assert offsets(redelivered) == [3, 4, 5]
     await again.ack(redelivered)
     await again.close()
@@ -113,10 +99,10 @@ async def test_retry_later_redelivers_from_memory_without_committing(topic: str,
                                                                      opened: Any) -> None:
     kt.produce(topic, [kt.Out({"n": i}) for i in range(3)])
     src = await opened(source(topic, group=f"g-{topic}"))
-    got = await fetch_n(src, 3)
+    got = await kt.fetch_n(src, 3)
     await src.retry_later([(got[0], 0.2)])
     await src.ack(got[1:])
-    (back,) = await fetch_n(src, 1)
+    (back,) = await kt.fetch_n(src, 1)
     assert (back.ref.offset, back.deliveries) == (0, 2)
     assert kt.committed(f"g-{topic}", topic, [0]) in ({}, {0: 0})
     await src.ack([back])
@@ -128,13 +114,13 @@ async def test_pending_counts_lag_and_work_in_hand(topic: str, opened: Any) -> N
     src = await opened(source(topic, max_poll_records=4, max_uncommitted=4))
     await wait_until(lambda: bool(src.paused_partitions()))  # backpressure
     assert await src.pending() == 10
-    first = await fetch_n(src, 4)
+    first = await kt.fetch_n(src, 4)
     assert await src.pending() == 10  # running: not finished
     assert src.paused_partitions() != []  # 4 tracked: still at the bound
     await src.ack(first)
     rest: list[Delivery] = []
     while len(rest) < 6:  # resumed each time it is down to half the bound
-        more = await fetch_n(src, 1)
+        more = await kt.fetch_n(src, 1)
         await src.ack(more)
         rest.extend(more)
     assert offsets(first + rest) == list(range(10))
@@ -149,7 +135,7 @@ async def test_revocation_waits_for_work_in_flight_then_commits(opened: Any) -> 
         kt.produce(topic, [kt.Out({"n": i}, partition=i % 2) for i in range(10)])
         group = f"g-{topic}"
         first = await opened(source(topic, group=group, revoke_timeout_s=60))
-        held = await fetch_n(first, 10)  # both partitions, none finished
+        held = await kt.fetch_n(first, 10)  # both partitions, none finished
         second = await opened(source(topic, group=group))
         # cooperative-sticky moves one partition to the newcomer; the first member holds on to
         # it while its work is in flight.
@@ -159,7 +145,7 @@ async def test_revocation_waits_for_work_in_flight_then_commits(opened: Any) -> 
         await first.ack(held)
         await wait_until(lambda: kt.committed(group, topic, [moving[1]]) == {moving[1]: 5})
         kt.produce(topic, [kt.Out({"after": True}, partition=moving[1])])
-        (after,) = await fetch_n(second, 1)  # finished work is not handed out again
+        (after,) = await kt.fetch_n(second, 1)  # finished work is not handed out again
         assert (after.ref.partition, after.ref.offset) == (moving, 5)
     finally:
         kt.delete_topics(topic)
@@ -172,9 +158,9 @@ async def test_revocation_lets_go_after_its_timeout(opened: Any) -> None:
         kt.produce(topic, [kt.Out({"n": i}, partition=i % 2) for i in range(10)])
         group = f"g-{topic}"
         first = await opened(source(topic, group=group, revoke_timeout_s=0.5))
-        await fetch_n(first, 10)  # never finished: a stuck handler
+        await kt.fetch_n(first, 10)  # never finished: a stuck handler
         second = await opened(source(topic, group=group))
-        again = await fetch_n(second, 5)  # the moved partition is read again (at-least-once)
+        again = await kt.fetch_n(second, 5)  # the moved partition is read again (at-least-once)
         assert sorted(offsets(again)) == [0, 1, 2, 3, 4]
         assert len({d.ref.partition for d in again}) == 1
     finally:

@@ -13,7 +13,6 @@ import asyncio
 import json
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from sluice.tasks.sqlite import SqliteTaskStore
 from sluice.tasks.state import TaskState
 from sluice.tasks.store import Claim, Completion, NewTask
 from tests.helpers import kafka as kt
+from tests.helpers.waiting import wait_until
 
 DEADLINE_S = 60.0
 
@@ -51,21 +51,6 @@ def eos_source(topic: str, out: str, exactly_once: bool = True,
     src.produce_to([(out, None)])
     return src
 
-
-async def fetch_n(src: KafkaSource, n: int) -> list[Delivery]:
-    got: list[Delivery] = []
-    deadline = time.monotonic() + DEADLINE_S
-    while len(got) < n:
-        assert time.monotonic() < deadline, f"got {len(got)} of {n}"
-        got.extend(await src.fetch(n - len(got), 0.2))
-    return got
-
-
-async def wait_until(predicate: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out waiting"
-        await asyncio.sleep(0.1)
 
 
 def output(topic: str, delivery: Delivery) -> tuple[Output, ...]:
@@ -123,7 +108,7 @@ async def test_an_output_waits_for_its_offset_to_be_committed(exactly_once: bool
     try:
         kt.produce(topic, [kt.Out({"n": i}) for i in range(3)])
         await src.start()
-        got = await fetch_n(src, 3)
+        got = await kt.fetch_n(src, 3)
         # 1 and 2 finish; 0 still runs: the commit point stays at 0, so their outputs wait.
         await src.ack_producing([(d, output(out, d)) for d in got[1:]])
         await asyncio.sleep(0.5)  # ten commit intervals
@@ -181,11 +166,11 @@ async def test_a_member_pushed_out_of_its_group_cannot_commit_its_outputs() -> N
     try:
         kt.produce(topic, [kt.Out({"n": i}) for i in range(5)])
         await a.start()
-        got_a = await fetch_n(a, 5)
+        got_a = await kt.fetch_n(a, 5)
         await a.ack_producing([(d, output(out, d)) for d in got_a])
         stall = asyncio.ensure_future(a._ask(lambda: time.sleep(10)))  # A's poll thread stalls
         await b.start()
-        got_b = await fetch_n(b, 5)
+        got_b = await kt.fetch_n(b, 5)
         assert [d.ref.offset for d in got_b] == [0, 1, 2, 3, 4]
         await b.ack_producing([(d, output(out, d)) for d in got_b])
         await wait_until(lambda: kt.committed(f"g-{topic}", topic, [0]) == {0: 5})
