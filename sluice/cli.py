@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.table import Table
 
 from sluice import registry
 from sluice.cli_common import (
@@ -26,11 +25,15 @@ from sluice.cli_common import (
     fail,
     guarded,
     load_all,
-    out,
+    print_wide,
     run_async,
+    say,
     setup_logging,
+    table,
 )
-from sluice.cli_tasks import pipelines, submit, tasks
+from sluice.cli_keys import keys as keys_group
+from sluice.cli_pipelines import pipelines
+from sluice.cli_tasks import submit, tasks
 from sluice.config.load import load_pipeline, schema_text
 from sluice.errors import ConfigError
 from sluice.spec import REQUIRED, Field, ObjectSpec
@@ -142,7 +145,8 @@ def _field_rows(spec: ObjectSpec | Field, prefix: str = "") -> list[tuple[str, s
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="The JSON Schema of each component.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object: component (family.name) → its config's JSON Schema.")
 def connectors(as_json: bool) -> None:
     """List every component (sources, handlers, sinks) with its config keys."""
     if as_json:
@@ -151,11 +155,12 @@ def connectors(as_json: bool) -> None:
         return
     for comp in registry.components():
         extra = f"  (pip install 'sluice[{comp.extra}]')" if comp.extra else ""
-        out.print(f"[bold]{comp.family}[/] [cyan]{comp.name}[/]: {comp.summary}{extra}")
-        table = Table("key", "type", "default", "description", show_edge=False)
+        say((comp.family, "bold"), " ", (comp.name, "cyan"), f": {comp.summary}{extra}")
+        keys = table("key", "type", "default", "description", wrap=("description",))
+        keys.show_edge = False
         for row in _field_rows(comp.config):
-            table.add_row(*row)
-        out.print(table)
+            keys.add_row(*row)
+        print_wide(keys)
 
 
 @cli.command()
@@ -172,7 +177,7 @@ def reference() -> None:
     click.echo(render(), nl=False)
 
 
-# -- serve and keys ---------------------------------------------------------------------------
+# -- serve ---------------------------------------------------------------------------------
 
 @cli.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
@@ -215,27 +220,7 @@ def serve(files: Sequence[Path], host: str, port: int, data_dir: Path, workers: 
         fail(f"cannot serve on {host}:{port}: {exc.strerror or exc}")
 
 
-@cli.group()
-def keys() -> None:
-    """API keys for `sluice serve --auth-file`."""
-
-
-@keys.command("new")
-@click.option("--tenant", default=None, help="The tenant this key acts for.")
-@click.option("--admin", is_flag=True, help="A key that sees every tenant.")
-def keys_new(tenant: str | None, admin: bool) -> None:
-    """Make a new API key: prints the key (give it to the client) and the keys-file entry
-    (only its hash is stored)."""
-    from sluice.gateway.auth import hash_key, new_key
-
-    if bool(tenant) == admin:
-        fail("give exactly one of --tenant NAME or --admin")
-    key = new_key()
-    who = "admin: true" if admin else f"tenant: {tenant}"
-    click.echo(f"key: {key}")
-    click.echo(f"keys-file entry:  - {{{who}, sha256: {hash_key(key)}}}")
-
-
+cli.add_command(keys_group)
 cli.add_command(submit)
 cli.add_command(tasks)
 cli.add_command(pipelines)

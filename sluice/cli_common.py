@@ -9,26 +9,80 @@ import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
+from rich.cells import cell_len
 from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from sluice.config.load import load_pipeline
 from sluice.config.model import PipelineConfig
 from sluice.errors import ConfigError, SluiceError
 
+if TYPE_CHECKING:
+    from sluice.client import ApiResponse, Client
+    from sluice.tasks.sqlite import SqliteTaskStore
+
 T = TypeVar("T")
 
 DATA_DIR_HELP = "Data directory (embedded queues and the task store). Env: SLUICE_DATA_DIR."
 
-out = Console()
-err = Console(stderr=True)
+# Text from users, handlers and the store is printed literally: no console markup, no emoji
+# codes, no highlighting. Styled text is built with rich.text.Text, never with markup strings.
+out = Console(markup=False, emoji=False, highlight=False)
+err = Console(stderr=True, markup=False, emoji=False, highlight=False)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    """Print ``error: message`` (literally) on stderr and exit with ``code``."""
+    err.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
     sys.exit(code)
+
+
+def say(*parts: str | tuple[str, str]) -> None:
+    """Print one line on stdout: plain strings literally, ``(text, style)`` pairs styled."""
+    out.print(Text.assemble(*parts), soft_wrap=True)
+
+
+def table(*headers: str, wrap: Sequence[str] = (), title: str | None = None) -> Table:
+    """A table whose columns never truncate: every column keeps its values whole (ids, keys,
+    names) except those named in ``wrap``, which wrap (and fold a word too long for them)."""
+    t = Table(title=title)
+    for header in headers:
+        if header in wrap:
+            t.add_column(header, overflow="fold")
+        else:
+            t.add_column(header, no_wrap=True, overflow="ignore")
+    return t
+
+
+def print_wide(rows: Table) -> None:
+    """Print ``rows`` at least as wide as its unwrappable columns need (the terminal then wraps
+    the line rather than rich cutting a value short)."""
+    for column in rows.columns:
+        if column.no_wrap:
+            widths = [cell_len(str(c)) for c in (column.header, *column.cells)]
+            column.min_width = max(widths)
+    width = out.width
+    needed = out.measure(rows, options=out.options.update(max_width=1 << 16)).minimum
+    out.width = max(width, needed)
+    try:
+        out.print(rows)
+    finally:
+        out.width = width
+
+
+def store_dir(data_dir: Path) -> Path:
+    """``data_dir`` when it holds sluice data; else exit 2 (read-only commands never create
+    a data directory)."""
+    from sluice.datadir import DB_FILE
+
+    if not (data_dir / DB_FILE).is_file():
+        fail(f"no sluice data in {data_dir} (no {DB_FILE} there); give the --data-dir that "
+             "`sluice run`, `sluice serve` or `sluice submit` used (env SLUICE_DATA_DIR)")
+    return data_dir
 
 
 def guarded(fn: Callable[[], T], code: int = 2) -> T:
@@ -68,6 +122,36 @@ def data_dir_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
                         envvar="SLUICE_DATA_DIR", default=Path(".sluice"), show_default=True,
                         help=DATA_DIR_HELP)(fn)
+
+
+def remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--token", envvar="SLUICE_TOKEN", default=None,
+                      help="API key for --url. Env: SLUICE_TOKEN.")(fn)
+    return click.option("--url", envvar="SLUICE_URL", default=None,
+                        help="A sluice server (e.g. http://127.0.0.1:8080); without it, the "
+                        "local data directory is used. Env: SLUICE_URL.")(fn)
+
+
+def api(url: str, token: str | None) -> Client:
+    from sluice.client import Client
+
+    return Client(url, token)
+
+
+def checked(resp: ApiResponse) -> Any:
+    """The body of a 2xx answer; else exit (2 for a 4xx, 1 for a 5xx) with its detail."""
+    if not resp.ok:
+        fail(f"HTTP {resp.status}: {resp.detail()}", 2 if resp.status < 500 else 1)
+    return resp.body
+
+
+def local_store(data_dir: Path, *, create: bool = False) -> SqliteTaskStore:
+    """The task store of ``data_dir``; unless ``create``, the directory must hold sluice data
+    already (see :func:`store_dir`)."""
+    from sluice.datadir import Database
+    from sluice.tasks.sqlite import SqliteTaskStore
+
+    return SqliteTaskStore(Database.open(data_dir if create else store_dir(data_dir)))
 
 
 def setup_logging(level: str, fmt: str) -> None:

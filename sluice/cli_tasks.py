@@ -1,4 +1,4 @@
-"""``sluice submit``, ``sluice tasks ...`` and ``sluice pipelines ...``.
+"""``sluice submit`` and ``sluice tasks ...``.
 
 Each talks to a sluice server when given ``--url`` (or ``SLUICE_URL``; token from ``--token`` or
 ``SLUICE_TOKEN``), else to the local data directory.
@@ -11,15 +11,28 @@ import functools
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.table import Table
+from rich.text import Text
 
-from sluice.cli_common import data_dir_option, err, fail, guarded, load_all, out
-from sluice.client import ApiResponse, Client
+from sluice.cli_common import (
+    api,
+    checked,
+    data_dir_option,
+    err,
+    fail,
+    guarded,
+    load_all,
+    local_store,
+    out,
+    print_wide,
+    remote_options,
+    say,
+    table,
+)
 from sluice.errors import IllegalTransition, SluiceError, TaskNotFound
 from sluice.tasks.state import TaskState
 from sluice.tasks.store import TaskRecord
@@ -27,31 +40,6 @@ from sluice.tasks.store import TaskRecord
 if TYPE_CHECKING:
     from sluice.config.model import PipelineConfig
     from sluice.datadir import Database, QueuedMessage
-
-
-def remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn = click.option("--token", envvar="SLUICE_TOKEN", default=None,
-                      help="API key for --url. Env: SLUICE_TOKEN.")(fn)
-    return click.option("--url", envvar="SLUICE_URL", default=None,
-                        help="A sluice server (e.g. http://127.0.0.1:8080); without it, the "
-                        "local data directory is used. Env: SLUICE_URL.")(fn)
-
-
-def _client(url: str, token: str | None) -> Client:
-    return Client(url, token)
-
-
-def _check(resp: ApiResponse) -> Any:
-    if not resp.ok:
-        fail(f"HTTP {resp.status}: {resp.detail()}", 2 if resp.status < 500 else 1)
-    return resp.body
-
-
-def _store(data_dir: Path) -> Any:
-    from sluice.datadir import Database
-    from sluice.tasks.sqlite import SqliteTaskStore
-
-    return SqliteTaskStore(Database.open(data_dir))
 
 
 def _ts(at: float | None) -> str:
@@ -62,18 +50,26 @@ def _ts(at: float | None) -> str:
 
 # -- submit ---------------------------------------------------------------------------------
 
-def _read_data(value: str) -> bytes:
+def _read_data(value: str, number: int, count: int) -> bytes:
+    """The bytes of one ``--data`` value (JSON text, or ``@path`` of a JSON file); exit 2 naming
+    that ``--data`` when it cannot be read or is not JSON."""
+    shown = value if len(value) <= 60 else value[:57] + "..."
+    which = f"--data {shown}" if value.startswith("@") else f"--data {shown!r}"
+    if count > 1:
+        which = f"--data #{number} ({which.removeprefix('--data ')})"
     if value.startswith("@"):
         try:
             raw = Path(value[1:]).read_bytes()
         except OSError as exc:
-            fail(f"--data {value}: cannot read the file: {exc}")
+            fail(f"{which}: cannot read the file: {exc.strerror or exc}")
     else:
         raw = value.encode()
     try:
         json.loads(raw)
+    except UnicodeDecodeError as exc:
+        fail(f"{which}: not valid JSON: not UTF-8 text ({exc.reason} at byte {exc.start})")
     except ValueError as exc:
-        fail(f"--data {value[:60]!r}: not valid JSON: {exc}")
+        fail(f"{which}: not valid JSON: {exc}")
     return raw
 
 
@@ -96,10 +92,10 @@ def submit(pipeline: str, files: Sequence[Path], datas: Sequence[str], task_id: 
     """Submit task(s) to PIPELINE; print each task id."""
     if task_id is not None and len(datas) > 1:
         fail("--task-id names one task; give one --data with it")
-    bodies = [_read_data(d) for d in datas]
+    bodies = [_read_data(d, i, len(datas)) for i, d in enumerate(datas, start=1)]
     if url:
         refused = False
-        client = _client(url, token)
+        client = api(url, token)
         for body in bodies:
             send = functools.partial(client.submit, pipeline, body, task_id=task_id, key=key,
                                      delay_s=delay_s)
@@ -107,9 +103,9 @@ def submit(pipeline: str, files: Sequence[Path], datas: Sequence[str], task_id: 
             if resp.status == 409:
                 refused = True
                 err.print(f"error: {resp.detail()} (state {resp.body.get('state')})",
-                          highlight=False)
+                          soft_wrap=True)
                 continue
-            click.echo(_check(resp)["task_id"])
+            click.echo(checked(resp)["task_id"])
         sys.exit(2 if refused else 0)
     if not files:
         fail("give -f FILE (the pipeline file), or --url to submit through a server")
@@ -149,7 +145,7 @@ def _submit_local(pipeline: str, files: Sequence[Path], bodies: list[bytes],
                                                       pipeline=config.name))
             state = existing[0].state if existing else "?"
             err.print(f"error: task id {message.task_id!r} is already used in pipeline "
-                      f"{config.name!r} (state {state}); not submitted again", highlight=False)
+                      f"{config.name!r} (state {state}); not submitted again", soft_wrap=True)
         else:
             click.echo(message.task_id)
     sys.exit(2 if refused else 0)
@@ -181,13 +177,19 @@ def _print_list(records: list[dict[str, Any]], as_json: bool) -> None:
         for r in records:
             click.echo(json.dumps(r))
         return
-    table = Table("task id", "pipeline", "state", "attempts", "received", "error")
+    if not records:
+        click.echo("no tasks")
+        return
+    rows = table("task id", "pipeline", "key", "state", "attempts", "received", "error",
+                 wrap=("error",))
     for r in records:
         error = r.get("error") or {}
         received = next((s["at"] for s in r["timeline"] if s["stage"] == "received"), None)
-        table.add_row(r["task_id"], r["pipeline"], r["state"], str(r["attempts"]),
-                      _ts(received), f"{error['type']}: {error['message']}" if error else "")
-    out.print(table)
+        key = r.get("key")
+        rows.add_row(r["task_id"], r["pipeline"], "-" if key is None else key, r["state"],
+                     str(r["attempts"]), _ts(received),
+                     f"{error['type']}: {error['message']}" if error else "")
+    print_wide(rows)
 
 
 @tasks.command("list")
@@ -200,19 +202,22 @@ def _print_list(records: list[dict[str, Any]], as_json: bool) -> None:
 @remote_options
 def tasks_list(pipeline: str | None, state: str | None, limit: int, as_json: bool,
                data_dir: Path, url: str | None, token: str | None) -> None:
-    """List tasks, newest first."""
+    """List tasks, newest first. Ids, keys and names are shown whole (the terminal wraps a
+    wide table)."""
     if url:
-        body = _check(guarded(lambda: _client(url, token).list_tasks(
+        body = checked(guarded(lambda: api(url, token).list_tasks(
             pipeline=pipeline or "", state=state or "", limit=str(limit))))
         _print_list(body["tasks"], as_json)
         return
     wanted = TaskState(state.upper()) if state else None
-    records = guarded(lambda: asyncio.run(_store(data_dir).list(pipeline, wanted, limit)))
+    store = local_store(data_dir)
+    records = guarded(lambda: asyncio.run(store.list(pipeline, wanted, limit)))
     _print_list([r.to_json() for r in records], as_json)
 
 
 def _local_find(data_dir: Path, task_id: str, pipeline: str | None) -> TaskRecord:
-    found: list[TaskRecord] = guarded(lambda: asyncio.run(_store(data_dir).find(task_id)))
+    store = local_store(data_dir)
+    found: list[TaskRecord] = guarded(lambda: asyncio.run(store.find(task_id)))
     if pipeline is not None:
         found = [r for r in found if r.pipeline == pipeline]
     if not found:
@@ -227,24 +232,30 @@ def _show(data: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
-    out.print(f"[bold]{data['task_id']}[/]  pipeline {data['pipeline']}  tenant {data['tenant']}")
-    out.print(f"state {data['state']}  attempts {data['attempts']}")
+    say((str(data["task_id"]), "bold"), f"  pipeline {data['pipeline']}  tenant {data['tenant']}")
+    key = data.get("key")
+    say(f"state {data['state']}  attempts {data['attempts']}"
+        + ("" if key is None else f"  key {key}"))
     if data.get("result") is not None:
-        out.print("result ", json.dumps(data["result"]), highlight=False)
-    if data.get("error"):
-        out.print(f"error  {data['error']['type']}: {data['error']['message']}", highlight=False)
-    table = Table("stage", "at", "since previous")
+        say("result ", json.dumps(data["result"]))
+    error = data.get("error")
+    if error:
+        say("error  ", (f"{error['type']}: {error['message']}", "red"))
+        traceback = error.get("traceback")
+        if traceback:
+            out.print(Text(str(traceback).rstrip("\n")), soft_wrap=True)
+    stages = table("stage", "at", "since previous")
     for stage in data["timeline"]:
         since = stage["since_previous_s"]
-        table.add_row(stage["stage"], _ts(stage["at"]),
-                      "-" if since is None else f"{since * 1000:.1f} ms")
-    out.print(table)
+        stages.add_row(stage["stage"], _ts(stage["at"]),
+                       "-" if since is None else f"{since * 1000:.1f} ms")
+    print_wide(stages)
     if data.get("deliveries"):
-        deliveries = Table("destination", "delivery", "attempts", "at", "error")
+        deliveries = table("destination", "delivery", "attempts", "at", "error", wrap=("error",))
         for name, d in sorted(data["deliveries"].items()):
             deliveries.add_row(name, d["state"], str(d["attempts"]), _ts(d["at"]),
                                d.get("error") or "")
-        out.print(deliveries)
+        print_wide(deliveries)
 
 
 @tasks.command("get")
@@ -255,9 +266,10 @@ def _show(data: dict[str, Any], as_json: bool) -> None:
 @remote_options
 def tasks_get(task_id: str, pipeline: str | None, as_json: bool, data_dir: Path,
               url: str | None, token: str | None) -> None:
-    """Show one task: state, attempts, result or error, and its stage timeline."""
+    """Show one task: state, attempts, result or error (with the handler's traceback when it
+    raised), and its stage timeline."""
     if url:
-        _show(_check(guarded(lambda: _client(url, token).get_task(task_id, pipeline))), as_json)
+        _show(checked(guarded(lambda: api(url, token).get_task(task_id, pipeline))), as_json)
         return
     _show(_local_find(data_dir, task_id, pipeline).to_json(), as_json)
 
@@ -271,14 +283,14 @@ def _control_command(action: str, wanted: TaskState, doc: str) -> click.Command:
     def command(task_id: str, pipeline: str | None, data_dir: Path, url: str | None,
                 token: str | None) -> None:
         if url:
-            body = _check(guarded(lambda: _client(url, token).control_task(task_id, action,
-                                                                           pipeline)))
+            body = checked(guarded(lambda: api(url, token).control_task(task_id, action,
+                                                                        pipeline)))
             click.echo(f"{body['task_id']}: {body['state']}")
             return
         record = _local_find(data_dir, task_id, pipeline)
         try:
-            new = asyncio.run(_store(data_dir).transition(record.pipeline, task_id, wanted,
-                                                          time.time()))
+            new = asyncio.run(local_store(data_dir).transition(record.pipeline, task_id, wanted,
+                                                               time.time()))
         except IllegalTransition as exc:
             fail(str(exc))
         except SluiceError as exc:
@@ -295,49 +307,33 @@ tasks.add_command(_control_command(
 tasks.add_command(_control_command("resume", TaskState.QUEUED, "Resume a paused task."))
 
 
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
 @tasks.command("summary")
 @click.option("--pipeline", default=None)
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object: counts per state, and p50_s/p99_s/n per stage (null when "
+              "no task has the stage).")
 @data_dir_option
-def tasks_summary(pipeline: str | None, data_dir: Path) -> None:
+def tasks_summary(pipeline: str | None, as_json: bool, data_dir: Path) -> None:
     """Counts per state and p50/p99 time per stage (local data directory)."""
     from sluice.tasks.summary import summarize
 
-    records = guarded(lambda: asyncio.run(_store(data_dir).stats(pipeline)))
-    summary = summarize(records)
-    counts = Table("state", "tasks", title=f"tasks{' of ' + pipeline if pipeline else ''}")
+    store = local_store(data_dir)
+    summary = summarize(guarded(lambda: asyncio.run(store.stats(pipeline))))
+    if as_json:
+        click.echo(json.dumps(summary.to_json()))
+        return
+    if summary.counts["total"] == 0:
+        click.echo(f"no tasks{' in pipeline ' + repr(pipeline) if pipeline else ''}")
+        return
+    counts = table("state", "tasks", title=f"tasks{' of ' + pipeline if pipeline else ''}")
     for state, n in summary.counts.items():
         counts.add_row(state, str(n))
-    out.print(counts)
-    stages = Table("stage", "p50", "p99", "n", title="time per stage")
+    print_wide(counts)
+    stages = table("stage", "p50", "p99", "n", title="time per stage")
     for stage, (p50, p99, n) in summary.stages.items():
-        stages.add_row(stage, f"{p50 * 1000:.1f} ms", f"{p99 * 1000:.1f} ms", str(n))
-    out.print(stages)
-
-
-# -- pipelines ------------------------------------------------------------------------------
-
-@click.group()
-def pipelines() -> None:
-    """Pause and resume whole pipelines."""
-
-
-def _pipeline_command(action: str, doc: str) -> click.Command:
-    @click.command(action, help=doc)
-    @click.argument("pipeline")
-    @data_dir_option
-    @remote_options
-    def command(pipeline: str, data_dir: Path, url: str | None, token: str | None) -> None:
-        if url:
-            body = _check(guarded(lambda: _client(url, token).control_pipeline(pipeline,
-                                                                               action)))
-            click.echo(f"{body['name']}: {'paused' if body['paused'] else 'running'}")
-            return
-        paused = action == "pause"
-        guarded(lambda: asyncio.run(_store(data_dir).set_paused(pipeline, paused, time.time())))
-        click.echo(f"{pipeline}: {'paused' if paused else 'running'}")
-    return command
-
-
-pipelines.add_command(_pipeline_command(
-    "pause", "Stop taking new work (in-flight tasks finish; queued tasks wait)."))
-pipelines.add_command(_pipeline_command("resume", "Take new work again."))
+        stages.add_row(stage, _ms(p50), _ms(p99), str(n))
+    print_wide(stages)

@@ -75,6 +75,9 @@ class Client:
         return self.request("POST", f"/v1/tasks/{_q(task_id)}/{action}",
                             query={"pipeline": pipeline} if pipeline else None)
 
+    def list_pipelines(self) -> ApiResponse:
+        return self.request("GET", "/v1/pipelines")
+
     def control_pipeline(self, pipeline: str, action: str) -> ApiResponse:
         return self.request("POST", f"/v1/pipelines/{_q(pipeline)}/{action}")
 
