@@ -9,8 +9,9 @@ a function can drop a repeat after a failover.
 
 Outcomes: 2xx succeeds (the body is the result); 429 and 503 retry and tell the limiter the
 backend is overloaded (their ``Retry-After`` holds new attempts); any other 4xx fails at once;
-other 5xx, connection errors and timeouts retry (a timeout is an overload signal too). One
-pooled session with keep-alive per handler; the SSRF guard on every connection.
+other 5xx, connection errors and timeouts retry (a timeout is an overload signal too).
+Redirects are not followed: a 3xx fails at once, its error naming the ``Location``. One pooled
+session with keep-alive per handler; the SSRF guard on every request and every connection.
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ from cloudevents.core.v1.event import CloudEvent
 from sluice import registry
 from sluice.message import Message, Outcome, is_json
 from sluice.sinks.http import retry_after_s
-from sluice.sinks.ssrf import GuardedResolver, check_url_config, url_problems
+from sluice.sinks.ssrf import (
+    RefusedAddress,
+    check_url_config,
+    guarded_session,
+    redirect_refused,
+    url_problems,
+)
 from sluice.spec import REQUIRED, Field, ObjectSpec
 
 CONFIG = ObjectSpec(
@@ -64,10 +71,8 @@ class HttpHandler:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=0, keepalive_timeout=30,
-                resolver=None if self.allow_link_local else GuardedResolver())
-            self._session = aiohttp.ClientSession(connector=connector)
+            self._session = guarded_session(allow_link_local=self.allow_link_local, limit=0,
+                                            keepalive_timeout_s=30)
         return self._session
 
     def request(self, message: Message) -> tuple[dict[str, str], bytes]:
@@ -94,15 +99,20 @@ class HttpHandler:
         started = time.perf_counter()
         try:
             async with self._client().post(
-                    self.url, data=body, headers=headers,
+                    self.url, data=body, headers=headers, allow_redirects=False,
                     timeout=aiohttp.ClientTimeout(total=limit_s)) as resp:
                 payload = await resp.read()
                 status = resp.status
                 content_type = resp.headers.get("Content-Type", "application/octet-stream")
                 wait = retry_after_s(resp.headers.get("Retry-After"))
+                location = resp.headers.get("Location")
         except TimeoutError:
             return Outcome("retry", error_type="Timeout", overload=True,
                            error_message=f"{self.url} did not answer within {limit_s:g}s",
+                           duration_s=time.perf_counter() - started)
+        except RefusedAddress as exc:
+            return Outcome("failure", error_type="RefusedAddress",
+                           error_message=f"{self.url}: {exc}",
                            duration_s=time.perf_counter() - started)
         except (aiohttp.ClientError, OSError) as exc:
             return Outcome("retry", error_type="ConnectionError",
@@ -111,6 +121,9 @@ class HttpHandler:
         duration = time.perf_counter() - started
         if 200 <= status < 300:
             return _success(payload, content_type, duration)
+        if 300 <= status < 400:
+            return Outcome("failure", error_type=f"HTTP{status}", duration_s=duration,
+                           error_message=redirect_refused(self.url, status, location))
         detail = payload[:200].decode("utf-8", errors="replace")
         error = f"{self.url} answered HTTP {status}: {detail}".rstrip(": ")
         if status in OVERLOAD_STATUSES:

@@ -2,8 +2,9 @@
 
 2xx is delivered. 408, 425, 429 and 5xx, timeouts and connection errors are retried (a
 ``Retry-After`` is honoured); any other 4xx is permanent (the record goes to the dead letter at
-once). One pooled session with keep-alive per destination; the SSRF guard of
-:mod:`sluice.sinks.ssrf` on every connection.
+once). Redirects are not followed (as webhook senders do not): a 3xx is permanent, and its
+error names the ``Location``. One pooled session with keep-alive per destination; the SSRF
+guard of :mod:`sluice.sinks.ssrf` on every request and every connection.
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ import aiohttp
 from sluice import registry
 from sluice.connectors.base import SinkRecord
 from sluice.errors import DeliveryError
-from sluice.sinks.ssrf import GuardedResolver, check_url_config, url_problems
+from sluice.sinks.ssrf import (
+    RefusedAddress,
+    check_url_config,
+    guarded_session,
+    redirect_refused,
+    url_problems,
+)
 from sluice.spec import REQUIRED, Field, ObjectSpec
 
 RETRYABLE = frozenset({408, 425, 429})
@@ -78,10 +85,9 @@ class HttpSink:
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=100, resolver=None if self.allow_link_local else GuardedResolver())
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=aiohttp.ClientTimeout(total=self.timeout_s))
+            self._session = guarded_session(
+                allow_link_local=self.allow_link_local,
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s))
         return self._session
 
     def request_headers(self, record: SinkRecord) -> dict[str, str]:
@@ -93,15 +99,21 @@ class HttpSink:
 
     async def _post(self, record: SinkRecord) -> None:
         try:
-            async with self.session().post(self.url, data=record.body,
+            async with self.session().post(self.url, data=record.body, allow_redirects=False,
                                            headers=self.request_headers(record)) as resp:
                 await resp.read()
                 if 200 <= resp.status < 300:
                     return
+                if 300 <= resp.status < 400:
+                    raise DeliveryError(redirect_refused(self.url, resp.status,
+                                                         resp.headers.get("Location")),
+                                        permanent=True)
                 wait = retry_after_s(resp.headers.get("Retry-After"))
                 permanent = 400 <= resp.status < 500 and resp.status not in RETRYABLE
                 raise DeliveryError(f"{self.url} answered HTTP {resp.status}",
                                     permanent=permanent, retry_after_s=wait)
+        except RefusedAddress as exc:
+            raise DeliveryError(f"{self.url}: {exc}", permanent=True) from exc
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise DeliveryError(f"{self.url}: {type(exc).__name__}: {exc}") from exc
 

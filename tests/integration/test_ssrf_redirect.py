@@ -1,0 +1,167 @@
+"""The SSRF guard against redirects and address literals, on loopback: a second local server
+stands in for a metadata service (its address is made forbidden for the test) and records
+whether anything reached it. A destination or function answering ``307 Location: <forbidden>``
+must not send the request on, whether the Location names the address literally or by a name
+that resolves to it; and a literal forbidden address is refused before connecting."""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+from aiohttp import web
+
+from sluice.connectors.base import SinkRecord
+from sluice.errors import DeliveryError
+from sluice.handlers.http import HttpHandler
+from sluice.message import Message
+from sluice.sinks import ssrf
+from sluice.sinks.http import HttpSink
+from sluice.sinks.webhook import WebhookSink
+
+SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
+
+
+@dataclass
+class Site:
+    """A real HTTP server on one loopback address that records the paths it was asked for."""
+
+    host: str
+    redirect_to: str | None = None  # answer every request with 307 to this URL
+    hits: list[str] = field(default_factory=list)
+    port: int = 0
+    runner: web.AppRunner | None = None
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.hits.append(request.path)
+        await request.read()
+        if self.redirect_to is not None:
+            return web.Response(status=307, headers={"Location": self.redirect_to})
+        return web.json_response({"secret": "metadata"})
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.host, 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    def url(self, path: str, host: str | None = None) -> str:
+        return f"http://{host or self.host}:{self.port}{path}"
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+@dataclass
+class Scene:
+    target: Site  # the stand-in metadata service (forbidden)
+    front: Site  # the destination or function the config names (allowed)
+
+
+def forbid(monkeypatch: pytest.MonkeyPatch, *networks: str) -> None:
+    monkeypatch.setattr(ssrf, "EXTRA_FORBIDDEN",
+                        tuple(ipaddress.ip_network(n) for n in networks))
+
+
+@pytest.fixture(params=["literal", "name"])
+async def scene(request: pytest.FixtureRequest,
+                monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Scene]:
+    """``literal``: the target at 127.0.0.2, redirected to as ``127.0.0.2``. ``name``: the
+    target at 127.0.0.1, redirected to as ``localhost``; the front then listens on 127.0.0.3."""
+    if request.param == "literal":
+        target, front = Site("127.0.0.2"), Site("127.0.0.1")
+        forbid(monkeypatch, "127.0.0.2/32")
+        location_host = "127.0.0.2"
+    else:
+        target, front = Site("127.0.0.1"), Site("127.0.0.3")
+        forbid(monkeypatch, "127.0.0.1/32", "::1/128")
+        location_host = "localhost"
+    await target.start()
+    front.redirect_to = target.url("/latest/meta-data", host=location_host)
+    await front.start()
+    try:
+        yield Scene(target, front)
+    finally:
+        await front.stop()
+        await target.stop()
+
+
+def record() -> SinkRecord:
+    return SinkRecord(task_id="t-1", body=b'{"n": 1}', content_type="application/json")
+
+
+def message() -> Message:
+    return Message("t-1", "jobs", {"n": 1}, b'{"n": 1}', "application/json", None, {}, 1)
+
+
+@pytest.mark.parametrize("kind", ["http", "webhook"])
+async def test_a_destination_does_not_follow_a_redirect(scene: Scene, kind: str) -> None:
+    url = scene.front.url("/hook")
+    sink = HttpSink(url) if kind == "http" else WebhookSink(url, SECRET)
+    try:
+        with pytest.raises(DeliveryError) as info:
+            await sink.send([record()])
+    finally:
+        await sink.close()
+    assert scene.front.hits == ["/hook"]
+    assert scene.target.hits == []  # nothing reached the forbidden address
+    assert info.value.permanent  # the same answer would come again: no retry
+    assert "HTTP 307" in str(info.value)
+    assert f"redirecting to {scene.front.redirect_to}" in str(info.value)
+
+
+async def test_a_handler_does_not_follow_a_redirect(scene: Scene) -> None:
+    handler = HttpHandler(scene.front.url("/fn"))
+    try:
+        outcome = await handler.invoke(message(), timeout_s=10)
+    finally:
+        await handler.close()
+    assert scene.front.hits == ["/fn"]
+    assert scene.target.hits == []
+    assert (outcome.status, outcome.error_type) == ("failure", "HTTP307")
+    assert f"redirecting to {scene.front.redirect_to}" in (outcome.error_message or "")
+
+
+@pytest.fixture
+async def target() -> AsyncIterator[Site]:
+    site = Site("127.0.0.2")
+    await site.start()
+    try:
+        yield site
+    finally:
+        await site.stop()
+
+
+async def test_a_literal_address_is_checked_before_connecting(
+        target: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = target.url("/latest/meta-data")
+    sink, handler = HttpSink(url), HttpHandler(url)  # allowed when configured
+    forbid(monkeypatch, "127.0.0.2/32")  # then forbidden: the check runs on every request
+    try:
+        with pytest.raises(DeliveryError, match=r"127\.0\.0\.2 is a link-local or metadata"):
+            await sink.send([record()])
+        outcome = await handler.invoke(message(), timeout_s=10)
+    finally:
+        await sink.close()
+        await handler.close()
+    assert (outcome.status, outcome.error_type) == ("failure", "RefusedAddress")
+    assert "127.0.0.2 is a link-local or metadata address" in (outcome.error_message or "")
+    assert target.hits == []
+
+
+async def test_allow_link_local_reaches_the_address(
+        target: Site, monkeypatch: pytest.MonkeyPatch) -> None:
+    forbid(monkeypatch, "127.0.0.2/32")
+    sink = HttpSink(target.url("/latest/meta-data"), allow_link_local=True)
+    try:
+        await sink.send([record()])
+    finally:
+        await sink.close()
+    assert target.hits == ["/latest/meta-data"]
