@@ -31,6 +31,12 @@ Invariants, in the order they happen to a message:
    ``consumer.exactly_once``). A message whose task is already final (its end recorded, then a
    crash before the commit) gets its result record made again from the task store, so the
    result is written either way (exactly once under ``exactly_once``).
+10. Under ``ordering: key`` or ``partition``, a lane's next task starts only once its
+    predecessor's end is recorded (rule 4), not merely returned. A crash can then repeat only
+    attempts that had started and whose end was not yet recorded, never a task that a later
+    one of its lane ran after.
+11. A task handed back without having started (waiting in its lane or ready at a stop) is
+    un-claimed: QUEUED again with its attempt count as before the claim, its start unset.
 """
 
 from __future__ import annotations
@@ -76,6 +82,9 @@ PAUSE_RECHECK_S = 0.25  # how often a paused pipeline's workers look whether it 
 FLUSH_ERROR_PAUSE_S = 0.5
 DEAD_LETTER_RETRY_S = 5.0
 FETCH_WAIT_S = 0.25  # how long one fetch waits for work; bounds how late a stop is noticed
+# How long a full layer waits for room before it looks again (rule 1). Room made by an attempt
+# or by a group commit wakes it at once; this only bounds the wait for a retry falling due.
+ROOM_WAIT_S = 0.25
 # Deliveries held per slot of the limit (rule 1): one running, one ready or waiting in its
 # lane, one finished and waiting for its group commit.
 HELD_PER_SLOT = 3
@@ -143,6 +152,9 @@ class ConsumerLoop:
         self._paused = False
         self._histograms: dict[str, Any] = {}
         self._slot_freed = asyncio.Event()
+        self._unrecorded: set[int] = set()  # deliveries settled here, not yet flushed, by id()
+        # Lanes to move on once their attempt's end is flushed (rule 10), by id(delivery).
+        self._lane_ends: dict[int, tuple[Hashable, str, bool, float]] = {}
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -198,7 +210,7 @@ class ConsumerLoop:
                 if free <= 0:
                     self._slot_freed.clear()
                     slot = asyncio.create_task(self._slot_freed.wait())
-                    wait_s = self.limiter.held_for_s() or FETCH_WAIT_S
+                    wait_s = self.limiter.held_for_s() or ROOM_WAIT_S
                     await asyncio.wait({slot, stop_wait}, timeout=wait_s,
                                        return_when=asyncio.FIRST_COMPLETED)
                     slot.cancel()
@@ -304,10 +316,19 @@ class ConsumerLoop:
                           Signal.OVERLOAD if outcome.overload else Signal.ERROR)
         finally:
             self.limiter.give_back(permit, signal, retry_after_s, latency_s)
-            for item in self.dispatcher.finished(self._lane(delivery), delivery.task_id,
-                                                 retrying=retrying, retry_in_s=retry_in_s):
-                self._offer(*item)
+            lane = self._lane(delivery)
+            if lane is not None and id(delivery) in self._unrecorded:
+                # Rule 10: the lane moves on once this end is recorded (after the flush).
+                self._lane_ends[id(delivery)] = (lane, delivery.task_id, retrying, retry_in_s)
+            elif lane is not None:
+                self._lane_finished(lane, delivery.task_id, retrying, retry_in_s)
             self._start_ready()
+
+    def _lane_finished(self, lane: Hashable, task_id: str, retrying: bool,
+                       retry_in_s: float) -> None:
+        for item in self.dispatcher.finished(lane, task_id, retrying=retrying,
+                                             retry_in_s=retry_in_s):
+            self._offer(*item)
 
     # -- one attempt ------------------------------------------------------------------------
 
@@ -463,6 +484,7 @@ class ConsumerLoop:
 
     def _settle(self, item: _Settle) -> None:
         self._pending.append(item)
+        self._unrecorded.add(id(item.delivery))
         self._pending_event.set()
 
     async def _flush_forever(self) -> None:
@@ -487,6 +509,7 @@ class ConsumerLoop:
             return
         self._pending = []
         try:
+            # Step 1: record every attempt's end in one store write (rules 4, 6).
             recorded = [s for s in batch if s.completion is not None]
             states = await self.store.complete(
                 self.config.name, [s.completion for s in recorded if s.completion], self.owner,
@@ -494,6 +517,7 @@ class ConsumerLoop:
         except Exception:
             self._pending[:0] = batch  # nothing was written: try the whole batch again
             raise
+        # Step 2: what the store accepted decides how each message is settled.
         recorded_as = {id(s): st for s, st in zip(recorded, states, strict=True)}
         acks: list[tuple[Delivery, tuple[Output, ...]]] = []
         requeues: list[tuple[Delivery, float]] = []
@@ -507,13 +531,24 @@ class ConsumerLoop:
                 # Outputs only of the end this attempt recorded (not, say, a cancel that won).
                 keep = s.completion is None or s.completion.state == state
                 acks.append((s.delivery, s.outputs if keep else ()))
-        if self._producing is not None:
-            await self._producing.ack_producing(acks)
-        else:
-            await self.source.ack([d for d, _ in acks])
-        await self.source.retry_later(requeues)
-        for s in batch:
-            self._held.pop(id(s.delivery), None)
+        try:
+            # Step 3: settle at the source, after the record (rule 4).
+            if self._producing is not None:
+                await self._producing.ack_producing(acks)
+            else:
+                await self.source.ack([d for d, _ in acks])
+            await self.source.retry_later(requeues)
+        finally:
+            # Step 4: the deliveries are no longer held (room to fetch: wake the fetch loop),
+            # and each lane whose attempt ended here moves on, its end recorded (rule 10).
+            for s in batch:
+                self._held.pop(id(s.delivery), None)
+                self._unrecorded.discard(id(s.delivery))
+                lane_end = self._lane_ends.pop(id(s.delivery), None)
+                if lane_end is not None:
+                    self._lane_finished(*lane_end)
+            self._start_ready()
+            self._slot_freed.set()
 
     # -- leases ---------------------------------------------------------------------------
 
@@ -560,22 +595,16 @@ class ConsumerLoop:
     async def _finish_in_flight(self) -> None:
         unstarted = [d for d, _ in self._ready] + [d for d, _ in self.dispatcher.drop_waiting()]
         self._ready.clear()
-        if unstarted:  # claimed but never started: hand back at once
-            await self.store.release(self.config.name, [d.task_id for d in unstarted],
-                                     self.owner)
-            await self.source.retry_later([(d, 0.0) for d in unstarted])
-            for d in unstarted:
-                self._held.pop(id(d), None)
+        await self._hand_back_unstarted(unstarted)
         if not self._running:
             return
         grace = self.config.consumer.timeout_s + 1.0
         log.info("stopping: waiting up to %.1fs for %d task(s) in flight", grace,
                  len(self._running))
         _done, still = await asyncio.wait(set(self._running), timeout=grace)
-        self._ready.clear()  # lanes freed by the finishing tasks: not started now
-        leftovers = [d for d, _ in self.dispatcher.drop_waiting()]
-        if leftovers:
-            await self.source.retry_later([(d, 0.0) for d in leftovers])
+        # Lanes freed by the finishing tasks: not started now.
+        ready, self._ready = [d for d, _ in self._ready], deque()
+        await self._hand_back_unstarted(ready + [d for d, _ in self.dispatcher.drop_waiting()])
         if not still:
             return
         handed_back = [self._running[t] for t in still if t in self._running]
@@ -587,3 +616,12 @@ class ConsumerLoop:
         for d in handed_back:
             self._held.pop(id(d), None)
         log.warning("stopping: handed %d unfinished task(s) back to the queue", len(handed_back))
+
+    async def _hand_back_unstarted(self, unstarted: list[Delivery]) -> None:
+        """Claimed but never started: un-claimed and handed back at once (rule 11)."""
+        if not unstarted:
+            return
+        await self.store.unclaim(self.config.name, [d.task_id for d in unstarted], self.owner)
+        await self.source.retry_later([(d, 0.0) for d in unstarted])
+        for d in unstarted:
+            self._held.pop(id(d), None)

@@ -210,6 +210,15 @@ class SqliteTaskStore:
             "UPDATE tasks SET lease_until = 0 WHERE pipeline = ? AND task_id = ?"
             " AND lease_owner = ? AND state = 'RUNNING'", rows))
 
+    async def unclaim(self, pipeline: str, task_ids: Sequence[str], owner: str) -> None:
+        rows = [(pipeline, t, owner) for t in task_ids]
+        await self.db.run(lambda c: c.executemany(
+            "UPDATE tasks SET state = 'QUEUED', attempts = MAX(attempts - 1, 0),"
+            " started_at = CASE WHEN attempts <= 1 THEN NULL ELSE started_at END,"
+            " lease_owner = NULL, lease_until = NULL"
+            " WHERE pipeline = ? AND task_id = ? AND lease_owner = ? AND state = 'RUNNING'",
+            rows))
+
     async def complete(self, pipeline: str, completions: Sequence[Completion], owner: str,
                        now: float) -> list[TaskState | None]:
         return await self.db.run(lambda c: self._complete(c, pipeline, completions, owner, now))

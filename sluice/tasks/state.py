@@ -11,6 +11,7 @@
 
       QUEUED, RETRYING, PAUSED, RUNNING ── cancel ──► CANCELLED
       RUNNING ── claim after the owner's lease lapsed (it died) ──► RUNNING   (failover)
+      RUNNING ── handed back unstarted by its owner (a stop) ──► QUEUED    (un-claim)
       (no record) ── first seen at a consumer (a Kafka message, no submit) ──► RUNNING
 
 Invariants:
@@ -20,7 +21,10 @@ Invariants:
 2. SUCCEEDED, FAILED and CANCELLED are final: nothing leaves them. A message whose task is final
    is acknowledged and skipped, never run again.
 3. ``attempts`` counts claims, so an attempt lost with its worker counts too: a message that
-   kills every worker that takes it still ends, FAILED, after ``max_attempts``.
+   kills every worker that takes it still ends, FAILED, after ``max_attempts``. A claim its
+   owner hands back without having started the attempt (a stop while the task waited in its
+   ordering lane) is undone: QUEUED again, ``attempts`` as before. This move belongs to the
+   worker's lease, not to the control table below (no user command reaches it).
 """
 
 from __future__ import annotations

@@ -162,6 +162,12 @@ class TaskStore(Protocol):
         """End ``owner``'s leases now (at shutdown) so another worker can claim at once."""
         ...
 
+    async def unclaim(self, pipeline: str, task_ids: Sequence[str], owner: str) -> None:
+        """Undo ``owner``'s claims of tasks it never started (handed back at a stop): each goes
+        back to QUEUED with its attempt count as before the claim, and no start time if it has
+        had no attempt."""
+        ...
+
     async def get(self, task_id: str, pipeline: str | None = None) -> TaskRecord:
         """Raise :class:`~sluice.errors.TaskNotFound` if absent."""
         ...

@@ -60,6 +60,9 @@ class UntrackedStore:
     async def release(self, pipeline: str, task_ids: Sequence[str], owner: str) -> None:
         return None
 
+    async def unclaim(self, pipeline: str, task_ids: Sequence[str], owner: str) -> None:
+        return None
+
     async def get(self, task_id: str, pipeline: str | None = None) -> TaskRecord:
         raise TaskNotFound(task_id)
 
