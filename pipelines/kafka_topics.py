@@ -17,8 +17,9 @@ import sys
 import time
 from collections.abc import Sequence
 
-from confluent_kafka import Consumer, KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 
 BROKERS = os.environ.get("KAFKA_BROKERS", "127.0.0.1:9092")
 TIMEOUT_S = 30.0
@@ -73,13 +74,20 @@ def read(name: str) -> None:
                     raise KafkaException(error)
                 at_end.add(msg.partition() or 0)
                 continue
-            key = (msg.key() or b"").decode(errors="replace")
-            headers = " ".join(f"{k}={(v or b'').decode(errors='replace')}"
-                               for k, v in msg.headers() or [] if k.startswith("sluice-"))
-            value = (msg.value() or b"").decode(errors="replace")
-            print(f"{msg.partition()}/{msg.offset()} key={key} {headers} {value}".replace("  ", " "))
+            fields = [f"{msg.partition()}/{msg.offset()}",
+                      f"key={(msg.key() or b'').decode(errors='replace')}"]
+            fields += sluice_headers(msg)
+            fields.append((msg.value() or b"").decode(errors="replace"))
+            print(" ".join(fields))
     finally:
         consumer.close()
+
+
+def sluice_headers(msg: Message) -> list[str]:
+    raw = msg.headers() or []
+    pairs = raw.items() if isinstance(raw, dict) else raw
+    return [f"{k}={v.decode(errors='replace') if isinstance(v, bytes) else v or ''}"
+            for k, v in pairs if k.startswith("sluice-")]
 
 
 def main(argv: Sequence[str]) -> None:
