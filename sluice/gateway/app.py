@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 # Shipped inside the package (schemas/openapi.yaml in the repository links here).
 OPENAPI_FILE = Path(__file__).resolve().parent / "openapi.yaml"
 TASK_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+=/-]{0,199}$")
+CURSOR_RE = re.compile(r"[0-9]{1,18}")  # a task's sequence number (openapi.yaml: listTasks)
+LIMIT_RE = re.compile(r"[0-9]{1,4}")
 MAX_DELAY_S = 366 * 86400.0
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json"})
 
@@ -271,20 +273,17 @@ async def list_tasks(request: web.Request) -> web.Response:
             return problems.bad_request(f"query state: expected one of "
                                         f"{', '.join(s.value for s in TaskState)}, "
                                         f"got {q['state'][:40]!r}")
-    try:
-        limit = int(q.get("limit", "50"))
-        if not 1 <= limit <= 1000:
-            raise ValueError
-    except ValueError:
+    raw_limit = q.get("limit", "50")
+    limit = int(raw_limit) if LIMIT_RE.fullmatch(raw_limit) else 0
+    if not 1 <= limit <= 1000:
         return problems.bad_request(f"query limit: expected an integer from 1 to 1000, "
                                     f"got {q.get('limit', '')[:40]!r}")
     cursor = None
-    if q.get("cursor"):
-        try:
-            cursor = int(q["cursor"])
-        except ValueError:
+    if "cursor" in q:
+        if not CURSOR_RE.fullmatch(q["cursor"]):
             return problems.bad_request("query cursor: expected the next_cursor of a previous "
-                                        "page")
+                                        f"page (1-18 digits), got {q['cursor'][:40]!r}")
+        cursor = int(q["cursor"])
     records = await gw.store.list(pipeline, state, limit, cursor, pipelines=visible)
     next_cursor = str(records[-1].seq) if len(records) == limit and records else None
     return json_response({"tasks": [task_json(r) for r in records],
@@ -406,8 +405,11 @@ def make_app(gateway: Gateway) -> web.Application:
     r.add_post("/v1/pipelines/{pipeline}/tasks", submit_task)
     r.add_post("/v1/pipelines/{pipeline}/{action:pause|resume}", control_pipeline)
     r.add_get("/v1/tasks", list_tasks)
-    r.add_post("/v1/tasks/{task_id:.+}/{action:cancel|pause|resume}", control_task)
-    r.add_get("/v1/tasks/{task_id:.+}", get_task)
+    # A task id is one path segment ('/' inside it travels as %2F, as status_url writes it):
+    # /v1/tasks/{id}/cancel is then never also a GET of a task named "{id}/cancel", and a
+    # 405 there allows exactly POST.
+    r.add_post("/v1/tasks/{task_id:[^/]+}/{action:cancel|pause|resume}", control_task)
+    r.add_get("/v1/tasks/{task_id:[^/]+}", get_task)
     for name, config in gateway.pipelines.items():
         if config.trigger_path:
             r.add_post(config.trigger_path, alias_handler(name))

@@ -89,6 +89,10 @@ class KeyRing:
         return cls(hashes)
 
     def principal(self, authorization: str | None) -> Principal | None:
-        if not authorization or not authorization.startswith("Bearer "):
+        """The caller of an ``Authorization`` header value (None: no valid key). The scheme
+        name is case-insensitive (RFC 9110, section 11.1): ``bearer`` is ``Bearer``."""
+        scheme, _, key = (authorization or "").strip().partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
             return None
-        return self._hashes.get(hash_key(authorization[7:].strip()))
+        return self._hashes.get(hash_key(key))

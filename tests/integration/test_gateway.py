@@ -232,6 +232,49 @@ async def test_list_is_newest_first_and_paginates(http: aiohttp.ClientSession,
     assert [t["task_id"] for t in body["tasks"]] == ["page-2", "page-1"]
 
 
+async def test_cursor_has_one_form(http: aiohttp.ClientSession, server: Server) -> None:
+    for cursor in ("abc", "", "-1", "1.5", "%20" + "7", "1" * 19, "\u0661"):
+        status, body, _ = await call(http, server, "GET", f"/v1/tasks?cursor={cursor}")
+        assert status == 400, (cursor, body)
+        assert body["detail"].startswith("query cursor: expected the next_cursor")
+    status, body, _ = await call(http, server, "GET", "/v1/tasks?cursor=" + "9" * 18)
+    assert status == 200 and isinstance(body["tasks"], list)
+
+
+async def test_task_routes_allow_exactly_their_methods(http: aiohttp.ClientSession,
+                                                       server: Server) -> None:
+    for action in ("cancel", "pause", "resume"):
+        for method in ("OPTIONS", "GET", "PUT"):
+            status, body, headers = await call(http, server, method, f"/v1/tasks/x/{action}")
+            assert (status, headers["Allow"]) == (405, "POST"), (method, action, body)
+            assert body["type"].endswith("/method-not-allowed")
+    status, _, headers = await call(http, server, "OPTIONS", "/v1/tasks/x")
+    assert (status, headers["Allow"]) == (405, "GET, HEAD")
+
+
+async def test_a_task_id_with_a_slash_travels_encoded(http: aiohttp.ClientSession,
+                                                      server: Server) -> None:
+    status, body, _ = await submit(http, server, {}, task_id="orders/42",
+                                   **{"Delay-S": "60"})
+    assert status == 202 and body["status_url"] == "/v1/tasks/orders%2F42?pipeline=gw-a"
+    status, body, _ = await call(http, server, "GET", body["status_url"])
+    assert (status, body["task_id"]) == (200, "orders/42")
+    status, body, _ = await call(http, server, "POST", "/v1/tasks/orders%2F42/cancel")
+    assert (status, body["task_id"], body["state"]) == (200, "orders/42", "CANCELLED")
+
+
+async def test_bearer_scheme_is_case_insensitive(http: aiohttp.ClientSession,
+                                                 server: Server) -> None:
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        async with http.get(server.url + "/v1/pipelines",
+                            headers={"Authorization": f"{scheme} {KEYS['alpha']}"}) as resp:
+            assert resp.status == 200, scheme
+    for value in ("Basic " + KEYS["alpha"], "bearer", "Bearer ", KEYS["alpha"]):
+        async with http.get(server.url + "/v1/pipelines",
+                            headers={"Authorization": value}) as resp:
+            assert resp.status == 401, value
+
+
 async def test_health_ready_metrics(http: aiohttp.ClientSession, server: Server) -> None:
     async with http.get(server.url + "/healthz") as resp:
         assert resp.status == 200
