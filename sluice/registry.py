@@ -45,6 +45,10 @@ class BuildContext:
     exactly_once: bool = False  # consumer.exactly_once (a Kafka source then runs transactions)
 
 
+# (config, pipeline file) → (key path under the component, message) for each problem.
+Check = Callable[[Any, Path | None], list[tuple[tuple[str, ...], str]]]
+
+
 @dataclass(frozen=True)
 class ComponentSpec:
     family: str
@@ -53,9 +57,13 @@ class ComponentSpec:
     config: ObjectSpec | Field  # a Field for a scalar shorthand, e.g. ``python: mod:fn``
     factory: Callable[..., Any]
     extra: str | None = None  # the pip extra its dependency comes with
-    # Validate-time checks a schema cannot express: (config, pipeline file) →
-    # (key path under the component, message) for each problem.
-    check: Callable[[Any, Path | None], list[tuple[tuple[str, ...], str]]] | None = None
+    # Load-time checks a schema cannot express: (config, pipeline file) →
+    # (key path under the component, message) for each problem. Pure: no I/O, no user code.
+    check: Check | None = None
+    # Checks that load the component's own code on this machine (a Python handler imports
+    # its module): run by `sluice validate` and workers, skipped by an API-only load
+    # (`serve --no-workers`, `submit -f`). The factory then meets the same problem at build.
+    check_code: Check | None = None
 
     def json_schema(self) -> dict[str, Any]:
         schema = self.config.json_schema()

@@ -3,6 +3,12 @@
 :func:`build` turns a :class:`~sluice.config.model.PipelineConfig` into a ready
 :class:`~sluice.consumer.loop.ConsumerLoop`; :func:`run_pipelines` runs several in one process
 until stopped (SIGINT/SIGTERM from the CLI) or, with ``drain``, until their sources are empty.
+
+A loop's handler is built (a Python handler's module imported) only when the loop is to run:
+:func:`build` gives it a :class:`DeferredHandler`; :func:`build_handlers` (which
+:func:`run_pipelines` calls first) builds them all, and refuses a handler whose code is missing
+with a :class:`~sluice.errors.ConfigError` at its ``file:line:col``. A process that serves the
+API without workers builds loops for their sources but never imports a handler.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ from sluice.connectors.base import ProducingSource, Sink, Source
 from sluice.connectors.kafka_client import same_brokers
 from sluice.consumer.loop import ConsumerLoop, LoopStats
 from sluice.datadir import Database
+from sluice.errors import ConfigError, ConfigIssue
 from sluice.handlers.base import Handler
+from sluice.message import Message, Outcome
 from sluice.sinks.delivery import Deliverer, Destination
 from sluice.tasks.sqlite import SqliteTaskStore
 from sluice.tasks.untracked import UntrackedStore
@@ -76,7 +84,7 @@ def build(config: PipelineConfig, data_dir: Path | None,
         config,
         source=source,
         store=store if config.consumer.track_tasks else UntrackedStore(store),
-        handler=cast(Handler, _make("handler", config.handler, ctx)),
+        handler=DeferredHandler(config, ctx),
         dead_letter=dead_letter,
         worker_id=worker_id,
         deliverers=deliverers,
@@ -96,10 +104,54 @@ def writes_with_offsets(config: PipelineConfig, destination: ComponentConfig) ->
     return not brokers or same_brokers(brokers, config.source.config["brokers"])
 
 
+class DeferredHandler:
+    """A loop's handler before it is built: :meth:`build` makes it (imports its code).
+    :func:`build_handlers` puts the built handler in the loop's place; a loop run on its own
+    builds it at its first attempt."""
+
+    def __init__(self, config: PipelineConfig, ctx: registry.BuildContext) -> None:
+        self.config = config
+        self._ctx = ctx
+        self._built: Handler | None = None
+
+    def build(self) -> Handler:
+        if self._built is None:
+            component = self.config.handler
+            try:
+                self._built = cast(Handler, _make("handler", component, self._ctx))
+            except ImportError as exc:
+                raise ConfigError([self.config.issue(
+                    ("handler", component.type), f"{exc} (the handler's code must be "
+                    "importable where the pipeline's workers run)")]) from None
+        return self._built
+
+    async def invoke(self, message: Message, timeout_s: float) -> Outcome:
+        return await self.build().invoke(message, timeout_s)
+
+    async def close(self) -> None:
+        if self._built is not None:
+            await self._built.close()
+
+
+def build_handlers(loops: Sequence[ConsumerLoop]) -> None:
+    """Build every loop's handler now; raise :class:`ConfigError` with every one that cannot
+    be built (its module missing), each at the ``handler`` line of its file."""
+    issues: list[ConfigIssue] = []
+    for loop in loops:
+        if isinstance(loop.handler, DeferredHandler):
+            try:
+                loop.handler = loop.handler.build()
+            except ConfigError as exc:
+                issues.extend(exc.issues)
+    if issues:
+        raise ConfigError(issues)
+
+
 async def run_pipelines(loops: Sequence[ConsumerLoop], stop: asyncio.Event, *,
                         drain: bool = False) -> list[LoopStats]:
     """Run every loop until ``stop`` (or each is drained); close their components after."""
     try:
+        build_handlers(loops)
         return list(await asyncio.gather(*(loop.run(stop, drain=drain) for loop in loops)))
     finally:
         for loop in loops:

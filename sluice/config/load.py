@@ -3,6 +3,15 @@
 Every problem found is reported, each as ``file:line:col: key.path: what was expected``; the
 steps after a failed one still run where they can (schema errors and import errors are reported
 together), so a user fixes a file in one round.
+
+``check_code``: whether to run the checks that load a component's own code on this machine
+(a Python handler's module is imported). ``sluice validate`` and a worker run them; an API-only
+load (``sluice serve --no-workers``, ``sluice submit -f``) does not, so a machine that only
+submits needs the pipeline files but not the handlers' code. A worker imports the code when it
+builds the handler (:func:`sluice.runtime.build_handlers`), with the same ``file:line:col``.
+
+Pipeline names are global in a task store (task ids, queues and dead letters are kept per
+name): :func:`load_pipelines` refuses two files that give one name.
 """
 
 from __future__ import annotations
@@ -11,7 +20,7 @@ import difflib
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -21,6 +30,7 @@ from jsonschema.exceptions import ValidationError
 
 from sluice import registry
 from sluice.config.model import PIPELINE_SPEC, PipelineConfig, build_model
+from sluice.config.readfile import PIPELINE_FILE, read_yaml_file
 from sluice.config.yamlmarks import Marks, PathKey, load_marked
 from sluice.connectors.kafka_client import same_brokers
 from sluice.errors import ConfigError, ConfigIssue
@@ -52,22 +62,59 @@ def _validator() -> Draft202012Validator:
     return Draft202012Validator(schema)
 
 
-def load_pipeline(path: str | Path) -> PipelineConfig:
+def load_pipeline(path: str | Path, *, check_code: bool = True) -> PipelineConfig:
     """Load and validate one pipeline file; raise :class:`ConfigError` with every issue."""
-    file = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError([ConfigIssue(file, 1, 1, "", f"cannot read the file: {exc}")]) from None
-    return parse_pipeline(text, file)
+    return parse_pipeline(read_yaml_file(path), str(path), check_code=check_code)
 
 
-def parse_pipeline(text: str, file: str = "<string>") -> PipelineConfig:
-    doc, marks, issues = load_marked(text, file)
-    if doc is None or issues:
+def load_pipelines(paths: Sequence[str | Path], *,
+                   check_code: bool = True) -> list[PipelineConfig]:
+    """Load several pipeline files to serve or run together: the issues of every file, then
+    one issue per pipeline name given by more than one file (names are global in a store)."""
+    configs: list[PipelineConfig] = []
+    issues: list[ConfigIssue] = []
+    for path in paths:
+        try:
+            configs.append(load_pipeline(path, check_code=check_code))
+        except ConfigError as exc:
+            issues.extend(exc.issues)
+    if issues:
+        raise ConfigError(issues)
+    issues.extend(duplicate_names(configs))
+    if issues:
+        raise ConfigError(issues)
+    return configs
+
+
+def duplicate_names(configs: Sequence[PipelineConfig]) -> list[ConfigIssue]:
+    """One issue for each pipeline whose name an earlier one already has."""
+    issues: list[ConfigIssue] = []
+    first: dict[str, PipelineConfig] = {}
+    for config in configs:
+        other = first.setdefault(config.name, config)
+        if other is config:
+            continue
+        if other.path is not None and config.path is not None and \
+                other.path.resolve() == config.path.resolve():
+            issues.append(config.issue((), "this file is given twice; give each file once"))
+            continue
+        line, col = other.marks.value_at(("name",)) if other.marks else (1, 1)
+        where = f"{other.path or '<string>'}:{line}:{col}"
+        tenants = (f" (there for tenant {other.tenant!r}, here for tenant {config.tenant!r}: "
+                   "their tasks would be mixed)" if other.tenant != config.tenant else "")
+        issues.append(config.issue(("name",), f"pipeline name {config.name!r} is also given "
+                                   f"by {where}{tenants}; pipeline names are global in a task "
+                                   "store: give each pipeline its own name"))
+    return issues
+
+
+def parse_pipeline(text: str, file: str = "<string>", *,
+                   check_code: bool = True) -> PipelineConfig:
+    doc, marks, issues = load_marked(text, file, expected=PIPELINE_FILE)
+    if issues:
         raise ConfigError(issues)
     if not isinstance(doc, dict):
-        raise ConfigError([marks.issue((), "expected a mapping of pipeline keys at the top")])
+        raise ConfigError([marks.issue((), f"expected {PIPELINE_FILE}, got {_show(doc)}")])
     doc = _interpolate(doc, (), marks, issues)
     env_paths = {i.path for i in issues}  # a value left empty by an unset variable: said once
     issues.extend(i for i in _schema_issues(doc, marks) if i.path not in env_paths)
@@ -75,12 +122,12 @@ def parse_pipeline(text: str, file: str = "<string>") -> PipelineConfig:
         raise ConfigError(sorted(issues, key=lambda i: (i.line, i.col)))
     doc = _apply_defaults(doc)
     path = Path(file) if file != "<string>" else None
-    issues.extend(_component_checks(doc, marks, path))
+    issues.extend(_component_checks(doc, marks, path, check_code=check_code))
     issues.extend(_exactly_once_checks(doc, marks))
     issues.extend(_untracked_checks(doc, marks))
     if issues:
         raise ConfigError(issues)
-    return build_model(doc, path)
+    return build_model(doc, path, marks)
 
 
 def _interpolate(value: Any, path: PathKey, marks: Marks, issues: list[ConfigIssue]) -> Any:
@@ -219,15 +266,16 @@ def _apply_defaults(doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
-def _component_checks(doc: dict[str, Any], marks: Marks,
-                      file: Path | None) -> Iterable[ConfigIssue]:
-    """Checks a schema cannot express (a handler that does not import, ...)."""
+def _component_checks(doc: dict[str, Any], marks: Marks, file: Path | None, *,
+                      check_code: bool) -> Iterable[ConfigIssue]:
+    """Checks a schema cannot express (an address not allowed, a handler that does not
+    import, ...)."""
     for path, family, name, config in _slot_items(doc):
         spec = registry.get(family, name)
-        if spec.check is None:
-            continue
-        for sub_path, message in spec.check(config, file):
-            yield marks.issue((*path, name, *sub_path), message)
+        checks = [spec.check, spec.check_code if check_code else None]
+        for check in filter(None, checks):
+            for sub_path, message in check(config, file):
+                yield marks.issue((*path, name, *sub_path), message)
 
 
 def _exactly_once_checks(doc: dict[str, Any], marks: Marks) -> Iterable[ConfigIssue]:

@@ -10,10 +10,12 @@ destination for tasks that fail for good. Components are one-key objects named b
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sluice.config.yamlmarks import Marks, PathKey
+from sluice.errors import ConfigIssue
 from sluice.spec import REQUIRED, Field, ObjectSpec
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
@@ -150,6 +152,14 @@ class PipelineConfig:
     trigger_path: str | None = None  # trigger.http.path
     on_success: tuple[ComponentConfig, ...] = ()
     on_failure: tuple[ComponentConfig, ...] = ()
+    # Where each key and value is in the file, for errors found after loading.
+    marks: Marks | None = field(default=None, compare=False, repr=False)
+
+    def issue(self, path: PathKey, message: str) -> ConfigIssue:
+        """An issue at the value of ``path`` in this pipeline's file (``("handler", "python")``
+        → ``p.yaml:5:11: handler.python: message``)."""
+        marks = self.marks or Marks(str(self.path) if self.path else "<string>")
+        return marks.issue(path, message)
 
     def with_concurrency(self, concurrency: int) -> PipelineConfig:
         """A fixed limit instead of the configured one (``--concurrency``)."""
@@ -162,7 +172,8 @@ def _component(value: dict[str, Any]) -> ComponentConfig:
     return ComponentConfig(type_name, config)
 
 
-def build_model(doc: dict[str, Any], path: Path | None) -> PipelineConfig:
+def build_model(doc: dict[str, Any], path: Path | None,
+                marks: Marks | None = None) -> PipelineConfig:
     """Turn a validated, defaulted document into the typed model."""
     consumer = doc["consumer"]
     dead_letter = doc.get("dead_letter") or {"embedded": {"queue": f"{doc['name']}.dlq"}}
@@ -189,4 +200,5 @@ def build_model(doc: dict[str, Any], path: Path | None) -> PipelineConfig:
         trigger_path=((doc.get("trigger") or {}).get("http") or {}).get("path"),
         on_success=tuple(_component(c) for c in doc.get("on_success") or ()),
         on_failure=tuple(_component(c) for c in doc.get("on_failure") or ()),
+        marks=marks,
     )

@@ -9,6 +9,12 @@ loop; plain functions run in a thread pool sized to the pipeline's concurrency.
 Timeouts (``consumer.timeout_s``) hold for both: an async attempt is cancelled; a sync attempt's
 thread cannot be stopped, so it runs on in the background while its outcome is discarded and
 the task is retried (keep sync handlers bounded, or make them async).
+
+When the module is imported: by ``sluice validate`` (a module that does not import is an error
+at the ``handler.python`` line of the file) and by a worker when it builds the handler
+(``sluice run``, ``sluice serve`` with workers: the same error, exit 2, before any task runs).
+Never by an API-only load: ``sluice serve --no-workers`` and ``sluice submit -f`` need the
+pipeline file, not the handler's code, so a machine that only takes tasks in need not have it.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Any
 from sluice import registry
 from sluice.errors import Overloaded, Reject, Retry
 from sluice.handlers.deadlines import Deadlines
-from sluice.message import Message, Outcome, encode_result
+from sluice.message import Message, Outcome, encode_result, format_traceback
 from sluice.spec import REQUIRED, Field
 
 TARGET_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"
@@ -120,7 +126,8 @@ class PythonHandler:
                            delay_s=exc.delay_s, duration_s=time.perf_counter() - started)
         except Exception as exc:
             return Outcome("retry", error_type=type(exc).__name__, error_message=str(exc),
-                           duration_s=time.perf_counter() - started)
+                           duration_s=time.perf_counter() - started,
+                           traceback=format_traceback(exc))
         finally:
             self._deadlines.discard(task)
         duration = time.perf_counter() - started
@@ -137,7 +144,9 @@ class PythonHandler:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
 
-def check(config: Any, file: Path | None) -> list[tuple[tuple[str, ...], str]]:
+def check_import(config: Any, file: Path | None) -> list[tuple[tuple[str, ...], str]]:
+    """Whether the target imports (a check that runs the handler's code; see the module
+    docstring for when it runs)."""
     try:
         import_target(str(config), import_roots(file))
     except ImportError as exc:
@@ -156,5 +165,5 @@ registry.register(registry.ComponentSpec(
     summary="An in-process Python function (sync or async).",
     config=CONFIG,
     factory=build_handler,
-    check=check,
+    check_code=check_import,
 ))

@@ -140,14 +140,20 @@ def test_two_components_in_one_slot() -> None:
 
 
 def test_top_level_not_a_mapping_and_empty_file() -> None:
-    assert issues("- a\n- b\n") == ["p.yaml:1:1: expected a mapping of pipeline keys at the top"]
-    assert issues("") == ["p.yaml:1:1: the file is empty"]
+    expected = ("expected a pipeline file: a YAML mapping of pipeline keys "
+                "(name, source, handler, ...)")
+    assert issues("- a\n- b\n") == [f"p.yaml:1:1: {expected}, got a list"]
+    assert issues("~\n") == [f"p.yaml:1:1: {expected}, got nothing (null)"]
+    assert issues("") == [f"p.yaml:1:1: the file is empty; {expected}"]
+    assert issues("# nothing yet\n") == [f"p.yaml:1:1: the file holds only comments; {expected}"]
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_pipeline(tmp_path / "missing.yaml")
-    assert "cannot read the file" in str(info.value)
+    assert str(info.value) == (f"{tmp_path / 'missing.yaml'}:1:1: no such file; expected a "
+                               "pipeline file: a YAML mapping of pipeline keys (name, source, "
+                               "handler, ...)")
 
 
 def test_committed_schema_is_current() -> None:
