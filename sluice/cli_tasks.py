@@ -53,8 +53,10 @@ def _ts(at: float | None) -> str:
 def _read_data(value: str, number: int, count: int) -> bytes:
     """The bytes of one ``--data`` value (JSON text, or ``@path`` of a JSON file); exit 2 naming
     that ``--data`` when it cannot be read or is not JSON."""
-    shown = value if len(value) <= 60 else value[:57] + "..."
-    which = f"--data {shown}" if value.startswith("@") else f"--data {shown!r}"
+    if value.startswith("@"):
+        which = f"--data {value}"  # a file name, whole
+    else:
+        which = f"--data {value if len(value) <= 60 else value[:57] + '...'!r}"
     if count > 1:
         which = f"--data #{number} ({which.removeprefix('--data ')})"
     if value.startswith("@"):

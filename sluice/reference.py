@@ -4,6 +4,7 @@ committed file is stale: run ``sluice reference > docs/reference.md``)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import click
@@ -56,19 +57,20 @@ def _table(spec: ObjectSpec | Field) -> list[str]:
     return [*head, *_rows(spec)]
 
 
-def _commands(group: click.Group, ctx: click.Context, prefix: str) -> list[str]:
+def _commands(group: click.Group, ctx: click.Context) -> list[str]:
+    """Every command under ``group`` (whose context is ``ctx``), named by its full path."""
     out: list[str] = []
     for name in sorted(group.list_commands(ctx)):
         cmd = group.get_command(ctx, name)
         if cmd is None or cmd.hidden:
             continue
-        full = f"{prefix} {name}"
+        sub = click.Context(cmd, info_name=name, parent=ctx)
         if isinstance(cmd, click.Group):
-            out.extend(_commands(cmd, ctx, full))
+            out.extend(_commands(cmd, sub))
             continue
-        sub = click.Context(cmd, info_name=full, parent=ctx)
-        out += [f"### `{full}`", "", f"`{cmd.get_usage(sub).removeprefix('Usage: ')}`", "",
-                (cmd.help or "").strip(), ""]
+        usage = cmd.get_usage(sub).removeprefix("Usage: ")
+        out += [f"### `{sub.command_path}`", "", f"`{usage}`", "",
+                inspect.cleandoc(cmd.help or ""), ""]
         options = [p for p in cmd.params if isinstance(p, click.Option)]
         if options:
             out += ["| option | description |", "|---|---|"]
@@ -105,5 +107,5 @@ def render() -> str:
                       *_table(comp.config), ""]
     ctx = click.Context(cli, info_name="sluice")
     lines += ["## Command line", "", "Exit codes: 0 ok, 1 the work failed, 2 bad input or usage.",
-              "", *_commands(cli, ctx, "sluice")]
+              "", *_commands(cli, ctx)]
     return "\n".join(lines).rstrip() + "\n"
