@@ -80,6 +80,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     lease_owner  TEXT,
     lease_until  REAL,
     delivered    TEXT,
+    error_traceback TEXT,
     UNIQUE (pipeline, task_id)
 );
 CREATE INDEX IF NOT EXISTS tasks_by_id ON tasks (task_id);
@@ -90,7 +91,31 @@ CREATE TABLE IF NOT EXISTS pipelines (
     updated_at   REAL    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (pipeline, state, seq);
+
+CREATE TABLE IF NOT EXISTS dead_letters (
+    pipeline     TEXT    NOT NULL,
+    task_id      TEXT    NOT NULL,
+    body         BLOB    NOT NULL,
+    content_type TEXT    NOT NULL,
+    key          TEXT,
+    headers      TEXT,
+    failed_at    REAL    NOT NULL,
+    replayed_as  TEXT,
+    replayed_at  REAL,
+    PRIMARY KEY (pipeline, task_id)
+);
 """
+
+# Columns added since a table was first made: (table, column, declaration). Added to an
+# older database when it is opened; forward only, idempotent.
+ADDED_COLUMNS = (("tasks", "error_traceback", "TEXT"),)
+
+
+def _add_columns(conn: sqlite3.Connection) -> None:
+    for table, column, declaration in ADDED_COLUMNS:
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +166,7 @@ class Database:
         self._checkpointer.start()
         with self._lock:
             self._conn.executescript(SCHEMA)  # idempotent; executescript commits by itself
+            _add_columns(self._conn)
 
     def _checkpoint_forever(self, busy_ms: int) -> None:
         conn = sqlite3.connect(self.path, timeout=busy_ms / 1000, isolation_level=None,

@@ -4,6 +4,7 @@ came to (:class:`Outcome`)."""
 from __future__ import annotations
 
 import json
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -79,12 +80,26 @@ class Outcome:
     duration_s: float = 0.0
     overload: bool = False  # a load signal for the limiter: 429/503, a timeout, Overloaded
     retry_after_s: float | None = None  # hold new attempts this long (the backend asked)
+    traceback: str | None = None  # of the exception the handler raised (format_traceback)
 
     @property
     def error(self) -> dict[str, str] | None:
         if self.error_type is None:
             return None
         return {"type": self.error_type, "message": self.error_message or ""}
+
+
+TRACEBACK_MAX_CHARS = 8192  # a task keeps at most this much of its last attempt's traceback
+
+
+def format_traceback(exc: BaseException, max_chars: int = TRACEBACK_MAX_CHARS) -> str:
+    """The traceback of ``exc`` as Python prints it, cut in the middle to ``max_chars`` (the
+    head says where it began, the tail where it was raised)."""
+    text = "".join(traceback.format_exception(exc))
+    if len(text) <= max_chars:
+        return text
+    keep = max_chars // 2
+    return f"{text[:keep]}\n... ({len(text) - 2 * keep} characters left out) ...\n{text[-keep:]}"
 
 
 def encode_result(value: Any) -> tuple[bytes | None, str | None]:

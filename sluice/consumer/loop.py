@@ -68,6 +68,7 @@ from sluice.tasks.store import (
     ClaimResult,
     ClaimStatus,
     Completion,
+    DeadLetter,
     TaskRecord,
     TaskStore,
 )
@@ -88,6 +89,11 @@ ROOM_WAIT_S = 0.25
 # Deliveries held per slot of the limit (rule 1): one running, one ready or waiting in its
 # lane, one finished and waiting for its group commit.
 HELD_PER_SLOT = 3
+
+
+def _traceback_tail(outcome: Outcome) -> str:
+    """The handler's traceback for a log line about its failed attempt ("" if none)."""
+    return f"\n{outcome.traceback.rstrip()}" if outcome.traceback else ""
 
 
 @dataclass(slots=True)
@@ -370,13 +376,15 @@ class ConsumerLoop:
             decision = self.policy.decide(attempts, received_at, time.time(), outcome.delay_s)
             if decision.retry:
                 self.stats.retried += 1
-                log.info("task %s attempt %d failed (%s: %s); retry in %.2fs", delivery.task_id,
-                         attempts, outcome.error_type, outcome.error_message, decision.delay_s)
+                log.info("task %s attempt %d failed (%s: %s); retry in %.2fs%s",
+                         delivery.task_id, attempts, outcome.error_type, outcome.error_message,
+                         decision.delay_s, _traceback_tail(outcome))
                 self._settle(_Settle(
                     delivery,
                     Completion(delivery.task_id, TaskState.RETRYING,
                                error_type=outcome.error_type,
-                               error_message=outcome.error_message),
+                               error_message=outcome.error_message,
+                               error_traceback=outcome.traceback),
                     delay_s=decision.delay_s))
                 return outcome, True, decision.delay_s
             reason = decision.reason
@@ -466,17 +474,21 @@ class ConsumerLoop:
                       delivery.task_id, exc, DEAD_LETTER_RETRY_S)
             self._settle(_Settle(delivery, Completion(
                 delivery.task_id, TaskState.RETRYING, error_type=outcome.error_type,
-                error_message=outcome.error_message), delay_s=DEAD_LETTER_RETRY_S))
+                error_message=outcome.error_message, error_traceback=outcome.traceback),
+                delay_s=DEAD_LETTER_RETRY_S))
             return True
         self.stats.failed += 1
-        log.warning("task %s failed for good: %s: %s (%s); sent to the dead letter",
+        log.warning("task %s failed for good: %s: %s (%s); sent to the dead letter%s",
                     delivery.task_id, outcome.error_type, outcome.error_message,
-                    reason or "rejected by the handler")
+                    reason or "rejected by the handler", _traceback_tail(outcome))
         message = f"{outcome.error_message} ({reason})" if reason else outcome.error_message
         body = self._record_body(delivery, claim, TaskState.FAILED, outcome, message)
         self._settle(_Settle(delivery, Completion(
             delivery.task_id, TaskState.FAILED, error_type=outcome.error_type,
-            error_message=message, outbox=self._outbox(delivery, TaskState.FAILED, body)),
+            error_message=message, outbox=self._outbox(delivery, TaskState.FAILED, body),
+            error_traceback=outcome.traceback,
+            dead_letter=DeadLetter(delivery.body, delivery.content_type, delivery.key,
+                                   dict(delivery.headers) or None)),
             outputs=self._outputs(delivery, TaskState.FAILED, body)))
         return False
 

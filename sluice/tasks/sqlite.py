@@ -15,18 +15,28 @@ from collections.abc import Sequence
 from sluice.datadir import Database, QueuedMessage, put_in
 from sluice.errors import IllegalTransition, TaskNotFound
 from sluice.tasks.state import FINAL, TaskState, allowed
-from sluice.tasks.store import Claim, ClaimResult, ClaimStatus, Completion, NewTask, TaskRecord
+from sluice.tasks.store import (
+    Claim,
+    ClaimResult,
+    ClaimStatus,
+    Completion,
+    DeadLetter,
+    DeadLetterRecord,
+    NewTask,
+    TaskRecord,
+)
 
 _COLUMNS = (
     "pipeline, task_id, tenant, state, attempts, key, result, result_type, error_type, "
-    "error_message, received_at, queued_at, started_at, finished_at, updated_at, seq, delivered"
+    "error_message, received_at, queued_at, started_at, finished_at, updated_at, seq, delivered,"
+    " error_traceback"
 )
 
 
 def _record(row: sqlite3.Row | tuple[object, ...]) -> TaskRecord:
     values = list(row)
     values[3] = TaskState(values[3])
-    values[-1] = json.loads(values[-1]) if values[-1] else None
+    values[16] = json.loads(values[16]) if values[16] else None  # delivered
     return TaskRecord(*values)
 
 
@@ -59,7 +69,7 @@ def put_outbox(conn: sqlite3.Connection,
 
 _COMPLETE = (
     "UPDATE tasks SET state = ?, result = ?, result_type = ?, error_type = ?,"
-    " error_message = ?, finished_at = ?, updated_at = ?,"
+    " error_message = ?, error_traceback = ?, finished_at = ?, updated_at = ?,"
     " lease_owner = CASE WHEN ? THEN NULL ELSE lease_owner END, lease_until = NULL"
     " WHERE pipeline = ? AND task_id = ? AND state = 'RUNNING' AND lease_owner = ?")
 
@@ -68,7 +78,19 @@ def _complete_row(done: Completion, pipeline: str, owner: str,
                   now: float) -> tuple[object, ...]:
     final = done.state in FINAL
     return (str(done.state), done.result, done.result_type, done.error_type, done.error_message,
-            now if final else None, now, final, pipeline, done.task_id, owner)
+            done.error_traceback, now if final else None, now, final, pipeline, done.task_id, owner)
+
+
+def put_dead_letter_in(conn: sqlite3.Connection, pipeline: str, task_id: str,
+                       letter: DeadLetter, now: float) -> None:
+    """Keep a FAILED task's message (for ``sluice dead-letters replay``)."""
+    conn.execute(
+        "INSERT INTO dead_letters (pipeline, task_id, body, content_type, key, headers,"
+        " failed_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (pipeline, task_id) DO UPDATE"
+        " SET body = excluded.body, content_type = excluded.content_type, key = excluded.key,"
+        " headers = excluded.headers, failed_at = excluded.failed_at",
+        (pipeline, task_id, letter.body, letter.content_type, letter.key,
+         json.dumps(letter.headers) if letter.headers else None, now))
 
 
 def record_deliveries_in(conn: sqlite3.Connection, pipeline: str, destination: str,
@@ -227,7 +249,7 @@ class SqliteTaskStore:
     def _complete(conn: sqlite3.Connection, pipeline: str, completions: Sequence[Completion],
                   owner: str, now: float) -> list[TaskState | None]:
         out: list[TaskState | None] = []
-        if not any(done.outbox for done in completions):
+        if not any(done.outbox or done.dead_letter for done in completions):
             # The common batch in one statement: if every row was written, that is all.
             conn.execute("SAVEPOINT batch")
             cur = conn.executemany(_COMPLETE, [_complete_row(d, pipeline, owner, now)
@@ -240,6 +262,8 @@ class SqliteTaskStore:
         for done in completions:
             cur = conn.execute(_COMPLETE, _complete_row(done, pipeline, owner, now))
             if cur.rowcount == 1:
+                if done.dead_letter is not None:
+                    put_dead_letter_in(conn, pipeline, done.task_id, done.dead_letter, now)
                 if done.outbox:
                     put_outbox(conn, done.outbox, now)
                     pending = {dest: {"state": "pending", "at": now, "attempts": 0}
@@ -260,6 +284,10 @@ class SqliteTaskStore:
         if not found:
             raise TaskNotFound(task_id)
         return found[0]
+
+    async def find_in(self, pipeline: str, task_id: str) -> bool:
+        """Whether ``task_id`` is used in ``pipeline``."""
+        return bool(await self.db.read(lambda c: get_in(c, task_id, pipeline)))
 
     async def find(self, task_id: str) -> builtins.list[TaskRecord]:
         """Every task with this id, across pipelines."""
@@ -308,6 +336,35 @@ class SqliteTaskStore:
             return get_in(conn, task_id, pipeline)[0]
 
         return await self.db.run(change)
+
+    async def dead_letters(self, pipeline: str, task_ids: Sequence[str] | None = None,
+                           limit: int = 100, replayed: bool = True,
+                           ) -> builtins.list[DeadLetterRecord]:
+        """A pipeline's dead-lettered tasks, newest first (only ``task_ids`` if given; without
+        those already replayed unless ``replayed``)."""
+        sql = ("SELECT d.pipeline, d.task_id, d.body, d.content_type, d.key, d.headers,"
+               " d.failed_at, t.error_type, t.error_message, t.attempts, d.replayed_as,"
+               " d.replayed_at FROM dead_letters d LEFT JOIN tasks t"
+               " ON t.pipeline = d.pipeline AND t.task_id = d.task_id WHERE d.pipeline = ?")
+        args: builtins.list[object] = [pipeline]
+        if task_ids is not None:
+            sql += f" AND d.task_id IN ({','.join('?' * len(task_ids))})"
+            args.extend(task_ids)
+        if not replayed:
+            sql += " AND d.replayed_as IS NULL"
+        sql += " ORDER BY d.failed_at DESC LIMIT ?"
+        rows = await self.db.read(lambda c: c.execute(sql, (*args, limit)).fetchall())
+        return [DeadLetterRecord(
+            r[0], r[1], DeadLetter(r[2], r[3], r[4], json.loads(r[5]) if r[5] else None),
+            r[6], r[7], r[8], r[9] or 0, r[10], r[11]) for r in rows]
+
+    async def mark_replayed(self, pipeline: str, replays: Sequence[tuple[str, str]],
+                            now: float) -> None:
+        """Link each dead-lettered task to its replay: (task id, the replay's task id)."""
+        await self.db.run(lambda c: c.executemany(
+            "UPDATE dead_letters SET replayed_as = ?, replayed_at = ?"
+            " WHERE pipeline = ? AND task_id = ?",
+            [(new, now, pipeline, old) for old, new in replays]))
 
     async def stats(self, pipeline: str | None = None) -> builtins.list[TaskRecord]:
         """Every task (of a pipeline), oldest first: the input of ``sluice tasks summary``."""

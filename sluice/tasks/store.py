@@ -37,6 +37,7 @@ class TaskRecord:
     # Result deliveries, by destination: {"state": pending|delivered|failed, "at", "attempts",
     # "error"}; see sluice.sinks.delivery.
     delivered: dict[str, dict[str, Any]] | None = None
+    error_traceback: str | None = None  # of the last attempt, when the handler raised
 
     def timeline(self) -> list[tuple[str, float | None, float | None]]:
         """(stage, timestamp, seconds since the previous stage) for each stage."""
@@ -67,7 +68,8 @@ class TaskRecord:
             "key": self.key,
             "result": result,
             "error": (
-                {"type": self.error_type, "message": self.error_message}
+                {"type": self.error_type, "message": self.error_message,
+                 "traceback": self.error_traceback}
                 if self.error_type else None
             ),
             "timeline": [
@@ -125,6 +127,46 @@ class Completion:
     # Messages to enqueue in the same transaction as this completion, only if it is written
     # (the transactional outbox of result deliveries): (destination, queue, message).
     outbox: tuple[tuple[str, str, QueuedMessage], ...] = ()
+    error_traceback: str | None = None
+    dead_letter: DeadLetter | None = None  # a FAILED task's message, kept for a replay
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """The message of a task that failed for good, as it was sent to the dead letter."""
+
+    body: bytes
+    content_type: str
+    key: str | None = None
+    headers: dict[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRecord:
+    """A dead-lettered task: its message, why it failed, and whether it was replayed."""
+
+    pipeline: str
+    task_id: str
+    message: DeadLetter
+    failed_at: float
+    error_type: str | None = None
+    error_message: str | None = None
+    attempts: int = 0
+    replayed_as: str | None = None  # the task id of the replay
+    replayed_at: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "pipeline": self.pipeline,
+            "failed_at": self.failed_at,
+            "attempts": self.attempts,
+            "error": {"type": self.error_type, "message": self.error_message},
+            "key": self.message.key,
+            "content_type": self.message.content_type,
+            "replayed_as": self.replayed_as,
+            "replayed_at": self.replayed_at,
+        }
 
 
 class TaskStore(Protocol):
