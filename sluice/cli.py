@@ -31,6 +31,7 @@ from sluice.cli_common import (
     setup_logging,
     table,
 )
+from sluice.cli_dead_letters import dead_letters
 from sluice.cli_keys import keys as keys_group
 from sluice.cli_pipelines import pipelines
 from sluice.cli_tasks import submit, tasks
@@ -185,7 +186,8 @@ def reference() -> None:
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
 @data_dir_option
 @click.option("--workers/--no-workers", default=True, show_default=True,
-              help="Also run the pipelines' workers in this process.")
+              help="Also run the pipelines' workers in this process (without them, the "
+              "handlers' code is not imported).")
 @click.option("--auth-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Keys file (API key hashes → tenants); see `sluice keys new`.")
 @click.option("--insecure", is_flag=True,
@@ -207,7 +209,7 @@ def serve(files: Sequence[Path], host: str, port: int, data_dir: Path, workers: 
     from sluice.gateway.server import serve as serve_forever
 
     setup_logging(log_level, log_format)
-    configs = guarded(lambda: load_all(files))
+    configs = guarded(lambda: load_all(files, check_code=workers))
     if concurrency is not None:
         configs = [c.with_concurrency(concurrency) for c in configs]
     keys = guarded(lambda: KeyRing.load(auth_file)) if auth_file else None
@@ -224,6 +226,7 @@ cli.add_command(keys_group)
 cli.add_command(submit)
 cli.add_command(tasks)
 cli.add_command(pipelines)
+cli.add_command(dead_letters)
 
 
 def main() -> None:
