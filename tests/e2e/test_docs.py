@@ -109,8 +109,8 @@ def test_the_api_tour_and_the_skips_are_few() -> None:
     assert len(skipped) <= 6, skipped
 
 
-def fresh_copy(dest: Path) -> Path:
-    """The working tree's files that git tracks or would track, with the project's venv."""
+def fresh_copy(dest: Path, venv: bool = True) -> Path:
+    """The working tree's files that git tracks or would track (with the project's venv)."""
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
                              "--exclude-standard"], cwd=ROOT, capture_output=True, check=True)
     for name in listed.stdout.decode().split("\0"):
@@ -118,7 +118,8 @@ def fresh_copy(dest: Path) -> Path:
         if name and source.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / name)
-    (dest / ".venv").symlink_to(ROOT / ".venv")
+    if venv:
+        (dest / ".venv").symlink_to(ROOT / ".venv")
     return dest
 
 
