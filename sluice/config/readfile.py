@@ -72,11 +72,12 @@ def decode_yaml_bytes(raw: bytes, file: str, *, expected: str = PIPELINE_FILE) -
         col = len(before) - (before.rfind("\n") + 1) + 1
         bad = raw[exc.start:exc.end][:4]
         shown = " ".join(f"0x{b:02X}" for b in bad)
-        name = "UTF-8" if encoding.startswith("utf-8") else encoding.upper()
+        utf8 = encoding.startswith("utf-8")
+        hint = " (it may have been saved as Latin-1 or Windows-1252)" if utf8 else ""
         raise ConfigError([ConfigIssue(
-            file, line, col, "", f"the file is not valid {name}: cannot decode byte(s) "
-            f"{shown} ({exc.reason}); save the file as UTF-8 (it may have been saved as "
-            "Latin-1 or Windows-1252)")]) from None
+            file, line, col, "", f"the file is not valid {'UTF-8' if utf8 else encoding.upper()}"
+            f": cannot decode byte(s) {shown} ({exc.reason}); save the file as UTF-8{hint}")]
+        ) from None
 
 
 def _wide_without_bom(raw: bytes) -> str | None:

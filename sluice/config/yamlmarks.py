@@ -124,7 +124,7 @@ def load_marked(text: str, file: str, *,
         nonlocal count
         count += 1
         if count > MAX_VALUES:
-            raise _TooLarge(node)
+            raise _TooLarge(path[:1])
         marks.values.setdefault(path, _pos(node))
         if isinstance(node, ScalarNode):
             return scalar(node, path)
@@ -179,11 +179,9 @@ def load_marked(text: str, file: str, *,
     try:
         document = build(root, ())
     except _TooLarge as exc:
-        (node,) = exc.args
-        line, col = _pos(node)
-        return None, marks, [ConfigIssue(file, line, col, "", f"the document expands to more "
-                                         f"than {MAX_VALUES:,} values (through aliases); "
-                                         "expected a pipeline file")]
+        (top,) = exc.args  # the top-level key whose value is too large
+        return None, marks, [marks.issue(top, f"the value expands to more than {MAX_VALUES:,} "
+                                         "values (through aliases); expected a few", at_key=True)]
     return document, marks, issues
 
 
@@ -202,6 +200,10 @@ def _yaml_issue(exc: yaml.YAMLError, text: str, file: str) -> ConfigIssue:
             problem += "; indent with spaces (YAML does not allow tabs there)"
         elif "cannot start any token" in problem:
             problem += "; quote the value if it starts with this character"
+        elif "mapping values are not allowed here" in problem:
+            problem += " (quote a value that contains ': ')"
+        elif "found another document" in problem:
+            problem += " (a file holds one document)"
         where = ""
         if exc.context and exc.context_mark:
             cm = exc.context_mark
