@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from sluice.config.load import load_pipeline
+from sluice.config.load import load_pipelines
 from sluice.config.model import PipelineConfig
 from sluice.errors import ConfigError, SluiceError
 
@@ -176,20 +176,7 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(line)
 
 
-def load_all(files: Sequence[Path]) -> list[PipelineConfig]:
-    configs: list[PipelineConfig] = []
-    issues = []
-    for file in files:
-        try:
-            configs.append(load_pipeline(file))
-        except ConfigError as exc:
-            issues.extend(exc.issues)
-    if issues:
-        raise ConfigError(issues)
-    names = [c.name for c in configs]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise SluiceError(f"pipeline names must be unique; repeated: {', '.join(dupes)}")
-    return configs
-
-
+def load_all(files: Sequence[Path], *, check_code: bool = True) -> list[PipelineConfig]:
+    """The pipelines of ``files`` (names unique). ``check_code=False``: the handlers' code is
+    not imported (a machine that only submits or controls need not have it)."""
+    return load_pipelines(files, check_code=check_code)

@@ -52,7 +52,7 @@ def local_pipelines(files: Sequence[Path], data_dir: Path) -> list[dict[str, Any
     from sluice.datadir import DB_FILE, Database
     from sluice.tasks.sqlite_catalog import stored_pipelines
 
-    configs = guarded(lambda: load_all(files)) if files else []
+    configs = guarded(lambda: load_all(files, check_code=False)) if files else []
     if not files or (data_dir / DB_FILE).is_file():
         stored = guarded(lambda: stored_pipelines(Database.open(store_dir(data_dir))))
     else:

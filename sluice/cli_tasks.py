@@ -120,7 +120,7 @@ def _submit_local(pipeline: str, files: Sequence[Path], bodies: list[bytes],
     from sluice.datadir import Database
     from sluice.tasks.sqlite import get_in
 
-    configs = guarded(lambda: load_all(files))
+    configs = guarded(lambda: load_all(files, check_code=False))
     config = next((c for c in configs if c.name == pipeline), None)
     if config is None:
         fail(f"no pipeline named {pipeline!r} in {', '.join(map(str, files))}; "

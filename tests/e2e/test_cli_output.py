@@ -181,3 +181,22 @@ def test_connectors_print_install_hints_literally() -> None:
     listed = sluice("connectors")
     assert listed.returncode == 0
     assert "(pip install 'sluice[kafka]')" in listed.stdout
+
+
+def test_submit_and_serve_without_workers_never_import_the_handler(tmp_path: Path) -> None:
+    api_only = tmp_path / "api-only.yaml"
+    api_only.write_text("name: api-only\nsource: {embedded: {}}\n"
+                        "handler: {python: not_on_this_machine.handlers:work}\n")
+    data = str(tmp_path / "d")
+    local = sluice("submit", "api-only", "-f", str(api_only), "--data-dir", data, "--data", "{}",
+                   "--task-id", "local-1")
+    assert local.returncode == 0, local.stderr
+    assert sluice("pipelines", "pause", "api-only", "-f", str(api_only),
+                  "--data-dir", data).returncode == 0
+    with running_server(tmp_path, "--no-workers", files=(api_only,), auth=False) as server:
+        remote = sluice("submit", "api-only", "--url", server.url, "--data", "{}",
+                        "--task-id", "remote-1")
+        assert remote.returncode == 0, remote.stderr
+        assert remote.stdout.strip() == "remote-1"
+    validate = sluice("validate", str(api_only))  # validate does import it
+    assert validate.returncode == 2 and "not_on_this_machine" in validate.stderr
