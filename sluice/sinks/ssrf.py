@@ -14,6 +14,7 @@ to, a link-local or cloud-metadata address is refused unless the component allow
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 from typing import Any
@@ -79,8 +80,9 @@ class GuardedResolver(AbstractResolver):
         results = await self._inner.resolve(host, port, family)
         bad = [r["host"] for r in results if forbidden(r["host"])]
         if bad:
-            raise OSError(f"refused: {host} resolves to a link-local or metadata address "
-                          f"({', '.join(bad)}); {REFUSED_HINT}")
+            # With an errno, aiohttp's connector error shows this text as the reason.
+            raise OSError(errno.EACCES, f"refused: {host} resolves to a link-local or metadata "
+                                        f"address ({', '.join(bad)}); {REFUSED_HINT}")
         return results
 
     async def close(self) -> None:

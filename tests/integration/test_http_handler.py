@@ -113,6 +113,7 @@ async def test_each_attempt_is_a_cloudevent(function: tuple[Function, str], mode
 
 @pytest.mark.parametrize(("code", "status", "overload", "retry_after_s"), [
     ("201", "success", False, None),
+    ("302", "failure", False, None),  # redirects are not followed
     ("429", "retry", True, 1.0),
     ("503", "retry", True, 1.0),
     ("404", "failure", False, None),

@@ -6,18 +6,26 @@ that resolves to it; and a literal forbidden address is refused before connectin
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ipaddress
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from aiohttp import web
 
+from sluice.config.load import parse_pipeline
+from sluice.connectors import embedded
 from sluice.connectors.base import SinkRecord
+from sluice.connectors.embedded import EmbeddedQueue, QueuedMessage
+from sluice.datadir import Database
 from sluice.errors import DeliveryError
 from sluice.handlers.http import HttpHandler
 from sluice.message import Message
+from sluice.runtime import build
 from sluice.sinks import ssrf
 from sluice.sinks.http import HttpSink
 from sluice.sinks.webhook import WebhookSink
@@ -165,3 +173,41 @@ async def test_allow_link_local_reaches_the_address(
     finally:
         await sink.close()
     assert target.hits == ["/latest/meta-data"]
+
+
+async def test_a_pipelines_webhook_redirected_goes_to_the_dead_letter(
+        scene: Scene, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOOK_SECRET", SECRET)
+    loop = build(parse_pipeline(f"""
+name: jobs
+source: {{embedded: {{queue: jobs}}}}
+handler: {{python: tests.helpers.handlers:behave}}
+on_success: [{{webhook: {{url: "{scene.front.url('/hook')}", secret_env: HOOK_SECRET,
+               max_attempts: 2, initial_backoff_s: 0.01}}}}]
+dead_letter: {{embedded: {{queue: jobs.dlq}}}}
+"""), data_dir)
+    db = Database.open(data_dir)
+    embedded.submit(db, "jobs", "default", "jobs", [QueuedMessage("t-1", b'{"n": 1}')])
+    await asyncio.wait_for(loop.run(asyncio.Event(), drain=True), 60)
+    assert scene.front.hits == ["/hook"]  # once: a redirect is not retried
+    assert scene.target.hits == []
+    queue = EmbeddedQueue(db, "jobs.dlq")
+    (dead,) = db.run_sync(lambda c: queue.lease_in(c, 10, time.time()))
+    assert dead.task_id == "t-1"
+    assert f"redirecting to {scene.front.redirect_to}" in dead.headers["sluice-error-message"]
+
+
+async def test_a_name_is_checked_when_resolved_and_the_error_says_why(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    target = Site("127.0.0.1")
+    await target.start()
+    forbid(monkeypatch, "127.0.0.1/32", "::1/128")
+    sink = HttpSink(target.url("/latest/meta-data", host="localhost"))
+    try:
+        with pytest.raises(DeliveryError) as info:
+            await sink.send([record()])
+    finally:
+        await sink.close()
+        await target.stop()
+    assert target.hits == []
+    assert "refused: localhost resolves to a link-local or metadata address" in str(info.value)
