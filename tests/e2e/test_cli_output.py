@@ -87,6 +87,12 @@ def test_read_only_commands_never_create_a_data_dir(tmp_path: Path) -> None:
         assert result.returncode == 2, args
         assert result.stderr.startswith(f"error: no sluice data in {missing}"), args
         assert not missing.exists(), args
+    from_file = sluice("pipelines", "list", "-f", str(QUICKSTART), "--json",
+                       "--data-dir", str(missing))
+    assert from_file.returncode == 0, from_file.stderr
+    assert json.loads(from_file.stdout) == {"name": "thumbnails", "tenant": "demo",
+                                            "source": "embedded", "paused": False, "counts": {}}
+    assert not missing.exists()
 
 
 def test_summary_of_an_empty_store(tmp_path: Path) -> None:
