@@ -206,3 +206,19 @@ def test_submit_and_serve_without_workers_never_import_the_handler(tmp_path: Pat
         assert remote.stdout.strip() == "remote-1"
     validate = sluice("validate", str(api_only))  # validate does import it
     assert validate.returncode == 2 and "not_on_this_machine" in validate.stderr
+
+
+def test_tasks_get_shows_the_handlers_traceback(tmp_path: Path) -> None:
+    data = str(tmp_path / "d")
+    failing = _pipeline(tmp_path, "failing", "behave")
+    assert sluice("submit", "failing", "-f", str(failing), "--data-dir", data, "--task-id", "f1",
+                  "--data", '{"fail_until": 9}').returncode == 0
+    assert sluice("run", str(failing), "--data-dir", data, "--drain").returncode == 0
+    shown = sluice("tasks", "get", "f1", "--data-dir", data)
+    assert shown.returncode == 0, shown.stderr
+    error_at = shown.stdout.index("error  RuntimeError: failing attempt 1")
+    traceback_at = shown.stdout.index("Traceback (most recent call last):")
+    assert error_at < traceback_at
+    assert "in behave" in shown.stdout[traceback_at:]
+    got = json.loads(sluice("tasks", "get", "f1", "--json", "--data-dir", data).stdout)
+    assert got["error"]["traceback"] in shown.stdout
