@@ -112,7 +112,7 @@ def guarded_session(*, allow_link_local: bool,
 
 def redirect_refused(url: str, status: int, location: str | None) -> str:
     """The error of a 3xx answer (redirects are not followed)."""
-    where = f"redirecting to {location}" if location else "redirecting (no Location)"
+    where = f"redirecting to {location[:500]}" if location else "redirecting (no Location)"
     return (f"{url} answered HTTP {status} {where}; redirects are not followed "
             "(configure the final URL)")
 
