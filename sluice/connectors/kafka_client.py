@@ -80,8 +80,11 @@ def wanted_partitions(create_topic: Mapping[str, Any] | None) -> int | None:
     return int(create_topic["partitions"])
 
 
+CREATE_HINT = "create it, or set create_topic: {partitions: N} to have sluice create it"
+
+
 def ensure_topic(client: Any, brokers: str, topic: str, create_topic: Mapping[str, Any] | None,
-                 admin_config: Mapping[str, Any]) -> int:
+                 admin_config: Mapping[str, Any], missing_hint: str = CREATE_HINT) -> int:
     """Check that ``topic`` exists (creating it if ``create_topic`` says so); its partitions.
 
     ``client`` is a Consumer or Producer (for metadata). Raises :class:`SourceError` naming the
@@ -94,8 +97,7 @@ def ensure_topic(client: Any, brokers: str, topic: str, create_topic: Mapping[st
     partitions = wanted_partitions(create_topic)
     if partitions is None:
         raise SourceError(
-            f"kafka topic {topic!r} does not exist on brokers {brokers}; create it, or set "
-            f"create_topic: {{partitions: N}} to have sluice create it")
+            f"kafka topic {topic!r} does not exist on brokers {brokers}; {missing_hint}")
     assert create_topic is not None
     admin = ck.admin.AdminClient(dict(admin_config))
     new = ck.admin.NewTopic(topic, num_partitions=partitions,

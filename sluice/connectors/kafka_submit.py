@@ -51,6 +51,9 @@ class KafkaSubmitter:
         self.sink = KafkaSink({"topic": source["topic"], "linger_ms": 1,
                                "delivery_timeout_ms": 30000, "config": source.get("config")},
                               str(source["brokers"]))
+        self.sink.missing_topic_hint = (
+            "create it first: a submit never creates topics (a worker whose source sets "
+            "create_topic creates it when it starts)")
 
     async def submit(self, items: Sequence[Submission]) -> list[TaskRecord | None]:
         """The created tasks; ``None`` where the task id was already used."""

@@ -70,6 +70,7 @@ class KafkaSink:
         self._starting = asyncio.Lock()
         self._poller: threading.Thread | None = None
         self._stopping = threading.Event()
+        self.missing_topic_hint = kc.CREATE_HINT  # what a missing topic's error advises
 
     async def start(self) -> None:
         async with self._starting:
@@ -95,7 +96,8 @@ class KafkaSink:
             raise SourceError(f"kafka sink to {self.topic!r}: bad client settings: "
                               f"{exc}") from None
         kc.ensure_topic(producer, self.brokers, self.topic, self.cfg.get("create_topic"),
-                        kc.client_config(self.brokers, self.cfg.get("config")))
+                        kc.client_config(self.brokers, self.cfg.get("config")),
+                        self.missing_topic_hint)
         self._producer = producer
 
     def _poll_forever(self) -> None:

@@ -111,3 +111,14 @@ def test_a_refused_produce_leaves_no_task(tmp_path: Path) -> None:
         assert status == 503 and "nothing was submitted" in body["detail"]
         status, _ = http("GET", f"{srv.url}/v1/tasks/lost-1")
         assert status == 404  # the same task id may be submitted again
+
+
+def test_submit_to_a_missing_topic_says_to_create_it_first(tmp_path: Path) -> None:
+    kt.require_broker()
+    file = pipeline_file(tmp_path, "sluice-submit-no-such-topic")
+    done = sluice("submit", "k-jobs", "-f", str(file), "--data-dir", str(tmp_path / "data"),
+                  "--data", "{}")
+    assert done.returncode != 0
+    assert "'sluice-submit-no-such-topic' does not exist" in done.stderr
+    assert "a submit never creates topics" in done.stderr
+    assert "set create_topic" not in done.stderr and "Traceback" not in done.stderr
