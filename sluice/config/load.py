@@ -78,8 +78,6 @@ def load_pipelines(paths: Sequence[str | Path], *,
             configs.append(load_pipeline(path, check_code=check_code))
         except ConfigError as exc:
             issues.extend(exc.issues)
-    if issues:
-        raise ConfigError(issues)
     issues.extend(duplicate_names(configs))
     if issues:
         raise ConfigError(issues)

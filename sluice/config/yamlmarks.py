@@ -86,8 +86,8 @@ class _Loader(yaml.SafeLoader):
             if self._depth > MAX_DEPTH:
                 mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
                 raise yaml.composer.ComposerError(
-                    None, None, f"nested deeper than {MAX_DEPTH} levels; a pipeline file "
-                    "needs only a few", mark)
+                    None, None, f"nested deeper than {MAX_DEPTH} levels; expected at most "
+                    f"{MAX_DEPTH} (a pipeline file needs about 6)", mark)
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
@@ -125,7 +125,7 @@ def load_marked(text: str, file: str, *,
         count += 1
         if count > MAX_VALUES:
             raise _TooLarge(path[:1])
-        marks.values.setdefault(path, _pos(node))
+        marks.values[path] = _pos(node)
         if isinstance(node, ScalarNode):
             return scalar(node, path)
         if id(node) in open_nodes:

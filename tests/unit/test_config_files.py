@@ -54,12 +54,12 @@ BAD: dict[str, tuple[bytes, str]] = {
     "top-level-string": (b"hello\n", f"1:1: {PIPELINE_FILE}, got 'hello'"),
     "top-level-null": (b"~\n", f"1:1: {PIPELINE_FILE}, got nothing (null)"),
     "deep-flow-nesting": (b"name: " + b"[" * 2000 + b"]" * 2000 + b"\n",
-                          "1:70: invalid YAML: nested deeper than 64 levels; a pipeline file "
-                          "needs only a few"),
+                          "1:70: invalid YAML: nested deeper than 64 levels; expected at most "
+                          "64 (a pipeline file needs about 6)"),
     "deep-block-nesting": (("name: x\n" + "".join("  " * i + f"k{i}:\n" for i in range(100))
                             + "  " * 100 + "v\n").encode(),
-                           "65:127: invalid YAML: nested deeper than 64 levels; a pipeline file "
-                           "needs only a few"),
+                           "65:127: invalid YAML: nested deeper than 64 levels; expected at "
+                           "most 64 (a pipeline file needs about 6)"),
     "alias-cycle": (b"name: x\nsource: &s {embedded: *s}\n",
                     "2:9: source.embedded: an alias refers to a mapping or list that contains "
                     "it; expected a value without cycles"),
