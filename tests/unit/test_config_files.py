@@ -208,3 +208,18 @@ def test_same_name_same_tenant_names_both_files(tmp_path: Path) -> None:
     assert str(info.value) == (
         f"{b}:1:7: name: pipeline name 'orders' is also given by {a}:1:7; pipeline names are "
         "global in a task store: give each pipeline its own name")
+
+
+def test_run_refuses_one_name_in_two_files(tmp_path: Path) -> None:
+    a = write(tmp_path / "a.yaml", "orders", "acme")
+    b = write(tmp_path / "b.yaml", "orders", "globex")
+    result = subprocess.run([*sluice_cmd(), "run", str(a), str(b), "--drain", "--data-dir",
+                             str(tmp_path / "data")], cwd=ROOT, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in result.stderr
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"{b}:1:7: name: pipeline name 'orders' is also given by {a}:1:7 (there for tenant "
+        "'acme', here for tenant 'globex': their tasks would be mixed); pipeline names are "
+        "global in a task store: give each pipeline its own name"]
+    assert not (tmp_path / "data").exists()
