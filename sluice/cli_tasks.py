@@ -53,13 +53,10 @@ def _ts(at: float | None) -> str:
 def _read_data(value: str, number: int, count: int) -> bytes:
     """The bytes of one ``--data`` value (JSON text, or ``@path`` of a JSON file); exit 2 naming
     that ``--data`` when it cannot be read or is not JSON."""
-    if value.startswith("@"):
-        which = f"--data {value}"  # a file name, whole
-    else:
-        which = f"--data {value if len(value) <= 60 else value[:57] + '...'!r}"
-    if count > 1:
-        which = f"--data #{number} ({which.removeprefix('--data ')})"
-    if value.startswith("@"):
+    from_file = value.startswith("@")
+    shown = value if from_file else repr(value if len(value) <= 60 else value[:57] + "...")
+    which = f"--data #{number} ({shown})" if count > 1 else f"--data {shown}"
+    if from_file:
         try:
             raw = Path(value[1:]).read_bytes()
         except OSError as exc:
