@@ -33,7 +33,7 @@ from sluice.connectors.embedded import Submission
 from sluice.connectors.kafka_submit import KafkaSubmitter
 from sluice.consumer.loop import ConsumerLoop
 from sluice.errors import IllegalTransition, SourceError, TaskNotFound
-from sluice.gateway import problems
+from sluice.gateway import dead_letters, problems
 from sluice.gateway.auth import ADMIN, KeyRing, Principal
 from sluice.gateway.submitter import SubmitBatcher
 from sluice.message import is_json
@@ -326,10 +326,13 @@ async def control_task(request: web.Request) -> web.Response:
 async def list_pipelines(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     out = []
+    counts = await gw.store.counts()
     for name in gw.visible_names(principal(request)):
         config = gw.pipelines[name]
         out.append({"name": name, "tenant": config.tenant, "source": config.source.type,
                     "paused": await gw.store.is_paused(name),
+                    "counts": {str(state): counts[name, str(state)] for state in TaskState
+                               if counts.get((name, str(state)))},
                     "submit_url": f"/v1/pipelines/{name}/tasks",
                     "trigger_path": config.trigger_path})
     return json_response({"pipelines": out})
@@ -404,6 +407,7 @@ def make_app(gateway: Gateway) -> web.Application:
     r.add_get("/v1/pipelines", list_pipelines)
     r.add_post("/v1/pipelines/{pipeline}/tasks", submit_task)
     r.add_post("/v1/pipelines/{pipeline}/{action:pause|resume}", control_pipeline)
+    dead_letters.add_routes(r)
     r.add_get("/v1/tasks", list_tasks)
     # A task id is one path segment ('/' inside it travels as %2F, as status_url writes it):
     # /v1/tasks/{id}/cancel is then never also a GET of a task named "{id}/cancel", and a

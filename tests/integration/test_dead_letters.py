@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +161,42 @@ def test_the_cli_lists_and_replays_dead_letters(tmp_path: Path) -> None:
     assert "Traceback" not in refused.stderr
     usage = sluice("dead-letters", "replay", "jobs", "-f", str(pipeline))
     assert usage.returncode == 2 and "or --all" in usage.stderr
+
+
+def test_the_api_lists_and_replays_dead_letters_of_the_callers_tenant(tmp_path: Path) -> None:
+    from sluice.client import Client
+    from tests.helpers.server import KEYS, running_server
+
+    with running_server(tmp_path) as server:
+        alpha, beta = Client(server.url, KEYS["alpha"]), Client(server.url, KEYS["beta"])
+        sent = alpha.submit("gw-a", b'{"reject": "bad [input]"}', task_id="r1")
+        assert sent.status == 202, sent.body
+        deadline = time.monotonic() + 30
+        while alpha.get_task("r1").body["state"] != "FAILED":
+            assert time.monotonic() < deadline, "the task did not fail"
+            time.sleep(0.05)
+        listed = alpha.request("GET", "/v1/pipelines/gw-a/dead-letters")
+        assert listed.status == 200
+        (item,) = listed.body["items"]
+        assert (item["task_id"], item["error"]["type"]) == ("r1", "Reject")
+        assert item["error"]["message"] == "bad [input]"
+        # Another tenant's pipeline reads as missing.
+        assert beta.request("GET", "/v1/pipelines/gw-a/dead-letters").status == 404
+        bad = alpha.request("POST", "/v1/pipelines/gw-a/dead-letters/replay", b'{"task_ids": 3}',
+                            {"Content-Type": "application/json"})
+        assert bad.status == 400 and "task_ids" in bad.detail()
+        done = alpha.request("POST", "/v1/pipelines/gw-a/dead-letters/replay",
+                             b'{"all": true}', {"Content-Type": "application/json"})
+        assert done.status == 200
+        assert done.body["items"] == [{"task_id": "r1", "replay_id": "r1.replay-1",
+                                       "skipped": None}]
+        replayed = alpha.get_task("r1.replay-1", "gw-a")
+        assert replayed.status == 200 and replayed.body["state"] in (
+            "QUEUED", "RUNNING", "FAILED")
+        # The CLI speaks the same API.
+        cli = subprocess.run([*sluice_cmd(), "dead-letters", "list", "gw-a", "--json", "--url",
+                              server.url, "--token", KEYS["alpha"]], capture_output=True,
+                             text=True, env=subprocess_env(), timeout=60)
+        assert cli.returncode == 0, cli.stderr
+        rows = {json.loads(line)["task_id"]: json.loads(line) for line in cli.stdout.splitlines()}
+        assert rows["r1"]["replayed_as"] == "r1.replay-1"

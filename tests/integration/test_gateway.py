@@ -171,6 +171,7 @@ async def test_pause_and_resume_a_pipeline(http: aiohttp.ClientSession,
         assert (await call(http, server, "GET", "/v1/tasks/waits"))[1]["state"] == "QUEUED"
         listed = (await call(http, server, "GET", "/v1/pipelines"))[1]["pipelines"]
         assert listed[0]["paused"] is True
+        assert listed[0]["counts"]["QUEUED"] >= 1  # tasks per state
     finally:
         status, body, _ = await call(http, server, "POST", "/v1/pipelines/gw-a/resume")
     assert body == {"name": "gw-a", "paused": False}
