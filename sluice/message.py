@@ -82,12 +82,6 @@ class Outcome:
     retry_after_s: float | None = None  # hold new attempts this long (the backend asked)
     traceback: str | None = None  # of the exception the handler raised (format_traceback)
 
-    @property
-    def error(self) -> dict[str, str] | None:
-        if self.error_type is None:
-            return None
-        return {"type": self.error_type, "message": self.error_message or ""}
-
 
 TRACEBACK_MAX_CHARS = 8192  # a task keeps at most this much of its last attempt's traceback
 

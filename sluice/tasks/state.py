@@ -64,8 +64,3 @@ TRANSITIONS: dict[TaskState, frozenset[TaskState]] = {
 
 def allowed(current: TaskState, wanted: TaskState) -> bool:
     return wanted in TRANSITIONS[current]
-
-
-def sources_of(wanted: TaskState) -> list[TaskState]:
-    """The states from which ``wanted`` can be reached (for compare-and-set SQL)."""
-    return [s for s, targets in TRANSITIONS.items() if wanted in targets]
