@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 from rich.text import Text
@@ -36,10 +36,6 @@ from sluice.cli_common import (
 from sluice.errors import IllegalTransition, SluiceError, TaskNotFound
 from sluice.tasks.state import TaskState
 from sluice.tasks.store import TaskRecord
-
-if TYPE_CHECKING:
-    from sluice.config.model import PipelineConfig
-    from sluice.datadir import Database, QueuedMessage
 
 
 def _ts(at: float | None) -> str:
@@ -113,8 +109,8 @@ def submit(pipeline: str, files: Sequence[Path], datas: Sequence[str], task_id: 
 
 def _submit_local(pipeline: str, files: Sequence[Path], bodies: list[bytes],
                   task_id: str | None, key: str | None, delay_s: float, data_dir: Path) -> None:
-    from sluice.connectors import embedded
-    from sluice.datadir import Database
+    from sluice import intake
+    from sluice.datadir import Database, QueuedMessage
     from sluice.tasks.sqlite import get_in
 
     configs = guarded(lambda: load_all(files, check_code=False))
@@ -122,20 +118,16 @@ def _submit_local(pipeline: str, files: Sequence[Path], bodies: list[bytes],
     if config is None:
         fail(f"no pipeline named {pipeline!r} in {', '.join(map(str, files))}; "
              f"found: {', '.join(c.name for c in configs) or 'none'}")
-    if config.source.type not in ("embedded", "kafka"):
-        fail(f"submit to a {config.source.type!r} source is not supported yet; "
-             "only the embedded queue and kafka")
-    if delay_s and config.source.type == "kafka":
-        fail("--delay-s: a kafka source has no delayed delivery; submit without it")
-    queue = config.source.config.get("queue") or config.name
-    messages = [embedded.QueuedMessage(task_id or embedded.new_task_id(), body, key=key)
-                for body in bodies]
+    kind = config.source.type
+    if not intake.submittable(config):
+        fail(f"submit to a {kind!r} source is not supported; only to "
+             f"{' and '.join(intake.submittable_sources())}")
+    if delay_s and not intake.delays(config):
+        fail(f"--delay-s: a {kind} source has no delayed delivery; submit without it")
+    messages = [QueuedMessage(task_id or intake.new_task_id(), body, key=key) for body in bodies]
     db = Database.open(data_dir)
-    if config.source.type == "kafka":
-        created = guarded(lambda: asyncio.run(_submit_kafka(db, config, messages)), code=1)
-    else:
-        created = guarded(lambda: embedded.submit(db, config.name, config.tenant, queue,
-                                                  messages, delay_s=delay_s))
+    created = guarded(lambda: asyncio.run(intake.submit(db, config, messages, delay_s=delay_s)),
+                      code=1)
     refused = False
     for message, record in zip(messages, created, strict=True):
         if record is None:
@@ -148,20 +140,6 @@ def _submit_local(pipeline: str, files: Sequence[Path], bodies: list[bytes],
         else:
             click.echo(message.task_id)
     sys.exit(2 if refused else 0)
-
-
-async def _submit_kafka(db: Database, config: PipelineConfig,
-                        messages: list[QueuedMessage]) -> list[TaskRecord | None]:
-    """Create the tasks, then produce their messages to the pipeline's topic."""
-    from sluice.connectors.embedded import Submission
-    from sluice.connectors.kafka_submit import KafkaSubmitter
-
-    submitter = KafkaSubmitter(db, config)
-    try:
-        return await submitter.submit([Submission(config.name, config.tenant, "", m)
-                                       for m in messages])
-    finally:
-        await submitter.close()
 
 
 # -- tasks ----------------------------------------------------------------------------------

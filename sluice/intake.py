@@ -1,47 +1,100 @@
-"""Submitting tasks to a pipeline from this process (the CLI's local submit, dead-letter
-replays): the task is created QUEUED and its message put on the pipeline's source.
+"""The submit service: the one way tasks are submitted to a pipeline, from the HTTP API (the
+gateway), the CLI's local submit and dead-letter replays. The task is created ``QUEUED`` and its
+message put on the pipeline's source, by the submitter the source's spec provides
+(:attr:`sluice.registry.ComponentSpec.submitter`).
 
-- embedded queue: task and message in one transaction (:func:`sluice.connectors.embedded.submit`);
-- Kafka: the task, then its message produced with the task id header
-  (:class:`sluice.connectors.kafka_submit.KafkaSubmitter`).
+Rules:
 
-The result has one slot per message: the created task, or ``None`` where the task id was
-already used in the pipeline (nothing was submitted for it).
+1. Only a source with the ``submit`` capability takes submits; a delay only a source with
+   ``delayed_redelivery``. Both are refused (a :class:`~sluice.errors.SourceError`) before
+   anything is written; a front end checks them first (:func:`submittable`, :func:`delays`) to
+   say so in its own terms (an HTTP problem, a CLI option).
+2. A pipeline's submitter is made at its first submit and kept until :meth:`Intake.close`.
+3. The result has one slot per message: the created task, or ``None`` where the task id was
+   already used in the pipeline (nothing was submitted for it).
+4. A resumed task is woken by its source's ``wake`` hook, if it has one (a message held back
+   while the task was paused becomes visible at once).
 """
 
 from __future__ import annotations
 
-import time
+import uuid
 from collections.abc import Sequence
 
+from sluice import registry
 from sluice.config.model import PipelineConfig
-from sluice.connectors.embedded import QueuedMessage, Submission, submit_in
-from sluice.datadir import Database
+from sluice.datadir import Database, QueuedMessage
 from sluice.errors import SourceError
+from sluice.registry import Capability, Submission
 from sluice.tasks.store import TaskRecord
 
-SUBMITTABLE = ("embedded", "kafka")
+
+def new_task_id() -> str:
+    return uuid.uuid4().hex
 
 
-def source_queue(config: PipelineConfig) -> str:
-    """The embedded queue a pipeline's tasks go to."""
-    return str(config.source.config.get("queue") or config.name)
+def submittable(config: PipelineConfig) -> bool:
+    """Whether tasks can be submitted to the pipeline (rule 1)."""
+    return registry.source_can(config, Capability.SUBMIT)
+
+
+def delays(config: PipelineConfig) -> bool:
+    """Whether a submit to the pipeline may be delayed (rule 1)."""
+    return registry.source_can(config, Capability.DELAYED_REDELIVERY)
+
+
+def submittable_sources() -> list[str]:
+    """The source types that take submits."""
+    return registry.with_capability("source", Capability.SUBMIT)
+
+
+class Intake:
+    """Submits to pipelines over one task store; ``transactions`` is where the submitters'
+    store writes run (default: the database itself; the gateway: its group commit)."""
+
+    def __init__(self, db: Database, transactions: registry.Transactions | None = None) -> None:
+        self.context = registry.SubmitContext(db, transactions or db)
+        self._submitters: dict[str, registry.Submitter] = {}
+
+    async def submit(self, config: PipelineConfig, messages: Sequence[QueuedMessage], *,
+                     delay_s: float = 0.0,
+                     received_at: float | None = None) -> list[TaskRecord | None]:
+        """Create the tasks and queue their messages on the pipeline's source (rules 1-3)."""
+        submitter = self._submitter(config, delay_s)
+        return await submitter.submit([Submission(config.name, config.tenant, m, delay_s,
+                                                  received_at) for m in messages])
+
+    async def wake(self, config: PipelineConfig, task_id: str) -> None:
+        """A resumed task: its message, if its source held it back, is visible now (rule 4)."""
+        hook = registry.get("source", config.source.type).wake
+        if hook is not None:
+            await hook(config, task_id, self.context)
+
+    async def close(self) -> None:
+        submitters, self._submitters = list(self._submitters.values()), {}
+        for submitter in submitters:
+            await submitter.close()
+
+    def _submitter(self, config: PipelineConfig, delay_s: float) -> registry.Submitter:
+        kind = config.source.type
+        spec = registry.get("source", kind)
+        if not spec.can(Capability.SUBMIT) or spec.submitter is None:
+            raise SourceError(f"pipeline {config.name!r}: submitting to a {kind!r} source is "
+                              f"not supported; only to {' and '.join(submittable_sources())}")
+        if delay_s and not spec.can(Capability.DELAYED_REDELIVERY):
+            raise SourceError(f"a {kind} source has no delayed delivery: submit without a "
+                              "delay")
+        submitter = self._submitters.get(config.name)
+        if submitter is None:
+            submitter = self._submitters[config.name] = spec.submitter(config, self.context)
+        return submitter
 
 
 async def submit(db: Database, config: PipelineConfig, messages: Sequence[QueuedMessage],
                  *, delay_s: float = 0.0) -> list[TaskRecord | None]:
-    kind = config.source.type
-    if kind not in SUBMITTABLE:
-        raise SourceError(f"pipeline {config.name!r}: submitting to a {kind!r} source is not "
-                          f"supported; only to {' and '.join(SUBMITTABLE)}")
-    items = [Submission(config.name, config.tenant, source_queue(config), m, delay_s)
-             for m in messages]
-    if kind == "embedded":
-        return await db.run(lambda conn: submit_in(conn, items, time.time()))
-    from sluice.connectors.kafka_submit import KafkaSubmitter
-
-    submitter = KafkaSubmitter(db, config)
+    """Submit once, from this process (the CLI, a dead-letter replay)."""
+    intake = Intake(db)
     try:
-        return await submitter.submit(items)
+        return await intake.submit(config, messages, delay_s=delay_s)
     finally:
-        await submitter.close()
+        await intake.close()

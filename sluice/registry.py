@@ -1,25 +1,60 @@
-"""Component registry: name → (config spec, factory), for every family.
+"""Component registry: name → (config spec, factory, capabilities, hooks), for every family.
 
 Families: ``source`` (where deliveries come from), ``handler`` (what runs a task) and ``sink``
 (where results and dead letters go). Each component module declares its spec beside its code and
-calls :func:`register` at import; :func:`load_builtins` imports them all. A component's module
-must import without its optional dependency installed (import it inside the factory), so the
-schema and the ``sluice connectors`` listing cover every component on every install.
+calls :func:`register` at import. A :class:`Registry` is built from the built-in modules plus
+the Python entry points in group ``sluice.components`` (a third party ships a connector as its
+own package); the module-level functions use the default registry (:func:`default`).
+
+A component declares what it can do (:class:`Capability`) and provides the hooks that need its
+own knowledge (a submitter, a cross-component config check, a wake for a resumed task, which
+result destinations it writes with its acknowledgement). Generic code (runtime, loader, gateway,
+CLI, consumer loop) asks the registry; it never names a component type.
+
+A component's module must import without its optional dependency installed (import it inside
+the factory), so the schema and the ``sluice connectors`` listing cover every component on every
+install.
+
+Rules:
+
+1. A spec belongs to the module whose import declared it (:func:`register`); a registry that
+   loads that module gets every spec it declared, whichever registry or test imported it first.
+2. An entry point names a module (its import declares specs, rule 1) or a callable taking the
+   registry (``def register(registry: Registry) -> None``). A broken one is an error naming it,
+   never skipped silently.
+3. A later registration of a (family, name) replaces the earlier one: built-ins load first, so
+   an entry point may replace a built-in component.
+4. A capability that needs a hook (``submit``: a submitter; ``outputs_with_ack``: its rule) is
+   refused at registration without that hook.
 """
 
 from __future__ import annotations
 
+import contextlib
+import enum
 import importlib
-from collections.abc import Callable
+import sys
+import types
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from sluice.errors import SluiceError
 from sluice.spec import Field, ObjectSpec
 
-FAMILIES = ("source", "handler", "sink")
+if TYPE_CHECKING:
+    import sqlite3
 
-_BUILTIN_MODULES = (
+    from sluice.config.model import ComponentConfig, PipelineConfig
+    from sluice.datadir import Database, QueuedMessage
+    from sluice.tasks.store import TaskRecord
+
+FAMILIES = ("source", "handler", "sink")
+ENTRY_POINT_GROUP = "sluice.components"
+
+BUILTIN_MODULES = (
     "sluice.connectors.embedded",
     "sluice.connectors.kafka",
     "sluice.handlers.python",
@@ -29,6 +64,19 @@ _BUILTIN_MODULES = (
     "sluice.sinks.webhook",
     "sluice.sinks.kafka",
 )
+
+T = TypeVar("T")
+
+
+class Capability(enum.StrEnum):
+    """What a component can do, beyond its factory (declared on its spec)."""
+
+    SUBMIT = "submit"  # tasks can be submitted to it (gateway, CLI): it provides a submitter
+    DELAYED_REDELIVERY = "delayed_redelivery"  # a message can be made visible later (a delay)
+    KEY_ORDER = "key_order"  # the source itself hands out one key's messages in order
+    OUTPUTS_WITH_ACK = "outputs_with_ack"  # writes result destinations with its acknowledgement
+    UNTRACKED = "untracked"  # consumer.track_tasks: false (its acks record what is finished)
+    EXACTLY_ONCE = "exactly_once"  # consumer.exactly_once (results and acks in one transaction)
 
 
 @dataclass(frozen=True)
@@ -42,11 +90,61 @@ class BuildContext:
     concurrency: int = 8
     ordering: str = "key"  # consumer.ordering (a source may keep keys in order itself)
     source: Any = None  # the pipeline's source ComponentConfig (a sink may default to its broker)
-    exactly_once: bool = False  # consumer.exactly_once (a Kafka source then runs transactions)
+    exactly_once: bool = False  # consumer.exactly_once (the source then runs transactions)
 
+
+# -- submitting ------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """One task to submit: its pipeline and tenant, the message, a delay, when it arrived."""
+
+    pipeline: str
+    tenant: str
+    message: QueuedMessage
+    delay_s: float = 0.0
+    received_at: float | None = None
+
+
+class Submitter(Protocol):
+    """Puts tasks on one pipeline's source (made by its source's spec, :attr:`ComponentSpec.
+    submitter`): the task is created ``QUEUED`` and its message queued or produced."""
+
+    async def submit(self, items: Sequence[Submission]) -> list[TaskRecord | None]:
+        """The created tasks; ``None`` where the task id was already used in the pipeline."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class Transactions(Protocol):
+    """Runs a function in one write transaction of the data directory's database."""
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
+
+
+@dataclass(frozen=True)
+class SubmitContext:
+    """What a submitter and a wake hook may use: the task store's database, and where their
+    writes run (the database itself, or the gateway's group commit of concurrent submits)."""
+
+    db: Database
+    transactions: Transactions
+
+
+# -- hooks -----------------------------------------------------------------------------------
 
 # (config, pipeline file) → (key path under the component, message) for each problem.
 Check = Callable[[Any, Path | None], list[tuple[tuple[str, ...], str]]]
+# (validated, defaulted pipeline document) → (key path from the document root, message).
+PipelineCheck = Callable[[Mapping[str, Any]], Iterable[tuple[tuple[str | int, ...], str]]]
+SubmitterFactory = Callable[["PipelineConfig", SubmitContext], Submitter]
+Wake = Callable[["PipelineConfig", str, SubmitContext], Awaitable[None]]
+OutputsWithAck = Callable[["PipelineConfig", "ComponentConfig"], bool]
+# pipeline name → the dead letter's sink config, {type: config}.
+DefaultDeadLetter = Callable[[str], dict[str, Any]]
+
+_NEEDS_HOOK = {Capability.SUBMIT: "submitter", Capability.OUTPUTS_WITH_ACK: "outputs_with_ack"}
 
 
 @dataclass(frozen=True)
@@ -64,6 +162,26 @@ class ComponentSpec:
     # its module): run by `sluice validate` and workers, skipped by an API-only load
     # (`serve --no-workers`, `submit -f`). The factory then meets the same problem at build.
     check_code: Check | None = None
+    capabilities: frozenset[Capability] = frozenset()
+    # A source's checks across the pipeline (its destinations, the consumer policy), after
+    # the loader's own capability checks. Pure, as ``check``.
+    pipeline_check: PipelineCheck | None = None
+    submitter: SubmitterFactory | None = None  # with Capability.SUBMIT
+    wake: Wake | None = None  # a resumed task's message, held while paused, made visible now
+    outputs_with_ack: OutputsWithAck | None = None  # with Capability.OUTPUTS_WITH_ACK
+    # The dead letter of a pipeline that names none (one component provides the default).
+    default_dead_letter: DefaultDeadLetter | None = None
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown component family {self.family!r}")
+        for capability, hook in _NEEDS_HOOK.items():
+            if capability in self.capabilities and getattr(self, hook) is None:
+                raise ValueError(f"{self.family} {self.name!r}: capability {capability} needs "
+                                 f"the {hook} hook")
+
+    def can(self, capability: Capability) -> bool:
+        return capability in self.capabilities
 
     def json_schema(self) -> dict[str, Any]:
         schema = self.config.json_schema()
@@ -76,47 +194,161 @@ class ComponentSpec:
         return value
 
 
-_components: dict[tuple[str, str], ComponentSpec] = {}
-_loaded = False
+# Every spec declared by a module's import, by module name (rule 1).
+_declared: dict[str, dict[tuple[str, str], ComponentSpec]] = {}
+
+
+class Registry:
+    """The components of one process (or of a test): built-in modules, then entry points."""
+
+    def __init__(self, modules: Sequence[str] = BUILTIN_MODULES,
+                 entry_point_group: str | None = ENTRY_POINT_GROUP) -> None:
+        self._modules = tuple(modules)
+        self._group = entry_point_group
+        self._components: dict[tuple[str, str], ComponentSpec] = {}
+        self._loaded = False
+        self.generation = 0  # bumped by each registration (caches keyed on it go stale)
+
+    def register(self, spec: ComponentSpec) -> ComponentSpec:
+        self._components[(spec.family, spec.name)] = spec
+        self.generation += 1
+        return spec
+
+    def load(self) -> None:
+        """Import the built-in modules, then the entry points (once; rules 1-3)."""
+        if self._loaded:
+            return
+        self._loaded = True
+        for module in self._modules:
+            self.load_module(module)
+        if self._group is not None:
+            for entry in metadata.entry_points(group=self._group):
+                self.load_entry_point(entry)
+
+    def load_module(self, name: str) -> None:
+        importlib.import_module(name)
+        for spec in _declared.get(name, {}).values():
+            self.register(spec)
+
+    def load_entry_point(self, entry: metadata.EntryPoint) -> None:
+        where = f"entry point {entry.name} = {entry.value} (group {entry.group})"
+        try:
+            loaded = entry.load()
+            if isinstance(loaded, types.ModuleType):
+                self.load_module(loaded.__name__)
+            elif callable(loaded):
+                loaded(self)
+            else:
+                raise TypeError("expected a module or a callable taking the registry")
+        except Exception as exc:
+            raise SluiceError(f"{where}: cannot register its components: "
+                              f"{type(exc).__name__}: {exc}") from exc
+
+    def get(self, family: str, name: str) -> ComponentSpec:
+        self.load()
+        return self._components[(family, name)]
+
+    def names(self, family: str) -> list[str]:
+        self.load()
+        return sorted(name for fam, name in self._components if fam == family)
+
+    def components(self, family: str | None = None) -> list[ComponentSpec]:
+        self.load()
+        return [s for (fam, _), s in sorted(self._components.items()) if family in (None, fam)]
+
+    def with_capability(self, family: str, capability: Capability) -> list[str]:
+        """The names of the components of ``family`` that have ``capability``."""
+        return [s.name for s in self.components(family) if s.can(capability)]
+
+    def family_schema(self, family: str) -> dict[str, Any]:
+        """A one-key object naming the component type: ``{embedded: {queue: jobs}}``."""
+        return {
+            "type": "object",
+            "minProperties": 1,
+            "maxProperties": 1,
+            "properties": {s.name: s.json_schema() for s in self.components(family)},
+            "additionalProperties": False,
+            "x-sluice-family": family,
+        }
+
+    def default_dead_letter(self, source: str, pipeline: str) -> dict[str, Any]:
+        """The dead letter of a pipeline that names none: the source's own default if it
+        declares one, else the first registered component's (the embedded queue's)."""
+        own = self.get("source", source).default_dead_letter
+        if own is not None:
+            return own(pipeline)
+        for spec in self._components.values():
+            if spec.default_dead_letter is not None:
+                return spec.default_dead_letter(pipeline)
+        raise LookupError("no component declares a default dead letter")
+
+    def outputs_with_ack(self, config: PipelineConfig, destination: ComponentConfig) -> bool:
+        """Whether the pipeline's source writes this result destination with its
+        acknowledgement instead of the outbox (:attr:`ComponentSpec.outputs_with_ack`)."""
+        spec = self.get("source", config.source.type)
+        hook = spec.outputs_with_ack
+        return spec.can(Capability.OUTPUTS_WITH_ACK) and hook is not None and hook(
+            config, destination)
+
+
+_default = Registry()
+
+
+def default() -> Registry:
+    """The registry the module-level functions (and so the loader and the runtime) use."""
+    return _default
+
+
+@contextlib.contextmanager
+def using(registry: Registry) -> Iterator[Registry]:
+    """Make ``registry`` the default while the block runs (a test's own components)."""
+    global _default
+    before, _default = _default, registry
+    try:
+        yield registry
+    finally:
+        _default = before
 
 
 def register(spec: ComponentSpec) -> ComponentSpec:
-    if spec.family not in FAMILIES:
-        raise ValueError(f"unknown component family {spec.family!r}")
-    _components[(spec.family, spec.name)] = spec
-    return spec
+    """Declare ``spec`` as its calling module's (rule 1) and add it to the default registry."""
+    module = str(sys._getframe(1).f_globals.get("__name__", ""))
+    _declared.setdefault(module, {})[(spec.family, spec.name)] = spec
+    return _default.register(spec)
 
 
 def load_builtins() -> None:
-    global _loaded
-    if not _loaded:
-        for module in _BUILTIN_MODULES:
-            importlib.import_module(module)
-        _loaded = True
+    _default.load()
 
 
 def get(family: str, name: str) -> ComponentSpec:
-    load_builtins()
-    return _components[(family, name)]
+    return _default.get(family, name)
 
 
 def names(family: str) -> list[str]:
-    load_builtins()
-    return sorted(name for fam, name in _components if fam == family)
+    return _default.names(family)
 
 
 def components(family: str | None = None) -> list[ComponentSpec]:
-    load_builtins()
-    return [s for (fam, _), s in sorted(_components.items()) if family in (None, fam)]
+    return _default.components(family)
 
 
 def family_schema(family: str) -> dict[str, Any]:
-    """A one-key object naming the component type: ``{embedded: {queue: jobs}}``."""
-    return {
-        "type": "object",
-        "minProperties": 1,
-        "maxProperties": 1,
-        "properties": {s.name: s.json_schema() for s in components(family)},
-        "additionalProperties": False,
-        "x-sluice-family": family,
-    }
+    return _default.family_schema(family)
+
+
+def with_capability(family: str, capability: Capability) -> list[str]:
+    return _default.with_capability(family, capability)
+
+
+def source_can(config: PipelineConfig, capability: Capability) -> bool:
+    """Whether the pipeline's source has ``capability``."""
+    return _default.get("source", config.source.type).can(capability)
+
+
+def default_dead_letter(source: str, pipeline: str) -> dict[str, Any]:
+    return _default.default_dead_letter(source, pipeline)
+
+
+def outputs_with_ack(config: PipelineConfig, destination: ComponentConfig) -> bool:
+    return _default.outputs_with_ack(config, destination)

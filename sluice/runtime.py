@@ -23,7 +23,6 @@ from typing import Any, cast
 from sluice import registry
 from sluice.config.model import ComponentConfig, PipelineConfig
 from sluice.connectors.base import ProducingSource, Sink, Source
-from sluice.connectors.kafka_client import same_brokers
 from sluice.consumer.loop import ConsumerLoop, LoopStats
 from sluice.datadir import Database
 from sluice.errors import ConfigError, ConfigIssue
@@ -93,15 +92,10 @@ def build(config: PipelineConfig, data_dir: Path | None,
 
 
 def writes_with_offsets(config: PipelineConfig, destination: ComponentConfig) -> bool:
-    """Whether the source writes this result destination with its commits instead of the
-    outbox: a Kafka destination on a Kafka source's brokers, unless it asks for the outbox
-    (always under ``consumer.exactly_once``: the configuration check refuses the rest)."""
-    if config.source.type != "kafka" or destination.type != "kafka":
-        return False
-    if destination.config.get("outbox") and not config.consumer.exactly_once:
-        return False
-    brokers = destination.config.get("brokers")
-    return not brokers or same_brokers(brokers, config.source.config["brokers"])
+    """Whether the source writes this result destination with its acknowledgement (its
+    commits) instead of the outbox: the source's spec decides
+    (:attr:`sluice.registry.ComponentSpec.outputs_with_ack`)."""
+    return registry.outputs_with_ack(config, destination)
 
 
 class DeferredHandler:

@@ -13,11 +13,14 @@ A component declares its keys beside its code (as Redpanda Connect's ``ConfigSpe
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 Kind = Literal["string", "integer", "number", "boolean", "object", "array"]
+# family → the JSON Schema of its one-key component slot (:meth:`sluice.registry.Registry.
+# family_schema`), for a spec with component slots.
+FamilySchemas = Callable[[str], dict[str, Any]]
 
 
 class _Required:
@@ -51,16 +54,18 @@ class Field:
     def required(self) -> bool:
         return self.default is REQUIRED
 
-    def json_schema(self) -> dict[str, Any]:
+    def json_schema(self, families: FamilySchemas | None = None) -> dict[str, Any]:
+        """This key's JSON Schema; ``families`` gives the schema of a component slot."""
         schema: dict[str, Any]
         if self.variants:
-            schema = {"anyOf": [v.json_schema() for v in self.variants]}
+            schema = {"anyOf": [v.json_schema(families) for v in self.variants]}
         elif self.family is not None:
-            from sluice import registry  # late: the registry imports components that use specs
-
-            schema = registry.family_schema(self.family)
+            if families is None:
+                raise ValueError(f"key {self.name!r} is a {self.family} slot: its schema needs "
+                                 "the registry's family schemas (families=)")
+            schema = families(self.family)
         elif self.fields is not None:
-            schema = self.fields.json_schema()
+            schema = self.fields.json_schema(families)
         else:
             kinds = self.kind if isinstance(self.kind, tuple) else (self.kind,)
             schema = {"type": kinds[0] if len(kinds) == 1 else list(kinds)}
@@ -76,7 +81,7 @@ class Field:
         if self.enum is not None:
             schema["enum"] = list(self.enum)
         if self.items is not None:
-            schema["items"] = self.items.json_schema()
+            schema["items"] = self.items.json_schema(families)
         if self.default is not None and not self.required:
             schema["default"] = self.default
         return schema
@@ -96,10 +101,10 @@ class ObjectSpec:
     def __init__(self, *fields_: Field) -> None:
         self.fields_ = tuple(fields_)
 
-    def json_schema(self) -> dict[str, Any]:
+    def json_schema(self, families: FamilySchemas | None = None) -> dict[str, Any]:
         schema: dict[str, Any] = {
             "type": "object",
-            "properties": {f.name: f.json_schema() for f in self.fields_},
+            "properties": {f.name: f.json_schema(families) for f in self.fields_},
             "additionalProperties": False,
         }
         required = [f.name for f in self.fields_ if f.required]

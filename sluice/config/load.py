@@ -21,7 +21,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from functools import cache
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,6 @@ from sluice import registry
 from sluice.config.model import PIPELINE_SPEC, PipelineConfig, build_model
 from sluice.config.readfile import PIPELINE_FILE, read_yaml_file
 from sluice.config.yamlmarks import Marks, PathKey, load_marked
-from sluice.connectors.kafka_client import same_brokers
 from sluice.errors import ConfigError, ConfigIssue
 from sluice.spec import describe_expected
 
@@ -40,9 +39,10 @@ SCHEMA_ID = "https://sluice.dev/schemas/pipeline.schema.json"
 _ENV = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def pipeline_schema() -> dict[str, Any]:
-    """The JSON Schema of a pipeline file, generated from the specs in the registry."""
-    schema = PIPELINE_SPEC.json_schema()
+def pipeline_schema(reg: registry.Registry | None = None) -> dict[str, Any]:
+    """The JSON Schema of a pipeline file, generated from the specs in the registry (the
+    default one unless given)."""
+    schema = PIPELINE_SPEC.json_schema((reg or registry.default()).family_schema)
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": SCHEMA_ID,
@@ -55,9 +55,16 @@ def schema_text() -> str:
     return json.dumps(pipeline_schema(), indent=2, sort_keys=True) + "\n"
 
 
-@cache
 def _validator() -> Draft202012Validator:
-    schema = pipeline_schema()
+    reg = registry.default()
+    reg.load()
+    return _validator_of(reg, reg.generation)
+
+
+@lru_cache(maxsize=4)
+def _validator_of(reg: registry.Registry, generation: int) -> Draft202012Validator:
+    """The validator of ``reg``'s schema as of ``generation`` (a registration makes a new one)."""
+    schema = pipeline_schema(reg)
     Draft202012Validator.check_schema(schema)
     return Draft202012Validator(schema)
 
@@ -121,8 +128,7 @@ def parse_pipeline(text: str, file: str = "<string>", *,
     doc = _apply_defaults(doc)
     path = Path(file) if file != "<string>" else None
     issues.extend(_component_checks(doc, marks, path, check_code=check_code))
-    issues.extend(_exactly_once_checks(doc, marks))
-    issues.extend(_untracked_checks(doc, marks))
+    issues.extend(_pipeline_checks(doc, marks))
     if issues:
         raise ConfigError(issues)
     return build_model(doc, path, marks)
@@ -261,6 +267,9 @@ def _apply_defaults(doc: dict[str, Any]) -> dict[str, Any]:
             doc[str(path[0])] = filled
         else:
             doc[str(path[0])][int(path[1])] = filled
+    if not doc.get("dead_letter"):  # the registry says which component takes dead letters
+        doc["dead_letter"] = registry.default_dead_letter(next(iter(doc["source"])),
+                                                          doc["name"])
     return doc
 
 
@@ -276,44 +285,31 @@ def _component_checks(doc: dict[str, Any], marks: Marks, file: Path | None, *,
                 yield marks.issue((*path, name, *sub_path), message)
 
 
-def _exactly_once_checks(doc: dict[str, Any], marks: Marks) -> Iterable[ConfigIssue]:
-    """``consumer.exactly_once`` joins a Kafka source and its Kafka destinations in one
-    transaction: both must be Kafka, on the same brokers."""
-    if not doc["consumer"].get("exactly_once"):
-        return
-    where: PathKey = ("consumer", "exactly_once")
-    ((source_type, source),) = doc["source"].items()
-    if source_type != "kafka":
-        yield marks.issue(where, f"exactly_once needs a kafka source (its offsets are committed "
-                          f"in the results' transaction); this source is {source_type}")
-        return
-    kafka_sinks = [(path, config) for path, family, name, config in _slot_items(doc)
-                   if path[0] in ("on_success", "on_failure") and name == "kafka"]
-    if not kafka_sinks:
-        yield marks.issue(where, "exactly_once has nothing to write: add a kafka destination "
-                          "to on_success or on_failure (other destinations are at least once)")
-    for path, config in kafka_sinks:
-        brokers = config.get("brokers")
-        if brokers and not same_brokers(brokers, source["brokers"]):
-            yield marks.issue((*path, "kafka", "brokers"), "with consumer.exactly_once, a kafka "
-                              "destination must be on the source's brokers (one transaction "
-                              f"covers both): {source['brokers']}")
-        if config.get("outbox"):
-            yield marks.issue((*path, "kafka", "outbox"), "with consumer.exactly_once, a kafka "
-                              "destination is written in the source's transactions, not "
-                              "through the outbox: remove outbox: true")
-
-
-def _untracked_checks(doc: dict[str, Any], marks: Marks) -> Iterable[ConfigIssue]:
-    """``consumer.track_tasks: false`` relies on a Kafka source's offsets, and leaves no task
-    for a submit to create."""
-    if doc["consumer"].get("track_tasks", True):
-        return
-    where: PathKey = ("consumer", "track_tasks")
+def _pipeline_checks(doc: dict[str, Any], marks: Marks) -> Iterable[ConfigIssue]:
+    """What the consumer policy asks of the source, from its declared capabilities; then the
+    source's own checks across the pipeline (its ``pipeline_check``)."""
     ((source_type, _),) = doc["source"].items()
-    if source_type != "kafka":
-        yield marks.issue(where, "track_tasks: false needs a kafka source (its committed "
-                          f"offsets record what is finished); this source is {source_type}")
+    spec = registry.get("source", source_type)
+    consumer = doc["consumer"]
+    if consumer.get("exactly_once") and not spec.can(registry.Capability.EXACTLY_ONCE):
+        yield marks.issue(("consumer", "exactly_once"), f"exactly_once needs a "
+                          f"{_sources_with(registry.Capability.EXACTLY_ONCE)} source (its "
+                          "offsets are committed in the results' transaction); this source is "
+                          f"{source_type}")
+    elif spec.pipeline_check is not None:
+        for path, message in spec.pipeline_check(doc):
+            yield marks.issue(path, message)
+    if consumer.get("track_tasks", True):
+        return
+    if not spec.can(registry.Capability.UNTRACKED):
+        yield marks.issue(("consumer", "track_tasks"), f"track_tasks: false needs a "
+                          f"{_sources_with(registry.Capability.UNTRACKED)} source (its "
+                          "committed offsets record what is finished); this source is "
+                          f"{source_type}")
     if (doc.get("trigger") or {}).get("http"):
         yield marks.issue(("trigger", "http"), "a pipeline with track_tasks: false has no task to "
                           "submit to: remove trigger, or track tasks")
+
+
+def _sources_with(capability: registry.Capability) -> str:
+    return " or ".join(registry.with_capability("source", capability)) or "different"

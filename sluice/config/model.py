@@ -174,9 +174,10 @@ def _component(value: dict[str, Any]) -> ComponentConfig:
 
 def build_model(doc: dict[str, Any], path: Path | None,
                 marks: Marks | None = None) -> PipelineConfig:
-    """Turn a validated, defaulted document into the typed model."""
+    """Turn a validated, defaulted document into the typed model (with its ``dead_letter``:
+    :func:`sluice.config.load.parse_pipeline` fills in the registry's default)."""
     consumer = doc["consumer"]
-    dead_letter = doc.get("dead_letter") or {"embedded": {"queue": f"{doc['name']}.dlq"}}
+    dead_letter = doc["dead_letter"]  # the loader fills in the default (the registry's)
     return PipelineConfig(
         name=doc["name"],
         tenant=doc["tenant"],

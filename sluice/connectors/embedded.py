@@ -26,8 +26,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sluice import registry
 from sluice.connectors.base import Delivery
@@ -37,6 +36,9 @@ from sluice.datadir import put_in as put_in
 from sluice.spec import Field, ObjectSpec
 from sluice.tasks.sqlite import create_in
 from sluice.tasks.store import NewTask, TaskRecord
+
+if TYPE_CHECKING:
+    from sluice.config.model import PipelineConfig
 
 CONFIG = ObjectSpec(
     Field("queue", "string", "Queue name; default: the pipeline's name.", default=None,
@@ -49,21 +51,17 @@ CONFIG = ObjectSpec(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Submission:
-    """One task to submit: its pipeline, tenant and queue, the message, and a delay."""
-
-    pipeline: str
-    tenant: str
-    queue: str
-    message: QueuedMessage
-    delay_s: float = 0.0
-    received_at: float | None = None
+Submission = registry.Submission  # re-exported: what a submitter takes
 
 
-def submit_in(conn: sqlite3.Connection, items: Sequence[Submission],
+def source_queue(config: PipelineConfig) -> str:
+    """The queue a pipeline with an embedded source consumes (``queue``, else its name)."""
+    return str(config.source.config.get("queue") or config.name)
+
+
+def submit_in(conn: sqlite3.Connection, queue: str, items: Sequence[Submission],
               now: float) -> list[TaskRecord | None]:
-    """Create the tasks and enqueue their messages, in the caller's transaction.
+    """Create the tasks and put their messages on ``queue``, in the caller's transaction.
 
     A task id already used in its pipeline (before, or earlier in ``items``) is not enqueued
     again: its slot in the returned list is ``None`` (the caller reports the existing task).
@@ -74,7 +72,7 @@ def submit_in(conn: sqlite3.Connection, items: Sequence[Submission],
         (created,) = create_in(conn, item.pipeline, item.tenant,
                                [NewTask(m.task_id, m.key, item.received_at)], now)
         if created is not None:
-            put_in(conn, item.queue, [m], now, item.delay_s)
+            put_in(conn, queue, [m], now, item.delay_s)
         out.append(created)
     return out
 
@@ -83,8 +81,31 @@ def submit(db: Database, pipeline: str, tenant: str, queue: str,
            messages: Sequence[QueuedMessage], *, delay_s: float = 0.0,
            received_at: float | None = None) -> list[TaskRecord | None]:
     """Submit ``messages`` to one pipeline in one transaction (all or nothing)."""
-    items = [Submission(pipeline, tenant, queue, m, delay_s, received_at) for m in messages]
-    return db.run_sync(lambda c: submit_in(c, items, time.time()))
+    items = [Submission(pipeline, tenant, m, delay_s, received_at) for m in messages]
+    return db.run_sync(lambda c: submit_in(c, queue, items, time.time()))
+
+
+class EmbeddedSubmitter:
+    """:class:`~sluice.registry.Submitter` of a pipeline with an embedded source: task and
+    message in one transaction (in the gateway, one group-committed transaction for every
+    submit that arrives while the previous one is written)."""
+
+    def __init__(self, config: PipelineConfig, ctx: registry.SubmitContext) -> None:
+        self.queue = source_queue(config)
+        self.transactions = ctx.transactions
+
+    async def submit(self, items: Sequence[Submission]) -> list[TaskRecord | None]:
+        queue = self.queue
+        return await self.transactions.run(lambda c: submit_in(c, queue, items, time.time()))
+
+    async def close(self) -> None:
+        return None
+
+
+async def wake(config: PipelineConfig, task_id: str, ctx: registry.SubmitContext) -> None:
+    """A resumed task's message, held back while it was paused, is visible now."""
+    queue = source_queue(config)
+    await ctx.db.run(lambda c: wake_in(c, queue, task_id, time.time()))
 
 
 def wake_in(conn: sqlite3.Connection, queue: str, task_id: str, now: float) -> None:
@@ -232,4 +253,10 @@ registry.register(registry.ComponentSpec(
     summary="The embedded durable queue (SQLite in the data directory); no broker needed.",
     config=CONFIG,
     factory=build_source,
+    capabilities=frozenset({registry.Capability.SUBMIT, registry.Capability.DELAYED_REDELIVERY,
+                            registry.Capability.KEY_ORDER}),
+    submitter=EmbeddedSubmitter,
+    wake=wake,
+    # Every pipeline's default dead letter, whatever its source: the queue '<name>.dlq'.
+    default_dead_letter=lambda pipeline: {"embedded": {"queue": f"{pipeline}.dlq"}},
 ))

@@ -35,10 +35,10 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sluice import registry
 from sluice.connectors import kafka_client as kc
@@ -48,6 +48,9 @@ from sluice.connectors.partitioned import PartitionedBuffer
 from sluice.consumer.offsets import Partition
 from sluice.errors import SourceError
 from sluice.spec import REQUIRED, Field, ObjectSpec
+
+if TYPE_CHECKING:
+    from sluice.config.model import ComponentConfig, PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -450,6 +453,54 @@ def build_source(config: dict[str, Any], ctx: registry.BuildContext) -> KafkaSou
                        exactly_once=ctx.exactly_once)
 
 
+# -- the pipeline around a Kafka source --------------------------------------------------------
+
+SINK = "kafka"  # the result destinations this source can write with its commits (rule 9)
+DESTINATION_SLOTS = ("on_success", "on_failure")
+
+
+def outputs_with_ack(config: PipelineConfig, destination: ComponentConfig) -> bool:
+    """Whether the source writes this result destination with its commits instead of the
+    outbox: a Kafka destination on the source's brokers, unless it asks for the outbox
+    (always under ``consumer.exactly_once``: :func:`pipeline_check` refuses the rest)."""
+    if destination.type != SINK:
+        return False
+    if destination.config.get("outbox") and not config.consumer.exactly_once:
+        return False
+    brokers = destination.config.get("brokers")
+    return not brokers or kc.same_brokers(brokers, config.source.config["brokers"])
+
+
+def pipeline_check(doc: Mapping[str, Any]) -> Iterator[tuple[tuple[str | int, ...], str]]:
+    """``consumer.exactly_once`` joins the source and its Kafka destinations in one
+    transaction: there must be one, on the source's brokers, not through the outbox."""
+    if not doc["consumer"].get("exactly_once"):
+        return
+    ((_, source),) = doc["source"].items()
+    sinks = [((slot, i), item[SINK]) for slot in DESTINATION_SLOTS
+             for i, item in enumerate(doc.get(slot) or ()) if SINK in item]
+    if not sinks:
+        yield ("consumer", "exactly_once"), (
+            "exactly_once has nothing to write: add a kafka destination to on_success or "
+            "on_failure (other destinations are at least once)")
+    for path, config in sinks:
+        brokers = config.get("brokers")
+        if brokers and not kc.same_brokers(brokers, source["brokers"]):
+            yield (*path, SINK, "brokers"), (
+                "with consumer.exactly_once, a kafka destination must be on the source's "
+                f"brokers (one transaction covers both): {source['brokers']}")
+        if config.get("outbox"):
+            yield (*path, SINK, "outbox"), (
+                "with consumer.exactly_once, a kafka destination is written in the source's "
+                "transactions, not through the outbox: remove outbox: true")
+
+
+def submitter(config: PipelineConfig, ctx: registry.SubmitContext) -> registry.Submitter:
+    from sluice.connectors.kafka_submit import KafkaSubmitter  # its producer: only to submit
+
+    return KafkaSubmitter(ctx.db, config)
+
+
 registry.register(registry.ComponentSpec(
     family="source",
     name="kafka",
@@ -458,4 +509,9 @@ registry.register(registry.ComponentSpec(
     config=CONFIG,
     factory=build_source,
     extra="kafka",
+    capabilities=frozenset({registry.Capability.SUBMIT, registry.Capability.OUTPUTS_WITH_ACK,
+                            registry.Capability.UNTRACKED, registry.Capability.EXACTLY_ONCE}),
+    pipeline_check=pipeline_check,
+    submitter=submitter,
+    outputs_with_ack=outputs_with_ack,
 ))

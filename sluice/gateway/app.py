@@ -26,16 +26,15 @@ import yaml
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from sluice import metrics
+from sluice import intake, metrics
 from sluice.config.model import PipelineConfig
-from sluice.connectors import embedded
-from sluice.connectors.embedded import Submission
-from sluice.connectors.kafka_submit import KafkaSubmitter
 from sluice.consumer.loop import ConsumerLoop
+from sluice.datadir import QueuedMessage
 from sluice.errors import IllegalTransition, SourceError, TaskNotFound
 from sluice.gateway import dead_letters, problems
 from sluice.gateway.auth import ADMIN, KeyRing, Principal
 from sluice.gateway.submitter import SubmitBatcher
+from sluice.intake import Intake
 from sluice.message import is_json
 from sluice.tasks.sqlite import SqliteTaskStore
 from sluice.tasks.state import TaskState
@@ -64,23 +63,15 @@ class Gateway:
     keys: KeyRing | None = None
     loops: dict[str, ConsumerLoop] = field(default_factory=dict)
     max_body_bytes: int = 1 << 20
-    kafka_submitters: dict[str, KafkaSubmitter] = field(default_factory=dict)
+    # The submit service; its store writes are group-committed by the batcher.
+    intake: Intake = field(init=False)
 
-    async def submit(self, config: PipelineConfig, item: Submission) -> TaskRecord | None:
-        """Create the task and queue its message on the pipeline's source."""
-        if config.source.type == "embedded":
-            return await self.batcher.submit(item)
-        submitter = self.kafka_submitters.get(config.name)
-        if submitter is None:
-            submitter = self.kafka_submitters[config.name] = KafkaSubmitter(
-                self.batcher.db, config)
-        (created,) = await submitter.submit([item])
-        return created
+    def __post_init__(self) -> None:
+        self.intake = Intake(self.batcher.db, self.batcher)
 
     async def close(self) -> None:
+        await self.intake.close()
         await self.batcher.close()
-        for submitter in self.kafka_submitters.values():
-            await submitter.close()
 
     def visible(self, who: Principal, name: str) -> PipelineConfig | None:
         config = self.pipelines.get(name)
@@ -157,15 +148,13 @@ def principal(request: web.Request) -> Principal:
 
 # -- submit ---------------------------------------------------------------------------------
 
-SUBMITTABLE = ("embedded", "kafka")  # sources a task can be submitted to (HTTP and CLI)
-
 async def submit_task(request: web.Request, pipeline: str | None = None) -> web.Response:
     gw = request.app[GATEWAY]
     name = pipeline or request.match_info["pipeline"]
     config = gw.visible(principal(request), name)
     if config is None:
         return problems.not_found(f"no pipeline named {name!r}")
-    if config.source.type not in SUBMITTABLE:
+    if not intake.submittable(config):
         return problems.problem(501, "not-implemented", "Not implemented",
                                 f"submitting to a {config.source.type!r} source over HTTP is "
                                 "not supported yet")
@@ -186,10 +175,10 @@ async def submit_task(request: web.Request, pipeline: str | None = None) -> web.
             metrics.SUBMITS.labels(name, "invalid").inc()
             return problems.bad_request(f"header Delay-S: expected a number of seconds from 0 "
                                         f"to {MAX_DELAY_S:.0f}, got {raw[:40]!r}")
-        if delay_s and config.source.type == "kafka":
+        if delay_s and not intake.delays(config):
             metrics.SUBMITS.labels(name, "invalid").inc()
-            return problems.bad_request("header Delay-S: a kafka source has no delayed "
-                                        "delivery; submit without Delay-S")
+            return problems.bad_request(f"header Delay-S: a {config.source.type} source has no "
+                                        "delayed delivery; submit without Delay-S")
     content_type = request.headers.get("Content-Type", "application/octet-stream")
     body = await request.read()
     if is_json(content_type):
@@ -199,12 +188,11 @@ async def submit_task(request: web.Request, pipeline: str | None = None) -> web.
             metrics.SUBMITS.labels(name, "invalid").inc()
             return problems.bad_request(f"the body is declared {content_type} but is not valid "
                                         f"JSON: {exc}")
-    tid = task_id or embedded.new_task_id()
-    message = embedded.QueuedMessage(tid, body, content_type, request.headers.get("Task-Key"))
-    queue = config.source.config.get("queue") or config.name
-    item = embedded.Submission(config.name, config.tenant, queue, message, delay_s, time.time())
+    tid = task_id or intake.new_task_id()
+    message = QueuedMessage(tid, body, content_type, request.headers.get("Task-Key"))
     try:
-        created = await gw.submit(config, item)
+        (created,) = await gw.intake.submit(config, [message], delay_s=delay_s,
+                                            received_at=time.time())
     except SourceError as exc:
         metrics.SUBMITS.labels(name, "unavailable").inc()
         return problems.unavailable(f"the queue is unavailable; nothing was submitted: {exc}")
@@ -313,11 +301,7 @@ async def control_task(request: web.Request) -> web.Response:
         if loop is not None:
             loop.cancel_attempt(found.task_id)
     if action == "resume":
-        config = gw.pipelines[found.pipeline]
-        if config.source.type == "embedded":
-            queue = config.source.config.get("queue") or config.name
-            await gw.store.db.run(lambda c: embedded.wake_in(c, queue, found.task_id,
-                                                              time.time()))
+        await gw.intake.wake(gw.pipelines[found.pipeline], found.task_id)
     return json_response(task_json(record))
 
 

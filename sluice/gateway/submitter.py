@@ -1,7 +1,11 @@
-"""Group commit for HTTP submits: every submit that arrives while a batch is being written goes
+"""Group commit for HTTP submits: every write that arrives while a batch is being written goes
 into the next batch, one transaction for all of them. A submit is answered only after its
-batch committed (so a 202 means durably queued); a failed batch fails each of its submits,
-and nothing of it was written."""
+batch committed (so a 202 means durably queued); a failed batch fails each of its writes,
+and nothing of it was written.
+
+A :class:`SubmitBatcher` is where the gateway's submitters run their store writes
+(:class:`sluice.registry.SubmitContext`): it has the database's ``run``, batched.
+"""
 
 from __future__ import annotations
 
@@ -9,32 +13,34 @@ import asyncio
 import contextlib
 import functools
 import sqlite3
-import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-from sluice.connectors.embedded import Submission, submit_in
 from sluice.datadir import Database
-from sluice.tasks.store import TaskRecord
 
 MAX_BATCH = 1000
 
+T = TypeVar("T")
+Write = Callable[[sqlite3.Connection], Any]
 
-def _write(items: list[Submission], conn: sqlite3.Connection) -> list[TaskRecord | None]:
-    return submit_in(conn, items, time.time())
+
+def _write_all(writes: list[Write], conn: sqlite3.Connection) -> list[Any]:
+    return [write(conn) for write in writes]
 
 
 class SubmitBatcher:
     def __init__(self, db: Database) -> None:
         self.db = db
-        self._queue: list[tuple[Submission, asyncio.Future[TaskRecord | None]]] = []
+        self._queue: list[tuple[Write, asyncio.Future[Any]]] = []
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
 
-    async def submit(self, item: Submission) -> TaskRecord | None:
-        """The created task, or ``None`` if its id was already used in its pipeline."""
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """``fn``'s result once the transaction of its batch committed."""
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_forever(), name="sluice-submit")
-        future: asyncio.Future[TaskRecord | None] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.append((fn, future))
         self._wake.set()
         return await future
 
@@ -44,9 +50,9 @@ class SubmitBatcher:
             self._wake.clear()
             while self._queue:
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-                write = functools.partial(_write, [item for item, _ in batch])
+                write_all = functools.partial(_write_all, [write for write, _ in batch])
                 try:
-                    results = await self.db.run(write)
+                    results = await self.db.run(write_all)
                 except Exception as exc:
                     for _, future in batch:
                         if not future.done():
