@@ -7,6 +7,11 @@ Two phases, each with one worker (this process) and one submitter (a child proce
 2. latency: the submitter enqueues one task per millisecond (1,000 tasks/s) for
    ``--latency-s`` seconds; submit→start is the task's ``started_at - queued_at``.
 
+3. backlog at the defaults (what a user tries first: no ``consumer`` section, so concurrency
+   8): ``--backlog`` tasks (default 20,000) are queued first, then one worker drains them from
+   cold, once with an async and once with a sync no-op handler; ``tasks_per_s`` and the
+   worker's CPU use (process CPU seconds / wall seconds; 1.0 = one core busy) while it drained.
+
 The worker's RSS is sampled every 0.25 s. Writes bench/results/embedded.json and prints a table.
 """
 
@@ -111,12 +116,39 @@ async def phase(data_dir: str, handler: str, concurrency: int, total: int, batch
             "submit_to_start_p99_ms": percentile(waits, 99)}
 
 
+DEFAULTS_PIPELINE = """
+name: bench
+source: {{embedded: {{queue: bench}}}}
+handler: {{python: {handler}}}
+"""
+
+
+async def backlog_phase(data_dir: str, handler: str, total: int) -> dict[str, Any]:
+    """Queue ``total`` tasks, then drain them with one worker at the default settings."""
+    submitter(data_dir, total, 500, None)
+    loop = build(parse_pipeline(DEFAULTS_PIPELINE.format(handler=handler)), Path(data_dir))
+    proc = psutil.Process()
+    cpu_before, start = proc.cpu_times(), time.perf_counter()
+    await loop.run(asyncio.Event(), drain=True)
+    elapsed = time.perf_counter() - start
+    cpu_after = proc.cpu_times()
+    cpu_s = (cpu_after.user - cpu_before.user) + (cpu_after.system - cpu_before.system)
+    if loop.stats.succeeded != total:
+        raise RuntimeError(f"drained {loop.stats.succeeded} of {total} tasks")
+    await loop.handler.close()
+    return {"handler": handler, "concurrency": loop.config.consumer.concurrency,
+            "tasks": total, "elapsed_s": round(elapsed, 3),
+            "tasks_per_s": round(total / elapsed, 1), "cpu_cores_used": round(cpu_s / elapsed, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=100_000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--latency-s", type=float, default=10.0)
     parser.add_argument("--handler", default="bench.handlers:noop")
+    parser.add_argument("--backlog", type=int, default=20_000,
+                        help="tasks queued before the default-settings drain")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -128,6 +160,9 @@ def main() -> None:
             lat_tasks = int(1000 * args.latency_s)
             lat = asyncio.run(phase(str(root / "l"), args.handler, args.concurrency,
                                     lat_tasks, 1, 1000.0, rss))
+        backlog = [asyncio.run(backlog_phase(str(root / f"b{i}"), handler, args.backlog))
+                   for i, handler in enumerate(("bench.handlers:noop",
+                                                "bench.handlers:noop_sync"))]
     finally:
         shutil.rmtree(root, ignore_errors=True)
     samples = thr["rss_mb"] + lat["rss_mb"]
@@ -149,14 +184,18 @@ def main() -> None:
         "peak_rss_mb": round(max(samples), 1),
         "rss_first_tenth_mb": round(max(rss_thr[:tenth]), 1),
         "rss_last_tenth_mb": round(max(rss_thr[-tenth:]), 1),
+        "backlog_at_defaults": backlog,
         "targets": {"tasks_per_s": ">= 5000", "submit_to_start_p99_ms": "<= 50 at 1000/s"},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     width = max(len(k) for k in result)
     for key, value in result.items():
-        if not isinstance(value, dict):
+        if not isinstance(value, dict | list):
             print(f"{key:<{width}}  {value}")
+    for row in backlog:
+        print(f"backlog at defaults ({row['handler']}, concurrency {row['concurrency']}): "
+              f"{row['tasks_per_s']} tasks/s, {row['cpu_cores_used']} cores")
     print(f"wrote {args.out}")
 
 

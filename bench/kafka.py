@@ -4,11 +4,13 @@ Each system gets its own input topic (6 partitions) holding the same N messages 
 (default N = 1,000,000), and its own output topic; each runs as its own process, started on a
 topic already full:
 
-- ``sluice``: ``sluice run`` of a pipeline with a kafka source, ``bench.handlers:noop`` and a
-  kafka ``on_success`` destination (the result record of each task, written by the source
-  before it commits the offsets), with task tracking as configured by default (every task
-  recorded in the SQLite task store);
-- ``sluice_untracked``: the same with ``consumer.track_tasks: false`` (no task records);
+- ``sluice_defaults`` (the headline: what a user tries first): ``sluice run`` of a pipeline
+  with a kafka source, ``bench.handlers:noop`` and a kafka ``on_success`` destination (the
+  result record of each task, written by the source before it commits the offsets), and no
+  ``consumer`` section: concurrency 8, ordering by key, every task recorded in the SQLite
+  task store;
+- ``sluice`` (tuned): the same with ``consumer.concurrency: --concurrency`` (default 256);
+- ``sluice_untracked`` (tuned): that with ``consumer.track_tasks: false`` (no task records);
 - ``raw_loop``: a Python loop on confluent-kafka: consume 500, produce each, commit
   asynchronously (no tracking, no retries: the practical limit of Python on this client);
 - ``faust``: a faust-streaming agent forwarding each value to the output topic.
@@ -52,7 +54,7 @@ PIPELINE = """
 name: kbench
 source: {{kafka: {{brokers: "{brokers}", topic: {topic}, group: {group}}}}}
 handler: {{python: "bench.handlers:noop"}}
-consumer: {{concurrency: {concurrency}, track_tasks: {tracked}}}
+{consumer}
 on_success:
   - kafka: {{topic: {out}}}
 """
@@ -211,9 +213,11 @@ def run_one(name: str, n: int, size: int, work: Path, timeout_s: float,
                    PYTHONPATH=str(ROOT))
         if name.startswith("sluice"):
             file = work / "kbench.yaml"
+            consumer = ("" if name == "sluice_defaults" else
+                        f"consumer: {{concurrency: {concurrency}, "
+                        f"track_tasks: {str(name == 'sluice').lower()}}}")
             file.write_text(PIPELINE.format(brokers=BROKERS, topic=src, group=group, out=out,
-                                            concurrency=concurrency,
-                                            tracked=str(name == "sluice").lower()))
+                                            consumer=consumer))
             cmd = [sys.executable, "-m", "sluice.cli", "run", str(file), "--data-dir",
                    str(work / "data"), "--log-level", "warning"]
         elif name == "raw_loop":
@@ -236,7 +240,7 @@ def main() -> None:
     parser.add_argument("--timeout-s", type=float, default=900.0, help="per system")
     parser.add_argument("--concurrency", type=int, default=256,
                         help="sluice's consumer.concurrency (a no-op handler)")
-    names = ["raw_loop", "sluice", "sluice_untracked", "faust"]
+    names = ["raw_loop", "sluice_defaults", "sluice", "sluice_untracked", "faust"]
     parser.add_argument("--only", nargs="+", default=names, choices=names)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sluice-kbench-"))
@@ -254,13 +258,15 @@ def main() -> None:
         return float(value) if value else None
 
     sluice, raw, faust = rate("sluice"), rate("raw_loop"), rate("faust")
-    untracked = rate("sluice_untracked")
+    untracked, defaults = rate("sluice_untracked"), rate("sluice_defaults")
     result = {
         "benchmark": "kafka",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "platform": platform.platform()},
         "broker": f"Apache Kafka 4.3.1 (scripts/services) at {BROKERS}",
         "messages": args.messages, "message_bytes": args.size, "partitions": PARTITIONS,
+        "sluice_defaults_msgs_per_s": defaults,
+        "defaults_ratio_vs_faust": round(defaults / faust, 3) if defaults and faust else None,
         "sluice_msgs_per_s": sluice, "raw_loop_msgs_per_s": raw, "faust_msgs_per_s": faust,
         "ratio_vs_raw": round(sluice / raw, 3) if sluice and raw else None,
         "ratio_vs_faust": round(sluice / faust, 3) if sluice and faust else None,
@@ -268,7 +274,9 @@ def main() -> None:
         "untracked_ratio_vs_raw": round(untracked / raw, 3) if untracked and raw else None,
         "untracked_ratio_vs_faust": (round(untracked / faust, 3) if untracked and faust
                                      else None),
-        "sluice_config": {"concurrency": args.concurrency, "ordering": "key (the default)",
+        "sluice_config": {"concurrency": f"sluice_defaults: 8 (the default); sluice and "
+                                         f"sluice_untracked: {args.concurrency}",
+                          "ordering": "key (the default)",
                           "tracking": "sluice: every task recorded in the SQLite task store "
                                       "(the default); sluice_untracked: "
                                       "consumer.track_tasks: false",

@@ -35,7 +35,7 @@ from sluice.cli_dead_letters import dead_letters
 from sluice.cli_keys import keys as keys_group
 from sluice.cli_pipelines import pipelines
 from sluice.cli_tasks import submit, tasks
-from sluice.config.load import load_pipeline, schema_text
+from sluice.config.load import duplicate_names, load_pipeline, schema_text
 from sluice.errors import ConfigError
 from sluice.spec import REQUIRED, Field, ObjectSpec
 
@@ -53,15 +53,19 @@ def cli() -> None:
 def validate(files: Sequence[Path]) -> None:
     """Check pipeline files; print every problem with file:line:col and key path."""
     bad = False
+    loaded = []
     for file in files:
         try:
-            load_pipeline(file)
+            loaded.append(load_pipeline(file))
         except ConfigError as exc:
             bad = True
             for issue in exc.issues:
                 click.echo(str(issue), err=True)
             continue
         click.echo(f"{file}: ok")
+    for issue in duplicate_names(loaded):  # files run or served together share one store
+        bad = True
+        click.echo(str(issue), err=True)
     sys.exit(2 if bad else 0)
 
 

@@ -20,8 +20,12 @@ from typing import Any
 
 from jsonschema import Draft202012Validator
 
+from sluice.config.readfile import read_yaml_file
 from sluice.config.yamlmarks import load_marked
 from sluice.errors import ConfigError, ConfigIssue
+
+KEYS_FILE = ("a keys file: a YAML mapping with a 'keys' list of {sha256, tenant | admin: true, "
+             "name} entries (sluice keys new --append FILE writes one)")
 
 KEYS_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -69,14 +73,11 @@ class KeyRing:
     @classmethod
     def load(cls, path: Path) -> KeyRing:
         file = str(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            issue = ConfigIssue(file, 1, 1, "", f"cannot read the keys file: {exc}")
-            raise ConfigError([issue]) from None
+        text = read_yaml_file(path, expected=KEYS_FILE)
         doc, marks, issues = load_marked(text, file)
         if issues or doc is None:
-            raise ConfigError(issues or [ConfigIssue(file, 1, 1, "", "the file is empty")])
+            raise ConfigError(issues or [ConfigIssue(file, 1, 1, "",
+                                                     f"the file is empty; expected {KEYS_FILE}")])
         for error in Draft202012Validator(KEYS_SCHEMA).iter_errors(doc):
             issues.append(marks.issue(tuple(error.absolute_path),
                                       f"invalid keys entry: {error.message}"))
