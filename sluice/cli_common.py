@@ -19,11 +19,11 @@ from rich.text import Text
 
 from sluice.config.load import load_pipelines
 from sluice.config.model import PipelineConfig
-from sluice.errors import ConfigError, SluiceError
+from sluice.errors import ConfigError, SluiceError, SourceError
 
 if TYPE_CHECKING:
     from sluice.client import ApiResponse, Client
-    from sluice.tasks.sqlite import SqliteTaskStore
+    from sluice.tasks.store import TaskStore
 
 T = TypeVar("T")
 
@@ -85,17 +85,32 @@ def store_dir(data_dir: Path) -> Path:
     return data_dir
 
 
-def guarded(fn: Callable[[], T], code: int = 2) -> T:
-    """Run ``fn``; a ConfigError prints every issue and exits 2, any other SluiceError (a
-    source that cannot start, a missing topic) prints one line and exits ``code``."""
+EXIT_PERMANENT = 2  # bad input or a refusal that retrying cannot change
+EXIT_TRANSIENT = 1  # an outage (a broker down, a database locked): the same command may work later
+
+
+def exit_code(exc: SluiceError, default: int = EXIT_PERMANENT) -> int:
+    """The exit code for ``exc``: a SourceError's says whether retrying may help (1 if so, else
+    2); a ConfigError is 2; any other SluiceError exits ``default``."""
+    if isinstance(exc, SourceError):
+        return EXIT_TRANSIENT if exc.retriable else EXIT_PERMANENT
+    if isinstance(exc, ConfigError):
+        return EXIT_PERMANENT
+    return default
+
+
+def guarded(fn: Callable[[], T], code: int = EXIT_PERMANENT) -> T:
+    """Run ``fn``; a ConfigError prints every issue and exits 2; a SourceError prints one line
+    and exits 1 when it is transient (retrying may work), 2 when it is permanent (unsupported,
+    misconfigured); any other SluiceError prints one line and exits ``code``."""
     try:
         return fn()
     except ConfigError as exc:
         for issue in exc.issues:
             click.echo(str(issue), err=True)
-        sys.exit(2)
+        sys.exit(EXIT_PERMANENT)
     except SluiceError as exc:
-        fail(str(exc), code)
+        fail(str(exc), exit_code(exc, code))
 
 
 def run_async(main: Coroutine[Any, Any, T]) -> T:
@@ -145,13 +160,15 @@ def checked(resp: ApiResponse) -> Any:
     return resp.body
 
 
-def local_store(data_dir: Path, *, create: bool = False) -> SqliteTaskStore:
+def local_store(data_dir: Path, *, create: bool = False) -> TaskStore:
     """The task store of ``data_dir``; unless ``create``, the directory must hold sluice data
-    already (see :func:`store_dir`)."""
+    already (see :func:`store_dir`). A database that cannot be opened exits as
+    :func:`guarded` says."""
     from sluice.datadir import Database
     from sluice.tasks.sqlite import SqliteTaskStore
 
-    return SqliteTaskStore(Database.open(data_dir if create else store_dir(data_dir)))
+    path = data_dir if create else store_dir(data_dir)
+    return SqliteTaskStore(guarded(lambda: Database.open(path)))
 
 
 def setup_logging(level: str, fmt: str) -> None:

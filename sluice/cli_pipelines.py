@@ -26,7 +26,6 @@ from sluice.cli_common import (
     local_store,
     print_wide,
     remote_options,
-    store_dir,
     table,
 )
 
@@ -49,14 +48,14 @@ def pipelines() -> None:
 def local_pipelines(files: Sequence[Path], data_dir: Path) -> list[dict[str, Any]]:
     """One row per known pipeline (see the module docstring), sorted by name. Without -f files
     the data directory must exist; it is never created."""
-    from sluice.datadir import DB_FILE, Database
-    from sluice.tasks.sqlite_catalog import stored_pipelines
+    from sluice.datadir import DB_FILE
+    from sluice.tasks.store import StoredPipeline
 
     configs = guarded(lambda: load_all(files, check_code=False)) if files else []
+    stored: dict[str, StoredPipeline] = {}
     if not files or (data_dir / DB_FILE).is_file():
-        stored = guarded(lambda: stored_pipelines(Database.open(store_dir(data_dir))))
-    else:
-        stored = {}
+        store = local_store(data_dir)
+        stored = guarded(lambda: asyncio.run(store.pipelines()))
     rows: dict[str, dict[str, Any]] = {}
     for config in configs:
         rows[config.name] = {"name": config.name, "tenant": config.tenant,

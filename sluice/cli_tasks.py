@@ -33,7 +33,7 @@ from sluice.cli_common import (
     say,
     table,
 )
-from sluice.errors import IllegalTransition, SluiceError, TaskNotFound
+from sluice.errors import TaskNotFound
 from sluice.tasks.state import TaskState
 from sluice.tasks.store import TaskRecord
 
@@ -265,13 +265,9 @@ def _control_command(action: str, wanted: TaskState, doc: str) -> click.Command:
             click.echo(f"{body['task_id']}: {body['state']}")
             return
         record = _local_find(data_dir, task_id, pipeline)
-        try:
-            new = asyncio.run(local_store(data_dir).transition(record.pipeline, task_id, wanted,
-                                                               time.time()))
-        except IllegalTransition as exc:
-            fail(str(exc))
-        except SluiceError as exc:
-            fail(str(exc))
+        store = local_store(data_dir)
+        new = guarded(lambda: asyncio.run(store.transition(record.pipeline, task_id, wanted,
+                                                           time.time())))
         click.echo(f"{new.task_id}: {new.state}")
     return command
 

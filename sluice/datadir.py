@@ -5,7 +5,9 @@ Invariants:
 1. Every write runs in ``BEGIN IMMEDIATE`` … ``COMMIT``: the write lock is taken up front, so two
    processes never both read and then both try to upgrade (SQLite would fail one with BUSY).
 2. A lock held past ``SLUICE_SQLITE_BUSY_TIMEOUT_MS`` (default 30000) is an error
-   (:class:`~sluice.errors.SourceError`), never a half-written change.
+   (:class:`~sluice.errors.Unavailable`), never a half-written change. sqlite3's errors become
+   sluice's in one place, :func:`map_sqlite_errors`: a database unusable *now* is
+   ``Unavailable`` (retry later), one unusable until its file changes is ``Misconfigured``.
 3. A committed transaction survives a crash of the process (WAL, ``synchronous=NORMAL``); with
    ``SLUICE_SQLITE_SYNC=FULL`` it also survives power loss, at a cost in throughput.
 4. In a process, one :class:`Database` per file and one connection, used from one thread at a
@@ -24,13 +26,14 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
-from sluice.errors import SourceError
+from sluice.errors import Misconfigured, Unavailable
 
 T = TypeVar("T")
 
@@ -118,6 +121,38 @@ def _add_columns(conn: sqlite3.Connection) -> None:
             conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
 
+# SQLite primary result codes that retrying cannot cure: the file or its settings must change.
+# Every other code of an OperationalError (BUSY, LOCKED, IOERR, FULL, ...) is an outage.
+PERMANENT_SQLITE_CODES = {
+    3: "SQLITE_PERM",
+    8: "SQLITE_READONLY",
+    11: "SQLITE_CORRUPT",
+    14: "SQLITE_CANTOPEN",
+    23: "SQLITE_AUTH",
+    26: "SQLITE_NOTADB",
+}
+
+
+@contextmanager
+def map_sqlite_errors(path: Path) -> Iterator[None]:
+    """sqlite3's errors as sluice's (the one place they are mapped): ``Misconfigured`` for a
+    code in :data:`PERMANENT_SQLITE_CODES`, else ``Unavailable`` (locked past the busy timeout,
+    an I/O error, a full disk). Errors of the SQL itself (constraints, misuse) pass through:
+    they are defects, not states of the database."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        if type(exc) not in (sqlite3.OperationalError, sqlite3.DatabaseError):
+            raise  # IntegrityError, ProgrammingError, ...: a defect
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None and code & 0xFF in PERMANENT_SQLITE_CODES:
+            raise Misconfigured(f"the data directory's database {path} cannot be used: {exc} "
+                                f"({PERMANENT_SQLITE_CODES[code & 0xFF]}; check the file and "
+                                "its directory)") from exc
+        raise Unavailable(f"the data directory's database {path} is unavailable: "
+                          f"{exc}") from exc
+
+
 @dataclass(frozen=True, slots=True)
 class QueuedMessage:
     task_id: str
@@ -148,22 +183,30 @@ class Database:
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-db")
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(
-            path, timeout=30.0, isolation_level=None, check_same_thread=False
-        )
+        busy_ms = int(os.environ.get("SLUICE_SQLITE_BUSY_TIMEOUT_MS", "30000"))
+        with map_sqlite_errors(path):
+            self._conn = sqlite3.connect(
+                path, timeout=30.0, isolation_level=None, check_same_thread=False
+            )
+            try:
+                self._prepare(busy_ms)
+            except BaseException:
+                self._conn.close()
+                raise
+        self._closed = threading.Event()
+        self._checkpointer = threading.Thread(target=self._checkpoint_forever, args=(busy_ms,),
+                                              name="sluice-db-checkpoint", daemon=True)
+        self._checkpointer.start()
+
+    def _prepare(self, busy_ms: int) -> None:
         sync = os.environ.get("SLUICE_SQLITE_SYNC", "NORMAL").upper()
         if sync not in ("NORMAL", "FULL"):
             sync = "NORMAL"
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute(f"PRAGMA synchronous={sync}")
-        busy_ms = int(os.environ.get("SLUICE_SQLITE_BUSY_TIMEOUT_MS", "30000"))
         self._conn.execute(f"PRAGMA busy_timeout={busy_ms}")
         # Checkpoints run on their own thread (invariant 5), not inside a commit.
         self._conn.execute("PRAGMA wal_autocheckpoint=0")
-        self._closed = threading.Event()
-        self._checkpointer = threading.Thread(target=self._checkpoint_forever, args=(busy_ms,),
-                                              name="sluice-db-checkpoint", daemon=True)
-        self._checkpointer.start()
         with self._lock:
             self._conn.executescript(SCHEMA)  # idempotent; executescript commits by itself
             _add_columns(self._conn)
@@ -192,10 +235,7 @@ class Database:
 
     def _transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._conn
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise SourceError(f"cannot open a transaction on {self.path}: {exc}") from exc
+        conn.execute("BEGIN IMMEDIATE")
         try:
             result = fn(conn)
             conn.execute("COMMIT")
@@ -208,24 +248,19 @@ class Database:
     def run_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in one write transaction, on the calling thread.
 
-        A database that cannot be written (locked past the busy timeout, disk full, read-only)
-        raises :class:`~sluice.errors.SourceError`; the transaction was rolled back.
+        A database that cannot be written raises :class:`~sluice.errors.Unavailable` (locked
+        past the busy timeout, disk full) or :class:`~sluice.errors.Misconfigured` (read-only);
+        the transaction was rolled back.
         """
-        with self._lock:
-            try:
-                return self._transaction(fn)
-            except sqlite3.OperationalError as exc:
-                raise SourceError(f"the data directory's database {self.path} is unavailable: "
-                                  f"{exc}") from exc
+        with self._lock, map_sqlite_errors(self.path):
+            result = self._transaction(fn)
+        return result
 
     def read_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` outside a write transaction (a consistent WAL read snapshot per statement)."""
-        with self._lock:
-            try:
-                return fn(self._conn)
-            except sqlite3.OperationalError as exc:
-                raise SourceError(f"the data directory's database {self.path} is unavailable: "
-                                  f"{exc}") from exc
+        with self._lock, map_sqlite_errors(self.path):
+            result = fn(self._conn)
+        return result
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         loop = asyncio.get_running_loop()

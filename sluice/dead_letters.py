@@ -28,7 +28,7 @@ from sluice.config.model import PipelineConfig
 from sluice.connectors.embedded import QueuedMessage
 from sluice.datadir import Database
 from sluice.tasks.sqlite import SqliteTaskStore
-from sluice.tasks.store import DeadLetterRecord
+from sluice.tasks.store import DeadLetterRecord, TaskStore
 
 REPLAY_OF_HEADER = "sluice-replay-of"
 MAX_REPLAY_BATCH = 1000  # dead letters replayed by one call with "all"
@@ -45,16 +45,21 @@ class Replayed:
     skipped: str | None = None  # why not
 
 
+def _store(db: Database) -> TaskStore:
+    """The task store in ``db`` (where :func:`sluice.intake.submit` puts the replays)."""
+    return SqliteTaskStore(db)
+
+
 async def list_dead_letters(db: Database, pipeline: str, limit: int = 100,
                             ) -> list[DeadLetterRecord]:
-    return await SqliteTaskStore(db).dead_letters(pipeline, limit=limit)
+    return await _store(db).dead_letters(pipeline, limit=limit)
 
 
 async def replay(db: Database, config: PipelineConfig, task_ids: Sequence[str] | None, *,
                  again: bool = False) -> list[Replayed]:
     """Replay the given dead letters (``None``: every one not yet replayed, up to
     ``MAX_REPLAY_BATCH``); one :class:`Replayed` per task id asked for (or found)."""
-    store = SqliteTaskStore(db)
+    store = _store(db)
     if task_ids is None:
         found = await store.dead_letters(config.name, limit=MAX_REPLAY_BATCH, replayed=False)
         asked: list[str] = [d.task_id for d in found]
@@ -93,9 +98,9 @@ async def replay(db: Database, config: PipelineConfig, task_ids: Sequence[str] |
     return [out[t] for t in asked]
 
 
-async def _free_id(store: SqliteTaskStore, pipeline: str, task_id: str) -> str:
+async def _free_id(store: TaskStore, pipeline: str, task_id: str) -> str:
     """The first ``<task_id>.replay-<n>`` not used in the pipeline (invariant 3)."""
     n = 1
-    while await store.find_in(pipeline, f"{task_id}.replay-{n}"):
+    while await store.exists(pipeline, f"{task_id}.replay-{n}"):
         n += 1
     return f"{task_id}.replay-{n}"

@@ -9,7 +9,10 @@
     │   ├── TaskNotFound             no task with that id (or not visible to the caller)
     │   ├── DuplicateTask            a client-chosen task id is already used in that pipeline
     │   └── IllegalTransition        a state change the state machine does not allow
-    ├── SourceError                  a source or queue cannot be read or written
+    ├── SourceError                  a source, queue or store cannot do what was asked
+    │   ├── Unavailable              transient: unreachable or busy now; retry later
+    │   ├── Unsupported              permanent: this source or pipeline cannot do that at all
+    │   └── Misconfigured            permanent until its settings change
     ├── DeliveryError                a sink could not deliver a record (retryable or not)
     └── HandlerSignal                raised *by handlers* to steer the outcome of one attempt
         ├── Retry                    retry this task (optionally after ``delay_s``)
@@ -18,6 +21,12 @@
 
 A user-facing error names where (file:line:col, key path) and what was expected; the CLI prints
 ``str(error)`` on stderr and exits 2, never a traceback.
+
+Whether to retry: a :class:`SourceError` says it with ``retriable``. Driver errors become these
+at each client library's boundary, in one place per library
+(:func:`sluice.datadir.map_sqlite_errors`, :func:`sluice.connectors.kafka_client.map_kafka_errors`).
+The HTTP API answers a retriable one 503 with Retry-After, a permanent one 422; the CLI exits 1
+for a retriable one and 2 for a permanent one.
 """
 
 from __future__ import annotations
@@ -95,7 +104,40 @@ class IllegalTransition(TaskError):
 
 
 class SourceError(SluiceError):
-    """A source or queue cannot be read or written."""
+    """A source, queue or store cannot do what was asked.
+
+    ``retriable``: whether the same request may succeed later. A bare ``SourceError`` counts as
+    an outage (retriable); the subclasses say which it is.
+    """
+
+    retriable: bool = True
+    retry_after_s: float | None = None  # how long to wait before retrying, when known
+
+
+class Unavailable(SourceError):
+    """Transient: the broker, queue or store cannot be reached or is busy now (a lock held,
+    brokers down, a disk full); the same request may succeed later (HTTP 503 + Retry-After)."""
+
+    retriable = True
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message)
+
+
+class Unsupported(SourceError):
+    """Permanent: this source or pipeline cannot do what was asked, however often it is asked
+    (a submit to a pipeline that does not track its tasks, a delay on a source without delayed
+    redelivery, a submit to a source that takes none)."""
+
+    retriable = False
+
+
+class Misconfigured(SourceError):
+    """Permanent until its settings change: the client library, the broker or the store refuses
+    the configuration (bad client settings, no authorization, a read-only database)."""
+
+    retriable = False
 
 
 class DeliveryError(SluiceError):

@@ -1,5 +1,6 @@
 """What the Kafka source and sink share: the lazy import of confluent-kafka, client settings,
-and the topic check (a missing topic is a clear error, or created when asked).
+the topic check (a missing topic is a clear error, or created when asked), and the one place
+confluent-kafka's errors become sluice's (:func:`map_kafka_errors`).
 
 confluent-kafka is an optional dependency (``pip install 'sluice[kafka]'``): nothing here imports
 it at module import, so the schema and ``sluice connectors`` cover Kafka on every install.
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
-from sluice.errors import MissingDependency, SourceError
+from sluice.errors import Misconfigured, MissingDependency, SourceError, Unavailable
 from sluice.spec import REQUIRED, Field, ObjectSpec
 
 log = logging.getLogger("sluice.kafka")
@@ -56,6 +58,44 @@ def confluent() -> ModuleType:
     return confluent_kafka
 
 
+# KafkaError codes that retrying cannot cure: the settings, the credentials, the ACLs or the
+# request must change. Every other error (brokers down, timeouts, a leader moving) is an outage.
+PERMANENT_KAFKA_ERRORS = (
+    "_INVALID_ARG", "INVALID_CONFIG", "_UNKNOWN_PROTOCOL", "_UNSUPPORTED_FEATURE",
+    "_NOT_IMPLEMENTED", "UNSUPPORTED_VERSION", "_AUTHENTICATION", "_SSL",
+    "SASL_AUTHENTICATION_FAILED", "UNSUPPORTED_SASL_MECHANISM", "ILLEGAL_SASL_STATE",
+    "TOPIC_AUTHORIZATION_FAILED", "GROUP_AUTHORIZATION_FAILED", "CLUSTER_AUTHORIZATION_FAILED",
+    "TRANSACTIONAL_ID_AUTHORIZATION_FAILED", "INVALID_REPLICATION_FACTOR", "INVALID_PARTITIONS",
+    "POLICY_VIOLATION", "TOPIC_EXCEPTION",
+)
+
+
+def kafka_error(what: str, error: Any) -> SourceError:
+    """A KafkaError (or a KafkaException carrying one) as sluice's error, prefixed by ``what``
+    (which client, topic and brokers): ``Misconfigured`` when it is fatal or its code is in
+    :data:`PERMANENT_KAFKA_ERRORS`, else ``Unavailable``."""
+    ck = confluent()
+    if isinstance(error, ck.KafkaException) and error.args:
+        error = error.args[0]
+    permanent = False
+    if isinstance(error, ck.KafkaError):
+        codes = {getattr(ck.KafkaError, name, None) for name in PERMANENT_KAFKA_ERRORS}
+        permanent = error.fatal() or error.code() in codes
+    kind = Misconfigured if permanent else Unavailable
+    return kind(f"{what}: {error}")
+
+
+@contextmanager
+def map_kafka_errors(what: str) -> Iterator[None]:
+    """Run a block of confluent-kafka calls; a KafkaException out of it becomes
+    :func:`kafka_error` (the one place the library's errors are mapped)."""
+    ck = confluent()
+    try:
+        yield
+    except ck.KafkaException as exc:
+        raise kafka_error(what, exc) from None
+
+
 def client_config(brokers: str, extra: Mapping[str, Any] | None, **own: Any) -> dict[str, Any]:
     """sluice's settings for one client, then the user's ``config`` over them."""
     config: dict[str, Any] = {
@@ -87,8 +127,9 @@ def ensure_topic(client: Any, brokers: str, topic: str, create_topic: Mapping[st
                  admin_config: Mapping[str, Any], missing_hint: str = CREATE_HINT) -> int:
     """Check that ``topic`` exists (creating it if ``create_topic`` says so); its partitions.
 
-    ``client`` is a Consumer or Producer (for metadata). Raises :class:`SourceError` naming the
-    topic and the brokers when the topic is missing or the brokers cannot be reached.
+    ``client`` is a Consumer or Producer (for metadata). Raises :class:`Misconfigured` naming
+    the topic and the brokers when the topic is missing, :class:`Unavailable` when the brokers
+    cannot be reached.
     """
     ck = confluent()
     meta = _topic_metadata(client, brokers, topic)
@@ -96,38 +137,35 @@ def ensure_topic(client: Any, brokers: str, topic: str, create_topic: Mapping[st
         return len(meta.partitions)
     partitions = wanted_partitions(create_topic)
     if partitions is None:
-        raise SourceError(
+        raise Misconfigured(
             f"kafka topic {topic!r} does not exist on brokers {brokers}; {missing_hint}")
     assert create_topic is not None
-    admin = ck.admin.AdminClient(dict(admin_config))
     new = ck.admin.NewTopic(topic, num_partitions=partitions,
                             replication_factor=int(create_topic["replication_factor"]))
-    try:
-        admin.create_topics([new], operation_timeout=METADATA_TIMEOUT_S)[topic].result(
-            timeout=METADATA_TIMEOUT_S)
-        log.info("created kafka topic %s (%d partitions) on %s", topic, partitions, brokers)
-    except ck.KafkaException as exc:
-        error = exc.args[0] if exc.args else None
-        if getattr(error, "code", lambda: None)() != ck.KafkaError.TOPIC_ALREADY_EXISTS:
-            raise SourceError(f"cannot create kafka topic {topic!r} on brokers {brokers}: "
-                              f"{exc}") from None
+    with map_kafka_errors(f"cannot create kafka topic {topic!r} on brokers {brokers}"):
+        admin = ck.admin.AdminClient(dict(admin_config))
+        try:
+            admin.create_topics([new], operation_timeout=METADATA_TIMEOUT_S)[topic].result(
+                timeout=METADATA_TIMEOUT_S)
+            log.info("created kafka topic %s (%d partitions) on %s", topic, partitions, brokers)
+        except ck.KafkaException as exc:
+            error = exc.args[0] if exc.args else None
+            if getattr(error, "code", lambda: None)() != ck.KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
     deadline = time.monotonic() + METADATA_TIMEOUT_S
     while time.monotonic() < deadline:  # metadata catches up with the creation
         meta = _topic_metadata(client, brokers, topic)
         if meta is not None and meta.partitions:
             return len(meta.partitions)
         time.sleep(0.1)
-    raise SourceError(f"kafka topic {topic!r} was created on brokers {brokers} but does not "
+    raise Unavailable(f"kafka topic {topic!r} was created on brokers {brokers} but does not "
                       f"show in their metadata after {METADATA_TIMEOUT_S:g}s")
 
 
 def _topic_metadata(client: Any, brokers: str, topic: str) -> Any:
     ck = confluent()
-    try:
+    with map_kafka_errors(f"cannot reach kafka brokers {brokers} (for topic {topic!r})"):
         cluster = client.list_topics(topic, timeout=METADATA_TIMEOUT_S)
-    except ck.KafkaException as exc:
-        raise SourceError(f"cannot reach kafka brokers {brokers} (for topic {topic!r}): "
-                          f"{exc}") from None
     meta = cluster.topics.get(topic)
     if meta is None:
         return None
@@ -135,7 +173,7 @@ def _topic_metadata(client: Any, brokers: str, topic: str) -> Any:
         if meta.error.code() in (ck.KafkaError.UNKNOWN_TOPIC_OR_PART,
                                  ck.KafkaError.LEADER_NOT_AVAILABLE):
             return None
-        raise SourceError(f"kafka topic {topic!r} on brokers {brokers}: {meta.error}")
+        raise kafka_error(f"kafka topic {topic!r} on brokers {brokers}", meta.error)
     return meta
 
 

@@ -17,19 +17,17 @@ Invariants:
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from sluice.config.model import PipelineConfig
 from sluice.connectors.base import SinkRecord
 from sluice.connectors.embedded import Submission
 from sluice.datadir import Database
-from sluice.errors import DeliveryError, SourceError
+from sluice.errors import DeliveryError, Misconfigured, Unavailable, Unsupported
 from sluice.sinks.kafka import KafkaSink
-from sluice.tasks.sqlite import create_in
-from sluice.tasks.store import NewTask, TaskRecord
+from sluice.tasks.sqlite import SqliteTaskStore
+from sluice.tasks.store import NewTask, TaskRecord, TaskStore
 
 HEADER = "sluice-task-id"
 
@@ -40,13 +38,14 @@ class KafkaSubmitter:
     def __init__(self, db: Database, config: PipelineConfig) -> None:
         source = config.source.config
         if not config.consumer.track_tasks:
-            raise SourceError(f"pipeline {config.name!r} does not track its tasks "
+            raise Unsupported(f"pipeline {config.name!r} does not track its tasks "
                               "(consumer.track_tasks: false): produce to its topic instead")
         if source.get("task_id_header", HEADER) != HEADER:
-            raise SourceError(f"pipeline {config.name!r}: submitting needs the source's "
-                              f"task_id_header to be {HEADER!r}, it is "
-                              f"{source['task_id_header']!r}")
+            raise Misconfigured(f"pipeline {config.name!r}: submitting needs the source's "
+                                f"task_id_header to be {HEADER!r}, it is "
+                                f"{source['task_id_header']!r}")
         self.db = db
+        self.store: TaskStore = SqliteTaskStore(db)
         self.config = config
         self.sink = KafkaSink({"topic": source["topic"], "linger_ms": 1,
                                "delivery_timeout_ms": 30000, "config": source.get("config")},
@@ -58,31 +57,23 @@ class KafkaSubmitter:
     async def submit(self, items: Sequence[Submission]) -> list[TaskRecord | None]:
         """The created tasks; ``None`` where the task id was already used."""
         if any(item.delay_s for item in items):
-            raise SourceError("a kafka source has no delayed delivery: submit without a delay")
-        now = time.time()
-
-        def create(conn: sqlite3.Connection) -> list[TaskRecord | None]:
-            return [create_in(conn, i.pipeline, i.tenant,
-                              [NewTask(i.message.task_id, i.message.key, i.received_at)], now)[0]
-                    for i in items]
-
-        created = await self.db.run(create)
+            raise Unsupported("a kafka source has no delayed delivery: submit without a delay")
+        created = await self.store.create(
+            self.config.name, self.config.tenant,
+            [NewTask(i.message.task_id, i.message.key, i.received_at) for i in items],
+            time.time())
         records = [SinkRecord(i.message.task_id, i.message.body, i.message.content_type,
                               i.message.key, dict(i.message.headers or {}))
                    for i, rec in zip(items, created, strict=True) if rec is not None]
         try:
             await self.sink.send(records)
         except DeliveryError as exc:
-            ids = [r.task_id for r in records]
-            await self.db.run(lambda conn: _forget(conn, self.config.name, ids))
-            raise SourceError(f"kafka topic {self.sink.topic!r} on {self.sink.brokers}: "
-                              f"{exc}") from None
+            await self.store.forget_queued(self.config.name, [r.task_id for r in records])
+            refused = Misconfigured if exc.permanent else Unavailable
+            raise refused(f"kafka topic {self.sink.topic!r} on {self.sink.brokers}: "
+                          f"{exc}") from None
         return created
 
     async def close(self) -> None:
         await self.sink.close()
 
-
-def _forget(conn: sqlite3.Connection, pipeline: str, task_ids: Sequence[str]) -> Any:
-    conn.executemany("DELETE FROM tasks WHERE pipeline = ? AND task_id = ? AND state = 'QUEUED'",
-                     [(pipeline, t) for t in task_ids])

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from sluice.datadir import Database, QueuedMessage, put_in
 from sluice.errors import IllegalTransition, TaskNotFound
+from sluice.tasks.sqlite_catalog import stored_pipelines_in
 from sluice.tasks.state import FINAL, TaskState, allowed
 from sluice.tasks.store import (
     Claim,
@@ -23,6 +24,7 @@ from sluice.tasks.store import (
     DeadLetter,
     DeadLetterRecord,
     NewTask,
+    StoredPipeline,
     TaskRecord,
 )
 
@@ -120,9 +122,17 @@ class SqliteTaskStore:
     def __init__(self, db: Database) -> None:
         self.db = db
 
+    async def ping(self) -> None:
+        await self.db.read(lambda c: c.execute("SELECT 1").fetchone())
+
     async def create(self, pipeline: str, tenant: str, tasks: Sequence[NewTask],
                      now: float) -> list[TaskRecord | None]:
         return await self.db.run(lambda c: create_in(c, pipeline, tenant, tasks, now))
+
+    async def forget_queued(self, pipeline: str, task_ids: Sequence[str]) -> None:
+        rows = [(pipeline, t) for t in task_ids]
+        await self.db.run(lambda c: c.executemany(
+            "DELETE FROM tasks WHERE pipeline = ? AND task_id = ? AND state = 'QUEUED'", rows))
 
     async def claim(self, pipeline: str, tenant: str, claims: Sequence[Claim], owner: str,
                     lease_s: float, now: float) -> list[ClaimResult]:
@@ -220,6 +230,9 @@ class SqliteTaskStore:
             "SELECT paused FROM pipelines WHERE name = ?", (pipeline,)).fetchone())
         return bool(row and row[0])
 
+    async def pipelines(self) -> dict[str, StoredPipeline]:
+        return await self.db.read(stored_pipelines_in)
+
     async def counts(self) -> dict[tuple[str, str], int]:
         """(pipeline, state) → number of tasks; for metrics."""
         rows = await self.db.read(lambda c: c.execute(
@@ -285,9 +298,12 @@ class SqliteTaskStore:
             raise TaskNotFound(task_id)
         return found[0]
 
-    async def find_in(self, pipeline: str, task_id: str) -> bool:
+    async def exists(self, pipeline: str, task_id: str) -> bool:
         """Whether ``task_id`` is used in ``pipeline``."""
-        return bool(await self.db.read(lambda c: get_in(c, task_id, pipeline)))
+        row = await self.db.read(lambda c: c.execute(
+            "SELECT 1 FROM tasks WHERE pipeline = ? AND task_id = ?",
+            (pipeline, task_id)).fetchone())
+        return row is not None
 
     async def find(self, task_id: str) -> builtins.list[TaskRecord]:
         """Every task with this id, across pipelines."""

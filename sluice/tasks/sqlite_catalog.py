@@ -7,20 +7,12 @@ Read-only: one snapshot read of the ``tasks`` and ``pipelines`` tables, no write
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass, field
 
-from sluice.datadir import Database
-
-
-@dataclass
-class StoredPipeline:
-    name: str
-    tenants: list[str] = field(default_factory=list)  # of its tasks (one, unless misconfigured)
-    paused: bool = False
-    counts: dict[str, int] = field(default_factory=dict)  # state → tasks
+from sluice.tasks.store import StoredPipeline
 
 
 def stored_pipelines_in(conn: sqlite3.Connection) -> dict[str, StoredPipeline]:
+    """Pipeline name → what the store holds of it."""
     found: dict[str, StoredPipeline] = {}
     rows = conn.execute("SELECT pipeline, tenant, state, COUNT(*) FROM tasks"
                         " GROUP BY pipeline, tenant, state").fetchall()
@@ -33,7 +25,3 @@ def stored_pipelines_in(conn: sqlite3.Connection) -> dict[str, StoredPipeline]:
         found.setdefault(name, StoredPipeline(name)).paused = bool(paused)
     return found
 
-
-def stored_pipelines(db: Database) -> dict[str, StoredPipeline]:
-    """Pipeline name → what the store holds of it."""
-    return db.read_sync(stored_pipelines_in)

@@ -3,12 +3,20 @@
 A store records every task of every pipeline: its state (see :mod:`sluice.tasks.state`),
 attempts, result or error and stage timestamps. The consumer layer talks to it in batches
 (:meth:`TaskStore.claim`, :meth:`TaskStore.complete`): this path is hot.
+
+Everything the gateway, the CLI and the submitters do with stored tasks is a method here, so
+callers are typed against :class:`TaskStore` and the SQL stays in the implementations
+(:mod:`sluice.tasks.sqlite`). ``tests/conformance/test_task_store.py`` is the contract every
+implementation passes. A store that cannot be reached raises
+:class:`~sluice.errors.Unavailable`; one that cannot be used until its settings change,
+:class:`~sluice.errors.Misconfigured`.
 """
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -169,11 +177,40 @@ class DeadLetterRecord:
         }
 
 
+@dataclass
+class StoredPipeline:
+    """What a store holds of one pipeline (``sluice pipelines list`` in local mode)."""
+
+    name: str
+    tenants: list[str] = field(default_factory=list)  # of its tasks (one, unless misconfigured)
+    paused: bool = False
+    counts: dict[str, int] = field(default_factory=dict)  # state → tasks
+
+
 class TaskStore(Protocol):
+    async def ping(self) -> None:
+        """Return once the store answers a read; raise :class:`~sluice.errors.SourceError`
+        otherwise (``/readyz``)."""
+        ...
+
     async def create(self, pipeline: str, tenant: str, tasks: Sequence[NewTask],
                      now: float) -> list[TaskRecord | None]:
         """Create QUEUED tasks; for each, the record, or ``None`` if its id was already used
-        in this pipeline (the caller reports the existing task: :meth:`get`)."""
+        in this pipeline, before or earlier in ``tasks`` (the caller reports the existing
+        task: :meth:`get`). One slot per task: a batch may hold new and used ids at once."""
+        ...
+
+    async def forget_queued(self, pipeline: str, task_ids: Sequence[str]) -> None:
+        """Delete tasks that are still QUEUED (a submit whose message could not be queued:
+        no worker has seen them, so their ids may be submitted again). Others are kept."""
+        ...
+
+    async def exists(self, pipeline: str, task_id: str) -> bool:
+        """Whether ``task_id`` is used in ``pipeline``."""
+        ...
+
+    async def find(self, task_id: str) -> list[TaskRecord]:
+        """Every task with this id, across pipelines (an id is unique per pipeline only)."""
         ...
 
     async def claim(self, pipeline: str, tenant: str, claims: Sequence[Claim], owner: str,
@@ -192,6 +229,15 @@ class TaskStore(Protocol):
         ...
 
     async def is_paused(self, pipeline: str) -> bool: ...
+
+    async def pipelines(self) -> dict[str, StoredPipeline]:
+        """Every pipeline the store holds tasks or a pause setting of, by name."""
+        ...
+
+    async def counts(self) -> dict[tuple[str, str], int]:
+        """(pipeline, state) → number of tasks, for every pipeline (metrics); states without
+        tasks are absent."""
+        ...
 
     async def complete(self, pipeline: str, completions: Sequence[Completion], owner: str,
                        now: float) -> list[TaskState | None]:
@@ -216,10 +262,30 @@ class TaskStore(Protocol):
 
     async def list(self, pipeline: str | None = None, state: TaskState | None = None,
                    limit: int = 50, before_seq: int | None = None,
-                   pipelines: Sequence[str] | None = None) -> list[TaskRecord]: ...
+                   pipelines: Sequence[str] | None = None) -> list[TaskRecord]:
+        """Newest first (``seq`` descending), at most ``limit``; ``before_seq`` continues a
+        page (the ``seq`` of its last task); ``pipelines`` restricts to a set (a tenant's)."""
+        ...
+
+    async def stats(self, pipeline: str | None = None) -> builtins.list[TaskRecord]:
+        """Every task (of a pipeline), oldest first: the input of ``sluice tasks summary``."""
+        ...
 
     async def transition(self, pipeline: str, task_id: str, wanted: TaskState,
                          now: float) -> TaskRecord:
         """A control change (cancel, pause, resume), compare-and-set; raise
         :class:`~sluice.errors.IllegalTransition` if the state machine forbids it."""
+        ...
+
+    async def dead_letters(self, pipeline: str, task_ids: Sequence[str] | None = None,
+                           limit: int = 100, replayed: bool = True,
+                           ) -> builtins.list[DeadLetterRecord]:
+        """A pipeline's dead-lettered tasks (kept by :meth:`complete` from
+        :attr:`Completion.dead_letter`), newest first; only ``task_ids`` if given; without
+        those already replayed unless ``replayed``."""
+        ...
+
+    async def mark_replayed(self, pipeline: str, replays: Sequence[tuple[str, str]],
+                            now: float) -> None:
+        """Link each dead-lettered task to its replay: (task id, the replay's task id)."""
         ...

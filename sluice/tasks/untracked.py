@@ -9,8 +9,9 @@ task API, per-task cancel/pause, nor dedup by task id across workers. What stays
 2. A completion is accepted as given. Its outbox messages (results for destinations that go
    through the outbox) are still written, in one transaction per batch: results are as
    reliable as with tracking.
-3. Pausing a whole pipeline works (it reads the real store); everything about single tasks
-   finds nothing.
+3. Pausing a whole pipeline works, and so do reads of the whole store (they go to the real
+   store); everything about single tasks finds nothing, and creating one is refused
+   (:class:`~sluice.errors.Unsupported`: there is no task to submit).
 """
 
 from __future__ import annotations
@@ -18,10 +19,19 @@ from __future__ import annotations
 import builtins
 from collections.abc import Sequence
 
-from sluice.errors import TaskNotFound
+from sluice.errors import TaskNotFound, Unsupported
 from sluice.tasks.sqlite import SqliteTaskStore, put_outbox
 from sluice.tasks.state import TaskState
-from sluice.tasks.store import Claim, ClaimResult, ClaimStatus, Completion, NewTask, TaskRecord
+from sluice.tasks.store import (
+    Claim,
+    ClaimResult,
+    ClaimStatus,
+    Completion,
+    DeadLetterRecord,
+    NewTask,
+    StoredPipeline,
+    TaskRecord,
+)
 
 
 class UntrackedStore:
@@ -31,9 +41,23 @@ class UntrackedStore:
         self.inner = inner
         self.db = inner.db
 
+    async def ping(self) -> None:
+        await self.inner.ping()
+
     async def create(self, pipeline: str, tenant: str, tasks: Sequence[NewTask],
                      now: float) -> builtins.list[TaskRecord | None]:
-        raise TaskNotFound(f"pipeline {pipeline!r} does not track its tasks")
+        raise Unsupported(f"pipeline {pipeline!r} does not track its tasks "
+                          "(consumer.track_tasks: false): it takes no submitted tasks; "
+                          "produce to its source instead")
+
+    async def forget_queued(self, pipeline: str, task_ids: Sequence[str]) -> None:
+        return None
+
+    async def exists(self, pipeline: str, task_id: str) -> bool:
+        return False
+
+    async def find(self, task_id: str) -> builtins.list[TaskRecord]:
+        return []
 
     async def claim(self, pipeline: str, tenant: str, claims: Sequence[Claim], owner: str,
                     lease_s: float, now: float) -> builtins.list[ClaimResult]:
@@ -49,6 +73,12 @@ class UntrackedStore:
 
     async def is_paused(self, pipeline: str) -> bool:
         return await self.inner.is_paused(pipeline)
+
+    async def pipelines(self) -> dict[str, StoredPipeline]:
+        return await self.inner.pipelines()
+
+    async def counts(self) -> dict[tuple[str, str], int]:
+        return await self.inner.counts()
 
     async def complete(self, pipeline: str, completions: Sequence[Completion], owner: str,
                        now: float) -> builtins.list[TaskState | None]:
@@ -74,3 +104,15 @@ class UntrackedStore:
     async def transition(self, pipeline: str, task_id: str, wanted: TaskState,
                          now: float) -> TaskRecord:
         raise TaskNotFound(task_id)
+
+    async def stats(self, pipeline: str | None = None) -> builtins.list[TaskRecord]:
+        return []
+
+    async def dead_letters(self, pipeline: str, task_ids: Sequence[str] | None = None,
+                           limit: int = 100, replayed: bool = True,
+                           ) -> builtins.list[DeadLetterRecord]:
+        return []
+
+    async def mark_replayed(self, pipeline: str, replays: Sequence[tuple[str, str]],
+                            now: float) -> None:
+        return None
