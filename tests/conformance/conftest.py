@@ -1,15 +1,21 @@
-"""The connectors the conformance suite runs over, each on its real broker.
+"""The connectors the conformance suites run over, each on its real broker.
 
-A connector joins the suite by adding a :class:`Connector` here and its name to ``CONNECTORS``
-(as dramatiq's suite takes ``params=["rabbitmq", "redis", "stub"]``). Each test gets a fresh
-queue or topic, and its own data directory (task store).
+A connector joins the suites by adding an entry to :data:`CONNECTORS`: its name and a factory
+of its :class:`Connector` (as dramatiq's suite keeps its brokers in a dict of factories behind
+one parametrised fixture). A :class:`Connector` says how to publish to the connector and read
+its dead letters back, and declares what the connector can do in class attributes; the generic
+tests read those attributes, never a connector's name.
+
+Each test gets a fresh queue or topic, and its own data directory (task store). A connector
+whose broker does not answer is skipped on a developer's machine and fails in CI (``CI=true``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,11 +23,12 @@ from typing import Any
 import pytest
 
 from sluice.connectors import embedded
+from sluice.connectors.base import Source
 from sluice.connectors.embedded import EmbeddedQueue, QueuedMessage
 from sluice.datadir import Database
 from tests.helpers import kafka as kt
 
-CONNECTORS = ["embedded", "kafka"]
+LEASE_S = 2.0  # the sources' lease in the suites (short: a lapsed lease is seen soon)
 
 
 @dataclass(frozen=True)
@@ -39,10 +46,23 @@ class DeadLetter:
 
 
 class Connector:
-    name = ""
-    partitions = 1
+    """One connector under test: its pipeline YAML, publishing, its dead letters, and what it
+    can do."""
 
-    def source_yaml(self, **options: Any) -> str:
+    # What the connector can do (the generic tests read these):
+    partitions = 1
+    """Partitions of the test queue or topic (1 for a queue without partitions)."""
+    observable_backpressure = False
+    """The source stops reading when it holds ``max_buffered`` messages, and
+    :meth:`holding_back` tells when it did."""
+    per_message_leases = False
+    """A fetched delivery is leased: no other consumer of the queue gets it until its lease
+    lapses, and ``extend`` renews the lease (a visibility timeout, as in SQS). Without it, a
+    delivery is its consumer's for as long as the consumer holds its partition."""
+
+    def source_yaml(self, *, lease_s: float = LEASE_S, max_buffered: int | None = None) -> str:
+        """The pipeline's ``source``; ``max_buffered``: where the source buffers messages, how
+        many it may hold before it stops reading."""
         raise NotImplementedError
 
     def dead_letter_yaml(self) -> str:
@@ -54,9 +74,9 @@ class Connector:
     def dead_letters(self, expected: int) -> list[DeadLetter]:
         raise NotImplementedError
 
-    def backpressure_seen(self, source: Any) -> bool | None:
-        """Whether the source held back (paused) reading; ``None`` where it does not apply."""
-        return None
+    def holding_back(self, source: Source) -> bool:
+        """Whether ``source`` stopped reading (backpressure); with ``observable_backpressure``."""
+        raise NotImplementedError
 
     def close(self) -> None:
         return None
@@ -67,13 +87,13 @@ def _flow(value: dict[str, Any]) -> str:
 
 
 class EmbeddedConnector(Connector):
-    name = "embedded"
+    per_message_leases = True
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
 
-    def source_yaml(self, **options: Any) -> str:
-        return _flow({"embedded": {"queue": "jobs", "lease_s": 2}})
+    def source_yaml(self, *, lease_s: float = LEASE_S, max_buffered: int | None = None) -> str:
+        return _flow({"embedded": {"queue": "jobs", "lease_s": lease_s}})  # no buffer
 
     def dead_letter_yaml(self) -> str:
         return _flow({"embedded": {"queue": "jobs.dlq"}})
@@ -90,18 +110,18 @@ class EmbeddedConnector(Connector):
 
 
 class KafkaConnector(Connector):
-    name = "kafka"
     partitions = 3
+    observable_backpressure = True
 
     def __init__(self) -> None:
-        kt.require_broker()
         self.topic = kt.new_topic(self.partitions, "sluice-conf")
         self.dlq = f"{self.topic}.dlq"
 
-    def source_yaml(self, **options: Any) -> str:
+    def source_yaml(self, *, lease_s: float = LEASE_S, max_buffered: int | None = None) -> str:
+        limit = {} if max_buffered is None else {"max_uncommitted": max_buffered}
         return _flow({"kafka": {"brokers": kt.BROKERS, "topic": self.topic, "group": self.topic,
-                                "lease_s": 2, "session_timeout_ms": 6000,
-                                "commit_interval_ms": 200, **options}})
+                                "lease_s": lease_s, "session_timeout_ms": 6000,
+                                "commit_interval_ms": 200, **limit}})
 
     def dead_letter_yaml(self) -> str:
         return _flow({"kafka": {"topic": self.dlq, "create_topic": {"partitions": 1}}})
@@ -113,17 +133,41 @@ class KafkaConnector(Connector):
         return [DeadLetter(m.headers["sluice-task-id"], m.headers, m.value)
                 for m in kt.read_all(self.dlq, expected)]
 
-    def backpressure_seen(self, source: Any) -> bool | None:
-        return bool(source.paused_partitions())
+    def holding_back(self, source: Source) -> bool:
+        return bool(kt.paused(source))
 
     def close(self) -> None:
         kt.delete_topics(self.topic, self.dlq)
 
 
-@pytest.fixture(params=CONNECTORS)
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1")
+
+
+def require_service(problem: str | None) -> None:
+    """Skip the test when its service is missing (``problem``), but fail it in CI."""
+    if problem is None:
+        return
+    if in_ci():
+        pytest.fail(problem, pytrace=False)
+    pytest.skip(problem)
+
+
+def kafka_connector(data_dir: Path) -> Connector:
+    require_service(kt.broker_problem())
+    return KafkaConnector()
+
+
+CONNECTORS: dict[str, Callable[[Path], Connector]] = {
+    "embedded": EmbeddedConnector,
+    "kafka": kafka_connector,
+}
+"""Every connector the suites run over: name → factory (given the test's data directory)."""
+
+
+@pytest.fixture(params=sorted(CONNECTORS))
 def connector(request: pytest.FixtureRequest, data_dir: Path) -> Iterator[Connector]:
-    conn: Connector = (EmbeddedConnector(data_dir) if request.param == "embedded"
-                       else KafkaConnector())
+    conn = CONNECTORS[request.param](data_dir)
     try:
         yield conn
     finally:

@@ -1,4 +1,5 @@
-"""One suite, every connector, each on its real broker (see conftest.CONNECTORS).
+"""One suite, every connector, each on its real broker (see conftest.CONNECTORS); what a
+connector can do is read from its declared capabilities, never from its name.
 
 What a source must do inside the consumer layer:
 
@@ -49,17 +50,18 @@ RUN_TIMEOUT_S = 60.0
 
 
 def pipeline_text(connector: Connector, *, concurrency: int = 8, max_attempts: int = 5,
-                  ordering: str = "unordered", **source: object) -> str:
-    return PIPELINE.format(source=connector.source_yaml(**source), handler="behave",
+                  ordering: str = "unordered", max_buffered: int | None = None) -> str:
+    return PIPELINE.format(source=connector.source_yaml(max_buffered=max_buffered),
+                           handler="behave",
                            concurrency=concurrency, max_attempts=max_attempts,
                            ordering=ordering, dead_letter=connector.dead_letter_yaml())
 
 
 def make_loop(connector: Connector, data_dir: Path, *, concurrency: int = 8,
               max_attempts: int = 5, ordering: str = "unordered",
-              **source: object) -> ConsumerLoop:
+              max_buffered: int | None = None) -> ConsumerLoop:
     text = pipeline_text(connector, concurrency=concurrency, max_attempts=max_attempts,
-                         ordering=ordering, **source)
+                         ordering=ordering, max_buffered=max_buffered)
     return build(parse_pipeline(text), data_dir)
 
 
@@ -151,13 +153,13 @@ async def test_paused_pipeline_holds_back_then_delivers_all(connector: Connector
     await store.set_paused("jobs", True, time.time())
     sent = items(100)
     connector.publish(sent)
-    loop = make_loop(connector, data_dir, max_uncommitted=10)
+    loop = make_loop(connector, data_dir, max_buffered=10)
     stop = asyncio.Event()
     running = asyncio.create_task(run_pipelines([loop], stop))
     try:
-        if connector.backpressure_seen(loop.source) is not None:
+        if connector.observable_backpressure:
             # The layer fetches nothing, the source's buffer fills, and it stops reading.
-            await wait_until(lambda: bool(connector.backpressure_seen(loop.source)))
+            await wait_until(lambda: connector.holding_back(loop.source))
         else:
             await asyncio.sleep(1.0)
         assert read_log(run_log) == []

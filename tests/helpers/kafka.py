@@ -1,7 +1,8 @@
 """Talking to the real Kafka broker in tests: topics, producing, reading a topic back.
 
 The broker is the one ``scripts/services start kafka`` runs (``SLUICE_KAFKA_BROKERS``, default
-127.0.0.1:9092). A test that needs it and cannot reach it fails; it never skips.
+127.0.0.1:9092). A test that needs it and cannot reach it fails (:func:`require_broker`); the
+conformance suite skips instead on a machine that is not CI (see its conftest).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
 from sluice.connectors.base import Delivery, Source
+from sluice.connectors.kafka import KafkaSource
 from sluice.connectors.kafka_client import headers_dict
+from sluice.consumer.offsets import Partition
 
 BROKERS = os.environ.get("SLUICE_KAFKA_BROKERS", "127.0.0.1:9092")
 
@@ -29,16 +32,29 @@ BROKERS = os.environ.get("SLUICE_KAFKA_BROKERS", "127.0.0.1:9092")
 _unreachable: list[str] = []  # the first failure, so later tests fail at once
 
 
-def require_broker() -> None:
-    """Fail (not skip) the test when the broker does not answer."""
+def broker_problem() -> str | None:
+    """Why the broker cannot be used (``None``: it answers); asked once per session."""
     if not _unreachable:
         try:
             AdminClient({"bootstrap.servers": BROKERS}).list_topics(timeout=10)
-            return
+            return None
         except KafkaException as exc:
             _unreachable.append(str(exc))
-    pytest.fail(f"Kafka is not reachable at {BROKERS} ({_unreachable[0]}); start it with "
-                "`scripts/services start kafka` (scripts/test does)", pytrace=False)
+    return (f"Kafka is not reachable at {BROKERS} ({_unreachable[0]}); start it with "
+            "`scripts/services start kafka` (scripts/test does)")
+
+
+def require_broker() -> None:
+    """Fail (not skip) the test when the broker does not answer."""
+    problem = broker_problem()
+    if problem is not None:
+        pytest.fail(problem, pytrace=False)
+
+
+def paused(src: Source) -> list[Partition]:
+    """The partitions a Kafka source paused for backpressure (it stopped reading them)."""
+    assert isinstance(src, KafkaSource), src
+    return src.buffer.paused()
 
 
 def new_topic(partitions: int = 1, prefix: str = "sluice-test") -> str:

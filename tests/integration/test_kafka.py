@@ -112,11 +112,11 @@ async def test_retry_later_redelivers_from_memory_without_committing(topic: str,
 async def test_pending_counts_lag_and_work_in_hand(topic: str, opened: Any) -> None:
     kt.produce(topic, [kt.Out({"n": i}) for i in range(10)])
     src = await opened(source(topic, max_poll_records=4, max_uncommitted=4))
-    await wait_until(lambda: bool(src.paused_partitions()))  # backpressure
+    await wait_until(lambda: bool(kt.paused(src)))  # backpressure
     assert await src.pending() == 10
     first = await kt.fetch_n(src, 4)
     assert await src.pending() == 10  # running: not finished
-    assert src.paused_partitions() != []  # 4 tracked: still at the bound
+    assert kt.paused(src) != []  # 4 tracked: still at the bound
     await src.ack(first)
     rest: list[Delivery] = []
     while len(rest) < 6:  # resumed each time it is down to half the bound
@@ -125,7 +125,7 @@ async def test_pending_counts_lag_and_work_in_hand(topic: str, opened: Any) -> N
         rest.extend(more)
     assert offsets(first + rest) == list(range(10))
     assert await src.pending() == 0
-    assert src.paused_partitions() == []
+    assert kt.paused(src) == []
 
 
 async def test_revocation_waits_for_work_in_flight_then_commits(opened: Any) -> None:
