@@ -63,22 +63,30 @@ def build(config: PipelineConfig, data_dir: Path | None,
     store = SqliteTaskStore(db)
     dead_letter = cast(Sink, _make("sink", config.dead_letter, ctx))
     source = cast(Source, _make("source", config.source, ctx))
+    # Here, not at the top: the runtime's imports are being reworked (hoist them then).
+    from sluice.config.destinations import destinations
+    from sluice.consumer.results import ResultRouter
+    from sluice.sinks.delivery import outbox_lease_s
+    from sluice.tasks.sqlite_outbox import SqliteOutbox
+
     deliverers: list[Deliverer] = []
-    with_offsets: list[tuple[str, str, Any]] = []  # (destination, topic, create_topic)
-    for slot, components in (("on_success", config.on_success),
-                             ("on_failure", config.on_failure)):
-        for i, component in enumerate(components):
-            name = f"{slot}.{i}.{component.type}"
-            if writes_with_offsets(config, component):
-                # Written by the source with its commits (rule 9 of the consumer loop).
-                with_offsets.append((name, component.config["topic"],
-                                     component.config.get("create_topic")))
-                continue
-            deliverers.append(Deliverer(config.name, Destination(name, component),
-                                        cast(Sink, _make("sink", component, ctx)), dead_letter,
-                                        db, store))
-    if with_offsets:
-        cast(ProducingSource, source).produce_to([(t, c) for _, t, c in with_offsets])
+    outboxed: list[Destination] = []
+    with_ack: list[tuple[Destination, str, Any]] = []  # (destination, topic, create_topic)
+    for destination in destinations(config):
+        component = destination.component
+        if writes_with_offsets(config, component):
+            # Written by the source with its commits (rule 9 of the consumer loop).
+            with_ack.append((destination, component.config["topic"],
+                             component.config.get("create_topic")))
+            continue
+        outboxed.append(destination)
+        outbox = SqliteOutbox(db, config.name, destination.label, outbox_lease_s(destination),
+                              legacy=(destination.legacy_name,))
+        deliverers.append(Deliverer(config.name, destination,
+                                    cast(Sink, _make("sink", component, ctx)), dead_letter,
+                                    outbox))
+    if with_ack:
+        cast(ProducingSource, source).produce_to([(t, c) for _, t, c in with_ack])
     return ConsumerLoop(
         config,
         source=source,
@@ -87,7 +95,7 @@ def build(config: PipelineConfig, data_dir: Path | None,
         dead_letter=dead_letter,
         worker_id=worker_id,
         deliverers=deliverers,
-        with_offsets=[(name, topic) for name, topic, _ in with_offsets],
+        results=ResultRouter(config, outboxed, [(d, t) for d, t, _ in with_ack]),
     )
 
 

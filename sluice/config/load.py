@@ -29,6 +29,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
 from sluice import registry
+from sluice.config.destinations import duplicate_labels
 from sluice.config.model import PIPELINE_SPEC, PipelineConfig, build_model
 from sluice.config.readfile import PIPELINE_FILE, read_yaml_file
 from sluice.config.yamlmarks import Marks, PathKey, load_marked
@@ -129,6 +130,7 @@ def parse_pipeline(text: str, file: str = "<string>", *,
     path = Path(file) if file != "<string>" else None
     issues.extend(_component_checks(doc, marks, path, check_code=check_code))
     issues.extend(_pipeline_checks(doc, marks))
+    issues.extend(duplicate_labels(doc, marks))
     if issues:
         raise ConfigError(issues)
     return build_model(doc, path, marks)

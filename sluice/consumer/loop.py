@@ -25,12 +25,13 @@ Invariants, in the order they happen to a message:
    cancel came through this process, else at the next lease extension.
 8. On stop: no new fetches; tasks in flight get ``timeout_s`` to finish; any still running are
    cancelled and handed back (their leases released, so another worker claims them at once).
-9. Results for Kafka destinations on a Kafka source's brokers go with the acknowledgement (a
-   :class:`~sluice.connectors.base.ProducingSource`), not through the outbox: the source writes
-   them before it commits the message's offset (in one transaction with it under
-   ``consumer.exactly_once``). A message whose task is already final (its end recorded, then a
-   crash before the commit) gets its result record made again from the task store, so the
-   result is written either way (exactly once under ``exactly_once``).
+9. Result records are routed by the pipeline's :class:`~sluice.consumer.results.ResultRouter`:
+   through the outbox (written with the attempt's end, rule 4), or with the acknowledgement
+   (a :class:`~sluice.connectors.base.ProducingSource` writes them before it commits the
+   message's offset; in one transaction with it under ``consumer.exactly_once``). A message
+   whose task is already final (its end recorded, then a crash before the commit) gets its
+   result record made again from the task store, so the result is written either way (exactly
+   once under ``exactly_once``).
 10. Under ``ordering: key`` or ``partition``, a lane's next task starts only once its
     predecessor's end is recorded (rule 4), not merely returned. A crash can then repeat only
     attempts that had started and whose end was not yet recorded, never a task that a later
@@ -54,14 +55,13 @@ from typing import TYPE_CHECKING, Any
 
 from sluice import metrics
 from sluice.config.model import PipelineConfig
-from sluice.connectors.base import Delivery, Output, ProducingSource, Sink, SinkRecord, Source
+from sluice.connectors.base import Delivery, Output, ProducingSource, Sink, Source
 from sluice.consumer.dispatcher import Dispatcher
 from sluice.consumer.limiter import Permit, Signal, make_limiter
+from sluice.consumer.results import ResultRouter
 from sluice.consumer.retry import RetryPolicy
-from sluice.datadir import QueuedMessage
 from sluice.handlers.base import Handler
 from sluice.message import Message, Outcome, decode_payload
-from sluice.sinks import record
 from sluice.tasks.state import TaskState
 from sluice.tasks.store import (
     Claim,
@@ -69,7 +69,6 @@ from sluice.tasks.store import (
     ClaimStatus,
     Completion,
     DeadLetter,
-    TaskRecord,
     TaskStore,
 )
 
@@ -118,7 +117,7 @@ class ConsumerLoop:
     def __init__(self, config: PipelineConfig, source: Source, store: TaskStore,
                  handler: Handler, dead_letter: Sink, *, worker_id: str | None = None,
                  deliverers: Sequence[Deliverer] = (),
-                 with_offsets: Sequence[tuple[str, str]] = ()) -> None:
+                 results: ResultRouter | None = None) -> None:
         self.config = config
         self.source = source
         self.store = store
@@ -127,22 +126,14 @@ class ConsumerLoop:
         self.owner = worker_id or uuid.uuid4().hex[:16]
         self.policy = RetryPolicy(config.consumer.retry)
         self.stats = LoopStats()
-        self.deliverers = list(deliverers)
-        slots = ((TaskState.SUCCEEDED, "on_success"), (TaskState.FAILED, "on_failure"))
-        self._outboxes = {
-            state: [(d.destination.name, d.outbox.q.queue) for d in self.deliverers
-                    if d.destination.name.startswith(slot + ".")]
-            for state, slot in slots
-        }
-        # Rule 9: the topics written with the source's commits, by final state.
+        self.deliverers = list(deliverers)  # they drain the outbox while the loop runs
+        self.results = results or ResultRouter(config)  # rule 9
         self._producing: ProducingSource | None = None
-        if with_offsets:
+        if self.results.writes_with_ack:
             if not isinstance(source, ProducingSource):
                 raise TypeError(f"pipeline {config.name!r}: the source cannot write results "
                                 "with its commits")
             self._producing = source
-        self._with_offsets = {state: [t for name, t in with_offsets
-                                    if name.startswith(slot + ".")] for state, slot in slots}
         self.limiter = make_limiter(config.name, config.consumer.limit_config)
         self.dispatcher: Dispatcher[tuple[Delivery, ClaimResult]] = Dispatcher(
             config.consumer.ordering,
@@ -273,7 +264,7 @@ class ConsumerLoop:
                 self.stats.skipped += 1
                 if self._producing is not None:
                     task = await self.store.get(delivery.task_id, self.config.name)
-                    self._settle(_Settle(delivery, outputs=self._stored_outputs(delivery, task)))
+                    self._settle(_Settle(delivery, outputs=self.results.stored(delivery, task)))
                 else:
                     self._settle(_Settle(delivery))
             elif claim.status == ClaimStatus.BUSY:
@@ -365,11 +356,10 @@ class ConsumerLoop:
                 return None, False, 0.0
         if outcome.status == "success":
             self.stats.succeeded += 1
-            body = self._record_body(delivery, claim, TaskState.SUCCEEDED, outcome)
+            outbox, outputs = self.results.route(delivery, claim, TaskState.SUCCEEDED, outcome)
             self._settle(_Settle(delivery, Completion(
                 delivery.task_id, TaskState.SUCCEEDED, outcome.result, outcome.result_type,
-                outbox=self._outbox(delivery, TaskState.SUCCEEDED, body)),
-                outputs=self._outputs(delivery, TaskState.SUCCEEDED, body)))
+                outbox=outbox), outputs=outputs))
             return outcome, False, 0.0
         reason = "" if outcome.error_type == "Reject" else "not retryable"
         if outcome.status == "retry":
@@ -391,48 +381,6 @@ class ConsumerLoop:
         retrying = await self._fail(delivery, claim, outcome, reason)
         return outcome, retrying, DEAD_LETTER_RETRY_S
 
-    def _record_body(self, delivery: Delivery, claim: ClaimResult, state: TaskState,
-                     outcome: Outcome, error_message: str | None = None) -> bytes | None:
-        """The result record of a task that ends in ``state`` now, if any destination takes
-        it (``None`` otherwise)."""
-        if not self._outboxes[state] and not self._with_offsets[state]:
-            return None
-        return record.encode(record.TaskOutcome(
-            self.config.name, self.config.tenant, delivery.task_id, str(state), claim.attempts,
-            delivery.key, delivery.body, delivery.content_type, outcome.result,
-            outcome.result_type, outcome.error_type, error_message or outcome.error_message,
-            claim.received_at, claim.queued_at, claim.started_at, time.time()))
-
-    def _outbox(self, delivery: Delivery, state: TaskState, body: bytes | None,
-                ) -> tuple[tuple[str, str, QueuedMessage], ...]:
-        """The result record for each outbox destination of this state (rule 1 of delivery)."""
-        targets = self._outboxes[state]
-        if not targets or body is None:
-            return ()
-        message = QueuedMessage(delivery.task_id, body, record.CONTENT_TYPE, delivery.key)
-        return tuple((name, queue, message) for name, queue in targets)
-
-    def _outputs(self, delivery: Delivery, state: TaskState,
-                 body: bytes | None) -> tuple[Output, ...]:
-        """The result record for each destination written with the offsets (rule 9)."""
-        topics = self._with_offsets[state]
-        if not topics or body is None:
-            return ()
-        sink_record = SinkRecord(delivery.task_id, body, record.CONTENT_TYPE, delivery.key)
-        return tuple([Output(topic, sink_record) for topic in topics])
-
-    def _stored_outputs(self, delivery: Delivery, task: TaskRecord) -> tuple[Output, ...]:
-        """Rule 9: the result record of a task already final, made again from the store."""
-        state = task.state
-        if state not in self._with_offsets or not self._with_offsets[state]:
-            return ()
-        body = record.encode(record.TaskOutcome(
-            self.config.name, self.config.tenant, delivery.task_id, str(state), task.attempts,
-            delivery.key, delivery.body, delivery.content_type, task.result, task.result_type,
-            task.error_type, task.error_message, task.received_at, task.queued_at,
-            task.started_at, task.finished_at or task.updated_at or time.time()))
-        return self._outputs(delivery, state, body)
-
     def _observe(self, status: str, duration_s: float) -> None:
         child = self._histograms.get(status)
         if child is None:
@@ -453,22 +401,11 @@ class ConsumerLoop:
 
     async def _fail(self, delivery: Delivery, claim: ClaimResult, outcome: Outcome,
                     reason: str) -> bool:
-        """Dead-letter and record FAILED; True if it must be retried (dead letter down)."""
-        attempts = claim.attempts
-        headers = {
-            **delivery.headers,
-            "sluice-pipeline": self.config.name,
-            "sluice-task-id": delivery.task_id,
-            "sluice-error-type": outcome.error_type or "",
-            "sluice-error-message": outcome.error_message or "",
-            "sluice-attempts": str(attempts),
-            "sluice-reason": reason or "rejected by the handler",
-            "sluice-failed-at": f"{time.time():.6f}",
-        }
-        record = SinkRecord(delivery.task_id, delivery.body, delivery.content_type,
-                            delivery.key, headers)
+        """Dead-letter and record FAILED (rule 5); True if it must be retried (dead letter
+        down)."""
+        letter = self.results.dead_letter(delivery, outcome, claim.attempts, reason)
         try:
-            await self.dead_letter.send([record])
+            await self.dead_letter.send([letter])
         except Exception as exc:
             log.error("task %s: the dead letter is unavailable (%s); retrying in %gs",
                       delivery.task_id, exc, DEAD_LETTER_RETRY_S)
@@ -482,14 +419,13 @@ class ConsumerLoop:
                     delivery.task_id, outcome.error_type, outcome.error_message,
                     reason or "rejected by the handler", _traceback_tail(outcome))
         message = f"{outcome.error_message} ({reason})" if reason else outcome.error_message
-        body = self._record_body(delivery, claim, TaskState.FAILED, outcome, message)
+        outbox, outputs = self.results.route(delivery, claim, TaskState.FAILED, outcome, message)
         self._settle(_Settle(delivery, Completion(
             delivery.task_id, TaskState.FAILED, error_type=outcome.error_type,
-            error_message=message, outbox=self._outbox(delivery, TaskState.FAILED, body),
-            error_traceback=outcome.traceback,
+            error_message=message, outbox=outbox, error_traceback=outcome.traceback,
             dead_letter=DeadLetter(delivery.body, delivery.content_type, delivery.key,
                                    dict(delivery.headers) or None)),
-            outputs=self._outputs(delivery, TaskState.FAILED, body)))
+            outputs=outputs))
         return False
 
     # -- recording and settling (group commit) -----------------------------------------------

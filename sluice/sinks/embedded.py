@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sluice import registry
+from sluice.config.destinations import label_field
 from sluice.connectors.base import SinkRecord
 from sluice.connectors.embedded import QueuedMessage, put_in
 from sluice.datadir import Database
@@ -16,6 +17,7 @@ from sluice.spec import REQUIRED, Field, ObjectSpec
 CONFIG = ObjectSpec(
     Field("queue", "string", "Queue to put records on.", default=REQUIRED,
           pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"),
+    label_field("queue"),
 )
 
 

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 
 from sluice import registry
+from sluice.config.destinations import label_field
 from sluice.connectors.base import SinkRecord
 from sluice.errors import DeliveryError
 from sluice.sinks.ssrf import (
@@ -51,7 +52,7 @@ URL_FIELDS = (
           "cloud-metadata address (refused by default: SSRF guard).", default=False),
 )
 
-CONFIG = ObjectSpec(*URL_FIELDS, *DELIVERY_FIELDS)
+CONFIG = ObjectSpec(*URL_FIELDS, label_field("url"), *DELIVERY_FIELDS)
 
 
 def retry_after_s(value: str | None) -> float | None:
@@ -70,8 +71,6 @@ def retry_after_s(value: str | None) -> float | None:
 
 
 class HttpSink:
-    content_type = "application/cloudevents+json"
-
     def __init__(self, url: str, headers: Mapping[str, str] | None = None, *,
                  timeout_s: float = 10.0, allow_link_local: bool = False) -> None:
         problems = url_problems(url, allow_link_local=allow_link_local)

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sluice import registry
+from sluice.config.destinations import label_field
 from sluice.connectors import kafka_client as kc
 from sluice.connectors.base import SinkRecord
 from sluice.errors import DeliveryError, SourceError
@@ -52,6 +53,7 @@ CONFIG = ObjectSpec(
           "through the durable outbox instead, with the retry keys below, a dead letter after "
           "max_attempts and a delivery status per task.", default=False),
     kc.extra_config_field(),
+    label_field("topic"),
     *DELIVERY_FIELDS,  # used under on_success / on_failure (the outbox's retries)
 )
 

@@ -2,6 +2,8 @@
 type ``sluice.task.succeeded`` or ``sluice.task.failed``. Its schema is
 ``schemas/result-record.schema.json``.
 
+A dead letter carries the headers of :func:`dead_letter_headers`, whatever failed.
+
 The request payload is inlined (JSON as JSON, anything else base64) up to
 ``MAX_INLINE_BYTES``; a larger one is referenced by its size and SHA-256 digest. A JSON body (or
 result) is embedded byte for byte when it is strict JSON (RFC 8259 in UTF-8), else inlined as
@@ -15,6 +17,8 @@ import base64
 import functools
 import hashlib
 import math
+import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -25,6 +29,7 @@ from sluice.message import is_json
 MAX_INLINE_BYTES = 256 * 1024
 CONTENT_TYPE = "application/cloudevents+json"
 TYPES = {"SUCCEEDED": "sluice.task.succeeded", "FAILED": "sluice.task.failed"}
+DEFAULT_DEAD_LETTER_REASON = "rejected by the handler"
 
 
 class TaskOutcome(NamedTuple):
@@ -123,3 +128,25 @@ def build(o: TaskOutcome) -> dict[str, Any]:
 def encode(o: TaskOutcome) -> bytes:
     """The record as compact JSON (UTF-8)."""
     return orjson.dumps(build(o))
+
+
+def dead_letter_headers(headers: Mapping[str, str], *, pipeline: str, task_id: str,
+                        attempts: int, reason: str, error_type: str | None,
+                        error_message: str | None, destination: str | None = None,
+                        failed_at: float | None = None) -> dict[str, str]:
+    """``headers`` with why a record is a dead letter: a task that failed for good (its
+    message), or a result record whose delivery failed for good (``destination``: the label
+    of that destination). One set of names for both."""
+    out = {
+        **headers,
+        "sluice-pipeline": pipeline,
+        "sluice-task-id": task_id,
+        "sluice-error-type": error_type or "",
+        "sluice-error-message": error_message or "",
+        "sluice-attempts": str(attempts),
+        "sluice-reason": reason or DEFAULT_DEAD_LETTER_REASON,
+        "sluice-failed-at": f"{time.time() if failed_at is None else failed_at:.6f}",
+    }
+    if destination is not None:
+        out["sluice-destination"] = destination
+    return out

@@ -14,6 +14,7 @@ from typing import Any
 from standardwebhooks import Webhook
 
 from sluice import registry
+from sluice.config.destinations import label_field
 from sluice.connectors.base import SinkRecord
 from sluice.sinks.http import DELIVERY_FIELDS, URL_FIELDS, HttpSink
 from sluice.sinks.ssrf import check_url_config
@@ -23,6 +24,7 @@ CONFIG = ObjectSpec(
     *URL_FIELDS,
     Field("secret_env", "string", "Name of the environment variable holding the signing "
           "secret (whsec_...).", default=REQUIRED, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$"),
+    label_field("url"),
     *DELIVERY_FIELDS,
 )
 

@@ -24,6 +24,7 @@ from sluice.tasks.store import (
     DeadLetter,
     DeadLetterRecord,
     NewTask,
+    OutboxEntry,
     StoredPipeline,
     TaskRecord,
 )
@@ -61,12 +62,22 @@ def create_in(conn: sqlite3.Connection, pipeline: str, tenant: str, tasks: Seque
     return out
 
 
-def put_outbox(conn: sqlite3.Connection,
-               entries: Sequence[tuple[str, str, QueuedMessage]], now: float) -> None:
-    """Enqueue a completion's outbox entries, (destination, queue, message), in ``conn``'s
-    transaction."""
-    for _, queue, message in entries:
-        put_in(conn, queue, [message], now)
+OUTBOX_PREFIX = "sluice.outbox."
+
+
+def outbox_queue(pipeline: str, destination: str) -> str:
+    """The embedded queue that holds the outbox of one destination (by its label)."""
+    return f"{OUTBOX_PREFIX}{pipeline}.{destination}"
+
+
+def put_outbox(conn: sqlite3.Connection, entries: Sequence[OutboxEntry], now: float) -> None:
+    """Enqueue a completion's outbox entries in ``conn``'s transaction: each on the embedded
+    queue of its destination (:func:`outbox_queue`)."""
+    for e in entries:
+        r = e.record
+        put_in(conn, outbox_queue(e.pipeline, e.destination),
+               [QueuedMessage(r.task_id, r.body, r.content_type, r.key, dict(r.headers) or None)],
+               now)
 
 
 _COMPLETE = (
@@ -279,8 +290,8 @@ class SqliteTaskStore:
                     put_dead_letter_in(conn, pipeline, done.task_id, done.dead_letter, now)
                 if done.outbox:
                     put_outbox(conn, done.outbox, now)
-                    pending = {dest: {"state": "pending", "at": now, "attempts": 0}
-                               for dest, _, _ in done.outbox}
+                    pending = {e.destination: {"state": "pending", "at": now, "attempts": 0}
+                               for e in done.outbox}
                     conn.execute("UPDATE tasks SET delivered = ? WHERE pipeline = ? AND"
                                  " task_id = ?", (json.dumps(pending), pipeline, done.task_id))
                 out.append(done.state)

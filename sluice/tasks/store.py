@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from sluice.datadir import QueuedMessage
+from sluice.connectors.base import SinkRecord
 from sluice.tasks.state import TaskState
 
 
@@ -132,11 +132,60 @@ class Completion:
     result_type: str | None = None
     error_type: str | None = None
     error_message: str | None = None
-    # Messages to enqueue in the same transaction as this completion, only if it is written
-    # (the transactional outbox of result deliveries): (destination, queue, message).
-    outbox: tuple[tuple[str, str, QueuedMessage], ...] = ()
+    # Result records to put in the outbox in the same transaction as this completion, only if
+    # it is written (the transactional outbox of result deliveries: :class:`Outbox`).
+    outbox: tuple[OutboxEntry, ...] = ()
     error_traceback: str | None = None
     dead_letter: DeadLetter | None = None  # a FAILED task's message, kept for a replay
+
+
+@dataclass(slots=True)  # never changed once made (frozen: a 5x slower init, per message)
+class OutboxEntry:
+    """A result record for one destination of a pipeline, put in the outbox with its task's
+    completion (:attr:`Completion.outbox`)."""
+
+    pipeline: str
+    destination: str  # the destination's label (sluice.config.destinations)
+    record: SinkRecord
+
+
+@dataclass(slots=True)
+class OutboxItem:
+    """An outbox entry taken for delivery: leased to its taker until settled."""
+
+    destination: str  # the name it waited under: its key in the task's ``delivered`` map
+    record: SinkRecord
+    attempts: int  # delivery attempts, this one included
+    enqueued_at: float | None = None
+    ref: Any = None  # the store's own handle
+
+
+class Outbox(Protocol):
+    """The result records waiting for one destination of one pipeline (its entries come in
+    with :meth:`TaskStore.complete`). Each settlement also writes the task's delivery status
+    (``TaskRecord.delivered``) in the same transaction."""
+
+    async def take(self, max_n: int, wait_s: float) -> list[OutboxItem]:
+        """Up to ``max_n`` entries due now, waiting up to ``wait_s`` for the first one; each
+        is leased (not handed out again) until settled or its lease ends."""
+        ...
+
+    async def delivered(self, items: Sequence[OutboxItem]) -> None:
+        """Remove these, delivered (status ``delivered``)."""
+        ...
+
+    async def retry_later(self, item: OutboxItem, delay_s: float, error: str | None) -> None:
+        """Hand ``item`` out again after ``delay_s``; with ``error``, status ``pending`` with
+        that error (``None``: status unchanged)."""
+        ...
+
+    async def failed(self, item: OutboxItem, error: str) -> None:
+        """Remove ``item``, given up (sent to the dead letter; status ``failed``)."""
+        ...
+
+    async def pending(self) -> int:
+        """Entries not yet removed (due, delayed or leased)."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

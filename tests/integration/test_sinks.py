@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import os
 import time
@@ -137,7 +138,9 @@ on_failure: [{{webhook: {{url: "{receiver.url}", secret_env: HOOK_SECRET}}}}]
     with pytest.raises(Exception, match="signature"):
         hook.verify(tampered, receiver.got[0][0])
     task = await SqliteTaskStore(Database.open(data_dir)).get("t0", "jobs")
-    delivery = task.to_json()["deliveries"]["on_success.0.webhook"]
+    # A destination's default label: slot, type and a digest of its URL (never the URL).
+    label = f"on_success:webhook:{hashlib.sha256(receiver.url.encode()).hexdigest()[:12]}"
+    delivery = task.to_json()["deliveries"][label]
     assert (delivery["state"], delivery["attempts"]) == ("delivered", 1)
 
 
@@ -162,7 +165,7 @@ on_success:
         in_flight.append(len(deliverer._in_flight))
         await asyncio.sleep(0.5)
     assert loop.stats.succeeded == total  # handlers were not held up by the dead destination
-    assert await deliverer.pending() == total  # every record waits, durably, in the outbox
+    assert await deliverer.outbox.pending() == total  # every record waits, durably, in the outbox
     assert max(in_flight) <= deliverer.concurrency  # bounded: the rest stays on disk
     await receiver.start()
     try:
@@ -177,7 +180,7 @@ on_success:
     counts = Counter(r["id"] for r in receiver.records())
     assert set(counts) == set(ids)
     assert max(counts.values()) == 1  # each arrived once: nothing was acknowledged earlier
-    assert await deliverer.pending() == 0
+    assert await deliverer.outbox.pending() == 0
     print(f"\nRSS while the destination was down: {min(rss_mb):.1f}-{max(rss_mb):.1f} MiB "
           f"({total} records waiting, at most {max(in_flight)} in memory)")
 
@@ -212,10 +215,12 @@ on_success: [{{http: {{url: "{receiver.url}", initial_backoff_s: 0.01}}}}]
     assert dl.task_id == "b0"
     assert dl.headers["sluice-reason"] == "delivery failed: permanent error"
     assert "HTTP 422" in dl.headers["sluice-error-message"]
+    label = f"on_success:http:{hashlib.sha256(receiver.url.encode()).hexdigest()[:12]}"
+    assert (dl.headers["sluice-destination"], dl.headers["sluice-task-id"]) == (label, "b0")
     assert json.loads(dl.body)["type"] == "sluice.task.succeeded"  # the record itself
     task = await SqliteTaskStore(Database.open(data_dir)).get("b0", "jobs")
     assert task.state == "SUCCEEDED"  # the task itself did succeed
-    assert task.to_json()["deliveries"]["on_success.0.http"]["state"] == "failed"
+    assert task.to_json()["deliveries"][label]["state"] == "failed"
 
 
 def test_ssrf_and_malformed_urls_are_refused_at_validate_time(

@@ -11,6 +11,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+from sluice import dead_letters
 from sluice.sinks import record
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[2] / "schemas"
@@ -56,3 +57,21 @@ def test_times_are_written_as_datetime_isoformat_writes_them() -> None:
     for at in stamps:
         expected = datetime.fromtimestamp(at, UTC).isoformat().replace("+00:00", "Z")
         assert record._iso(at) == expected, at
+
+
+def test_dead_letter_headers_say_why_with_one_set_of_names() -> None:
+    """One function makes the headers of every dead letter: a task's message (failed for good)
+    and a result record (its delivery failed for good), which also names the destination."""
+    task = record.dead_letter_headers(
+        {"trace": "abc", "sluice-reason": "stale"}, pipeline="orders", task_id="t1",
+        attempts=2, reason="", error_type="Reject", error_message="no", failed_at=1.5)
+    assert task == {"trace": "abc", "sluice-pipeline": "orders", "sluice-task-id": "t1",
+                    "sluice-error-type": "Reject", "sluice-error-message": "no",
+                    "sluice-attempts": "2", "sluice-reason": "rejected by the handler",
+                    "sluice-failed-at": "1.500000"}
+    result = record.dead_letter_headers(
+        {}, pipeline="orders", task_id="t1", attempts=10, reason="delivery failed: max_attempts",
+        error_type="DeliveryError", error_message="HTTP 503", destination="on_success:http:x")
+    assert set(result) == (set(task) - {"trace"}) | {"sluice-destination"}
+    # A replay of a dead-lettered task starts without them.
+    assert set(task) - {"trace"} <= set(dead_letters._FAILURE_HEADERS)
