@@ -207,6 +207,7 @@ class Registry:
         self._group = entry_point_group
         self._components: dict[tuple[str, str], ComponentSpec] = {}
         self._loaded = False
+        self._loading = False
         self.generation = 0  # bumped by each registration (caches keyed on it go stale)
 
     def register(self, spec: ComponentSpec) -> ComponentSpec:
@@ -215,15 +216,20 @@ class Registry:
         return spec
 
     def load(self) -> None:
-        """Import the built-in modules, then the entry points (once; rules 1-3)."""
-        if self._loaded:
+        """Import the built-in modules, then the entry points (rules 1-3): once it succeeded;
+        a failed load is tried again (and fails the same way) at the next use."""
+        if self._loaded or self._loading:  # a component asking the registry while it loads
             return
-        self._loaded = True
-        for module in self._modules:
-            self.load_module(module)
-        if self._group is not None:
-            for entry in metadata.entry_points(group=self._group):
-                self.load_entry_point(entry)
+        self._loading = True
+        try:
+            for module in self._modules:
+                self.load_module(module)
+            if self._group is not None:
+                for entry in metadata.entry_points(group=self._group):
+                    self.load_entry_point(entry)
+            self._loaded = True
+        finally:
+            self._loading = False
 
     def load_module(self, name: str) -> None:
         importlib.import_module(name)
