@@ -33,7 +33,7 @@ from sluice.cli_common import (
     say,
     table,
 )
-from sluice.errors import TaskNotFound
+from sluice.errors import SluiceError, TaskNotFound
 from sluice.tasks.state import TaskState
 from sluice.tasks.store import TaskRecord
 
@@ -111,7 +111,6 @@ def _submit_local(pipeline: str, files: Sequence[Path], bodies: list[bytes],
                   task_id: str | None, key: str | None, delay_s: float, data_dir: Path) -> None:
     from sluice import intake
     from sluice.datadir import Database, QueuedMessage
-    from sluice.tasks.sqlite import get_in
 
     configs = guarded(lambda: load_all(files, check_code=False))
     config = next((c for c in configs if c.name == pipeline), None)
@@ -132,14 +131,21 @@ def _submit_local(pipeline: str, files: Sequence[Path], bodies: list[bytes],
     for message, record in zip(messages, created, strict=True):
         if record is None:
             refused = True
-            existing = db.read_sync(functools.partial(get_in, task_id=message.task_id,
-                                                      pipeline=config.name))
-            state = existing[0].state if existing else "?"
+            state = _state_of(data_dir, config.name, message.task_id)
             err.print(f"error: task id {message.task_id!r} is already used in pipeline "
                       f"{config.name!r} (state {state}); not submitted again", soft_wrap=True)
         else:
             click.echo(message.task_id)
     sys.exit(2 if refused else 0)
+
+
+def _state_of(data_dir: Path, pipeline: str, task_id: str) -> str:
+    """The state of a task of the local store ("?" if it cannot be had)."""
+    store = local_store(data_dir, create=True)
+    try:
+        return str(asyncio.run(store.get(task_id, pipeline)).state)
+    except SluiceError:
+        return "?"
 
 
 # -- tasks ----------------------------------------------------------------------------------

@@ -30,15 +30,14 @@ from sluice import intake, metrics
 from sluice.config.model import PipelineConfig
 from sluice.consumer.loop import ConsumerLoop
 from sluice.datadir import QueuedMessage
-from sluice.errors import IllegalTransition, SourceError, TaskNotFound
+from sluice.errors import IllegalTransition, Misconfigured, SourceError, TaskNotFound
 from sluice.gateway import dead_letters, problems
 from sluice.gateway.auth import ADMIN, KeyRing, Principal
 from sluice.gateway.submitter import SubmitBatcher
 from sluice.intake import Intake
 from sluice.message import is_json
-from sluice.tasks.sqlite import SqliteTaskStore
 from sluice.tasks.state import TaskState
-from sluice.tasks.store import TaskRecord
+from sluice.tasks.store import TaskRecord, TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ class Gateway:
     """What the routes work on: the served pipelines, the store, and this process's loops."""
 
     pipelines: dict[str, PipelineConfig]
-    store: SqliteTaskStore
+    store: TaskStore
     batcher: SubmitBatcher
     keys: KeyRing | None = None
     loops: dict[str, ConsumerLoop] = field(default_factory=dict)
@@ -120,8 +119,21 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
                                 f"{request.method} is not allowed on {request.path}",
                                 headers={"Allow": ", ".join(sorted(exc.allowed_methods))})
     except SourceError as exc:
-        log.warning("store unavailable: %s", exc)
-        return problems.unavailable(f"the task store is unavailable: {exc}")
+        return source_problem(exc)
+
+
+def source_problem(exc: SourceError) -> web.Response:
+    """A source's or the store's refusal as a problem: a transient one 503 with Retry-After
+    (the same request may succeed later), a permanent one 422 (it never will)."""
+    if exc.retriable:
+        log.warning("unavailable: %s", exc)
+        retry_after_s = max(1, math.ceil(exc.retry_after_s or 1))
+        return problems.unavailable(f"unavailable, retry later: {exc}", retry_after_s)
+    if isinstance(exc, Misconfigured):
+        return problems.problem(422, "misconfigured", "Misconfigured",
+                                f"refused by the configuration, retrying will not help: {exc}")
+    return problems.problem(422, "unsupported", "Not supported",
+                            f"not supported, retrying will not help: {exc}")
 
 
 @web.middleware
@@ -342,7 +354,7 @@ async def readyz(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     problems_found = []
     try:
-        await gw.store.db.read(lambda c: c.execute("SELECT 1").fetchone())
+        await gw.store.ping()
     except Exception as exc:
         problems_found.append(f"task store: {exc}")
     for name, loop in gw.loops.items():
