@@ -182,7 +182,11 @@ class Database:
         self.path = path
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-db")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise Misconfigured(f"cannot make the data directory {path.parent}: "
+                                f"{exc.strerror or exc}") from exc
         busy_ms = int(os.environ.get("SLUICE_SQLITE_BUSY_TIMEOUT_MS", "30000"))
         with map_sqlite_errors(path):
             self._conn = sqlite3.connect(

@@ -72,6 +72,12 @@ def test_a_file_that_is_not_a_database_is_misconfigured(data_dir: Path) -> None:
     assert "sluice.db" in str(caught.value)
 
 
+def test_a_data_directory_that_cannot_be_made_is_misconfigured(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(Misconfigured, match=r"cannot make the data directory .*file/data"):
+        Database.open(tmp_path / "file" / "data")
+
+
 def test_errors_of_the_sql_itself_are_not_mapped(data_dir: Path) -> None:
     db = Database.open(data_dir)
 
@@ -184,6 +190,26 @@ def test_cli_exit_codes_say_whether_to_retry() -> None:
     assert _exit_code(ConfigError([ConfigIssue("p.yaml", 1, 1, "", "bad")]), code=1) == 2
     assert _exit_code(TaskNotFound("t")) == 2
     assert _exit_code(SluiceError("other"), code=1) == 1
+
+
+def test_cli_exits_1_while_the_database_is_locked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sluice.cli import cli
+
+    monkeypatch.setenv("SLUICE_SQLITE_BUSY_TIMEOUT_MS", "50")
+    file = tmp_path / "untracked.yaml"
+    file.write_text(UNTRACKED, encoding="utf-8")
+    db = Database.open(tmp_path / "data")
+    locker = sqlite3.connect(db.path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        result = CliRunner().invoke(cli, ["pipelines", "pause", "untracked", "-f", str(file),
+                                          "--data-dir", str(tmp_path / "data")])
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    assert result.exit_code == 1, result.output
+    assert "database is locked" in result.output and "Traceback" not in result.output
 
 
 def test_cli_submit_to_a_pipeline_that_does_not_track_tasks_exits_2(tmp_path: Path) -> None:
