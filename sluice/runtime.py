@@ -67,7 +67,7 @@ def build(config: PipelineConfig, data_dir: Path | None,
     from sluice.config.destinations import destinations
     from sluice.consumer.results import ResultRouter
     from sluice.sinks.delivery import outbox_lease_s
-    from sluice.tasks.sqlite_outbox import SqliteOutbox
+    from sluice.tasks.sqlite_outbox import SqliteOutbox, stranded_in
 
     deliverers: list[Deliverer] = []
     outboxed: list[Destination] = []
@@ -87,6 +87,12 @@ def build(config: PipelineConfig, data_dir: Path | None,
                                     outbox))
     if with_ack:
         cast(ProducingSource, source).produce_to([(t, c) for _, t, c in with_ack])
+    taken = {name for d in outboxed for name in (d.label, d.legacy_name)}
+    for name, count in db.read_sync(lambda c: stranded_in(c, config.name, taken)).items():
+        log.warning("pipeline %r: %d result record(s) wait in the outbox %r, which no "
+                    "destination takes now (its target changed?); to deliver them, give the "
+                    "destination that should take them label: %s", config.name, count, name,
+                    name)
     return ConsumerLoop(
         config,
         source=source,

@@ -10,8 +10,9 @@ a task's ``deliveries``. So a label must not depend on where the entry stands in
    topic, a queue) — that value itself when it is a plain name (``[A-Za-z0-9_.-]``, up to 64
    characters), else the first 12 hex digits of its SHA-256 (a URL may hold a secret, and a
    label is shown in the task API). Reordering entries, inserting one, or changing a retry
-   setting leaves every label as it was; changing the target makes a new destination (declare
-   the old ``label`` to keep its waiting records).
+   setting leaves every label as it was; changing the target makes a new destination (records
+   still waiting under the old label are reported when the pipeline starts; declaring the old
+   ``label`` delivers them).
 2. Labels are unique within a pipeline; a duplicate is a load error naming both entries.
 3. Before labels, a destination was named by its position, ``<slot>.<index>.<type>``
    (:attr:`Destination.legacy_name`). Records still waiting under that name are delivered by

@@ -10,13 +10,16 @@ Invariants:
    taken first, until that queue is found empty once; each keeps its old name as its status
    key (where its task's ``pending`` status was written). After that only the label's queue
    is read.
+4. An outbox of a pipeline that no destination takes any more (its target changed, so its
+   default label did) is reported by :func:`stranded_in`, never read or deleted: declaring
+   its name as a destination's ``label`` delivers its records.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from sluice.connectors.base import Delivery, SinkRecord
 from sluice.connectors.embedded import EmbeddedSource
@@ -25,6 +28,29 @@ from sluice.tasks.sqlite import outbox_queue, record_deliveries_in
 from sluice.tasks.store import OutboxItem
 
 POLL_INTERVAL_S = 0.05
+SLOT_PREFIXES = ("on_success", "on_failure")  # how default labels and positional names start
+COUNT_UP_TO = 1_000_000  # a stranded outbox's records are counted up to this many
+
+
+def stranded_in(conn: sqlite3.Connection, pipeline: str,
+                taken: Collection[str]) -> dict[str, int]:
+    """Rule 4: the outboxes of ``pipeline`` with records waiting whose names (a default label
+    or a positional name) are not in ``taken``, with their record counts. One index seek per
+    outbox (the queues are walked in order, not scanned)."""
+    prefix = outbox_queue(pipeline, "")
+    out: dict[str, int] = {}
+    after = prefix
+    while True:
+        row = conn.execute("SELECT queue FROM messages WHERE queue > ? AND queue < ?"
+                           " ORDER BY queue LIMIT 1", (after, prefix + "\U0010ffff")).fetchone()
+        if row is None:
+            return out
+        after = str(row[0])
+        name = after[len(prefix):]
+        if name.startswith(SLOT_PREFIXES) and name not in taken:
+            (count,) = conn.execute("SELECT COUNT(*) FROM (SELECT 1 FROM messages WHERE"
+                                    " queue = ? LIMIT ?)", (after, COUNT_UP_TO)).fetchone()
+            out[name] = int(count)
 
 
 class SqliteOutbox:

@@ -124,6 +124,32 @@ async def test_records_waiting_under_a_positional_name_are_delivered(data_dir: P
     assert await deliveries(data_dir, ids) == [{legacy: "delivered"}] * len(ids)
 
 
+async def test_a_changed_target_is_reported_and_its_label_delivers_its_records(
+        data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A destination whose URL changed has a new default label: the records waiting under
+    the old one are reported at start, and declaring the old label delivers them."""
+    old, new = Receiver(free_port()), Receiver(free_port())
+    first = build(parse_pipeline(HEAD + "on_success:\n" + http(old.url)), data_dir)
+    (label,) = [d.destination.label for d in first.deliverers]
+    ids = submit(data_dir, [{"i": i} for i in range(3)])
+    await run_until_succeeded(first, len(ids))
+    with caplog.at_level("WARNING", logger="sluice.runtime"):
+        build(parse_pipeline(HEAD + "on_success:\n" + http(new.url)), data_dir)
+    assert (f"pipeline 'jobs': 3 result record(s) wait in the outbox {label!r}, which no "
+            "destination takes now") in caplog.text
+    assert f"label: {label}" in caplog.text
+    relabelled = (HEAD + "on_success:\n"
+                  + f'  - http: {{url: "{new.url}", label: "{label}", {RETRIES}}}\n')
+    await new.start()
+    try:
+        await asyncio.wait_for(build(parse_pipeline(relabelled), data_dir).run(
+            asyncio.Event(), drain=True), 60)
+    finally:
+        await new.stop()
+    assert sorted({r["id"] for r in new.records()}) == sorted(ids)
+    assert outbox_rows(data_dir) == {}
+
+
 def test_default_labels_do_not_depend_on_position() -> None:
     first = parse_pipeline(HEAD + "on_success:\n" + http("https://example.com/a?token=s3cret")
                            + "  - embedded: {queue: results}\n")
