@@ -14,16 +14,17 @@ import pytest
 
 from sluice.config.destinations import destinations
 from sluice.config.load import parse_pipeline
-from sluice.connectors.base import Delivery
+from sluice.connectors.base import Delivery, SinkRecord
 from sluice.consumer.loop import ConsumerLoop
 from sluice.consumer.results import ResultRouter
 from sluice.datadir import Database
 from sluice.errors import ConfigError
 from sluice.message import Outcome
 from sluice.runtime import build
-from sluice.tasks.sqlite import SqliteTaskStore
+from sluice.tasks.sqlite import SqliteTaskStore, put_outbox
+from sluice.tasks.sqlite_outbox import SqliteOutbox
 from sluice.tasks.state import TaskState
-from sluice.tasks.store import ClaimResult, ClaimStatus
+from sluice.tasks.store import ClaimResult, ClaimStatus, NewTask, OutboxEntry
 from tests.helpers.server import free_port
 from tests.integration.test_sinks import Receiver, submit
 
@@ -216,3 +217,44 @@ on_failure:
                                                      error_message="no"), 3, "")
     assert letter.headers["sluice-reason"] == "rejected by the handler"
     assert letter.headers["sluice-attempts"] == "3"
+
+
+async def test_the_sqlite_outbox_settles_with_the_status_and_drains_old_names_first(
+        data_dir: Path) -> None:
+    """The Outbox protocol on SQLite: entries taken are leased; a removal writes the task's
+    delivery status with it; a retry comes back after its delay; entries under a positional
+    name from before labels are taken first and keep that name."""
+    db = Database.open(data_dir)
+    store = SqliteTaskStore(db)
+    await store.create("jobs", "default", [NewTask("a"), NewTask("b"), NewTask("c")], 1.0)
+    record = SinkRecord("a", b"{}", "application/cloudevents+json")
+
+    def put(conn: sqlite3.Connection) -> None:
+        put_outbox(conn, [OutboxEntry("jobs", "on_success.0.http",
+                                      SinkRecord("c", b"{}", "application/json"))], time.time())
+        put_outbox(conn, [OutboxEntry("jobs", "done", record),
+                          OutboxEntry("jobs", "done", SinkRecord("b", b"[]", "x/y"))],
+                   time.time())
+
+    db.run_sync(put)
+    outbox = SqliteOutbox(db, "jobs", "done", lease_s=30.0, legacy=["on_success.0.http"])
+    assert await outbox.pending() == 3
+    (old,) = await outbox.take(10, 0.0)  # the positional name's entry first, alone
+    assert (old.destination, old.record.task_id, old.attempts) == ("on_success.0.http", "c", 1)
+    await outbox.failed(old, "HTTP 410 (permanent error)")
+    first, second = await outbox.take(10, 0.0)
+    assert [i.destination for i in (first, second)] == ["done", "done"]
+    assert (first.record.task_id, first.record.body, first.record.key) == ("a", b"{}", None)
+    assert await outbox.take(10, 0.0) == []  # leased
+    await outbox.retry_later(second, 0.2, "HTTP 503")
+    await outbox.delivered([first])
+    assert await outbox.pending() == 1
+    (again,) = await outbox.take(10, 5.0)  # back after its delay
+    assert (again.record.task_id, again.attempts) == ("b", 2)
+    statuses = {t: (await store.get(t, "jobs")).delivered for t in "abc"}
+    assert {t: {k: v["state"] for k, v in (s or {}).items()} for t, s in statuses.items()} == {
+        "a": {"done": "delivered"}, "b": {"done": "pending"},
+        "c": {"on_success.0.http": "failed"}}
+    assert (statuses["b"] or {})["done"]["error"] == "HTTP 503"
+    await outbox.retry_later(again, 0.0, None)  # no error: the status stays as it was
+    assert (await store.get("b", "jobs")).delivered == statuses["b"]
