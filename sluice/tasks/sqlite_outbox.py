@@ -10,9 +10,10 @@ Invariants:
    taken first, until that queue is found empty once; each keeps its old name as its status
    key (where its task's ``pending`` status was written). After that only the label's queue
    is read.
-4. An outbox of a pipeline that no destination takes any more (its target changed, so its
-   default label did) is reported by :func:`stranded_in`, never read or deleted: declaring
-   its name as a destination's ``label`` delivers its records.
+4. An outbox under a default label or a positional name that no destination of its pipeline
+   takes any more (a target changed, so its default label did) is reported by
+   :func:`stranded_in`, never read or deleted: declaring its name as a destination's
+   ``label`` delivers its records.
 """
 
 from __future__ import annotations
