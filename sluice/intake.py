@@ -6,7 +6,7 @@ message put on the pipeline's source, by the submitter the source's spec provide
 Rules:
 
 1. Only a source with the ``submit`` capability takes submits; a delay only a source with
-   ``delayed_redelivery``. Both are refused (a :class:`~sluice.errors.SourceError`) before
+   ``delayed_redelivery``. Both are refused (:class:`~sluice.errors.Unsupported`) before
    anything is written; a front end checks them first (:func:`submittable`, :func:`delays`) to
    say so in its own terms (an HTTP problem, a CLI option).
 2. A pipeline's submitter is made at its first submit and kept until :meth:`Intake.close`.
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from sluice import registry
 from sluice.config.model import PipelineConfig
 from sluice.datadir import Database, QueuedMessage
-from sluice.errors import SourceError
+from sluice.errors import Unsupported
 from sluice.registry import Capability, Submission
 from sluice.tasks.store import TaskRecord
 
@@ -79,10 +79,10 @@ class Intake:
         kind = config.source.type
         spec = registry.get("source", kind)
         if not spec.can(Capability.SUBMIT) or spec.submitter is None:
-            raise SourceError(f"pipeline {config.name!r}: submitting to a {kind!r} source is "
+            raise Unsupported(f"pipeline {config.name!r}: submitting to a {kind!r} source is "
                               f"not supported; only to {' and '.join(submittable_sources())}")
         if delay_s and not spec.can(Capability.DELAYED_REDELIVERY):
-            raise SourceError(f"a {kind} source has no delayed delivery: submit without a "
+            raise Unsupported(f"a {kind} source has no delayed delivery: submit without a "
                               "delay")
         submitter = self._submitters.get(config.name)
         if submitter is None:

@@ -15,8 +15,8 @@ import pytest
 from sluice import intake, registry, runtime
 from sluice.config.load import parse_pipeline, pipeline_schema
 from sluice.connectors.base import Delivery
-from sluice.datadir import Database
-from sluice.errors import ConfigError, SluiceError
+from sluice.datadir import Database, QueuedMessage
+from sluice.errors import ConfigError, SluiceError, Unsupported
 from sluice.registry import Capability, ComponentSpec, Registry
 from sluice.spec import Field, ObjectSpec
 from sluice.tasks.sqlite import SqliteTaskStore
@@ -217,3 +217,26 @@ def test_the_loader_says_what_a_source_cannot_do_from_its_capabilities() -> None
         "are committed in the results' transaction); this source is toy",
         "toys.yaml:4:45: consumer.track_tasks: track_tasks: false needs a kafka source (its "
         "committed offsets record what is finished); this source is toy"]
+
+
+def test_the_submit_service_refuses_what_the_source_cannot_do(tmp_path: Path) -> None:
+    db = Database.open(tmp_path)
+    kafka = parse_pipeline('name: k\nsource: {kafka: {brokers: "h:1", topic: t}}\n'
+                           'handler: {python: "tests.helpers.handlers:echo"}\n')
+    embedded = parse_pipeline("name: e\nsource: {embedded: {queue: q}}\n"
+                              'handler: {python: "tests.helpers.handlers:echo"}\n')
+    message = QueuedMessage("t-1", b"{}")
+    with pytest.raises(Unsupported, match="a kafka source has no delayed delivery"):
+        asyncio.run(intake.submit(db, kafka, [message], delay_s=5))
+    (created,) = asyncio.run(intake.submit(db, embedded, [message], delay_s=5))
+    assert created is not None and created.state == TaskState.QUEUED
+    assert asyncio.run(intake.submit(db, embedded, [message])) == [None]  # the id is used
+    reg = Registry(entry_point_group=None)
+    reg.register(TOY)
+    with registry.using(reg):
+        toys = parse_pipeline(TOY_PIPELINE)
+        with pytest.raises(Unsupported, match=r"pipeline 'toys': submitting to a 'toy' source "
+                           r"is not supported; only to embedded and kafka"):
+            asyncio.run(intake.submit(db, toys, [message]))
+    found = asyncio.run(SqliteTaskStore(db).find("t-1"))  # none made by the refusals
+    assert [(r.pipeline, r.state) for r in found] == [("e", TaskState.QUEUED)]
