@@ -251,7 +251,7 @@ on_success: [{{kafka: {{topic: {results}, outbox: {str(outbox).lower()}}}}}]
                 == kt.written_ends(source_topic))
         task = await loop.store.get("r3", "results")
         states = {name: d["state"] for name, d in (task.delivered or {}).items()}
-        assert states == ({"on_success.0.kafka": "delivered"} if outbox else {})
+        assert states == ({f"on_success:kafka:{results}": "delivered"} if outbox else {})
     finally:
         kt.delete_topics(source_topic, results)
 
