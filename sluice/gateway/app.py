@@ -206,6 +206,9 @@ async def submit_task(request: web.Request, pipeline: str | None = None) -> web.
         (created,) = await gw.intake.submit(config, [message], delay_s=delay_s,
                                             received_at=time.time())
     except SourceError as exc:
+        if not exc.retriable:  # refused for good (e.g. a pipeline that tracks no tasks): a 4xx
+            metrics.SUBMITS.labels(name, "refused").inc()
+            return source_problem(exc)
         metrics.SUBMITS.labels(name, "unavailable").inc()
         return problems.unavailable(f"the queue is unavailable; nothing was submitted: {exc}")
     url = status_url(config.name, tid)

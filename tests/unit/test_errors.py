@@ -150,8 +150,6 @@ async def test_the_api_answers_by_kind(exc: SourceError, status: int, slug: str,
         assert str(exc) in body["detail"]
 
 
-@pytest.mark.xfail(strict=True, reason="submit_task answers every SourceError 503; it must let "
-                   "a permanent one (not retriable) reach errors_middleware")
 async def test_a_submit_to_a_pipeline_that_does_not_track_tasks_is_refused_for_good(
         data_dir: Path) -> None:
     """A permanent refusal, not a 503: a client that retries 503s would loop forever."""
