@@ -179,7 +179,7 @@ def reference() -> None:
     """Print the reference of every key and command (docs/reference.md is this output)."""
     from sluice.reference import render
 
-    click.echo(render(), nl=False)
+    click.echo(render(cli), nl=False)
 
 
 # -- serve ---------------------------------------------------------------------------------

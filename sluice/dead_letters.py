@@ -25,8 +25,7 @@ from dataclasses import dataclass
 
 from sluice import intake
 from sluice.config.model import PipelineConfig
-from sluice.connectors.embedded import QueuedMessage
-from sluice.datadir import Database
+from sluice.datadir import Database, QueuedMessage
 from sluice.tasks.sqlite import SqliteTaskStore
 from sluice.tasks.store import DeadLetterRecord, TaskStore
 

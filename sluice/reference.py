@@ -83,13 +83,9 @@ def _commands(group: click.Group, ctx: click.Context) -> list[str]:
     return out
 
 
-def render(cli: click.Group | None = None) -> str:
-    """The reference; ``cli`` is the command group to document (the ``sluice`` command)."""
-    if cli is None:  # a caller that has the group passes it, and nothing is imported back
-        from sluice import cli as cli_module
-
-        cli = cli_module.cli
-
+def render(cli: click.Group) -> str:
+    """The reference; ``cli`` is the command group to document (the ``sluice`` command, which
+    passes itself: this module never imports the CLI)."""
     lines = [
         "# sluice reference",
         "",
