@@ -21,15 +21,18 @@ from pathlib import Path
 from typing import Any, cast
 
 from sluice import registry
+from sluice.config.destinations import destinations
 from sluice.config.model import ComponentConfig, PipelineConfig
 from sluice.connectors.base import ProducingSource, Sink, Source
 from sluice.consumer.loop import ConsumerLoop, LoopStats
+from sluice.consumer.results import ResultRouter
 from sluice.datadir import Database
 from sluice.errors import ConfigError, ConfigIssue
 from sluice.handlers.base import Handler
 from sluice.message import Message, Outcome
-from sluice.sinks.delivery import Deliverer, Destination
+from sluice.sinks.delivery import Deliverer, Destination, outbox_lease_s
 from sluice.tasks.sqlite import SqliteTaskStore
+from sluice.tasks.sqlite_outbox import SqliteOutbox, stranded_in
 from sluice.tasks.untracked import UntrackedStore
 
 log = logging.getLogger(__name__)
@@ -63,12 +66,6 @@ def build(config: PipelineConfig, data_dir: Path | None,
     store = SqliteTaskStore(db)
     dead_letter = cast(Sink, _make("sink", config.dead_letter, ctx))
     source = cast(Source, _make("source", config.source, ctx))
-    # Here, not at the top: the runtime's imports are being reworked (hoist them then).
-    from sluice.config.destinations import destinations
-    from sluice.consumer.results import ResultRouter
-    from sluice.sinks.delivery import outbox_lease_s
-    from sluice.tasks.sqlite_outbox import SqliteOutbox, stranded_in
-
     deliverers: list[Deliverer] = []
     outboxed: list[Destination] = []
     with_ack: list[tuple[Destination, str, Any]] = []  # (destination, topic, create_topic)

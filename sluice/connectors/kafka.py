@@ -198,10 +198,6 @@ class KafkaSource:
         self._poller = None
         self._executor.shutdown(wait=True)
 
-    def paused_partitions(self) -> list[Partition]:
-        """Partitions paused for backpressure (for tests and metrics)."""
-        return self.buffer.paused()
-
     async def _ask(self, fn: Any) -> Any:
         future: Future[Any] = Future()
         with self._lock:

@@ -224,12 +224,6 @@ class SqliteTaskStore:
 
         return await self.db.run(write)
 
-    async def record_delivery(self, pipeline: str, task_id: str, destination: str,
-                              status: dict[str, object]) -> None:
-        """Set the delivery status of one destination in the task's ``delivered`` map."""
-        await self.db.run(lambda c: record_deliveries_in(c, pipeline, destination,
-                                                         [(task_id, status)]))
-
     async def set_paused(self, pipeline: str, paused: bool, now: float) -> None:
         await self.db.run(lambda c: c.execute(
             "INSERT INTO pipelines (name, paused, updated_at) VALUES (?, ?, ?)"

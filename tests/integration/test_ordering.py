@@ -124,4 +124,4 @@ async def test_a_task_waiting_in_its_lane_keeps_its_store_lease(data_dir: Path,
     await asyncio.wait_for(running, 20)
     assert [t for e, t, *_ in read_log(run_log) if e == "done"] == ["first", "second"]
     record = await store.get("second", "jobs")
-    assert record is not None and (record.state, record.attempts) == (TaskState.SUCCEEDED, 1)
+    assert (record.state, record.attempts) == (TaskState.SUCCEEDED, 1)
