@@ -12,8 +12,11 @@ whose broker does not answer is skipped on a developer's machine and fails in CI
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -22,10 +25,12 @@ from typing import Any
 
 import pytest
 
+from sluice import registry
 from sluice.connectors import embedded
 from sluice.connectors.base import Source
 from sluice.connectors.embedded import EmbeddedQueue, QueuedMessage
 from sluice.datadir import Database
+from tests.conftest import PLUGINS
 from tests.helpers import kafka as kt
 
 LEASE_S = 2.0  # the sources' lease in the suites (short: a lapsed lease is seen soon)
@@ -140,6 +145,63 @@ class KafkaConnector(Connector):
         kt.delete_topics(self.topic, self.dlq)
 
 
+@contextlib.contextmanager
+def installed(path: Path) -> Iterator[None]:
+    """The packages in ``path`` (with their dist-info) importable and their entry points found,
+    in this process and in the processes it starts, while the block runs."""
+    entry, before = str(path), os.environ.get("PYTHONPATH")
+    sys.path.insert(0, entry)
+    os.environ["PYTHONPATH"] = entry + (os.pathsep + before if before else "")
+    try:
+        yield
+    finally:
+        sys.path.remove(entry)
+        if before is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = before
+
+
+class ToyQueueConnector(Connector):
+    """The toy queue of ``tests/plugins/sluice_toyqueue``: a connector outside sluice, found by
+    the entry point of its distribution. While it is in use its package is installed (on the
+    import path of this process and its workers) and the default registry is a fresh one,
+    loaded from the built-ins and the entry points; other tests never see it."""
+
+    per_message_leases = True
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self._installed = contextlib.ExitStack()
+        self._installed.enter_context(installed(PLUGINS))
+        reg = self._installed.enter_context(registry.using(registry.Registry()))
+        assert "toyqueue" in reg.names("source"), "the toy queue's entry point was not found"
+        self.toy = importlib.import_module("sluice_toyqueue")  # its client API
+
+    def source_yaml(self, *, lease_s: float = LEASE_S, max_buffered: int | None = None) -> str:
+        return _flow({"toyqueue": {"queue": "jobs", "lease_s": lease_s}})  # no buffer
+
+    def dead_letter_yaml(self) -> str:
+        return _flow({"toyqueue": {"queue": "jobs.dlq"}})
+
+    def publish(self, items: Sequence[Item]) -> None:
+        self.toy.publish(self.data_dir, "jobs", [
+            self.toy.Message(i.task_id, json.dumps(i.payload).encode(), key=i.key)
+            for i in items])
+
+    def dead_letters(self, expected: int) -> list[DeadLetter]:
+        q = self.toy.ToyQueue(self.toy.queue_file(self.data_dir), "jobs.dlq")
+        try:
+            got = q.lease(10_000, 600.0, time.time())
+        finally:
+            q.close()
+        return [DeadLetter(str(d.message.task_id), dict(d.message.headers),
+                           bytes(d.message.body)) for d in got]
+
+    def close(self) -> None:
+        self._installed.close()
+
+
 def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("true", "1")
 
@@ -161,6 +223,7 @@ def kafka_connector(data_dir: Path) -> Connector:
 CONNECTORS: dict[str, Callable[[Path], Connector]] = {
     "embedded": EmbeddedConnector,
     "kafka": kafka_connector,
+    "toyqueue": ToyQueueConnector,
 }
 """Every connector the suites run over: name → factory (given the test's data directory)."""
 
