@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -151,6 +152,13 @@ def api(url: str, token: str | None) -> Client:
     from sluice.client import Client
 
     return Client(url, token)
+
+
+def timestamp(at: float | None) -> str:
+    """A stored time as local date and time to the millisecond; "-" for none."""
+    if at is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) + f".{int(at % 1 * 1000):03d}"
 
 
 def checked(resp: ApiResponse) -> Any:

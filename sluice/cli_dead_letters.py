@@ -13,6 +13,7 @@ import click
 
 from sluice.cli_common import (
     api,
+    checked,
     data_dir_option,
     err,
     fail,
@@ -23,21 +24,8 @@ from sluice.cli_common import (
     run_async,
     store_dir,
     table,
+    timestamp,
 )
-
-
-def _timestamp(at: float | None) -> str:
-    import datetime
-
-    if at is None:
-        return "-"
-    return datetime.datetime.fromtimestamp(at).isoformat(sep=" ", timespec="seconds")
-
-
-def _remote(resp: Any) -> Any:
-    if not resp.ok:
-        fail(f"{resp.detail()} (HTTP {resp.status})", 2 if 400 <= resp.status < 500 else 1)
-    return resp.body
 
 
 @click.group("dead-letters")
@@ -56,7 +44,7 @@ def list_command(pipeline: str, limit: int, as_json: bool, data_dir: Path, url: 
     """A pipeline's tasks that failed for good, newest first: why, after how many attempts,
     and whether (as what) they were replayed."""
     if url:
-        items = _remote(guarded(lambda: api(url, token).request(
+        items = checked(guarded(lambda: api(url, token).request(
             "GET", f"/v1/pipelines/{_quote(pipeline)}/dead-letters",
             query={"limit": str(limit)})))["items"]
     else:
@@ -76,7 +64,7 @@ def list_command(pipeline: str, limit: int, as_json: bool, data_dir: Path, url: 
     rows = table("task id", "failed at", "attempts", "error", "replayed as", wrap=("error",))
     for item in items:
         error = item.get("error") or {}
-        rows.add_row(item["task_id"], _timestamp(item.get("failed_at")),
+        rows.add_row(item["task_id"], timestamp(item.get("failed_at")),
                      str(item.get("attempts", "")),
                      f"{error.get('type') or ''}: {error.get('message') or ''}",
                      item.get("replayed_as") or "-")
@@ -104,7 +92,7 @@ def replay_command(pipeline: str, task_ids: Sequence[str], replay_all: bool, aga
     if url:
         body: dict[str, Any] = {"again": again}
         body["all" if replay_all else "task_ids"] = True if replay_all else list(task_ids)
-        results = _remote(guarded(lambda: api(url, token).request(
+        results = checked(guarded(lambda: api(url, token).request(
             "POST", f"/v1/pipelines/{_quote(pipeline)}/dead-letters/replay",
             json.dumps(body).encode(), {"Content-Type": "application/json"})))["items"]
     else:

@@ -32,17 +32,11 @@ from sluice.cli_common import (
     remote_options,
     say,
     table,
+    timestamp,
 )
 from sluice.errors import SluiceError, TaskNotFound
 from sluice.tasks.state import TaskState
 from sluice.tasks.store import TaskRecord
-
-
-def _ts(at: float | None) -> str:
-    if at is None:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at)) + f".{int(at % 1 * 1000):03d}"
-
 
 # -- submit ---------------------------------------------------------------------------------
 
@@ -170,7 +164,7 @@ def _print_list(records: list[dict[str, Any]], as_json: bool) -> None:
         received = next((s["at"] for s in r["timeline"] if s["stage"] == "received"), None)
         key = r.get("key")
         rows.add_row(r["task_id"], r["pipeline"], "-" if key is None else key, r["state"],
-                     str(r["attempts"]), _ts(received),
+                     str(r["attempts"]), timestamp(received),
                      f"{error['type']}: {error['message']}" if error else "")
     print_wide(rows)
 
@@ -230,13 +224,13 @@ def _show(data: dict[str, Any], as_json: bool) -> None:
     stages = table("stage", "at", "since previous")
     for stage in data["timeline"]:
         since = stage["since_previous_s"]
-        stages.add_row(stage["stage"], _ts(stage["at"]),
+        stages.add_row(stage["stage"], timestamp(stage["at"]),
                        "-" if since is None else f"{since * 1000:.1f} ms")
     print_wide(stages)
     if data.get("deliveries"):
         deliveries = table("destination", "delivery", "attempts", "at", "error", wrap=("error",))
         for name, d in sorted(data["deliveries"].items()):
-            deliveries.add_row(name, d["state"], str(d["attempts"]), _ts(d["at"]),
+            deliveries.add_row(name, d["state"], str(d["attempts"]), timestamp(d["at"]),
                                d.get("error") or "")
         print_wide(deliveries)
 
