@@ -147,9 +147,10 @@ class KafkaSource:
     async def fetch(self, max_n: int, wait_s: float) -> list[Delivery]:
         deadline = time.monotonic() + wait_s
         while True:
+            if isinstance(self._failure, SourceError):  # mapped in the poll thread
+                raise self._failure
             if self._failure is not None:
-                raise SourceError(f"kafka consumer of {self.topic!r} on {self.brokers} "
-                                  f"stopped: {self._failure}") from self._failure
+                raise SourceError(f"{self._stopped}: {self._failure}") from self._failure
             self._wakeup.clear()
             got, next_due = self.buffer.take(max_n)
             if got:
@@ -206,6 +207,10 @@ class KafkaSource:
             self._requests.append(_Request(fn, future))
         return await asyncio.wrap_future(future)
 
+    @property
+    def _stopped(self) -> str:
+        return f"kafka consumer of {self.topic!r} on {self.brokers} stopped"
+
     def _wake_loop(self) -> None:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._wakeup.set)
@@ -230,11 +235,8 @@ class KafkaSource:
         if self.exactly_once:
             own["isolation.level"] = "read_committed"
         config = kc.client_config(self.brokers, self.cfg.get("config"), **own)
-        try:
+        with kc.map_kafka_errors(f"kafka source for {self.topic!r}: cannot create its consumer"):
             self._consumer = ck.Consumer(config)
-        except ck.KafkaException as exc:
-            raise SourceError(f"kafka source for {self.topic!r}: bad client settings: "
-                              f"{exc}") from None
         try:
             admin_config = kc.client_config(self.brokers, self.cfg.get("config"))
             kc.ensure_topic(self._consumer, self.brokers, self.topic, self.cfg.get("create_topic"),
@@ -244,8 +246,9 @@ class KafkaSource:
                                      exactly_once=self.exactly_once)
                 out.open(self._outputs, admin_config)
                 self._out = out
-            self._consumer.subscribe([self.topic], on_assign=self._on_assign,
-                                     on_revoke=self._on_revoke, on_lost=self._on_lost)
+            with kc.map_kafka_errors(f"kafka source for {self.topic!r}: cannot subscribe"):
+                self._consumer.subscribe([self.topic], on_assign=self._on_assign,
+                                         on_revoke=self._on_revoke, on_lost=self._on_lost)
         except BaseException:
             self._consumer.close()
             raise
@@ -260,7 +263,8 @@ class KafkaSource:
             while not self._stopping.is_set():
                 self._serve_requests()
                 self._backpressure()
-                messages = consumer.consume(batch, POLL_TIMEOUT_S)
+                with kc.map_kafka_errors(self._stopped):
+                    messages = consumer.consume(batch, POLL_TIMEOUT_S)
                 if messages and self.buffer.accept(self._records(messages)):
                     self._wake_loop()
                 if self._out is not None:
@@ -307,7 +311,7 @@ class KafkaSource:
             error = m.error()
             if error is not None:
                 if error.fatal():
-                    raise ck.KafkaException(error)
+                    raise kc.kafka_error(self._stopped, error)
                 if error.code() != ck.KafkaError._PARTITION_EOF:
                     log.warning("kafka source %s: %s", self.topic, error)
                 continue

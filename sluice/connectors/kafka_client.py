@@ -78,11 +78,13 @@ def kafka_error(what: str, error: Any) -> SourceError:
     if isinstance(error, ck.KafkaException) and error.args:
         error = error.args[0]
     permanent = False
+    text = str(error)
     if isinstance(error, ck.KafkaError):
         codes = {getattr(ck.KafkaError, name, None) for name in PERMANENT_KAFKA_ERRORS}
         permanent = error.fatal() or error.code() in codes
+        text = f"{error.str()} ({error.name()})"  # e.g. No such configuration property: "x"
     kind = Misconfigured if permanent else Unavailable
-    return kind(f"{what}: {error}")
+    return kind(f"{what}: {text}")
 
 
 @contextmanager

@@ -31,7 +31,6 @@ from typing import Any
 
 from sluice.connectors import kafka_client as kc
 from sluice.connectors.base import Output
-from sluice.errors import SourceError
 from sluice.sinks.kafka import kafka_headers
 
 log = logging.getLogger(__name__)
@@ -97,19 +96,15 @@ class OutputProducer:
             own["delivery.timeout.ms"] = int(SEND_TIMEOUT_S * 1000)
         extra = {k: v for k, v in (self.cfg.get("config") or {}).items()
                  if k not in CONSUMER_ONLY}
-        try:
+        with kc.map_kafka_errors(f"kafka source for {self.source_topic!r}: cannot create its "
+                                 "producer"):
             self._producer = ck.Producer(kc.client_config(self.brokers, extra, **own))
-        except ck.KafkaException as exc:
-            raise SourceError(f"kafka source for {self.source_topic!r}: bad producer "
-                              f"settings: {exc}") from None
         for topic, create_topic in topics:
             kc.ensure_topic(self._producer, self.brokers, topic, create_topic, admin_config)
         if self.exactly_once:
-            try:
+            with kc.map_kafka_errors(f"kafka source for {self.source_topic!r}: cannot start "
+                                     f"transactions as {tid!r} on {self.brokers}"):
                 self._producer.init_transactions(TXN_TIMEOUT_S)
-            except ck.KafkaException as exc:
-                raise SourceError(f"kafka source for {self.source_topic!r}: cannot start "
-                                  f"transactions as {tid!r} on {self.brokers}: {exc}") from None
 
     def poll(self) -> None:
         self._producer.poll(0)
@@ -164,16 +159,14 @@ class OutputProducer:
         except ck.KafkaException as exc:
             error = error_of(exc)
             if error.fatal() or not (error.txn_requires_abort() or error.retriable()):
-                raise SourceError(f"kafka source {self.source_topic!r}: the transactional "
-                                  f"producer failed for good: {error}") from None
+                raise kc.kafka_error(f"kafka source {self.source_topic!r}: the transactional "
+                                     "producer failed for good", error) from None
             log.log(logging.INFO if rebalancing(error) else logging.WARNING,
                     "kafka source %s: transaction of %d output(s) aborted (%s); the next "
                     "commit makes it again", self.source_topic, len(outputs), error)
-            try:
+            with kc.map_kafka_errors(f"kafka source {self.source_topic!r}: cannot abort a "
+                                     "transaction"):
                 producer.abort_transaction(TXN_TIMEOUT_S)
-            except ck.KafkaException as abort_exc:
-                raise SourceError(f"kafka source {self.source_topic!r}: cannot abort a "
-                                  f"transaction: {error_of(abort_exc)}") from None
             return False
         return True
 

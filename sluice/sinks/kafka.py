@@ -27,7 +27,7 @@ from sluice import registry
 from sluice.config.destinations import label_field
 from sluice.connectors import kafka_client as kc
 from sluice.connectors.base import SinkRecord
-from sluice.errors import DeliveryError, SourceError
+from sluice.errors import DeliveryError, Misconfigured, SourceError
 from sluice.sinks.http import DELIVERY_FIELDS
 from sluice.spec import REQUIRED, Field, ObjectSpec
 
@@ -92,11 +92,8 @@ class KafkaSink:
             "delivery.timeout.ms": int(self.cfg["delivery_timeout_ms"]),
             "allow.auto.create.topics": False,
         }
-        try:
+        with kc.map_kafka_errors(f"kafka sink to {self.topic!r}: cannot create its producer"):
             producer = ck.Producer(kc.client_config(self.brokers, self.cfg.get("config"), **own))
-        except ck.KafkaException as exc:
-            raise SourceError(f"kafka sink to {self.topic!r}: bad client settings: "
-                              f"{exc}") from None
         kc.ensure_topic(producer, self.brokers, self.topic, self.cfg.get("create_topic"),
                         kc.client_config(self.brokers, self.cfg.get("config")),
                         self.missing_topic_hint)
@@ -189,8 +186,9 @@ def sink_brokers(config: dict[str, Any], ctx: registry.BuildContext) -> str:
     source = ctx.source
     if source is not None and source.type == "kafka":
         return str(source.config["brokers"])
-    raise SourceError(f"pipeline {ctx.pipeline!r}: the kafka sink to {config['topic']!r} needs "
-                      "brokers: the pipeline's source is not kafka, so set brokers: host:port")
+    raise Misconfigured(f"pipeline {ctx.pipeline!r}: the kafka sink to {config['topic']!r} "
+                        "needs brokers: the pipeline's source is not kafka, so set brokers: "
+                        "host:port")
 
 
 def build_sink(config: dict[str, Any], ctx: registry.BuildContext) -> KafkaSink:
