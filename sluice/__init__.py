@@ -9,13 +9,17 @@ The public API for handler authors::
             raise Reject("bad input")          # fail now, no retry, dead letter
         ...
         return {"ok": True}                    # stored as the task's result
+
+A source, sink or store (built in, or a plugin's) says whether a failure is worth retrying:
+``Unavailable`` is transient, ``Unsupported`` and ``Misconfigured`` are permanent; each is a
+``SourceError`` whose ``retriable`` says which.
 """
 
 from sluice.errors import (
     ConfigError,
-    DuplicateTask,
     HandlerSignal,
     IllegalTransition,
+    Misconfigured,
     MissingDependency,
     Overloaded,
     Reject,
@@ -24,6 +28,8 @@ from sluice.errors import (
     SourceError,
     TaskError,
     TaskNotFound,
+    Unavailable,
+    Unsupported,
 )
 from sluice.message import Message, Outcome
 from sluice.tasks.state import TaskState
@@ -32,10 +38,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
-    "DuplicateTask",
     "HandlerSignal",
     "IllegalTransition",
     "Message",
+    "Misconfigured",
     "MissingDependency",
     "Outcome",
     "Overloaded",
@@ -46,5 +52,7 @@ __all__ = [
     "TaskError",
     "TaskNotFound",
     "TaskState",
+    "Unavailable",
+    "Unsupported",
     "__version__",
 ]

@@ -7,7 +7,6 @@
     ├── MissingDependency            an optional extra is not installed (says which one)
     ├── TaskError                    the task store refused an operation
     │   ├── TaskNotFound             no task with that id (or not visible to the caller)
-    │   ├── DuplicateTask            a client-chosen task id is already used in that pipeline
     │   └── IllegalTransition        a state change the state machine does not allow
     ├── SourceError                  a source, queue or store cannot do what was asked
     │   ├── Unavailable              transient: unreachable or busy now; retry later
@@ -81,18 +80,6 @@ class TaskNotFound(TaskError):
     def __init__(self, task_id: str) -> None:
         self.task_id = task_id
         super().__init__(f"no task with id {task_id!r}")
-
-
-class DuplicateTask(TaskError):
-    """A client-chosen task id is already used in this pipeline; ``existing`` is that task."""
-
-    def __init__(self, pipeline: str, task_id: str, state: str) -> None:
-        self.pipeline = pipeline
-        self.task_id = task_id
-        self.state = state
-        super().__init__(
-            f"task id {task_id!r} is already used in pipeline {pipeline!r} (state {state})"
-        )
 
 
 class IllegalTransition(TaskError):
