@@ -26,6 +26,12 @@ Rules:
    an entry point may replace a built-in component.
 4. A capability that needs a hook (``submit``: a submitter; ``outputs_with_ack``: its rule) is
    refused at registration without that hook.
+5. A spec is generic over its typed config and its product (``ComponentSpec[C, P]``): its
+   ``settings`` converter turns the loader's validated mapping (defaults applied again, so a
+   default dead letter's partial mapping is whole) into ``C`` once, at :meth:`ComponentSpec.
+   build`, and its factory takes that ``C``. A spec without a converter (a third party's) gets
+   the mapping itself. The family getters (:meth:`Registry.source`, ``sink``, ``handler``) say
+   what the product is, so the runtime needs no cast.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Se
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from sluice.errors import SluiceError
 from sluice.spec import Field, ObjectSpec
@@ -48,7 +54,9 @@ if TYPE_CHECKING:
     import sqlite3
 
     from sluice.config.model import ComponentConfig, PipelineConfig
+    from sluice.connectors.base import Sink, Source
     from sluice.datadir import Database, QueuedMessage
+    from sluice.handlers.base import Handler
     from sluice.tasks.store import TaskRecord
 
 FAMILIES = ("source", "handler", "sink")
@@ -66,6 +74,8 @@ BUILTIN_MODULES = (
 )
 
 T = TypeVar("T")
+C = TypeVar("C")  # a component's typed config
+P = TypeVar("P")  # what its factory makes
 
 
 class Capability(enum.StrEnum):
@@ -147,13 +157,18 @@ DefaultDeadLetter = Callable[[str], dict[str, Any]]
 _NEEDS_HOOK = {Capability.SUBMIT: "submitter", Capability.OUTPUTS_WITH_ACK: "outputs_with_ack"}
 
 
+def as_given(value: Any) -> Any:
+    """The converter of a spec that declares no typed config: its factory gets the mapping."""
+    return value
+
+
 @dataclass(frozen=True)
-class ComponentSpec:
+class ComponentSpec(Generic[C, P]):
     family: str
     name: str
     summary: str
     config: ObjectSpec | Field  # a Field for a scalar shorthand, e.g. ``python: mod:fn``
-    factory: Callable[..., Any]
+    factory: Callable[[C, BuildContext], P]
     extra: str | None = None  # the pip extra its dependency comes with
     # Load-time checks a schema cannot express: (config, pipeline file) →
     # (key path under the component, message) for each problem. Pure: no I/O, no user code.
@@ -171,6 +186,9 @@ class ComponentSpec:
     outputs_with_ack: OutputsWithAck | None = None  # with Capability.OUTPUTS_WITH_ACK
     # The dead letter of a pipeline that names none (one component provides the default).
     default_dead_letter: DefaultDeadLetter | None = None
+    # The validated, defaulted config → its typed form (rule 5): e.g. a Settings dataclass's
+    # ``from_mapping``, which takes an instance of its own class back as it is.
+    settings: Callable[[Any], C] = as_given
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -189,13 +207,21 @@ class ComponentSpec:
         return schema
 
     def apply_defaults(self, value: Any) -> Any:
-        if isinstance(self.config, ObjectSpec) and isinstance(value, dict):
+        if isinstance(self.config, ObjectSpec) and isinstance(value, Mapping):
             return self.config.apply_defaults(value)
         return value
 
+    def typed(self, config: Any) -> C:
+        """The typed config of a component's validated config (rule 5)."""
+        return self.settings(self.apply_defaults(config))
+
+    def build(self, config: Any, ctx: BuildContext) -> P:
+        """Make the component from its validated config (rule 5)."""
+        return self.factory(self.typed(config), ctx)
+
 
 # Every spec declared by a module's import, by module name (rule 1).
-_declared: dict[str, dict[tuple[str, str], ComponentSpec]] = {}
+_declared: dict[str, dict[tuple[str, str], ComponentSpec[Any, Any]]] = {}
 
 
 class Registry:
@@ -205,12 +231,12 @@ class Registry:
                  entry_point_group: str | None = ENTRY_POINT_GROUP) -> None:
         self._modules = tuple(modules)
         self._group = entry_point_group
-        self._components: dict[tuple[str, str], ComponentSpec] = {}
+        self._components: dict[tuple[str, str], ComponentSpec[Any, Any]] = {}
         self._loaded = False
         self._loading = False
         self.generation = 0  # bumped by each registration (caches keyed on it go stale)
 
-    def register(self, spec: ComponentSpec) -> ComponentSpec:
+    def register(self, spec: ComponentSpec[C, P]) -> ComponentSpec[C, P]:
         self._components[(spec.family, spec.name)] = spec
         self.generation += 1
         return spec
@@ -250,15 +276,24 @@ class Registry:
             raise SluiceError(f"{where}: cannot register its components: "
                               f"{type(exc).__name__}: {exc}") from exc
 
-    def get(self, family: str, name: str) -> ComponentSpec:
+    def get(self, family: str, name: str) -> ComponentSpec[Any, Any]:
         self.load()
         return self._components[(family, name)]
+
+    def source(self, name: str) -> ComponentSpec[Any, Source]:
+        return self.get("source", name)
+
+    def sink(self, name: str) -> ComponentSpec[Any, Sink]:
+        return self.get("sink", name)
+
+    def handler(self, name: str) -> ComponentSpec[Any, Handler]:
+        return self.get("handler", name)
 
     def names(self, family: str) -> list[str]:
         self.load()
         return sorted(name for fam, name in self._components if fam == family)
 
-    def components(self, family: str | None = None) -> list[ComponentSpec]:
+    def components(self, family: str | None = None) -> list[ComponentSpec[Any, Any]]:
         self.load()
         return [s for (fam, _), s in sorted(self._components.items()) if family in (None, fam)]
 
@@ -316,7 +351,7 @@ def using(registry: Registry) -> Iterator[Registry]:
         _default = before
 
 
-def register(spec: ComponentSpec) -> ComponentSpec:
+def register(spec: ComponentSpec[C, P]) -> ComponentSpec[C, P]:
     """Declare ``spec`` as its calling module's (rule 1) and add it to the default registry."""
     module = str(sys._getframe(1).f_globals.get("__name__", ""))
     _declared.setdefault(module, {})[(spec.family, spec.name)] = spec
@@ -327,15 +362,27 @@ def load_builtins() -> None:
     _default.load()
 
 
-def get(family: str, name: str) -> ComponentSpec:
+def get(family: str, name: str) -> ComponentSpec[Any, Any]:
     return _default.get(family, name)
+
+
+def source(name: str) -> ComponentSpec[Any, Source]:
+    return _default.source(name)
+
+
+def sink(name: str) -> ComponentSpec[Any, Sink]:
+    return _default.sink(name)
+
+
+def handler(name: str) -> ComponentSpec[Any, Handler]:
+    return _default.handler(name)
 
 
 def names(family: str) -> list[str]:
     return _default.names(family)
 
 
-def components(family: str | None = None) -> list[ComponentSpec]:
+def components(family: str | None = None) -> list[ComponentSpec[Any, Any]]:
     return _default.components(family)
 
 

@@ -18,7 +18,6 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
 
 from sluice import registry
 from sluice.config.destinations import destinations
@@ -51,12 +50,16 @@ def context(config: PipelineConfig, data_dir: Path | None) -> registry.BuildCont
     )
 
 
-def _make(family: str, component: ComponentConfig, ctx: registry.BuildContext) -> Any:
-    return registry.get(family, component.type).factory(component.config, ctx)
+def _source(component: ComponentConfig, ctx: registry.BuildContext) -> Source:
+    return registry.source(component.type).build(component.config, ctx)
+
+
+def _sink(component: ComponentConfig, ctx: registry.BuildContext) -> Sink:
+    return registry.sink(component.type).build(component.config, ctx)
 
 
 def build_source(config: PipelineConfig, data_dir: Path | None) -> Source:
-    return cast(Source, _make("source", config.source, context(config, data_dir)))
+    return _source(config.source, context(config, data_dir))
 
 
 def build(config: PipelineConfig, data_dir: Path | None,
@@ -64,26 +67,29 @@ def build(config: PipelineConfig, data_dir: Path | None,
     ctx = context(config, data_dir)
     db = Database.open(data_dir)
     store = SqliteTaskStore(db)
-    dead_letter = cast(Sink, _make("sink", config.dead_letter, ctx))
-    source = cast(Source, _make("source", config.source, ctx))
+    dead_letter = _sink(config.dead_letter, ctx)
+    source = _source(config.source, ctx)
     deliverers: list[Deliverer] = []
     outboxed: list[Destination] = []
-    with_ack: list[tuple[Destination, str, Any]] = []  # (destination, topic, create_topic)
+    with_ack: list[tuple[Destination, str]] = []  # (destination, its target: a topic)
     for destination in destinations(config):
         component = destination.component
-        if writes_with_offsets(config, component):
+        target = destination.target
+        if writes_with_offsets(config, component) and target is not None:
             # Written by the source with its commits (rule 9 of the consumer loop).
-            with_ack.append((destination, component.config["topic"],
-                             component.config.get("create_topic")))
+            with_ack.append((destination, target))
             continue
         outboxed.append(destination)
         outbox = SqliteOutbox(db, config.name, destination.label, outbox_lease_s(destination),
                               legacy=(destination.legacy_name,))
-        deliverers.append(Deliverer(config.name, destination,
-                                    cast(Sink, _make("sink", component, ctx)), dead_letter,
-                                    outbox))
+        deliverers.append(Deliverer(config.name, destination, _sink(component, ctx),
+                                    dead_letter, outbox))
     if with_ack:
-        cast(ProducingSource, source).produce_to([(t, c) for _, t, c in with_ack])
+        if not isinstance(source, ProducingSource):
+            raise TypeError(f"source {config.source.type!r} declares outputs_with_ack but "
+                            "has no produce_to")
+        # Each target with its sink's typed config (the source reads what it needs of it).
+        source.produce_to([(t, d.settings) for d, t in with_ack])
     taken = {name for d in outboxed for name in (d.label, d.legacy_name)}
     for name, count in db.read_sync(lambda c: stranded_in(c, config.name, taken)).items():
         log.warning("pipeline %r: %d result record(s) wait in the outbox %r, which no "
@@ -98,7 +104,7 @@ def build(config: PipelineConfig, data_dir: Path | None,
         dead_letter=dead_letter,
         worker_id=worker_id,
         deliverers=deliverers,
-        results=ResultRouter(config, outboxed, [(d, t) for d, t, _ in with_ack]),
+        results=ResultRouter(config, outboxed, with_ack),
     )
 
 
@@ -123,7 +129,8 @@ class DeferredHandler:
         if self._built is None:
             component = self.config.handler
             try:
-                self._built = cast(Handler, _make("handler", component, self._ctx))
+                self._built = registry.handler(component.type).build(component.config,
+                                                                     self._ctx)
             except ImportError as exc:
                 raise ConfigError([self.config.issue(
                     ("handler", component.type), f"{exc} (the handler's code must be "

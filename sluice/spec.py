@@ -9,18 +9,66 @@ A component declares its keys beside its code (as Redpanda Connect's ``ConfigSpe
     )
 
 ``Field.default`` of ``REQUIRED`` makes the key required; ``None`` means optional, no default.
+
+Past the loader a component reads its config as a frozen dataclass declared beside its spec (a
+:class:`Settings`): one attribute per key, built once from the validated, defaulted mapping
+(:meth:`Settings.from_mapping`), so nothing indexes a ``dict[str, Any]`` by string after that::
+
+    @dataclass(frozen=True, slots=True)
+    class EmbeddedSourceConfig(Settings):
+        queue: str | None
+        lease_s: float
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
 Kind = Literal["string", "integer", "number", "boolean", "object", "array"]
 # family → the JSON Schema of its one-key component slot (:meth:`sluice.registry.Registry.
 # family_schema`), for a spec with component slots.
 FamilySchemas = Callable[[str], dict[str, Any]]
+
+
+S = TypeVar("S", bound="Settings")
+
+
+class Settings:
+    """Base of a component's typed config: a frozen (slots) dataclass whose fields are the keys
+    of its spec, each given a value by the loader (defaults applied), so none has a default."""
+
+    __slots__ = ()
+
+    @classmethod
+    def from_mapping(cls: type[S], value: Mapping[str, Any] | S) -> S:
+        """The typed config of a validated, defaulted mapping (an instance is returned as is).
+        A key the class does not declare is an error: unknown keys end at the loader."""
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, Mapping):
+            raise TypeError(f"{cls.__name__}: expected a mapping, got {type(value).__name__}")
+        names = cls.keys()
+        unknown = sorted(str(k) for k in value if k not in names)
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown key(s) {', '.join(unknown)}; expected "
+                             f"{', '.join(names)}")
+        missing = [n for n in names if n not in value]
+        if missing:
+            raise ValueError(f"{cls.__name__}: missing key(s) {', '.join(missing)}")
+        make: Callable[..., S] = cls
+        return make(**value)
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """Its keys: the names of its dataclass fields, in order."""
+        fields: Mapping[str, Any] = getattr(cls, "__dataclass_fields__", {})
+        return tuple(fields)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The mapping it was made from (what :meth:`from_mapping` takes back)."""
+        return {name: getattr(self, name) for name in self.keys()}
 
 
 class _Required:

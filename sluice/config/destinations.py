@@ -21,6 +21,7 @@ a task's ``deliveries``. So a label must not depend on where the entry stands in
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterable, Mapping
@@ -31,7 +32,7 @@ from sluice import registry
 from sluice.config.model import ComponentConfig, PipelineConfig
 from sluice.config.yamlmarks import Marks, PathKey
 from sluice.errors import ConfigIssue
-from sluice.spec import Field
+from sluice.spec import Field, Settings
 
 LABEL = "label"  # the config key of every sink
 LABEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$"
@@ -59,6 +60,19 @@ def label_field(target: str) -> LabelField:
         default=None, pattern=LABEL_PATTERN, target=target)
 
 
+class SinkSettings(Settings):
+    """A sink's typed config (a frozen dataclass declaring ``label`` among its fields): its
+    declared label and its target, the value of the key its :class:`LabelField` names."""
+
+    __slots__ = ()
+    label: str | None
+
+    @property
+    def target(self) -> str | None:
+        """The value a default label is made from (rule 1); ``None``: the sink has none."""
+        return None
+
+
 @dataclass(frozen=True)
 class Destination:
     """One entry of ``on_success`` / ``on_failure``."""
@@ -73,16 +87,23 @@ class Destination:
         """Its name before labels (by position): ``on_success.0.webhook``."""
         return f"{self.slot}.{self.index}.{self.component.type}"
 
+    @functools.cached_property
+    def settings(self) -> Any:
+        """The sink's typed config (its spec's ``settings``), made once."""
+        return registry.sink(self.component.type).typed(self.component.config)
+
+    @property
+    def target(self) -> str | None:
+        """Where its records go (a URL, a topic, a queue), if its sink names one."""
+        return _label_and_target(self.component.type, self.settings)[1]
+
     def setting(self, key: str, default: Any) -> Any:
-        value = _value(self.component.config, key)
+        """A delivery setting of its sink (``timeout_s``, ``max_attempts``...), or ``default``
+        for a sink without it."""
+        settings = self.settings
+        value = (settings.get(key) if isinstance(settings, Mapping)
+                 else getattr(settings, key, None))
         return default if value is None else value
-
-
-def _value(config: Any, key: str) -> Any:
-    """A key of a component's config (a mapping, or a typed config with attributes)."""
-    if isinstance(config, Mapping):
-        return config.get(key)
-    return getattr(config, key, None)
 
 
 def _target_key(type_name: str) -> str | None:
@@ -93,21 +114,38 @@ def _target_key(type_name: str) -> str | None:
     return None
 
 
+def _label_and_target(type_name: str, settings: Any) -> tuple[str | None, str | None]:
+    """The declared label and the target of a sink's typed config; a third party's sink
+    without a typed config keeps its mapping, read by the keys its spec names."""
+    if isinstance(settings, SinkSettings):
+        return settings.label, settings.target
+    if isinstance(settings, Mapping):
+        key = _target_key(type_name)
+        target = settings.get(key) if key else None
+        label = settings.get(LABEL)
+        return (str(label) if label else None), (None if target is None else str(target))
+    return None, None
+
+
 def default_label(slot: str, type_name: str, config: Any) -> str:
     """Rule 1: ``<slot>:<type>:<target>``, or ``<slot>:<type>`` for a sink without a target."""
-    key = _target_key(type_name)
-    value = _value(config, key) if key else None
-    if value is None:
+    return _default_label(slot, type_name,
+                          _label_and_target(type_name, registry.sink(type_name).typed(config))[1])
+
+
+def _default_label(slot: str, type_name: str, target: str | None) -> str:
+    if target is None:
         return f"{slot}:{type_name}"
-    text = str(value)
+    text = target
     if not _PLAIN.match(text):
         text = hashlib.sha256(text.encode()).hexdigest()[:_HASH_HEX_DIGITS]
     return f"{slot}:{type_name}:{text}"
 
 
 def label_of(slot: str, component: ComponentConfig) -> str:
-    declared = _value(component.config, LABEL)
-    return str(declared) if declared else default_label(slot, component.type, component.config)
+    settings = registry.sink(component.type).typed(component.config)
+    declared, target = _label_and_target(component.type, settings)
+    return declared if declared else _default_label(slot, component.type, target)
 
 
 def destinations(config: PipelineConfig) -> list[Destination]:
@@ -132,7 +170,8 @@ def duplicate_labels(doc: Mapping[str, Any], marks: Marks) -> Iterable[ConfigIss
             first = seen.setdefault(label, path)
             if first == path:
                 continue
-            declared = isinstance(cfg, Mapping) and cfg.get(LABEL)
+            declared = _label_and_target(type_name,
+                                         registry.sink(type_name).typed(cfg))[0] is not None
             line, col = marks.value_at(first)
             yield marks.issue(
                 (*path, LABEL) if declared else path,

@@ -26,6 +26,7 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sluice import registry
@@ -33,22 +34,38 @@ from sluice.connectors.base import Delivery
 from sluice.datadir import Database
 from sluice.datadir import QueuedMessage as QueuedMessage  # re-exported: the queue API
 from sluice.datadir import put_in as put_in
-from sluice.spec import Field, ObjectSpec
+from sluice.spec import Field, ObjectSpec, Settings
 from sluice.tasks.sqlite import create_in
 from sluice.tasks.store import NewTask, TaskRecord
 
 if TYPE_CHECKING:
     from sluice.config.model import PipelineConfig
 
+QUEUE, LEASE_S, POLL_INTERVAL_S = "queue", "lease_s", "poll_interval_s"
+QUEUE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
 CONFIG = ObjectSpec(
-    Field("queue", "string", "Queue name; default: the pipeline's name.", default=None,
-          pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"),
-    Field("lease_s", "number", "Visibility timeout: how long a taken message stays invisible "
+    Field(QUEUE, "string", "Queue name; default: the pipeline's name.", default=None,
+          pattern=QUEUE_PATTERN),
+    Field(LEASE_S, "number", "Visibility timeout: how long a taken message stays invisible "
           "unless its worker extends it (it does, every lease_s/3, while the handler runs).",
           default=30.0, exclusive_minimum=0),
-    Field("poll_interval_s", "number", "Pause between polls of an empty queue.", default=0.01,
+    Field(POLL_INTERVAL_S, "number", "Pause between polls of an empty queue.", default=0.01,
           exclusive_minimum=0, maximum=10),
 )
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedSourceConfig(Settings):
+    """The typed ``embedded`` source config (the keys of :data:`CONFIG`)."""
+
+    queue: str | None
+    lease_s: float
+    poll_interval_s: float
+
+    def queue_of(self, pipeline: str) -> str:
+        """The queue consumed: ``queue``, else the pipeline's name."""
+        return self.queue or pipeline
 
 
 Submission = registry.Submission  # re-exported: what a submitter takes
@@ -56,7 +73,7 @@ Submission = registry.Submission  # re-exported: what a submitter takes
 
 def source_queue(config: PipelineConfig) -> str:
     """The queue a pipeline with an embedded source consumes (``queue``, else its name)."""
-    return str(config.source.config.get("queue") or config.name)
+    return SPEC.typed(config.source.config).queue_of(config.name)
 
 
 def submit_in(conn: sqlite3.Connection, queue: str, items: Sequence[Submission],
@@ -237,26 +254,27 @@ class EmbeddedSource:
         return None
 
 
-def build_source(config: dict[str, Any], ctx: registry.BuildContext) -> EmbeddedSource:
+def build_source(config: EmbeddedSourceConfig, ctx: registry.BuildContext) -> EmbeddedSource:
     return EmbeddedSource(
         Database.open(ctx.data_dir),
-        config.get("queue") or ctx.pipeline,
-        float(config["lease_s"]),
-        float(config["poll_interval_s"]),
+        config.queue_of(ctx.pipeline),
+        float(config.lease_s),
+        float(config.poll_interval_s),
         ordered_keys=ctx.ordering == "key",
     )
 
 
-registry.register(registry.ComponentSpec(
+SPEC = registry.register(registry.ComponentSpec(
     family="source",
     name="embedded",
     summary="The embedded durable queue (SQLite in the data directory); no broker needed.",
     config=CONFIG,
     factory=build_source,
+    settings=EmbeddedSourceConfig.from_mapping,
     capabilities=frozenset({registry.Capability.SUBMIT, registry.Capability.DELAYED_REDELIVERY,
                             registry.Capability.KEY_ORDER}),
     submitter=EmbeddedSubmitter,
     wake=wake,
     # Every pipeline's default dead letter, whatever its source: the queue '<name>.dlq'.
-    default_dead_letter=lambda pipeline: {"embedded": {"queue": f"{pipeline}.dlq"}},
+    default_dead_letter=lambda pipeline: {"embedded": {QUEUE: f"{pipeline}.dlq"}},
 ))

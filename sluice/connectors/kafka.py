@@ -168,7 +168,8 @@ class KafkaSource:
             self.buffer.ack(deliveries)
 
     def produce_to(self, topics: Sequence[tuple[str, Any]]) -> None:
-        self._outputs.extend(topics)
+        """Each topic with its sink's config (its ``create_topic`` is read), or ``None``."""
+        self._outputs.extend((topic, _create_topic(sink)) for topic, sink in topics)
 
     async def ack_producing(self, items: Sequence[tuple[Delivery, Sequence[Output]]]) -> None:
         if items:
@@ -445,6 +446,13 @@ def _tps(parts: Sequence[Partition]) -> list[Any]:
 
 def _names(partitions: list[Any]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions)
+
+
+def _create_topic(sink: Any) -> Any:
+    """What a result topic is created with, from its sink's config."""
+    if isinstance(sink, Mapping):
+        return sink.get("create_topic")
+    return getattr(sink, "create_topic", None)
 
 
 def build_source(config: dict[str, Any], ctx: registry.BuildContext) -> KafkaSource:

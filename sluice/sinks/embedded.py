@@ -5,20 +5,31 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 
 from sluice import registry
-from sluice.config.destinations import label_field
+from sluice.config.destinations import SinkSettings, label_field
 from sluice.connectors.base import SinkRecord
-from sluice.connectors.embedded import QueuedMessage, put_in
+from sluice.connectors.embedded import QUEUE, QUEUE_PATTERN, QueuedMessage, put_in
 from sluice.datadir import Database
 from sluice.spec import REQUIRED, Field, ObjectSpec
 
 CONFIG = ObjectSpec(
-    Field("queue", "string", "Queue to put records on.", default=REQUIRED,
-          pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"),
-    label_field("queue"),
+    Field(QUEUE, "string", "Queue to put records on.", default=REQUIRED, pattern=QUEUE_PATTERN),
+    label_field(QUEUE),
 )
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddedSinkConfig(SinkSettings):
+    """The typed ``embedded`` sink config (the keys of :data:`CONFIG`)."""
+
+    queue: str
+    label: str | None
+
+    @property
+    def target(self) -> str:
+        return self.queue
 
 
 class EmbeddedSink:
@@ -39,8 +50,8 @@ class EmbeddedSink:
         return None
 
 
-def build_sink(config: dict[str, Any], ctx: registry.BuildContext) -> EmbeddedSink:
-    return EmbeddedSink(Database.open(ctx.data_dir), str(config["queue"]))
+def build_sink(config: EmbeddedSinkConfig, ctx: registry.BuildContext) -> EmbeddedSink:
+    return EmbeddedSink(Database.open(ctx.data_dir), config.queue)
 
 
 registry.register(registry.ComponentSpec(
@@ -49,4 +60,5 @@ registry.register(registry.ComponentSpec(
     summary="An embedded queue in the data directory.",
     config=CONFIG,
     factory=build_sink,
+    settings=EmbeddedSinkConfig.from_mapping,
 ))
