@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,28 +29,49 @@ from cloudevents.core.v1.event import CloudEvent
 
 from sluice import registry
 from sluice.message import Message, Outcome, is_json
-from sluice.sinks.http import retry_after_s
+from sluice.sinks.http import retry_after_s, url_check
 from sluice.sinks.ssrf import (
     RefusedAddress,
-    check_url_config,
     guarded_session,
     redirect_refused,
     url_problems,
 )
-from sluice.spec import REQUIRED, Field, ObjectSpec
+from sluice.spec import REQUIRED, Field, ObjectSpec, Settings
+
+URL, MODE, TIMEOUT_S, HEADERS = "url", "mode", "timeout_s", "headers"
+CE_TYPE, ALLOW_LINK_LOCAL = "ce_type", "allow_link_local"
 
 CONFIG = ObjectSpec(
-    Field("url", "string", "The function's URL (http:// or https://).", default=REQUIRED),
-    Field("mode", "string", "CloudEvents HTTP binding: binary (ce-* headers, the body as is) "
+    Field(URL, "string", "The function's URL (http:// or https://).", default=REQUIRED),
+    Field(MODE, "string", "CloudEvents HTTP binding: binary (ce-* headers, the body as is) "
           "or structured (one JSON document).", default="binary",
           enum=("binary", "structured")),
-    Field("timeout_s", "number", "Time limit of one call; default: consumer.timeout_s.",
+    Field(TIMEOUT_S, "number", "Time limit of one call; default: consumer.timeout_s.",
           default=None, exclusive_minimum=0),
-    Field("headers", "object", "Extra request headers (values may use ${ENV}).", default=None),
-    Field("ce_type", "string", "The CloudEvent type attribute.", default="sluice.task"),
-    Field("allow_link_local", "boolean", "Allow a URL that is or resolves to a link-local or "
+    Field(HEADERS, "object", "Extra request headers (values may use ${ENV}).", default=None),
+    Field(CE_TYPE, "string", "The CloudEvent type attribute.", default="sluice.task"),
+    Field(ALLOW_LINK_LOCAL, "boolean", "Allow a URL that is or resolves to a link-local or "
           "cloud-metadata address (refused by default: SSRF guard).", default=False),
 )
+
+
+
+@dataclass(frozen=True, slots=True)
+class HttpHandlerConfig(Settings):
+    """The typed ``http`` handler config (the keys of :data:`CONFIG`)."""
+
+    url: str
+    mode: str
+    timeout_s: float | None
+    headers: dict[str, str] | None
+    ce_type: str
+    allow_link_local: bool
+
+
+def check(config: Any, file: object) -> list[tuple[tuple[str, ...], str]]:
+    typed = HttpHandlerConfig.from_mapping(config)
+    return url_check(typed.url, typed.allow_link_local)
+
 
 OVERLOAD_STATUSES = frozenset({429, 503})
 
@@ -156,12 +178,12 @@ def _success(payload: bytes, content_type: str, duration_s: float) -> Outcome:
                    duration_s=duration_s)
 
 
-def build_handler(config: dict[str, Any], ctx: registry.BuildContext) -> HttpHandler:
-    timeout = config.get("timeout_s")
-    return HttpHandler(str(config["url"]), mode=str(config["mode"]),
+def build_handler(config: HttpHandlerConfig, ctx: registry.BuildContext) -> HttpHandler:
+    timeout = config.timeout_s
+    return HttpHandler(config.url, mode=config.mode,
                        timeout_s=float(timeout) if timeout else None,
-                       headers=config.get("headers"), ce_type=str(config["ce_type"]),
-                       allow_link_local=bool(config["allow_link_local"]))
+                       headers=config.headers, ce_type=config.ce_type,
+                       allow_link_local=config.allow_link_local)
 
 
 registry.register(registry.ComponentSpec(
@@ -170,5 +192,6 @@ registry.register(registry.ComponentSpec(
     summary="A function behind an HTTP URL, called with each task as a CloudEvent.",
     config=CONFIG,
     factory=build_handler,
-    check=lambda config, file: check_url_config(config),
+    settings=HttpHandlerConfig.from_mapping,
+    check=check,
 ))

@@ -12,17 +12,17 @@ from __future__ import annotations
 import email.utils
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
 from sluice import registry
-from sluice.config.destinations import label_field
+from sluice.config.destinations import SinkSettings, label_field
 from sluice.connectors.base import SinkRecord
 from sluice.errors import DeliveryError
 from sluice.sinks.ssrf import (
     RefusedAddress,
-    check_url_config,
     guarded_session,
     redirect_refused,
     url_problems,
@@ -31,28 +31,63 @@ from sluice.spec import REQUIRED, Field, ObjectSpec
 
 RETRYABLE = frozenset({408, 425, 429})
 
+TIMEOUT_S, MAX_ATTEMPTS, CONCURRENCY = "timeout_s", "max_attempts", "concurrency"
+INITIAL_BACKOFF_S, MAX_BACKOFF_S, MAX_AGE_S = "initial_backoff_s", "max_backoff_s", "max_age_s"
+URL, HEADERS, ALLOW_LINK_LOCAL = "url", "headers", "allow_link_local"
+
 DELIVERY_FIELDS = (
-    Field("timeout_s", "number", "Time limit of one delivery attempt.", default=10.0,
+    Field(TIMEOUT_S, "number", "Time limit of one delivery attempt.", default=10.0,
           exclusive_minimum=0),
-    Field("max_attempts", "integer", "Attempts before the record goes to the pipeline's dead "
+    Field(MAX_ATTEMPTS, "integer", "Attempts before the record goes to the pipeline's dead "
           "letter (under on_success/on_failure).", default=10, minimum=1),
-    Field("initial_backoff_s", "number", "First retry delay bound (full jitter).", default=1.0,
+    Field(INITIAL_BACKOFF_S, "number", "First retry delay bound (full jitter).", default=1.0,
           minimum=0),
-    Field("max_backoff_s", "number", "Largest retry delay bound.", default=300.0, minimum=0),
-    Field("max_age_s", "number", "A record older than this is not retried again.",
+    Field(MAX_BACKOFF_S, "number", "Largest retry delay bound.", default=300.0, minimum=0),
+    Field(MAX_AGE_S, "number", "A record older than this is not retried again.",
           default=86400.0, exclusive_minimum=0),
-    Field("concurrency", "integer", "Deliveries in flight to this destination.", default=8,
+    Field(CONCURRENCY, "integer", "Deliveries in flight to this destination.", default=8,
           minimum=1, maximum=1000),
 )
 
 URL_FIELDS = (
-    Field("url", "string", "Where to POST (http:// or https://).", default=REQUIRED),
-    Field("headers", "object", "Extra request headers (values may use ${ENV}).", default=None),
-    Field("allow_link_local", "boolean", "Allow a URL that is or resolves to a link-local or "
+    Field(URL, "string", "Where to POST (http:// or https://).", default=REQUIRED),
+    Field(HEADERS, "object", "Extra request headers (values may use ${ENV}).", default=None),
+    Field(ALLOW_LINK_LOCAL, "boolean", "Allow a URL that is or resolves to a link-local or "
           "cloud-metadata address (refused by default: SSRF guard).", default=False),
 )
 
-CONFIG = ObjectSpec(*URL_FIELDS, label_field("url"), *DELIVERY_FIELDS)
+CONFIG = ObjectSpec(*URL_FIELDS, label_field(URL), *DELIVERY_FIELDS)
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSinkConfig(SinkSettings):
+    """The typed ``http`` sink config (the keys of :data:`CONFIG`); the fields of the URL and
+    the delivery keys are the same in the ``webhook`` sink's."""
+
+    url: str
+    headers: dict[str, str] | None
+    allow_link_local: bool
+    label: str | None
+    timeout_s: float
+    max_attempts: int
+    initial_backoff_s: float
+    max_backoff_s: float
+    max_age_s: float
+    concurrency: int
+
+    @property
+    def target(self) -> str:
+        return self.url
+
+
+def url_check(url: str, allow_link_local: bool) -> list[tuple[tuple[str, ...], str]]:
+    """A component ``check`` of a URL (the SSRF guard's problems, at the ``url`` key)."""
+    return [((URL,), p) for p in url_problems(url, allow_link_local=allow_link_local)]
+
+
+def check(config: Any, file: object) -> list[tuple[tuple[str, ...], str]]:
+    typed = HttpSinkConfig.from_mapping(config)
+    return url_check(typed.url, typed.allow_link_local)
 
 
 def retry_after_s(value: str | None) -> float | None:
@@ -121,10 +156,9 @@ class HttpSink:
             await self._session.close()
 
 
-def build_sink(config: dict[str, Any], ctx: registry.BuildContext) -> HttpSink:
-    return HttpSink(str(config["url"]), config.get("headers"),
-                    timeout_s=float(config["timeout_s"]),
-                    allow_link_local=bool(config["allow_link_local"]))
+def build_sink(config: HttpSinkConfig, ctx: registry.BuildContext) -> HttpSink:
+    return HttpSink(config.url, config.headers, timeout_s=float(config.timeout_s),
+                    allow_link_local=config.allow_link_local)
 
 
 registry.register(registry.ComponentSpec(
@@ -133,5 +167,6 @@ registry.register(registry.ComponentSpec(
     summary="POST each record (a CloudEvent, structured JSON) to a URL.",
     config=CONFIG,
     factory=build_sink,
-    check=lambda config, file: check_url_config(config),
+    settings=HttpSinkConfig.from_mapping,
+    check=check,
 ))

@@ -8,25 +8,48 @@ named by ``secret_env``, never from the file."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from standardwebhooks import Webhook
 
 from sluice import registry
-from sluice.config.destinations import label_field
+from sluice.config.destinations import SinkSettings, label_field
 from sluice.connectors.base import SinkRecord
-from sluice.sinks.http import DELIVERY_FIELDS, URL_FIELDS, HttpSink
-from sluice.sinks.ssrf import check_url_config
+from sluice.sinks.http import DELIVERY_FIELDS, URL, URL_FIELDS, HttpSink, url_check
 from sluice.spec import REQUIRED, Field, ObjectSpec
+
+SECRET_ENV = "secret_env"
 
 CONFIG = ObjectSpec(
     *URL_FIELDS,
-    Field("secret_env", "string", "Name of the environment variable holding the signing "
+    Field(SECRET_ENV, "string", "Name of the environment variable holding the signing "
           "secret (whsec_...).", default=REQUIRED, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$"),
-    label_field("url"),
+    label_field(URL),
     *DELIVERY_FIELDS,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSinkConfig(SinkSettings):
+    """The typed ``webhook`` sink config (the keys of :data:`CONFIG`)."""
+
+    url: str
+    headers: dict[str, str] | None
+    allow_link_local: bool
+    secret_env: str
+    label: str | None
+    timeout_s: float
+    max_attempts: int
+    initial_backoff_s: float
+    max_backoff_s: float
+    max_age_s: float
+    concurrency: int
+
+    @property
+    def target(self) -> str:
+        return self.url
 
 
 class WebhookSink(HttpSink):
@@ -44,18 +67,19 @@ class WebhookSink(HttpSink):
 
 
 def check(config: Any, file: object) -> list[tuple[tuple[str, ...], str]]:
-    problems = check_url_config(config)
-    name = str(config.get("secret_env", ""))
+    typed = WebhookSinkConfig.from_mapping(config)
+    problems = url_check(typed.url, typed.allow_link_local)
+    name = typed.secret_env
     if name and not os.environ.get(name):
-        problems.append((("secret_env",), f"environment variable {name!r} is not set "
-                                          "(it holds the webhook signing secret)"))
+        problems.append(((SECRET_ENV,), f"environment variable {name!r} is not set "
+                                        "(it holds the webhook signing secret)"))
     return problems
 
 
-def build_sink(config: dict[str, Any], ctx: registry.BuildContext) -> WebhookSink:
-    return WebhookSink(str(config["url"]), os.environ[str(config["secret_env"])],
-                       config.get("headers"), timeout_s=float(config["timeout_s"]),
-                       allow_link_local=bool(config["allow_link_local"]))
+def build_sink(config: WebhookSinkConfig, ctx: registry.BuildContext) -> WebhookSink:
+    return WebhookSink(config.url, os.environ[config.secret_env], config.headers,
+                       timeout_s=float(config.timeout_s),
+                       allow_link_local=config.allow_link_local)
 
 
 registry.register(registry.ComponentSpec(
@@ -64,5 +88,6 @@ registry.register(registry.ComponentSpec(
     summary="A signed webhook (Standard Webhooks: webhook-id, -timestamp, -signature).",
     config=CONFIG,
     factory=build_sink,
+    settings=WebhookSinkConfig.from_mapping,
     check=check,
 ))
