@@ -27,6 +27,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,27 @@ CONFIG = Field(
     "first directory above it without an __init__.py).", default=REQUIRED,
     pattern=TARGET_PATTERN,
 )
+
+
+@dataclass(frozen=True, slots=True)
+class PythonHandlerConfig:
+    """The typed ``python`` handler config: the scalar shorthand ``package.module:function``."""
+
+    target: str
+
+    @classmethod
+    def of(cls, value: str | PythonHandlerConfig) -> PythonHandlerConfig:
+        """From the validated value (an instance is returned as is)."""
+        if isinstance(value, PythonHandlerConfig):
+            return value
+        if not isinstance(value, str):
+            raise TypeError(f"{cls.__name__}: expected package.module:function, got "
+                            f"{type(value).__name__}")
+        return cls(value)
+
+    def to_config(self) -> str:
+        """The value it was made from."""
+        return self.target
 
 
 def import_roots(pipeline_file: Path | None) -> tuple[Path, ...]:
@@ -148,14 +170,14 @@ def check_import(config: Any, file: Path | None) -> list[tuple[tuple[str, ...], 
     """Whether the target imports (a check that runs the handler's code; see the module
     docstring for when it runs)."""
     try:
-        import_target(str(config), import_roots(file))
+        import_target(PythonHandlerConfig.of(config).target, import_roots(file))
     except ImportError as exc:
         return [((), str(exc))]
     return []
 
 
-def build_handler(config: Any, ctx: registry.BuildContext) -> PythonHandler:
-    return PythonHandler(import_target(str(config), import_roots(ctx.pipeline_file)),
+def build_handler(config: PythonHandlerConfig, ctx: registry.BuildContext) -> PythonHandler:
+    return PythonHandler(import_target(config.target, import_roots(ctx.pipeline_file)),
                          max_threads=ctx.concurrency)
 
 
@@ -165,5 +187,6 @@ registry.register(registry.ComponentSpec(
     summary="An in-process Python function (sync or async).",
     config=CONFIG,
     factory=build_handler,
+    settings=PythonHandlerConfig.of,
     check_code=check_import,
 ))
