@@ -1,0 +1,105 @@
+"""Typed component configs: each built-in spec's validated mapping becomes the frozen dataclass
+declared beside it (its ``settings`` converter), and back without loss; unknown keys end at the
+loader."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+
+from sluice import registry
+from sluice.config.destinations import LABEL, LabelField, SinkSettings
+from sluice.registry import ComponentSpec, Registry
+from sluice.spec import ObjectSpec, Settings
+
+# A minimal valid config of each built-in component (the loader applies the defaults).
+EXAMPLES: dict[tuple[str, str], Any] = {
+    ("source", "embedded"): {"queue": "jobs"},
+    ("sink", "embedded"): {"queue": "jobs.dlq"},
+    ("sink", "http"): {"url": "https://example.com/hook", "headers": {"x-a": "1"}},
+    ("sink", "webhook"): {"url": "https://example.com/hook", "secret_env": "HOOK_SECRET",
+                          "label": "hook"},
+    ("handler", "http"): {"url": "http://fn.example:8080/", "timeout_s": 5},
+    ("handler", "python"): "pipelines.quickstart:handle",
+}
+# Built-ins whose factories still take the mapping (the registry passes it as it is).
+UNTYPED = {("source", "kafka"), ("sink", "kafka")}
+
+
+def builtins() -> list[ComponentSpec[Any, Any]]:
+    return Registry(entry_point_group=None).components()
+
+
+def back(typed: Any) -> Any:
+    return typed.to_mapping() if isinstance(typed, Settings) else typed.to_config()
+
+
+def test_every_builtin_declares_a_typed_config() -> None:
+    specs = {(s.family, s.name): s for s in builtins()}
+    typed = {key for key, s in specs.items() if s.settings is not registry.as_given}
+    assert typed | UNTYPED == set(specs)
+    assert typed == set(EXAMPLES)
+
+
+@pytest.mark.parametrize("key", sorted(EXAMPLES))
+def test_defaults_applied_example_converts_and_back(key: tuple[str, str]) -> None:
+    spec = registry.get(*key)
+    validated = spec.apply_defaults(EXAMPLES[key])
+    typed = spec.typed(validated)
+    assert dataclasses.is_dataclass(typed)
+    assert back(typed) == validated
+    assert spec.typed(typed) is typed  # a typed config is taken as it is
+    first = dataclasses.fields(typed)[0].name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(typed, first, None)
+    assert not hasattr(typed, "__dict__")  # slots: no key but the declared ones
+
+
+@pytest.mark.parametrize("key", sorted(k for k in EXAMPLES if k[1] != "python"))
+def test_fields_are_the_spec_keys(key: tuple[str, str]) -> None:
+    spec = registry.get(*key)
+    assert isinstance(spec.config, ObjectSpec)
+    typed = spec.typed(spec.apply_defaults(EXAMPLES[key]))
+    assert type(typed).__slots__  # slots: nothing but the declared fields
+    assert set(type(typed).keys()) == {f.name for f in spec.config.fields_}
+
+
+@pytest.mark.parametrize("key", sorted(k for k in EXAMPLES if k[0] == "sink"))
+def test_a_sink_reads_its_label_and_target_typed(key: tuple[str, str]) -> None:
+    spec = registry.get(*key)
+    assert isinstance(spec.config, ObjectSpec)
+    validated = spec.apply_defaults(EXAMPLES[key])
+    typed = spec.typed(validated)
+    assert isinstance(typed, SinkSettings)
+    (label_field,) = [f for f in spec.config.fields_ if isinstance(f, LabelField)]
+    assert label_field.target is not None
+    assert typed.target == validated[label_field.target]
+    assert typed.label == validated[LABEL]
+
+
+@pytest.mark.parametrize("key", sorted(k for k in EXAMPLES if k[1] != "python"))
+def test_unknown_and_missing_keys_are_refused(key: tuple[str, str]) -> None:
+    spec = registry.get(*key)
+    validated = spec.apply_defaults(EXAMPLES[key])
+    with pytest.raises(ValueError, match=r"unknown key.*nope"):
+        spec.typed({**validated, "nope": 1})
+    required = sorted(EXAMPLES[key])[0]
+    with pytest.raises((ValueError, TypeError)):
+        spec.settings({k: v for k, v in validated.items() if k != required})
+
+
+def test_python_handler_takes_only_its_shorthand() -> None:
+    spec = registry.get("handler", "python")
+    with pytest.raises(TypeError):
+        spec.typed({"target": "a:b"})
+
+
+def test_a_third_party_spec_without_a_converter_gets_the_mapping() -> None:
+    made: list[Any] = []
+    spec: ComponentSpec[Any, Any] = ComponentSpec(
+        family="sink", name="toy", summary="", config=ObjectSpec(),
+        factory=lambda config, ctx: made.append(config))
+    spec.build({}, registry.BuildContext("p"))
+    assert made == [{}]
