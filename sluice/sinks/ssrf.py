@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
-from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -115,10 +114,3 @@ def redirect_refused(url: str, status: int, location: str | None) -> str:
     where = f"redirecting to {location[:500]}" if location else "redirecting (no Location)"
     return (f"{url} answered HTTP {status} {where}; redirects are not followed "
             "(configure the final URL)")
-
-
-def check_url_config(config: Any) -> list[tuple[tuple[str, ...], str]]:
-    """A component ``check`` for configs with ``url`` and ``allow_link_local`` keys."""
-    url = str(config.get("url", ""))
-    return [(("url",), p) for p in url_problems(url, allow_link_local=bool(
-        config.get("allow_link_local")))]
