@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -77,6 +77,28 @@ class Dispatcher(Generic[T]):
         lane.waiting.append(item)
         self.waiting += 1
         return False
+
+    def would_run(self, offers: Sequence[tuple[Hashable | None, str]]) -> list[bool]:
+        """For (lane, task id) offers made in this order: whether each would run at once
+        (:meth:`offer` true), changing nothing (the loop starts those attempts with their
+        claim, and only reserves the others)."""
+        now = time.monotonic()
+        taken: dict[Hashable, str] = {}  # lanes an earlier offer of these would take
+        out: list[bool] = []
+        for lane_id, task_id in offers:
+            if lane_id is None:
+                out.append(True)
+                continue
+            holder = taken.get(lane_id)
+            if holder is None:
+                lane = self._lanes.get(lane_id)
+                holder = task_id
+                if (lane is not None and lane.held_by is not None
+                        and not self._hold_lapsed(lane_id, now)):
+                    holder = lane.held_by
+                taken[lane_id] = holder
+            out.append(holder == task_id)
+        return out
 
     def finished(self, lane_id: Hashable | None, task_id: str, *,
                  retrying: bool = False, retry_in_s: float = 0.0) -> list[T]:

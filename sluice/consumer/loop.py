@@ -1,4 +1,5 @@
-"""The consumer loop of one pipeline in one process: fetch → claim → run → record → settle.
+"""The consumer loop of one pipeline in one process: fetch → claim → start → run → record →
+settle.
 
 Invariants, in the order they happen to a message:
 
@@ -6,9 +7,12 @@ Invariants, in the order they happen to a message:
    ready, waiting in an ordering lane, or finished and not yet recorded); fetch only what
    fits: a full layer stops fetching, which is the backpressure to the source. (A retry that
    holds its lane may come back beyond that: rule 4 of the dispatcher.)
-2. Claim every fetched task in the task store before running it. A task already final is
-   settled (acknowledged) without running; one RUNNING under another live lease is handed back
-   to the source until that lease ends; a PAUSED one is held back. Only a successful claim runs.
+2. Claim every fetched task in the task store (one write per fetched batch) before running
+   it. A task already final is settled (acknowledged) without running; one RUNNING under
+   another live lease is handed back to the source until that lease ends; a PAUSED one is held
+   back. Only a successful claim runs. The claim starts the attempt (counts it, sets the start
+   time) only of a task whose ordering lane is free at that moment; one that will wait in its
+   lane is only reserved (under this worker's lease: nobody else claims it) until rule 12.
 3. While a task runs, its source lease and its task-store lease are extended every
    ``lease_s / 3``; a worker that dies stops extending, and both lapse together.
 4. An attempt's end is recorded in the task store (compare-and-set from RUNNING under this
@@ -23,8 +27,9 @@ Invariants, in the order they happen to a message:
    has its attempt cancelled (async handlers stop at their next await; a sync handler's thread
    runs on, its outcome discarded) as soon as this worker learns of it: at once when the
    cancel came through this process, else at the next lease extension.
-8. On stop: no new fetches; tasks in flight get ``timeout_s`` to finish; any still running are
-   cancelled and handed back (their leases released, so another worker claims them at once).
+8. On stop: no new fetches, nothing new starts; tasks in flight get ``timeout_s`` to finish; any
+   still running are cancelled and handed back (their leases released, so another worker
+   claims them at once).
 9. Result records are routed by the pipeline's :class:`~sluice.consumer.results.ResultRouter`:
    through the outbox (written with the attempt's end, rule 4), or with the acknowledgement
    (a :class:`~sluice.connectors.base.ProducingSource` writes them before it commits the
@@ -36,8 +41,15 @@ Invariants, in the order they happen to a message:
     predecessor's end is recorded (rule 4), not merely returned. A crash can then repeat only
     attempts that had started and whose end was not yet recorded, never a task that a later
     one of its lane ran after.
-11. A task handed back without having started (waiting in its lane or ready at a stop) is
+11. A task handed back without having run (waiting in its lane or ready at a stop) is
     un-claimed: QUEUED again with its attempt count as before the claim, its start unset.
+12. A reserved task whose lane admits it (rule 10) has its start written to the task store
+    (attempts + 1, the start time) in the flush after the one that recorded its predecessor's
+    end (step 5), and its handler runs only once that write returned: an attempt counts when
+    it starts, and a start is durable before the handler runs, so a worker that dies while
+    tasks wait in its lanes has counted nothing for them, and one that dies mid-attempt has.
+    (A task whose lane is free is started by its claim, rule 2: the hot path writes nothing
+    more; if the crash comes while it waits only for a concurrency permit, its count stands.)
 """
 
 from __future__ import annotations
@@ -139,6 +151,13 @@ class ConsumerLoop:
             config.consumer.ordering,
             source_orders_keys=bool(getattr(source, "orders_keys", False)))
         self._ready: deque[tuple[Delivery, ClaimResult]] = deque()  # lane is theirs; no permit
+        # Reserved tasks their lanes admitted, whose starts the flusher writes (rule 12); and
+        # those of the start write under way (the heartbeat keeps their leases too).
+        self._to_start: list[tuple[Delivery, ClaimResult]] = []
+        self._starting: list[tuple[Delivery, ClaimResult]] = []
+        self._starts_idle = asyncio.Event()  # no start write under way
+        self._starts_idle.set()
+        self._stopping = False  # stop path under way: nothing new starts (rule 8)
         self._running: dict[asyncio.Task[None], Delivery] = {}
         self._held: dict[int, Delivery] = {}  # every delivery not yet settled, by id()
         self._pending: list[_Settle] = []
@@ -253,37 +272,49 @@ class ConsumerLoop:
     async def _dispatch(self, deliveries: list[Delivery]) -> None:
         for d in deliveries:
             self._held[id(d)] = d
-        claims = [Claim(d.task_id, d.key, d.enqueued_at, d.deliveries) for d in deliveries]
+        # Rule 2: start with the claim only what its lane would run now; reserve the rest.
+        free = self.dispatcher.would_run([(self._lane(d), d.task_id) for d in deliveries])
+        claims = [Claim(d.task_id, d.key, d.enqueued_at, d.deliveries, start)
+                  for d, start in zip(deliveries, free, strict=True)]
         results = await self.store.claim(self.config.name, self.config.tenant, claims, self.owner,
                                          self.source.lease_s, time.time())
-        now = time.time()
         for delivery, claim in zip(deliveries, results, strict=True):
             if claim.status == ClaimStatus.RUN:
                 self._offer(delivery, claim)
-            elif claim.status == ClaimStatus.DONE:
-                self.stats.skipped += 1
-                if self._producing is not None:
-                    task = await self.store.get(delivery.task_id, self.config.name)
-                    self._settle(_Settle(delivery, outputs=self.results.stored(delivery, task)))
-                else:
-                    self._settle(_Settle(delivery))
-            elif claim.status == ClaimStatus.BUSY:
-                wait = max((claim.lease_until or now) - now, 0.0) + 0.05
-                self._settle(_Settle(delivery, delay_s=wait))
-            else:  # HELD (paused)
-                self._settle(_Settle(delivery, delay_s=HOLD_RECHECK_S))
+            else:
+                await self._not_run(delivery, claim)
         self._start_ready()
+
+    async def _not_run(self, delivery: Delivery, claim: ClaimResult) -> None:
+        """Settle the message of a task this worker may not run (rule 2)."""
+        if claim.status == ClaimStatus.DONE:
+            self.stats.skipped += 1
+            if self._producing is not None:
+                task = await self.store.get(delivery.task_id, self.config.name)
+                self._settle(_Settle(delivery, outputs=self.results.stored(delivery, task)))
+            else:
+                self._settle(_Settle(delivery))
+        elif claim.status == ClaimStatus.BUSY:
+            now = time.time()
+            wait = max((claim.lease_until or now) - now, 0.0) + 0.05
+            self._settle(_Settle(delivery, delay_s=wait))
+        else:  # HELD (paused)
+            self._settle(_Settle(delivery, delay_s=HOLD_RECHECK_S))
 
     def _lane(self, delivery: Delivery) -> Hashable | None:
         return self.dispatcher.lane_of(delivery.key, delivery.partition)
 
     def _offer(self, delivery: Delivery, claim: ClaimResult) -> None:
         if self.dispatcher.offer(self._lane(delivery), delivery.task_id, (delivery, claim)):
-            self._ready.append((delivery, claim))
+            if claim.started:
+                self._ready.append((delivery, claim))
+            else:  # reserved: its start is written first (rule 12)
+                self._to_start.append((delivery, claim))
+                self._pending_event.set()
 
     def _start_ready(self) -> None:
-        """Start ready tasks while the limiter has permits."""
-        if self._ready:
+        """Start ready tasks while the limiter has permits (none once stopping: rule 8)."""
+        if self._ready and not self._stopping:
             # Each take() lowers available() by one: count once (it reads the clock).
             start = asyncio.get_running_loop().create_task  # no name: asyncio.create_task's
             for _ in range(min(len(self._ready), self.limiter.available())):
@@ -454,6 +485,7 @@ class ConsumerLoop:
     async def _flush_once(self) -> None:
         batch = self._pending
         if not batch:
+            await self._write_starts()  # step 5 alone: lanes that admitted outside a flush
             return
         self._pending = []
         try:
@@ -497,6 +529,36 @@ class ConsumerLoop:
                     self._lane_finished(*lane_end)
             self._start_ready()
             self._slot_freed.set()
+        # Step 5: the reserved tasks those lanes admitted start (rule 12).
+        await self._write_starts()
+
+    async def _write_starts(self) -> None:
+        """Write the starts of the reserved tasks whose lanes admitted them, in one store
+        write; each runs once it returned (rule 12). One not RUNNING here any more (cancelled,
+        taken over) is settled unrun, and its lane moves on once that is recorded."""
+        if not self._to_start or self._stopping:
+            return
+        self._starting, self._to_start = self._to_start, []
+        self._starts_idle.clear()
+        try:
+            results = await self.store.start(self.config.name,
+                                             [d.task_id for d, _ in self._starting],
+                                             self.owner, time.time())
+        except Exception:
+            self._to_start[:0] = self._starting  # nothing was written: all of them again
+            raise
+        finally:
+            starting, self._starting = self._starting, []
+            self._starts_idle.set()
+        for (delivery, _), claim in zip(starting, results, strict=True):
+            if claim.status == ClaimStatus.RUN:
+                self._ready.append((delivery, claim))
+                continue
+            await self._not_run(delivery, claim)
+            lane = self._lane(delivery)
+            if lane is not None:
+                self._lane_ends[id(delivery)] = (lane, delivery.task_id, False, 0.0)
+        self._start_ready()
 
     # -- leases ---------------------------------------------------------------------------
 
@@ -513,6 +575,7 @@ class ConsumerLoop:
                 continue
             claimed = ([d.task_id for d in self._running.values()]
                        + [d.task_id for d, _ in self._ready]
+                       + [d.task_id for d, _ in self._to_start + self._starting]
                        + [d.task_id for d, _ in self.dispatcher.waiting_items()])
             try:
                 await self.source.extend(held)
@@ -529,6 +592,8 @@ class ConsumerLoop:
             self.cancel_attempt(task_id)
         unstarted = [d for d, _ in self._ready if d.task_id in lost]
         self._ready = deque(item for item in self._ready if item[0].task_id not in lost)
+        unstarted += [d for d, _ in self._to_start if d.task_id in lost]
+        self._to_start = [item for item in self._to_start if item[0].task_id not in lost]
         unstarted += [d for d, _ in self.dispatcher.remove_waiting(
             lambda item: item[0].task_id not in lost)]
         if not unstarted:
@@ -541,9 +606,9 @@ class ConsumerLoop:
         self._slot_freed.set()
 
     async def _finish_in_flight(self) -> None:
-        unstarted = [d for d, _ in self._ready] + [d for d, _ in self.dispatcher.drop_waiting()]
-        self._ready.clear()
-        await self._hand_back_unstarted(unstarted)
+        self._stopping = True  # nothing new starts (rule 8); a start write under way ends first
+        await self._starts_idle.wait()
+        await self._hand_back_unstarted()
         if not self._running:
             return
         grace = self.config.consumer.timeout_s + 1.0
@@ -551,8 +616,7 @@ class ConsumerLoop:
                  len(self._running))
         _done, still = await asyncio.wait(set(self._running), timeout=grace)
         # Lanes freed by the finishing tasks: not started now.
-        ready, self._ready = [d for d, _ in self._ready], deque()
-        await self._hand_back_unstarted(ready + [d for d, _ in self.dispatcher.drop_waiting()])
+        await self._hand_back_unstarted()
         if not still:
             return
         handed_back = [self._running[t] for t in still if t in self._running]
@@ -565,11 +629,20 @@ class ConsumerLoop:
             self._held.pop(id(d), None)
         log.warning("stopping: handed %d unfinished task(s) back to the queue", len(handed_back))
 
-    async def _hand_back_unstarted(self, unstarted: list[Delivery]) -> None:
-        """Claimed but never started: un-claimed and handed back at once (rule 11)."""
-        if not unstarted:
+    async def _hand_back_unstarted(self) -> None:
+        """Every task claimed here whose handler has not run (ready, admitted and waiting for
+        its start, or waiting in its lane): un-claimed and handed back at once (rule 11)."""
+        items = [*self._ready, *self._to_start, *self.dispatcher.drop_waiting()]
+        self._ready.clear()
+        self._to_start.clear()
+        if not items:
             return
-        await self.store.unclaim(self.config.name, [d.task_id for d in unstarted], self.owner)
-        await self.source.retry_later([(d, 0.0) for d in unstarted])
-        for d in unstarted:
+        started = [d.task_id for d, claim in items if claim.started]
+        reserved = [d.task_id for d, claim in items if not claim.started]
+        if started:
+            await self.store.unclaim(self.config.name, started, self.owner)
+        if reserved:
+            await self.store.unclaim(self.config.name, reserved, self.owner, started=False)
+        await self.source.retry_later([(d, 0.0) for d, _ in items])
+        for d, _ in items:
             self._held.pop(id(d), None)

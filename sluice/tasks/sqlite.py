@@ -174,11 +174,13 @@ class SqliteTaskStore:
             if found is None:
                 received: float | None = (
                     claim.received_at if claim.received_at is not None else now)
-                inserts.append((pipeline, claim.task_id, tenant, claim.key, received, received,
-                                now, now, owner, lease_until))
-                current[claim.task_id] = ("RUNNING", 1, lease_until, owner, received, received,
-                                          now)
-                out.append(ClaimResult(ClaimStatus.RUN, 1, received, None, received, now))
+                first, first_start = (1, now) if claim.start else (0, None)
+                inserts.append((pipeline, claim.task_id, tenant, first, claim.key, received,
+                                received, first_start, now, owner, lease_until))
+                current[claim.task_id] = ("RUNNING", first, lease_until, owner, received,
+                                          received, first_start)
+                out.append(ClaimResult(ClaimStatus.RUN, first, received, None, received,
+                                       first_start, claim.start))
                 continue
             state, attempts, their_lease, their_owner, received, queued, started = found
             if state in FINAL:
@@ -191,22 +193,54 @@ class SqliteTaskStore:
                     and their_lease is not None and their_lease > now):
                 out.append(ClaimResult(ClaimStatus.BUSY, attempts, received, their_lease))
                 continue
-            attempts += 1
-            started = started if started is not None else now
+            if claim.start:  # else only reserved: counted by start() (rule 3 of the states)
+                attempts += 1
+                started = started if started is not None else now
             current[claim.task_id] = ("RUNNING", attempts, lease_until, owner, received, queued,
                                       started)
-            updates.append((attempts, now, now, owner, lease_until, pipeline, claim.task_id))
-            out.append(ClaimResult(ClaimStatus.RUN, attempts, received, None, queued, started))
+            updates.append((attempts, started, now, owner, lease_until, pipeline,
+                            claim.task_id))
+            out.append(ClaimResult(ClaimStatus.RUN, attempts, received, None, queued, started,
+                                   claim.start))
         conn.executemany(  # one statement for the batch (a repeated id is claimed once above)
             "INSERT INTO tasks (pipeline, task_id, tenant, state, attempts, key,"
             " received_at, queued_at, started_at, updated_at, lease_owner, lease_until)"
-            " VALUES (?, ?, ?, 'RUNNING', 1, ?, ?, ?, ?, ?, ?, ?)", inserts)
+            " VALUES (?, ?, ?, 'RUNNING', ?, ?, ?, ?, ?, ?, ?, ?)", inserts)
         conn.executemany(
-            "UPDATE tasks SET state = 'RUNNING', attempts = ?,"
-            " started_at = COALESCE(started_at, ?), updated_at = ?, lease_owner = ?,"
-            " lease_until = ? WHERE pipeline = ? AND task_id = ?",
+            "UPDATE tasks SET state = 'RUNNING', attempts = ?, started_at = ?, updated_at = ?,"
+            " lease_owner = ?, lease_until = ? WHERE pipeline = ? AND task_id = ?",
             updates,
         )
+        return out
+
+    async def start(self, pipeline: str, task_ids: Sequence[str], owner: str,
+                    now: float) -> builtins.list[ClaimResult]:
+        return await self.db.run(lambda c: self._start(c, pipeline, task_ids, owner, now))
+
+    @staticmethod
+    def _start(conn: sqlite3.Connection, pipeline: str, task_ids: Sequence[str], owner: str,
+               now: float) -> builtins.list[ClaimResult]:
+        out: builtins.list[ClaimResult] = []
+        for task_id in task_ids:
+            row = conn.execute(
+                "UPDATE tasks SET attempts = attempts + 1, started_at = COALESCE(started_at, ?),"
+                " updated_at = ? WHERE pipeline = ? AND task_id = ? AND state = 'RUNNING'"
+                " AND lease_owner = ? RETURNING attempts, received_at, queued_at, started_at",
+                (now, now, pipeline, task_id, owner)).fetchone()
+            if row is not None:
+                out.append(ClaimResult(ClaimStatus.RUN, row[0], row[1], None, row[2], row[3]))
+                continue
+            row = conn.execute(
+                "SELECT state, attempts, received_at, lease_until FROM tasks"
+                " WHERE pipeline = ? AND task_id = ?", (pipeline, task_id)).fetchone()
+            if row is None:  # gone (not a state a reserved task reaches): not ours to run
+                out.append(ClaimResult(ClaimStatus.BUSY))
+            elif row[0] in FINAL:
+                out.append(ClaimResult(ClaimStatus.DONE, row[1], row[2]))
+            elif row[0] == TaskState.PAUSED:
+                out.append(ClaimResult(ClaimStatus.HELD, row[1], row[2]))
+            else:
+                out.append(ClaimResult(ClaimStatus.BUSY, row[1], row[2], row[3]))
         return out
 
     async def extend(self, pipeline: str, task_ids: Sequence[str], owner: str,
@@ -250,12 +284,14 @@ class SqliteTaskStore:
             "UPDATE tasks SET lease_until = 0 WHERE pipeline = ? AND task_id = ?"
             " AND lease_owner = ? AND state = 'RUNNING'", rows))
 
-    async def unclaim(self, pipeline: str, task_ids: Sequence[str], owner: str) -> None:
+    async def unclaim(self, pipeline: str, task_ids: Sequence[str], owner: str, *,
+                      started: bool = True) -> None:
         rows = [(pipeline, t, owner) for t in task_ids]
+        undo = ("attempts = MAX(attempts - 1, 0),"
+                " started_at = CASE WHEN attempts <= 1 THEN NULL ELSE started_at END,"
+                if started else "")
         await self.db.run(lambda c: c.executemany(
-            "UPDATE tasks SET state = 'QUEUED', attempts = MAX(attempts - 1, 0),"
-            " started_at = CASE WHEN attempts <= 1 THEN NULL ELSE started_at END,"
-            " lease_owner = NULL, lease_until = NULL"
+            f"UPDATE tasks SET state = 'QUEUED', {undo} lease_owner = NULL, lease_until = NULL"
             " WHERE pipeline = ? AND task_id = ? AND lease_owner = ? AND state = 'RUNNING'",
             rows))
 

@@ -11,8 +11,13 @@
 
       QUEUED, RETRYING, PAUSED, RUNNING ── cancel ──► CANCELLED
       RUNNING ── claim after the owner's lease lapsed (it died) ──► RUNNING   (failover)
+      RUNNING (reserved) ── start, when its ordering lane admits it ──► RUNNING (started)
       RUNNING ── handed back unstarted by its owner (a stop) ──► QUEUED    (un-claim)
       (no record) ── first seen at a consumer (a Kafka message, no submit) ──► RUNNING
+
+A claim takes the task under the worker's lease (RUNNING); it *starts* the attempt at once
+when the task's ordering lane is free, else it only *reserves* the task (attempts and start
+time unchanged) until the lane admits it and the worker records the start.
 
 Invariants:
 
@@ -20,11 +25,18 @@ Invariants:
    owner): a change the table below does not list is refused with ``IllegalTransition``.
 2. SUCCEEDED, FAILED and CANCELLED are final: nothing leaves them. A message whose task is final
    is acknowledged and skipped, never run again.
-3. ``attempts`` counts claims, so an attempt lost with its worker counts too: a message that
-   kills every worker that takes it still ends, FAILED, after ``max_attempts``. A claim its
-   owner hands back without having started the attempt (a stop while the task waited in its
-   ordering lane) is undone: QUEUED again, ``attempts`` as before. This move belongs to the
-   worker's lease, not to the control table below (no user command reaches it).
+3. ``attempts`` counts starts, and a start is recorded before the handler runs, so an attempt
+   lost with its worker counts too: a message that kills every worker that takes it still
+   ends, FAILED, after ``max_attempts``. A reserved task (claimed while it waits in its
+   ordering lane behind its key's predecessor) has no attempt counted and no start time set
+   for that wait: a worker that dies meanwhile costs it nothing, and the next claim after its
+   lease lapses takes it as it was. A task its owner hands back without having run it (a
+   stop) goes back to QUEUED with ``attempts`` as before its claim (a start counted for it is
+   undone). These moves belong to the worker's lease, not to the control table below (no user
+   command reaches them).
+4. A reserved task is RUNNING under its claimer's lease like a started one, so no other
+   worker claims it while it waits (failover dedup), and a cancel reaches it as it does a
+   running one.
 """
 
 from __future__ import annotations

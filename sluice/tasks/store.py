@@ -2,7 +2,8 @@
 
 A store records every task of every pipeline: its state (see :mod:`sluice.tasks.state`),
 attempts, result or error and stage timestamps. The consumer layer talks to it in batches
-(:meth:`TaskStore.claim`, :meth:`TaskStore.complete`): this path is hot.
+(:meth:`TaskStore.claim`, :meth:`TaskStore.start`, :meth:`TaskStore.complete`): this path is
+hot.
 
 Everything the gateway, the CLI and the submitters do with stored tasks is a method here, so
 callers are typed against :class:`TaskStore` and the SQL stays in the implementations
@@ -98,7 +99,7 @@ class NewTask:
 
 
 class ClaimStatus(StrEnum):
-    RUN = "run"  # claimed: run it
+    RUN = "run"  # claimed: run it (once started, :attr:`ClaimResult.started`)
     DONE = "done"  # final already: acknowledge the message, do not run
     BUSY = "busy"  # RUNNING under another live lease: leave it to its owner
     HELD = "held"  # PAUSED: keep the message, do not run
@@ -110,6 +111,10 @@ class Claim:
     key: str | None = None
     received_at: float | None = None  # used when the task is first seen at the consumer
     deliveries: int = 1  # times the source handed the message out (an untracked attempt count)
+    # Start the attempt now (its ordering lane is free): count it and set the start time.
+    # False: only reserve the task (RUNNING under the claimer's lease, attempts and start
+    # unchanged) until :meth:`TaskStore.start` (rule 3 of :mod:`sluice.tasks.state`).
+    start: bool = True
 
 
 @dataclass(slots=True)  # never changed once made (frozen: a 5x slower init, per message)
@@ -120,6 +125,7 @@ class ClaimResult:
     lease_until: float | None = None  # for BUSY: when the other owner's lease ends
     queued_at: float | None = None
     started_at: float | None = None  # of the first attempt
+    started: bool = True  # RUN: the attempt is counted; False: reserved, to start later
 
 
 @dataclass(slots=True)  # never changed once made (frozen: a 5x slower init, per message)
@@ -264,7 +270,17 @@ class TaskStore(Protocol):
 
     async def claim(self, pipeline: str, tenant: str, claims: Sequence[Claim], owner: str,
                     lease_s: float, now: float) -> list[ClaimResult]:
-        """Move each task to RUNNING under ``owner`` for ``lease_s`` (see :class:`ClaimStatus`)."""
+        """Move each task to RUNNING under ``owner`` for ``lease_s`` (see :class:`ClaimStatus`);
+        a RUN claim with :attr:`Claim.start` counts the attempt (attempts + 1, the start time
+        set if unset), one without only reserves the task (``started`` False in its result)."""
+        ...
+
+    async def start(self, pipeline: str, task_ids: Sequence[str], owner: str,
+                    now: float) -> list[ClaimResult]:
+        """Start the attempts of tasks ``owner`` reserved (claimed without
+        :attr:`Claim.start`): attempts + 1, the start time set if unset; for each, RUN (with
+        the counts now), or, if the task is not RUNNING under ``owner`` any more, DONE (final
+        meanwhile), HELD (paused) or BUSY (taken over by another worker)."""
         ...
 
     async def extend(self, pipeline: str, task_ids: Sequence[str], owner: str,
@@ -299,10 +315,13 @@ class TaskStore(Protocol):
         """End ``owner``'s leases now (at shutdown) so another worker can claim at once."""
         ...
 
-    async def unclaim(self, pipeline: str, task_ids: Sequence[str], owner: str) -> None:
-        """Undo ``owner``'s claims of tasks it never started (handed back at a stop): each goes
-        back to QUEUED with its attempt count as before the claim, and no start time if it has
-        had no attempt."""
+    async def unclaim(self, pipeline: str, task_ids: Sequence[str], owner: str, *,
+                      started: bool = True) -> None:
+        """Hand back ``owner``'s claims of tasks whose handler never ran (at a stop): each goes
+        back to QUEUED. ``started``: their attempts were counted (claimed with
+        :attr:`Claim.start`, or :meth:`start`), so the count goes back to what it was before,
+        and the start time is unset if that leaves no attempt; else they were only reserved,
+        and their count and start time stay as they are."""
         ...
 
     async def get(self, task_id: str, pipeline: str | None = None) -> TaskRecord:

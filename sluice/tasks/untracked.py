@@ -4,8 +4,9 @@ A Kafka source's committed offsets already say which messages are finished; a pi
 leave out the per-task records (two task-store writes per message) when it needs neither the
 task API, per-task cancel/pause, nor dedup by task id across workers. What stays:
 
-1. Every claim runs; its attempt number is the source's delivery count (retries are held by the
-   source, so they count as before, within one worker).
+1. Every claim runs, started at once (a claim that asks only to reserve its task is started
+   too: there is no count to defer); its attempt number is the source's delivery count
+   (retries are held by the source, so they count as before, within one worker).
 2. A completion is accepted as given. Its outbox messages (results for destinations that go
    through the outbox) are still written, in one transaction per batch: results are as
    reliable as with tracking.
@@ -64,6 +65,11 @@ class UntrackedStore:
         return [ClaimResult(ClaimStatus.RUN, c.deliveries, c.received_at, None, c.received_at,
                             now) for c in claims]
 
+    async def start(self, pipeline: str, task_ids: Sequence[str], owner: str,
+                    now: float) -> builtins.list[ClaimResult]:
+        # Every claim here is started already (rule 1): a start only confirms it.
+        return [ClaimResult(ClaimStatus.RUN, 1, None, None, None, now) for _ in task_ids]
+
     async def extend(self, pipeline: str, task_ids: Sequence[str], owner: str,
                      lease_s: float, now: float) -> builtins.list[str]:
         return []
@@ -90,7 +96,8 @@ class UntrackedStore:
     async def release(self, pipeline: str, task_ids: Sequence[str], owner: str) -> None:
         return None
 
-    async def unclaim(self, pipeline: str, task_ids: Sequence[str], owner: str) -> None:
+    async def unclaim(self, pipeline: str, task_ids: Sequence[str], owner: str, *,
+                      started: bool = True) -> None:
         return None
 
     async def get(self, task_id: str, pipeline: str | None = None) -> TaskRecord:

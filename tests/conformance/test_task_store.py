@@ -167,6 +167,66 @@ async def test_a_claim_batch_answers_in_order(store: TaskStore) -> None:
                                        ClaimStatus.RUN]
 
 
+# -- reserve and start ----------------------------------------------------------------------
+
+async def test_a_claim_without_start_reserves_the_task_uncounted(store: TaskStore) -> None:
+    await store.create(P, T, [NewTask("a", received_at=90.0)], now=95.0)
+    (res,) = await store.claim(P, T, [Claim("a", start=False)], "w1", LEASE_S, now=101.0)
+    assert (res.status, res.started, res.attempts, res.started_at) == (
+        ClaimStatus.RUN, False, 0, None)
+    rec = await store.get("a", P)
+    assert (rec.state, rec.attempts, rec.started_at) == (TaskState.RUNNING, 0, None)
+    # Held under w1's lease like a started task: nobody else claims it while it waits.
+    (busy,) = await store.claim(P, T, [Claim("a")], "w2", LEASE_S, now=110.0)
+    assert (busy.status, busy.lease_until) == (ClaimStatus.BUSY, 131.0)
+    assert await store.extend(P, ["a"], "w1", LEASE_S, now=120.0) == []
+    (first,) = await store.claim(P, T, [Claim("k/0/1", start=False)], "w1", LEASE_S, now=121.0)
+    assert (first.status, first.started, first.attempts) == (ClaimStatus.RUN, False, 0)
+    assert (await store.get("k/0/1", P)).started_at is None
+
+
+async def test_start_counts_a_reserved_attempt(store: TaskStore) -> None:
+    await store.create(P, T, [NewTask("a", received_at=90.0)], now=95.0)
+    await store.claim(P, T, [Claim("a", start=False)], "w1", LEASE_S, now=101.0)
+    (res,) = await store.start(P, ["a"], "w1", now=105.0)
+    assert (res.status, res.started, res.attempts, res.received_at, res.queued_at,
+            res.started_at) == (ClaimStatus.RUN, True, 1, 90.0, 95.0, 105.0)
+    rec = await store.get("a", P)
+    assert (rec.state, rec.attempts, rec.started_at) == (TaskState.RUNNING, 1, 105.0)
+    assert await store.complete(P, [Completion("a", TaskState.SUCCEEDED)], "w1", 106.0) == [
+        TaskState.SUCCEEDED]
+
+
+async def test_a_retried_task_reserved_then_started_keeps_its_first_start(
+        store: TaskStore) -> None:
+    await running(store, "a", "w1", now=100.0)
+    await store.complete(P, [Completion("a", TaskState.RETRYING, error_type="E")], "w1", 101.0)
+    (res,) = await store.claim(P, T, [Claim("a", start=False)], "w2", LEASE_S, now=102.0)
+    assert (res.status, res.started, res.attempts) == (ClaimStatus.RUN, False, 1)
+    (res,) = await store.start(P, ["a"], "w2", now=103.0)
+    assert (res.status, res.attempts, res.started_at) == (ClaimStatus.RUN, 2, 100.0)
+
+
+async def test_a_reservation_lost_with_its_worker_counts_nothing(store: TaskStore) -> None:
+    await queued(store, "a")
+    await store.claim(P, T, [Claim("a", start=False)], "w1", LEASE_S, now=100.0)
+    (took,) = await store.claim(P, T, [Claim("a")], "w2", LEASE_S, now=131.0)  # w1 died
+    assert (took.status, took.attempts, took.started_at) == (ClaimStatus.RUN, 1, 131.0)
+
+
+async def test_start_answers_for_tasks_not_reserved_here_any_more(store: TaskStore) -> None:
+    await queued(store, "mine", "cancelled", "taken")
+    await store.claim(P, T, [Claim(t, start=False) for t in ("mine", "cancelled", "taken")],
+                      "w1", LEASE_S, now=100.0)
+    await store.transition(P, "cancelled", TaskState.CANCELLED, 101.0)
+    await store.claim(P, T, [Claim("taken")], "w2", LEASE_S, now=131.0)  # w1's lease lapsed
+    got = await store.start(P, ["mine", "cancelled", "taken"], "w1", now=132.0)
+    assert [(r.status, r.attempts) for r in got] == [
+        (ClaimStatus.RUN, 1), (ClaimStatus.DONE, 0), (ClaimStatus.BUSY, 1)]
+    assert got[2].lease_until == 161.0
+    assert (await store.get("taken", P)).attempts == 1  # w2's start only
+
+
 # -- extend ---------------------------------------------------------------------------------
 
 async def test_extend_keeps_the_lease_and_reports_lost_ids(store: TaskStore) -> None:
@@ -282,6 +342,20 @@ async def test_unclaim_after_an_attempt_keeps_that_attempt_and_its_start(
     await store.unclaim(P, ["a"], "w1")
     rec = await store.get("a", P)
     assert (rec.state, rec.attempts, rec.started_at) == (TaskState.QUEUED, 1, 100.0)
+
+
+async def test_unclaim_of_a_reservation_keeps_the_count_and_start(store: TaskStore) -> None:
+    await running(store, "a", "w1", now=100.0)
+    await store.complete(P, [Completion("a", TaskState.RETRYING, error_type="E")], "w1", 101.0)
+    await store.claim(P, T, [Claim("a", start=False)], "w1", LEASE_S, now=102.0)
+    await queued(store, "b")
+    await store.claim(P, T, [Claim("b", start=False)], "w1", LEASE_S, now=102.0)
+    await store.unclaim(P, ["a", "b"], "w1", started=False)
+    got = [await store.get(t, P) for t in ("a", "b")]
+    assert [(r.state, r.attempts, r.started_at) for r in got] == [
+        (TaskState.QUEUED, 1, 100.0), (TaskState.QUEUED, 0, None)]
+    (again,) = await store.claim(P, T, [Claim("b")], "w2", LEASE_S, now=105.0)
+    assert (again.status, again.attempts) == (ClaimStatus.RUN, 1)
 
 
 async def test_unclaim_leaves_what_is_not_the_owners(store: TaskStore) -> None:
