@@ -590,12 +590,16 @@ class ConsumerLoop:
     async def _drop_lost(self, lost: set[str]) -> None:
         for task_id in lost:
             self.cancel_attempt(task_id)
-        unstarted = [d for d, _ in self._ready if d.task_id in lost]
+        admitted = [d for d, _ in self._ready if d.task_id in lost]
         self._ready = deque(item for item in self._ready if item[0].task_id not in lost)
-        unstarted += [d for d, _ in self._to_start if d.task_id in lost]
+        admitted += [d for d, _ in self._to_start if d.task_id in lost]
         self._to_start = [item for item in self._to_start if item[0].task_id not in lost]
-        unstarted += [d for d, _ in self.dispatcher.remove_waiting(
+        unstarted = admitted + [d for d, _ in self.dispatcher.remove_waiting(
             lambda item: item[0].task_id not in lost)]
+        for d in admitted:  # each held its lane (as a running attempt does): let it move on
+            lane = self._lane(d)
+            if lane is not None:
+                self._lane_finished(lane, d.task_id, False, 0.0)
         if not unstarted:
             return
         log.warning("%d task(s) waiting here were taken over by another worker; dropped "

@@ -150,3 +150,22 @@ async def test_a_stop_hands_back_lane_waiting_tasks_unclaimed(data_dir: Path,
     await drain(make_loop(data_dir, ordering="partition", concurrency=4, max_attempts=1))
     records = [await store.get(tid, "jobs") for tid in ids]
     assert [(r.state, r.attempts) for r in records] == [(TaskState.SUCCEEDED, 1)] * 4
+
+
+async def test_a_task_taken_over_while_admitted_lets_its_lane_move_on(data_dir: Path,
+                                                                      run_log: str) -> None:
+    # Two tasks of one lane: the first admitted (holding the lane, waiting for a slot), the
+    # second waiting behind it. Another worker takes the first over: it is dropped here, and
+    # its lane must not stay held by it (the second would then wait forever).
+    from sluice.tasks.store import ClaimResult, ClaimStatus
+
+    submit(data_dir, [{}, {}])
+    loop = make_loop(data_dir, ordering="partition", concurrency=1)
+    await loop.source.start()
+    first, second = await loop.source.fetch(2, 1.0)
+    for delivery in (first, second):
+        loop._offer(delivery, ClaimResult(ClaimStatus.RUN, 1))
+    assert [d.task_id for d, _ in loop._ready] == [first.task_id]
+    await loop._drop_lost({first.task_id})
+    assert [d.task_id for d, _ in loop._ready] == [second.task_id]
+    await loop.source.close()
