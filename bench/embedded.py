@@ -110,6 +110,7 @@ async def phase(data_dir: str, handler: str, concurrency: int, total: int, batch
         "SELECT (started_at - queued_at) * 1000 FROM tasks WHERE pipeline = 'bench'").fetchall())
     waits = sorted(float(r[0]) for r in rows)
     await loop.handler.close()
+    db.close()  # its checkpoint thread must not run on into the next phase
     return {"tasks": total, "elapsed_s": elapsed, "tasks_per_s": total / elapsed,
             "rss_mb": during,
             "submit_to_start_p50_ms": percentile(waits, 50),
@@ -136,6 +137,7 @@ async def backlog_phase(data_dir: str, handler: str, total: int) -> dict[str, An
     if loop.stats.succeeded != total:
         raise RuntimeError(f"drained {loop.stats.succeeded} of {total} tasks")
     await loop.handler.close()
+    Database.open(data_dir).close()  # its checkpoint thread must not run on into the next phase
     return {"handler": handler, "concurrency": loop.config.consumer.concurrency,
             "tasks": total, "elapsed_s": round(elapsed, 3),
             "tasks_per_s": round(total / elapsed, 1), "cpu_cores_used": round(cpu_s / elapsed, 2)}
