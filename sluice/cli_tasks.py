@@ -34,6 +34,7 @@ from sluice.cli_common import (
     table,
     timestamp,
 )
+from sluice.config.model import PipelineConfig
 from sluice.errors import SluiceError, TaskNotFound
 from sluice.tasks.state import TaskState
 from sluice.tasks.store import TaskRecord
@@ -260,9 +261,7 @@ def _control_command(action: str, wanted: TaskState, doc: str) -> click.Command:
     def command(task_id: str, pipeline: str | None, data_dir: Path, url: str | None,
                 token: str | None) -> None:
         if url:
-            body = checked(guarded(lambda: api(url, token).control_task(task_id, action,
-                                                                        pipeline)))
-            click.echo(f"{body['task_id']}: {body['state']}")
+            _control_remote(task_id, action, pipeline, url, token)
             return
         record = _local_find(data_dir, task_id, pipeline)
         store = local_store(data_dir)
@@ -272,12 +271,75 @@ def _control_command(action: str, wanted: TaskState, doc: str) -> click.Command:
     return command
 
 
+def _control_remote(task_id: str, action: str, pipeline: str | None, url: str,
+                    token: str | None) -> None:
+    body = checked(guarded(lambda: api(url, token).control_task(task_id, action, pipeline)))
+    click.echo(f"{body['task_id']}: {body['state']}")
+
+
+@tasks.command("resume")
+@click.argument("task_id")
+@click.option("--pipeline", default=None, help="Needed when two pipelines use the same id.")
+@click.option("-f", "--file", "files", multiple=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Pipeline file(s) defining the task's pipeline (local mode): a message a "
+              "worker holds back while the task is paused is woken at once.")
+@data_dir_option
+@remote_options
+def tasks_resume(task_id: str, pipeline: str | None, files: Sequence[Path], data_dir: Path,
+                 url: str | None, token: str | None) -> None:
+    """Resume a paused task.
+
+    With --url the server resumes and wakes it. Locally, with -f naming its pipeline's file,
+    its message is woken at once (as the server does); without -f, a worker holding it runs it
+    at its next check (within 5 s)."""
+    if url:
+        _control_remote(task_id, "resume", pipeline, url, token)
+        return
+    record = _local_find(data_dir, task_id, pipeline)
+    config = None
+    if files:
+        configs = guarded(lambda: load_all(files, check_code=False))
+        config = next((c for c in configs if c.name == record.pipeline), None)
+        if config is None:
+            fail(f"task {task_id!r} is of pipeline {record.pipeline!r}, which is not in "
+                 f"{', '.join(map(str, files))}; found: "
+                 f"{', '.join(c.name for c in configs) or 'none'}")
+    store = local_store(data_dir)
+    new = guarded(lambda: asyncio.run(store.transition(record.pipeline, task_id,
+                                                       TaskState.QUEUED, time.time())))
+    click.echo(f"{new.task_id}: {new.state}")
+    if config is None:
+        from sluice.consumer.loop import HOLD_RECHECK_S
+
+        err.print(f"note: {task_id} resumes at the worker's next check (within "
+                  f"{HOLD_RECHECK_S:g} s) if a worker held its message back while it was paused;"
+                  f" to wake it at once, name its pipeline file: sluice tasks resume {task_id} "
+                  "-f FILE", soft_wrap=True)
+        return
+    _wake_local(data_dir, config, task_id)
+
+
+def _wake_local(data_dir: Path, config: PipelineConfig, task_id: str) -> None:
+    """Wake a resumed task's message through the submit service, as the server does."""
+    from sluice.datadir import Database
+    from sluice.intake import Intake
+
+    async def wake() -> None:
+        intake = Intake(Database.open(data_dir))
+        try:
+            await intake.wake(config, task_id)
+        finally:
+            await intake.close()
+
+    guarded(lambda: asyncio.run(wake()), code=1)
+
+
 tasks.add_command(_control_command(
     "cancel", TaskState.CANCELLED,
     "Cancel a task: a queued one never runs; a running one's attempt is stopped."))
 tasks.add_command(_control_command(
     "pause", TaskState.PAUSED, "Hold a queued or retrying task: it is not run until resumed."))
-tasks.add_command(_control_command("resume", TaskState.QUEUED, "Resume a paused task."))
 
 
 def _ms(seconds: float | None) -> str:
