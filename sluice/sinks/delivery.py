@@ -33,13 +33,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from sluice.config.destinations import Destination as Destination  # re-exported: the runtime's
 from sluice.config.model import RetryConfig
 from sluice.connectors.base import Sink, SinkRecord
 from sluice.consumer.retry import RetryPolicy
 from sluice.errors import DeliveryError
+from sluice.sinks.http import DELIVERY_DEFAULTS, DeliveryConfig, DeliverySettings
 from sluice.sinks.record import dead_letter_headers
 from sluice.tasks.store import Outbox, OutboxItem
 
@@ -51,9 +53,25 @@ DEAD_LETTER_RETRY_S = 5.0
 LEASE_MARGIN_S = 30.0  # an outbox lease outlasts a delivery attempt by this much
 
 
+def delivery_settings(settings: Any) -> DeliverySettings:
+    """The delivery keys of a destination's sink (its typed config, :attr:`Destination.
+    settings`): its own fields; :data:`~sluice.sinks.http.DELIVERY_DEFAULTS` for a sink
+    without them (the embedded queue), or for those a third party's sink does not give (its
+    untyped mapping, or typed config, is read by the keys' names)."""
+    if isinstance(settings, DeliverySettings):
+        return settings
+    keys = DELIVERY_DEFAULTS.to_mapping()
+    for name in list(keys):
+        value = (settings.get(name) if isinstance(settings, Mapping)
+                 else getattr(settings, name, None))
+        if value is not None:
+            keys[name] = value
+    return DeliveryConfig.from_mapping(keys)
+
+
 def outbox_lease_s(destination: Destination) -> float:
     """How long a record taken from the destination's outbox stays leased to its deliverer."""
-    return float(destination.setting("timeout_s", 10.0)) + LEASE_MARGIN_S
+    return float(delivery_settings(destination.settings).timeout_s) + LEASE_MARGIN_S
 
 
 class Deliverer:
@@ -64,13 +82,14 @@ class Deliverer:
         self.sink = sink
         self.dead_letter = dead_letter
         self.outbox = outbox
-        self.timeout_s = float(destination.setting("timeout_s", 10.0))
-        self.concurrency = int(destination.setting("concurrency", 8))
+        settings = delivery_settings(destination.settings)
+        self.timeout_s = float(settings.timeout_s)
+        self.concurrency = settings.concurrency
         self.policy = RetryPolicy(RetryConfig(
-            max_attempts=int(destination.setting("max_attempts", 10)),
-            initial_backoff_s=float(destination.setting("initial_backoff_s", 1.0)),
-            max_backoff_s=float(destination.setting("max_backoff_s", 300.0)),
-            max_age_s=float(destination.setting("max_age_s", 86400.0)),
+            max_attempts=settings.max_attempts,
+            initial_backoff_s=float(settings.initial_backoff_s),
+            max_backoff_s=float(settings.max_backoff_s),
+            max_age_s=float(settings.max_age_s),
         ))
         self._in_flight: set[asyncio.Task[None]] = set()
 

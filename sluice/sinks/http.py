@@ -13,7 +13,7 @@ import email.utils
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 
@@ -27,7 +27,7 @@ from sluice.sinks.ssrf import (
     redirect_refused,
     url_problems,
 )
-from sluice.spec import REQUIRED, Field, ObjectSpec
+from sluice.spec import REQUIRED, Field, ObjectSpec, Settings
 
 RETRYABLE = frozenset({408, 425, 429})
 
@@ -49,6 +49,41 @@ DELIVERY_FIELDS = (
           minimum=1, maximum=1000),
 )
 
+
+
+@runtime_checkable
+class DeliverySettings(Protocol):
+    """The delivery keys (:data:`DELIVERY_FIELDS`) of a sink's typed config, read by its
+    deliverer under on_success/on_failure (:mod:`sluice.sinks.delivery`)."""
+
+    @property
+    def timeout_s(self) -> float: ...
+    @property
+    def max_attempts(self) -> int: ...
+    @property
+    def initial_backoff_s(self) -> float: ...
+    @property
+    def max_backoff_s(self) -> float: ...
+    @property
+    def max_age_s(self) -> float: ...
+    @property
+    def concurrency(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig(Settings):
+    """The delivery keys alone (:data:`DELIVERY_DEFAULTS`: those of a sink without them)."""
+
+    timeout_s: float
+    max_attempts: int
+    initial_backoff_s: float
+    max_backoff_s: float
+    max_age_s: float
+    concurrency: int
+
+
+DELIVERY_DEFAULTS = DeliveryConfig.from_mapping(ObjectSpec(*DELIVERY_FIELDS).apply_defaults({}))
+
 URL_FIELDS = (
     Field(URL, "string", "Where to POST (http:// or https://).", default=REQUIRED),
     Field(HEADERS, "object", "Extra request headers (values may use ${ENV}).", default=None),
@@ -61,8 +96,8 @@ CONFIG = ObjectSpec(*URL_FIELDS, label_field(URL), *DELIVERY_FIELDS)
 
 @dataclass(frozen=True, slots=True)
 class HttpSinkConfig(SinkSettings):
-    """The typed ``http`` sink config (the keys of :data:`CONFIG`); the fields of the URL and
-    the delivery keys are the same in the ``webhook`` sink's."""
+    """The typed ``http`` sink config (the keys of :data:`CONFIG`); the ``webhook`` sink's
+    extends it."""
 
     url: str
     headers: dict[str, str] | None

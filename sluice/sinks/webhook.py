@@ -15,9 +15,16 @@ from typing import Any
 from standardwebhooks import Webhook
 
 from sluice import registry
-from sluice.config.destinations import SinkSettings, label_field
+from sluice.config.destinations import label_field
 from sluice.connectors.base import SinkRecord
-from sluice.sinks.http import DELIVERY_FIELDS, URL, URL_FIELDS, HttpSink, url_check
+from sluice.sinks.http import (
+    DELIVERY_FIELDS,
+    URL,
+    URL_FIELDS,
+    HttpSink,
+    HttpSinkConfig,
+    url_check,
+)
 from sluice.spec import REQUIRED, Field, ObjectSpec
 
 SECRET_ENV = "secret_env"
@@ -32,24 +39,11 @@ CONFIG = ObjectSpec(
 
 
 @dataclass(frozen=True, slots=True)
-class WebhookSinkConfig(SinkSettings):
-    """The typed ``webhook`` sink config (the keys of :data:`CONFIG`)."""
+class WebhookSinkConfig(HttpSinkConfig):
+    """The typed ``webhook`` sink config (the keys of :data:`CONFIG`): the ``http`` sink's,
+    and ``secret_env``."""
 
-    url: str
-    headers: dict[str, str] | None
-    allow_link_local: bool
     secret_env: str
-    label: str | None
-    timeout_s: float
-    max_attempts: int
-    initial_backoff_s: float
-    max_backoff_s: float
-    max_age_s: float
-    concurrency: int
-
-    @property
-    def target(self) -> str:
-        return self.url
 
 
 class WebhookSink(HttpSink):
