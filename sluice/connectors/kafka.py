@@ -47,6 +47,7 @@ from sluice.connectors.kafka_output import OutputProducer, rebalancing
 from sluice.connectors.partitioned import PartitionedBuffer
 from sluice.consumer.offsets import Partition
 from sluice.errors import SourceError
+from sluice.sinks import kafka as kafka_sink
 from sluice.spec import REQUIRED, Field, ObjectSpec
 
 if TYPE_CHECKING:
@@ -54,53 +55,91 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+NAME = "kafka"
 POLL_TIMEOUT_S = 0.05  # one consume call; bounds how late a request or a stop is served
 
+BROKERS, TOPIC, GROUP, TASK_ID_HEADER = "brokers", "topic", "group", "task_id_header"
+CONTENT_TYPE, AUTO_OFFSET_RESET, LEASE_S = "content_type", "auto_offset_reset", "lease_s"
+SESSION_TIMEOUT_MS, HEARTBEAT_INTERVAL_MS = "session_timeout_ms", "heartbeat_interval_ms"
+MAX_POLL_INTERVAL_MS, MAX_POLL_RECORDS = "max_poll_interval_ms", "max_poll_records"
+MAX_UNCOMMITTED, COMMIT_INTERVAL_MS = "max_uncommitted", "commit_interval_ms"
+REVOKE_TIMEOUT_S, INSTANCE_ID = "revoke_timeout_s", "instance_id"
+TRANSACTIONAL_ID, TRANSACTION_TIMEOUT_MS = "transactional_id", "transaction_timeout_ms"
+
 CONFIG = ObjectSpec(
-    Field("brokers", "string", "Bootstrap brokers, host:port[,host:port...].", default=REQUIRED,
+    Field(BROKERS, "string", "Bootstrap brokers, host:port[,host:port...].", default=REQUIRED,
           pattern=kc.BROKERS_PATTERN),
-    Field("topic", "string", "Topic to consume.", default=REQUIRED, pattern=kc.TOPIC_PATTERN),
-    Field("group", "string", "Consumer group id; default: sluice.<pipeline>.", default=None),
-    Field("task_id_header", "string", "Header whose value is the task id; a message without it "
+    Field(TOPIC, "string", "Topic to consume.", default=REQUIRED, pattern=kc.TOPIC_PATTERN),
+    Field(GROUP, "string", "Consumer group id; default: sluice.<pipeline>.", default=None),
+    Field(TASK_ID_HEADER, "string", "Header whose value is the task id; a message without it "
           "gets topic/partition/offset.", default="sluice-task-id"),
-    Field("content_type", "string", "Content type of a message without a content-type header.",
+    Field(CONTENT_TYPE, "string", "Content type of a message without a content-type header.",
           default="application/json"),
     kc.create_topic_field("source"),
-    Field("auto_offset_reset", "string", "Where a group without a committed offset starts.",
+    Field(AUTO_OFFSET_RESET, "string", "Where a group without a committed offset starts.",
           default="earliest", enum=("earliest", "latest")),
-    Field("lease_s", "number", "How long a running task stays claimed in the task store unless "
+    Field(LEASE_S, "number", "How long a running task stays claimed in the task store unless "
           "extended (every lease_s/3 while it runs); after a worker dies, its tasks run "
           "elsewhere once this lapses.", default=30.0, exclusive_minimum=0),
-    Field("session_timeout_ms", "integer", "A member silent this long leaves the group and its "
+    Field(SESSION_TIMEOUT_MS, "integer", "A member silent this long leaves the group and its "
           "partitions move (the broker bounds it, by default 6000 to 300000).", default=10000,
           minimum=1),
-    Field("heartbeat_interval_ms", "integer", "How often the member heartbeats; a rebalance "
+    Field(HEARTBEAT_INTERVAL_MS, "integer", "How often the member heartbeats; a rebalance "
           "reaches it at its next heartbeat, so this bounds how fast partitions move.",
           default=1000, minimum=1),
-    Field("max_poll_interval_ms", "integer", "Longest a rebalance may wait for this member.",
+    Field(MAX_POLL_INTERVAL_MS, "integer", "Longest a rebalance may wait for this member.",
           default=300000, minimum=1),
-    Field("max_poll_records", "integer", "Messages taken from the client per poll.",
+    Field(MAX_POLL_RECORDS, "integer", "Messages taken from the client per poll.",
           default=500, minimum=1, maximum=100000),
-    Field("max_uncommitted", "integer", "Offsets tracked per partition (buffered, running, "
+    Field(MAX_UNCOMMITTED, "integer", "Offsets tracked per partition (buffered, running, "
           "waiting to retry, or finished after an unfinished one) before the partition is "
           "paused.", default=5000, minimum=1),
-    Field("commit_interval_ms", "integer", "Commit finished offsets this often.", default=500,
+    Field(COMMIT_INTERVAL_MS, "integer", "Commit finished offsets this often.", default=500,
           minimum=1),
-    Field("revoke_timeout_s", "number", "On a rebalance, how long a revoked partition's work in "
+    Field(REVOKE_TIMEOUT_S, "number", "On a rebalance, how long a revoked partition's work in "
           "flight may take to finish before the partition is let go anyway.", default=15.0,
           minimum=0),
-    Field("instance_id", "string", "Static group membership (group.instance.id): a restarted "
+    Field(INSTANCE_ID, "string", "Static group membership (group.instance.id): a restarted "
           "worker with the same id takes its partitions back without a rebalance.",
           default=None),
-    Field("transactional_id", "string", "With consumer.exactly_once: the producer's "
+    Field(TRANSACTIONAL_ID, "string", "With consumer.exactly_once: the producer's "
           "transactional.id. Default: sluice.<group>.<instance_id> with instance_id, else a new "
           "one per process. A stable id lets a restarted worker abort its predecessor's open "
           "transaction at once instead of after transaction_timeout_ms.", default=None),
-    Field("transaction_timeout_ms", "integer", "With consumer.exactly_once: the broker aborts a "
+    Field(TRANSACTION_TIMEOUT_MS, "integer", "With consumer.exactly_once: the broker aborts a "
           "transaction left open this long (a worker that died mid-transaction); readers of the "
           "output with read_committed wait for it meanwhile.", default=10000, minimum=1000),
     kc.extra_config_field(),
 )
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSourceConfig(kc.WithCreateTopic):
+    """The typed ``kafka`` source config (the keys of :data:`CONFIG`)."""
+
+    brokers: str
+    topic: str
+    group: str | None
+    task_id_header: str
+    content_type: str
+    create_topic: kc.CreateTopicConfig
+    auto_offset_reset: str
+    lease_s: float
+    session_timeout_ms: int
+    heartbeat_interval_ms: int
+    max_poll_interval_ms: int
+    max_poll_records: int
+    max_uncommitted: int
+    commit_interval_ms: int
+    revoke_timeout_s: float
+    instance_id: str | None
+    transactional_id: str | None
+    transaction_timeout_ms: int
+    config: dict[str, Any] | None
+
+    def group_of(self, pipeline: str) -> str:
+        """The consumer group: ``group``, else ``sluice.<pipeline>``."""
+        return self.group or f"sluice.{pipeline}"
 
 
 @dataclass(slots=True)
@@ -112,15 +151,17 @@ class _Request:  # work the event loop asks of the poll thread
 class KafkaSource:
     """:class:`~sluice.connectors.base.Source` over one topic (see the module invariants)."""
 
-    def __init__(self, config: dict[str, Any], group: str, *, exactly_once: bool = False) -> None:
+    def __init__(self, config: KafkaSourceConfig, group: str, *,
+                 exactly_once: bool = False) -> None:
         self.cfg = config
         self.exactly_once = exactly_once
-        self._outputs: list[tuple[str, Any]] = []  # (topic, create_topic), rule 9
+        # (topic, its create_topic), rule 9
+        self._outputs: list[tuple[str, kc.CreateTopicConfig | None]] = []
         self._out: OutputProducer | None = None
-        self.brokers: str = config["brokers"]
-        self.topic: str = config["topic"]
+        self.brokers = config.brokers
+        self.topic = config.topic
         self.group = group
-        self.lease_s = float(config["lease_s"])
+        self.lease_s = float(config.lease_s)
         self.buffer = PartitionedBuffer()
         self._lock = threading.Lock()  # guards the requests to the poll thread
         self._requests: deque[_Request] = deque()
@@ -168,7 +209,8 @@ class KafkaSource:
             self.buffer.ack(deliveries)
 
     def produce_to(self, topics: Sequence[tuple[str, Any]]) -> None:
-        """Each topic with its sink's config (its ``create_topic`` is read), or ``None``."""
+        """Each topic with its sink's typed config (its ``create_topic`` is read), or
+        ``None``."""
         self._outputs.extend((topic, _create_topic(sink)) for topic, sink in topics)
 
     async def ack_producing(self, items: Sequence[tuple[Delivery, Sequence[Output]]]) -> None:
@@ -225,22 +267,22 @@ class KafkaSource:
             "partition.assignment.strategy": "cooperative-sticky",
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
-            "auto.offset.reset": self.cfg["auto_offset_reset"],
-            "session.timeout.ms": int(self.cfg["session_timeout_ms"]),
-            "heartbeat.interval.ms": int(self.cfg["heartbeat_interval_ms"]),
-            "max.poll.interval.ms": int(self.cfg["max_poll_interval_ms"]),
+            "auto.offset.reset": self.cfg.auto_offset_reset,
+            "session.timeout.ms": self.cfg.session_timeout_ms,
+            "heartbeat.interval.ms": self.cfg.heartbeat_interval_ms,
+            "max.poll.interval.ms": self.cfg.max_poll_interval_ms,
             "on_commit": self._on_commit,
         }
-        if self.cfg.get("instance_id"):
-            own["group.instance.id"] = self.cfg["instance_id"]
+        if self.cfg.instance_id:
+            own["group.instance.id"] = self.cfg.instance_id
         if self.exactly_once:
             own["isolation.level"] = "read_committed"
-        config = kc.client_config(self.brokers, self.cfg.get("config"), **own)
+        config = kc.client_config(self.brokers, self.cfg.config, **own)
         with kc.map_kafka_errors(f"kafka source for {self.topic!r}: cannot create its consumer"):
             self._consumer = ck.Consumer(config)
         try:
-            admin_config = kc.client_config(self.brokers, self.cfg.get("config"))
-            kc.ensure_topic(self._consumer, self.brokers, self.topic, self.cfg.get("create_topic"),
+            admin_config = kc.client_config(self.brokers, self.cfg.config)
+            kc.ensure_topic(self._consumer, self.brokers, self.topic, self.cfg.create_topic,
                             admin_config)
             if self._outputs or self.exactly_once:
                 out = OutputProducer(self.topic, self.brokers, self.cfg, self.group,
@@ -258,8 +300,8 @@ class KafkaSource:
 
     def _poll_forever(self) -> None:
         consumer = self._consumer
-        batch = int(self.cfg["max_poll_records"])
-        interval_s = self.cfg["commit_interval_ms"] / 1e3
+        batch = self.cfg.max_poll_records
+        interval_s = self.cfg.commit_interval_ms / 1e3
         try:
             while not self._stopping.is_set():
                 self._serve_requests()
@@ -306,7 +348,7 @@ class KafkaSource:
 
     def _records(self, messages: list[Any]) -> list[tuple[Partition, int, Delivery]]:
         ck = kc.confluent()
-        header = self.cfg["task_id_header"]
+        header = self.cfg.task_id_header
         out: list[tuple[Partition, int, Delivery]] = []
         for m in messages:
             error = m.error()
@@ -324,7 +366,7 @@ class KafkaSource:
             out.append((part, offset, Delivery(
                 task_id=headers.get(header) or f"{part[0]}/{part[1]}/{offset}",
                 body=m.value() or b"",
-                content_type=headers.get("content-type", self.cfg["content_type"]),
+                content_type=headers.get("content-type", self.cfg.content_type),
                 key=None if raw_key is None else raw_key.decode("utf-8", errors="replace"),
                 partition=part[1],
                 headers=headers,
@@ -333,7 +375,7 @@ class KafkaSource:
         return out
 
     def _backpressure(self) -> None:
-        pause, resume = self.buffer.backpressure(int(self.cfg["max_uncommitted"]))
+        pause, resume = self.buffer.backpressure(self.cfg.max_uncommitted)
         if pause:
             self._consumer.pause(_tps(pause))
             log.debug("kafka source: paused %s (max_uncommitted reached)", pause)
@@ -395,7 +437,7 @@ class KafkaSource:
         if not parts:
             return
         self.buffer.begin_revoke(parts)
-        wait_s = 0.0 if lost or self._closing else float(self.cfg["revoke_timeout_s"])
+        wait_s = 0.0 if lost or self._closing else float(self.cfg.revoke_timeout_s)
         left = self.buffer.wait_settled(parts, wait_s)
         if left and wait_s > 0:
             log.warning("kafka source: letting go of %s with work still in flight %s (it "
@@ -434,7 +476,7 @@ class KafkaSource:
                     part, timeout=kc.METADATA_TIMEOUT_S)
             at = tp.offset if tp.offset >= 0 else committed.get((tp.topic, tp.partition), -1)
             if at < 0:
-                at = low if self.cfg["auto_offset_reset"] == "earliest" else high
+                at = low if self.cfg.auto_offset_reset == "earliest" else high
             total += max(high - at, 0)
         return total
 
@@ -448,22 +490,19 @@ def _names(partitions: list[Any]) -> str:
     return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions)
 
 
-def _create_topic(sink: Any) -> Any:
-    """What a result topic is created with, from its sink's config."""
-    if isinstance(sink, Mapping):
-        return sink.get("create_topic")
-    return getattr(sink, "create_topic", None)
+def _create_topic(sink: Any) -> kc.CreateTopicConfig | None:
+    """What a result topic is created with, from its sink's typed config."""
+    return sink.create_topic if isinstance(sink, kafka_sink.KafkaSinkConfig) else None
 
 
-def build_source(config: dict[str, Any], ctx: registry.BuildContext) -> KafkaSource:
+def build_source(config: KafkaSourceConfig, ctx: registry.BuildContext) -> KafkaSource:
     kc.confluent()  # a missing extra is reported when the pipeline is built, not at first use
-    return KafkaSource(config, config.get("group") or f"sluice.{ctx.pipeline}",
-                       exactly_once=ctx.exactly_once)
+    return KafkaSource(config, config.group_of(ctx.pipeline), exactly_once=ctx.exactly_once)
 
 
 # -- the pipeline around a Kafka source --------------------------------------------------------
 
-SINK = "kafka"  # the result destinations this source can write with its commits (rule 9)
+SINK = kafka_sink.NAME  # the destinations this source can write with its commits (rule 9)
 DESTINATION_SLOTS = ("on_success", "on_failure")
 
 
@@ -473,10 +512,11 @@ def outputs_with_ack(config: PipelineConfig, destination: ComponentConfig) -> bo
     (always under ``consumer.exactly_once``: :func:`pipeline_check` refuses the rest)."""
     if destination.type != SINK:
         return False
-    if destination.config.get("outbox") and not config.consumer.exactly_once:
+    out = kafka_sink.SPEC.typed(destination.config)
+    if out.outbox and not config.consumer.exactly_once:
         return False
-    brokers = destination.config.get("brokers")
-    return not brokers or kc.same_brokers(brokers, config.source.config["brokers"])
+    return not out.brokers or kc.same_brokers(out.brokers,
+                                              SPEC.typed(config.source.config).brokers)
 
 
 def pipeline_check(doc: Mapping[str, Any]) -> Iterator[tuple[tuple[str | int, ...], str]]:
@@ -484,21 +524,21 @@ def pipeline_check(doc: Mapping[str, Any]) -> Iterator[tuple[tuple[str | int, ..
     transaction: there must be one, on the source's brokers, not through the outbox."""
     if not doc["consumer"].get("exactly_once"):
         return
-    ((_, source),) = doc["source"].items()
-    sinks = [((slot, i), item[SINK]) for slot in DESTINATION_SLOTS
+    ((_, source_config),) = doc["source"].items()
+    source = SPEC.typed(source_config)
+    sinks = [((slot, i), kafka_sink.SPEC.typed(item[SINK])) for slot in DESTINATION_SLOTS
              for i, item in enumerate(doc.get(slot) or ()) if SINK in item]
     if not sinks:
         yield ("consumer", "exactly_once"), (
             "exactly_once has nothing to write: add a kafka destination to on_success or "
             "on_failure (other destinations are at least once)")
-    for path, config in sinks:
-        brokers = config.get("brokers")
-        if brokers and not kc.same_brokers(brokers, source["brokers"]):
-            yield (*path, SINK, "brokers"), (
+    for path, out in sinks:
+        if out.brokers and not kc.same_brokers(out.brokers, source.brokers):
+            yield (*path, SINK, kafka_sink.BROKERS), (
                 "with consumer.exactly_once, a kafka destination must be on the source's "
-                f"brokers (one transaction covers both): {source['brokers']}")
-        if config.get("outbox"):
-            yield (*path, SINK, "outbox"), (
+                f"brokers (one transaction covers both): {source.brokers}")
+        if out.outbox:
+            yield (*path, SINK, kafka_sink.OUTBOX), (
                 "with consumer.exactly_once, a kafka destination is written in the source's "
                 "transactions, not through the outbox: remove outbox: true")
 
@@ -509,13 +549,14 @@ def submitter(config: PipelineConfig, ctx: registry.SubmitContext) -> registry.S
     return KafkaSubmitter(ctx.db, config)
 
 
-registry.register(registry.ComponentSpec(
+SPEC = registry.register(registry.ComponentSpec(
     family="source",
-    name="kafka",
+    name=NAME,
     summary="An Apache Kafka topic, consumed by a consumer group (cooperative-sticky); commits "
             "only offsets below which every message is finished.",
     config=CONFIG,
     factory=build_source,
+    settings=KafkaSourceConfig.from_mapping,
     extra="kafka",
     capabilities=frozenset({registry.Capability.SUBMIT, registry.Capability.OUTPUTS_WITH_ACK,
                             registry.Capability.UNTRACKED, registry.Capability.EXACTLY_ONCE}),

@@ -12,34 +12,84 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 from sluice.errors import Misconfigured, MissingDependency, SourceError, Unavailable
-from sluice.spec import REQUIRED, Field, ObjectSpec
+from sluice.spec import REQUIRED, Field, ObjectSpec, Settings
 
 log = logging.getLogger("sluice.kafka")
 
 METADATA_TIMEOUT_S = 10.0
 
+CREATE_TOPIC, EXTRA_CONFIG = "create_topic", "config"  # keys of both the source and the sink
+PARTITIONS, REPLICATION_FACTOR = "partitions", "replication_factor"
+
 CREATE_TOPIC_SPEC = ObjectSpec(
-    Field("partitions", "integer", "Partitions of the topic to create.", default=REQUIRED,
+    Field(PARTITIONS, "integer", "Partitions of the topic to create.", default=REQUIRED,
           minimum=1),
-    Field("replication_factor", "integer", "Replicas of each partition.", default=1, minimum=1),
+    Field(REPLICATION_FACTOR, "integer", "Replicas of each partition.", default=1, minimum=1),
 )
+
+CT = TypeVar("CT", bound="CreateTopicConfig")
+
+
+@dataclass(frozen=True, slots=True)
+class CreateTopicConfig(Settings):
+    """The typed ``create_topic`` of a Kafka source or sink (the keys of
+    :data:`CREATE_TOPIC_SPEC`). The defaults turn an absent ``create_topic`` into
+    ``{replication_factor: 1}``: ``partitions`` is then ``None``, and nothing is created."""
+
+    partitions: int | None
+    replication_factor: int
+
+    @classmethod
+    def from_mapping(cls: type[CT], value: Mapping[str, Any] | CT) -> CT:
+        if isinstance(value, Mapping) and PARTITIONS not in value:
+            value = {PARTITIONS: None, **value}
+        # (the slots dataclass is a new class: super() needs it named)
+        return super(CreateTopicConfig, cls).from_mapping(value)
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The mapping it was made from: without ``partitions`` when none was given."""
+        out = {REPLICATION_FACTOR: self.replication_factor}
+        return out if self.partitions is None else {PARTITIONS: self.partitions, **out}
+
+
+K = TypeVar("K", bound="WithCreateTopic")
+
+
+class WithCreateTopic(Settings):
+    """Base of a Kafka component's typed config (a frozen dataclass declaring ``create_topic``
+    among its fields): its ``create_topic`` mapping becomes a :class:`CreateTopicConfig`."""
+
+    __slots__ = ()
+    create_topic: CreateTopicConfig
+
+    @classmethod
+    def from_mapping(cls: type[K], value: Mapping[str, Any] | K) -> K:
+        if isinstance(value, Mapping) and isinstance(value.get(CREATE_TOPIC), Mapping):
+            value = {**value,
+                     CREATE_TOPIC: CreateTopicConfig.from_mapping(value[CREATE_TOPIC])}
+        return super().from_mapping(value)
+
+    def to_mapping(self) -> dict[str, Any]:
+        return {**super().to_mapping(), CREATE_TOPIC: self.create_topic.to_mapping()}
+
 
 BROKERS_PATTERN = r"^\s*[^,\s]+(\s*,\s*[^,\s]+)*\s*$"  # host:port, host:port ...
 TOPIC_PATTERN = r"^[A-Za-z0-9._-]{1,249}$"
 
 
 def create_topic_field(what: str) -> Field:
-    return Field("create_topic", "object", f"Create the {what} topic with these settings when "
+    return Field(CREATE_TOPIC, "object", f"Create the {what} topic with these settings when "
                  "it does not exist (without it, a missing topic is an error).",
                  fields=CREATE_TOPIC_SPEC)
 
 
 def extra_config_field() -> Field:
-    return Field("config", "object", "Extra librdkafka properties (e.g. security.protocol, "
+    return Field(EXTRA_CONFIG, "object", "Extra librdkafka properties (e.g. security.protocol, "
                  "sasl.mechanisms); they override sluice's own settings.", default=None)
 
 
@@ -114,18 +164,16 @@ def _log_error(error: Any) -> None:
     log.warning("kafka: %s", error)
 
 
-def wanted_partitions(create_topic: Mapping[str, Any] | None) -> int | None:
+def wanted_partitions(create_topic: CreateTopicConfig | None) -> int | None:
     """``create_topic.partitions`` if creating was asked for (the spec fills in defaults, so an
     absent ``create_topic`` has no ``partitions``)."""
-    if not create_topic or create_topic.get("partitions") is None:
-        return None
-    return int(create_topic["partitions"])
+    return None if create_topic is None else create_topic.partitions
 
 
 CREATE_HINT = "create it, or set create_topic: {partitions: N} to have sluice create it"
 
 
-def ensure_topic(client: Any, brokers: str, topic: str, create_topic: Mapping[str, Any] | None,
+def ensure_topic(client: Any, brokers: str, topic: str, create_topic: CreateTopicConfig | None,
                  admin_config: Mapping[str, Any], missing_hint: str = CREATE_HINT) -> int:
     """Check that ``topic`` exists (creating it if ``create_topic`` says so); its partitions.
 
@@ -143,7 +191,7 @@ def ensure_topic(client: Any, brokers: str, topic: str, create_topic: Mapping[st
             f"kafka topic {topic!r} does not exist on brokers {brokers}; {missing_hint}")
     assert create_topic is not None
     new = ck.admin.NewTopic(topic, num_partitions=partitions,
-                            replication_factor=int(create_topic["replication_factor"]))
+                            replication_factor=create_topic.replication_factor)
     with map_kafka_errors(f"cannot create kafka topic {topic!r} on brokers {brokers}"):
         admin = ck.admin.AdminClient(dict(admin_config))
         try:

@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from sluice.connectors import kafka_client as kc
 from sluice.connectors.base import Output
 from sluice.sinks.kafka import kafka_headers
+
+if TYPE_CHECKING:
+    from sluice.connectors.kafka import KafkaSourceConfig
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ class OutputProducer:
     """The poll thread's producer of result records (see the module rules). Every method is
     called on the source's poll thread."""
 
-    def __init__(self, source_topic: str, brokers: str, cfg: Mapping[str, Any], group: str,
+    def __init__(self, source_topic: str, brokers: str, cfg: KafkaSourceConfig, group: str,
                  *, exactly_once: bool) -> None:
         self.source_topic = source_topic
         self.brokers = brokers
@@ -78,7 +81,8 @@ class OutputProducer:
         self._producer: Any = None
         self._failed: list[Any] = []  # delivery errors of the current commit (rule 1)
 
-    def open(self, topics: Sequence[tuple[str, Any]], admin_config: dict[str, Any]) -> None:
+    def open(self, topics: Sequence[tuple[str, kc.CreateTopicConfig | None]],
+             admin_config: dict[str, Any]) -> None:
         """Create the producer and check (or create) the output topics. With exactly once, an
         open transaction of an earlier process with the same transactional.id is aborted here
         (init_transactions)."""
@@ -87,14 +91,14 @@ class OutputProducer:
                                "allow.auto.create.topics": False}
         tid = ""
         if self.exactly_once:
-            instance = self.cfg.get("instance_id")
-            tid = (self.cfg.get("transactional_id")
+            instance = self.cfg.instance_id
+            tid = (self.cfg.transactional_id
                    or f"sluice.{self.group}.{instance or uuid.uuid4().hex[:12]}")
             own["transactional.id"] = tid
-            own["transaction.timeout.ms"] = int(self.cfg["transaction_timeout_ms"])
+            own["transaction.timeout.ms"] = self.cfg.transaction_timeout_ms
         else:
             own["delivery.timeout.ms"] = int(SEND_TIMEOUT_S * 1000)
-        extra = {k: v for k, v in (self.cfg.get("config") or {}).items()
+        extra = {k: v for k, v in (self.cfg.config or {}).items()
                  if k not in CONSUMER_ONLY}
         with kc.map_kafka_errors(f"kafka source for {self.source_topic!r}: cannot create its "
                                  "producer"):

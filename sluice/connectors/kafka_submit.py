@@ -21,10 +21,13 @@ import time
 from collections.abc import Sequence
 
 from sluice.config.model import PipelineConfig
+from sluice.connectors import kafka_client as kc
 from sluice.connectors.base import SinkRecord
 from sluice.connectors.embedded import Submission
+from sluice.connectors.kafka import SPEC
 from sluice.datadir import Database
 from sluice.errors import DeliveryError, Misconfigured, Unavailable, Unsupported
+from sluice.sinks import kafka as kafka_sink
 from sluice.sinks.kafka import KafkaSink
 from sluice.tasks.sqlite import SqliteTaskStore
 from sluice.tasks.store import NewTask, TaskRecord, TaskStore
@@ -36,20 +39,21 @@ class KafkaSubmitter:
     """Submits to one Kafka-sourced pipeline (see the invariants)."""
 
     def __init__(self, db: Database, config: PipelineConfig) -> None:
-        source = config.source.config
+        source = SPEC.typed(config.source.config)
         if not config.consumer.track_tasks:
             raise Unsupported(f"pipeline {config.name!r} does not track its tasks "
                               "(consumer.track_tasks: false): produce to its topic instead")
-        if source.get("task_id_header", HEADER) != HEADER:
+        if source.task_id_header != HEADER:
             raise Misconfigured(f"pipeline {config.name!r}: submitting needs the source's "
                                 f"task_id_header to be {HEADER!r}, it is "
-                                f"{source['task_id_header']!r}")
+                                f"{source.task_id_header!r}")
         self.db = db
         self.store: TaskStore = SqliteTaskStore(db)
         self.config = config
-        self.sink = KafkaSink({"topic": source["topic"], "linger_ms": 1,
-                               "delivery_timeout_ms": 30000, "config": source.get("config")},
-                              str(source["brokers"]))
+        self.sink = KafkaSink(kafka_sink.SPEC.typed({
+            kafka_sink.TOPIC: source.topic, kafka_sink.LINGER_MS: 1,
+            kafka_sink.DELIVERY_TIMEOUT_MS: 30000, kc.EXTRA_CONFIG: source.config,
+        }), source.brokers)
         self.sink.missing_topic_hint = (
             "create it first: a submit never creates topics (a worker whose source sets "
             "create_topic creates it when it starts)")

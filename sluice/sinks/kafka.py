@@ -21,10 +21,11 @@ import logging
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from sluice import registry
-from sluice.config.destinations import label_field
+from sluice.config.destinations import SinkSettings, label_field
 from sluice.connectors import kafka_client as kc
 from sluice.connectors.base import SinkRecord
 from sluice.errors import DeliveryError, Misconfigured, SourceError
@@ -37,25 +38,53 @@ QUEUE_FULL_PAUSE_S = 0.005
 PERMANENT_ERRORS = ("MSG_SIZE_TOO_LARGE", "RECORD_LIST_TOO_LARGE", "INVALID_RECORD",
                     "TOPIC_AUTHORIZATION_FAILED")
 
+TOPIC, BROKERS, LINGER_MS = "topic", "brokers", "linger_ms"
+DELIVERY_TIMEOUT_MS, OUTBOX = "delivery_timeout_ms", "outbox"
+NAME = "kafka"  # its component name (and the Kafka source's)
+
 CONFIG = ObjectSpec(
-    Field("topic", "string", "Topic to write records to.", default=REQUIRED,
+    Field(TOPIC, "string", "Topic to write records to.", default=REQUIRED,
           pattern=kc.TOPIC_PATTERN),
-    Field("brokers", "string", "Bootstrap brokers; default: those of the pipeline's Kafka "
+    Field(BROKERS, "string", "Bootstrap brokers; default: those of the pipeline's Kafka "
           "source.", default=None, pattern=kc.BROKERS_PATTERN),
     kc.create_topic_field("sink"),
-    Field("linger_ms", "integer", "How long the producer gathers records into one request.",
+    Field(LINGER_MS, "integer", "How long the producer gathers records into one request.",
           default=5, minimum=0),
-    Field("delivery_timeout_ms", "integer", "A record the broker has not acknowledged in this "
+    Field(DELIVERY_TIMEOUT_MS, "integer", "A record the broker has not acknowledged in this "
           "time fails the send (it is retried later).", default=30000, minimum=1),
-    Field("outbox", "boolean", "Under on_success/on_failure of a pipeline whose source is "
+    Field(OUTBOX, "boolean", "Under on_success/on_failure of a pipeline whose source is "
           "Kafka on the same brokers, results are written by the source with its commits (a "
           "message's offset is committed once the broker acknowledged its result). true: "
           "through the durable outbox instead, with the retry keys below, a dead letter after "
           "max_attempts and a delivery status per task.", default=False),
     kc.extra_config_field(),
-    label_field("topic"),
+    label_field(TOPIC),
     *DELIVERY_FIELDS,  # used under on_success / on_failure (the outbox's retries)
 )
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSinkConfig(SinkSettings, kc.WithCreateTopic):
+    """The typed ``kafka`` sink config (the keys of :data:`CONFIG`)."""
+
+    topic: str
+    brokers: str | None
+    create_topic: kc.CreateTopicConfig
+    linger_ms: int
+    delivery_timeout_ms: int
+    outbox: bool
+    config: dict[str, Any] | None
+    label: str | None
+    timeout_s: float
+    max_attempts: int
+    initial_backoff_s: float
+    max_backoff_s: float
+    max_age_s: float
+    concurrency: int
+
+    @property
+    def target(self) -> str:
+        return self.topic
 
 
 class KafkaSink:
@@ -63,10 +92,10 @@ class KafkaSink:
 
     takes_batches = True  # one send of many records costs about one of one (the outbox)
 
-    def __init__(self, config: dict[str, Any], brokers: str) -> None:
+    def __init__(self, config: KafkaSinkConfig, brokers: str) -> None:
         self.cfg = config
         self.brokers = brokers
-        self.topic: str = config["topic"]
+        self.topic = config.topic
         self._producer: Any = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sluice-kafka-out")
         self._starting = asyncio.Lock()
@@ -88,14 +117,14 @@ class KafkaSink:
         own = {
             "enable.idempotence": True,
             "acks": "all",
-            "linger.ms": int(self.cfg["linger_ms"]),
-            "delivery.timeout.ms": int(self.cfg["delivery_timeout_ms"]),
+            "linger.ms": self.cfg.linger_ms,
+            "delivery.timeout.ms": self.cfg.delivery_timeout_ms,
             "allow.auto.create.topics": False,
         }
         with kc.map_kafka_errors(f"kafka sink to {self.topic!r}: cannot create its producer"):
-            producer = ck.Producer(kc.client_config(self.brokers, self.cfg.get("config"), **own))
-        kc.ensure_topic(producer, self.brokers, self.topic, self.cfg.get("create_topic"),
-                        kc.client_config(self.brokers, self.cfg.get("config")),
+            producer = ck.Producer(kc.client_config(self.brokers, self.cfg.config, **own))
+        kc.ensure_topic(producer, self.brokers, self.topic, self.cfg.create_topic,
+                        kc.client_config(self.brokers, self.cfg.config),
                         self.missing_topic_hint)
         self._producer = producer
 
@@ -180,28 +209,32 @@ def _delivery_error(error: Any) -> DeliveryError:
     return DeliveryError(str(error), permanent=code in permanent)
 
 
-def sink_brokers(config: dict[str, Any], ctx: registry.BuildContext) -> str:
-    if config.get("brokers"):
-        return str(config["brokers"])
+def sink_brokers(config: KafkaSinkConfig, ctx: registry.BuildContext) -> str:
+    """Its own ``brokers``, else those of the pipeline's Kafka source."""
+    if config.brokers:
+        return config.brokers
     source = ctx.source
-    if source is not None and source.type == "kafka":
-        return str(source.config["brokers"])
-    raise Misconfigured(f"pipeline {ctx.pipeline!r}: the kafka sink to {config['topic']!r} "
+    if source is not None and source.type == NAME:
+        from sluice.connectors.kafka import SPEC as SOURCE  # it imports this module
+
+        return SOURCE.typed(source.config).brokers
+    raise Misconfigured(f"pipeline {ctx.pipeline!r}: the kafka sink to {config.topic!r} "
                         "needs brokers: the pipeline's source is not kafka, so set brokers: "
                         "host:port")
 
 
-def build_sink(config: dict[str, Any], ctx: registry.BuildContext) -> KafkaSink:
+def build_sink(config: KafkaSinkConfig, ctx: registry.BuildContext) -> KafkaSink:
     kc.confluent()
     return KafkaSink(config, sink_brokers(config, ctx))
 
 
-registry.register(registry.ComponentSpec(
+SPEC = registry.register(registry.ComponentSpec(
     family="sink",
-    name="kafka",
+    name=NAME,
     summary="A Kafka topic, written by an idempotent producer; a send returns once the broker "
             "acknowledged every record.",
     config=CONFIG,
     factory=build_sink,
+    settings=KafkaSinkConfig.from_mapping,
     extra="kafka",
 ))

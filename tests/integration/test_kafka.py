@@ -14,13 +14,14 @@ import pytest
 
 from sluice import registry
 from sluice.config.load import parse_pipeline
+from sluice.config.model import ComponentConfig
 from sluice.connectors import kafka_client
 from sluice.connectors.base import Delivery, SinkRecord
-from sluice.connectors.kafka import CONFIG, KafkaSource
+from sluice.connectors.kafka import SPEC, KafkaSource
 from sluice.datadir import Database
 from sluice.errors import DeliveryError, SourceError
 from sluice.runtime import build, run_pipelines
-from sluice.sinks.kafka import CONFIG as SINK_CONFIG
+from sluice.sinks.kafka import SPEC as SINK
 from sluice.sinks.kafka import KafkaSink, build_sink
 from tests.helpers import kafka as kt
 from tests.helpers.waiting import wait_until
@@ -37,10 +38,9 @@ def topic() -> Iterator[str]:
 
 
 def source(topic: str, **options: Any) -> KafkaSource:
-    config = CONFIG.apply_defaults({"brokers": kt.BROKERS, "topic": topic,
-                                    "session_timeout_ms": 6000, "commit_interval_ms": 50,
-                                    **options})
-    return KafkaSource(config, config.get("group") or f"g-{topic}")
+    config = SPEC.typed({"brokers": kt.BROKERS, "topic": topic, "session_timeout_ms": 6000,
+                         "commit_interval_ms": 50, **options})
+    return KafkaSource(config, config.group or f"g-{topic}")
 
 
 @pytest.fixture
@@ -188,15 +188,14 @@ async def test_create_topic_creates_it(opened: Any) -> None:
 
 async def test_unreachable_brokers_are_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kafka_client, "METADATA_TIMEOUT_S", 1.0)
-    config = CONFIG.apply_defaults({"brokers": "127.0.0.1:1", "topic": "t"})
-    src = KafkaSource(config, "g")
+    src = KafkaSource(SPEC.typed({"brokers": "127.0.0.1:1", "topic": "t"}), "g")
     with pytest.raises(SourceError, match=r"cannot reach kafka brokers 127.0.0.1:1"):
         await src.start()
     await src.close()
 
 
 async def test_sink_writes_records_acknowledged(topic: str) -> None:
-    sink = KafkaSink(SINK_CONFIG.apply_defaults({"topic": topic}), kt.BROKERS)
+    sink = KafkaSink(SINK.typed({"topic": topic}), kt.BROKERS)
     try:
         await sink.send([SinkRecord(f"t{i}", b'{"ok": true}', "application/json", key=f"k{i}",
                                     headers={"sluice-reason": "x"}) for i in range(50)])
@@ -213,15 +212,15 @@ async def test_sink_writes_records_acknowledged(topic: str) -> None:
 
 async def test_sink_defaults_to_the_source_brokers_and_checks_its_topic() -> None:
     kt.require_broker()
-    ctx = registry.BuildContext(pipeline="p", source=type("C", (), {
-        "type": "kafka", "config": {"brokers": kt.BROKERS}})())
-    sink = build_sink(SINK_CONFIG.apply_defaults({"topic": "sluice-no-such-dlq"}), ctx)
+    ctx = registry.BuildContext(pipeline="p", source=ComponentConfig(
+        "kafka", {"brokers": kt.BROKERS, "topic": "jobs"}))
+    sink = build_sink(SINK.typed({"topic": "sluice-no-such-dlq"}), ctx)
     assert sink.brokers == kt.BROKERS
     with pytest.raises(DeliveryError, match="'sluice-no-such-dlq' does not exist"):
         await sink.send([SinkRecord("t", b"{}", "application/json")])
     await sink.close()
     with pytest.raises(SourceError, match="needs brokers"):
-        build_sink(SINK_CONFIG.apply_defaults({"topic": "x"}), registry.BuildContext("p"))
+        build_sink(SINK.typed({"topic": "x"}), registry.BuildContext("p"))
 
 
 @pytest.mark.parametrize("outbox", [False, True], ids=["with_offsets", "outbox"])

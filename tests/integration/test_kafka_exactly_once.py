@@ -20,7 +20,7 @@ import pytest
 
 from sluice.config.load import parse_pipeline
 from sluice.connectors.base import Delivery, Output, SinkRecord
-from sluice.connectors.kafka import CONFIG, KafkaSource
+from sluice.connectors.kafka import SPEC, KafkaSource
 from sluice.datadir import Database
 from sluice.runtime import build, run_pipelines
 from sluice.tasks.sqlite import SqliteTaskStore
@@ -44,9 +44,8 @@ on_failure: [{{kafka: {{topic: {bad}}}}}]
 
 def eos_source(topic: str, out: str, exactly_once: bool = True,
                **options: Any) -> KafkaSource:
-    config = CONFIG.apply_defaults({"brokers": kt.BROKERS, "topic": topic,
-                                    "session_timeout_ms": 6000, "commit_interval_ms": 50,
-                                    **options})
+    config = SPEC.typed({"brokers": kt.BROKERS, "topic": topic, "session_timeout_ms": 6000,
+                         "commit_interval_ms": 50, **options})
     src = KafkaSource(config, f"g-{topic}", exactly_once=exactly_once)
     src.produce_to([(out, None)])
     return src

@@ -8,7 +8,7 @@ import pytest
 
 from sluice.config.load import parse_pipeline
 from sluice.connectors import kafka_client
-from sluice.connectors.kafka import CONFIG
+from sluice.connectors.kafka import SPEC
 from sluice.errors import ConfigError, MissingDependency
 
 PIPELINE = """
@@ -22,14 +22,15 @@ dead_letter: {{kafka: {{topic: images.dlq}}}}
 
 def test_defaults_and_no_topic_creation_unless_asked() -> None:
     config = parse_pipeline(PIPELINE.format(brokers="localhost:9092", extra=""))
-    source = config.source.config
-    assert (source["group"], source["task_id_header"], source["auto_offset_reset"]) == (
+    source = SPEC.typed(config.source.config)
+    assert (source.group, source.task_id_header, source.auto_offset_reset) == (
         None, "sluice-task-id", "earliest")
-    assert kafka_client.wanted_partitions(source["create_topic"]) is None
-    created = CONFIG.apply_defaults({"brokers": "b:1", "topic": "t",
-                                     "create_topic": {"partitions": 6}})
-    assert created["create_topic"] == {"partitions": 6, "replication_factor": 1}
-    assert kafka_client.wanted_partitions(created["create_topic"]) == 6
+    assert source.group_of(config.name) == "sluice.images"
+    assert kafka_client.wanted_partitions(source.create_topic) is None
+    created = SPEC.typed({"brokers": "b:1", "topic": "t", "create_topic": {"partitions": 6}})
+    assert created.create_topic == kafka_client.CreateTopicConfig(
+        partitions=6, replication_factor=1)
+    assert kafka_client.wanted_partitions(created.create_topic) == 6
 
 
 def test_bad_keys_are_reported_with_their_place() -> None:
@@ -53,8 +54,7 @@ def test_missing_extra_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
     from sluice.registry import BuildContext
 
     with pytest.raises(MissingDependency):
-        build_source(CONFIG.apply_defaults({"brokers": "b:1", "topic": "t"}),
-                     BuildContext("images"))
+        build_source(SPEC.typed({"brokers": "b:1", "topic": "t"}), BuildContext("images"))
 
 
 def test_headers_as_text() -> None:
@@ -65,7 +65,7 @@ def test_headers_as_text() -> None:
 
 def test_brokers_may_have_spaces() -> None:
     config = parse_pipeline(PIPELINE.format(brokers="a:1, b:2", extra=""))
-    assert kafka_client.client_config(config.source.config["brokers"], None)[
+    assert kafka_client.client_config(SPEC.typed(config.source.config).brokers, None)[
         "bootstrap.servers"] == "a:1,b:2"
 
 

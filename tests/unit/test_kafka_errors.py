@@ -17,6 +17,7 @@ import pytest
 from sluice.config.load import parse_pipeline
 from sluice.connectors import kafka_client
 from sluice.connectors.base import SinkRecord
+from sluice.connectors.kafka import SPEC
 from sluice.connectors.kafka_output import OutputProducer
 from sluice.consumer.loop import ConsumerLoop
 from sluice.errors import DeliveryError, Misconfigured, Unavailable
@@ -142,7 +143,8 @@ class Producer:
 
 
 def transaction(producer: Producer) -> bool:
-    out = OutputProducer("jobs", "b:1", {}, "g", exactly_once=True)
+    config = SPEC.typed({"brokers": "b:1", "topic": "jobs"})
+    out = OutputProducer(config.topic, config.brokers, config, "g", exactly_once=True)
     out._producer = producer
     consumer = type("Consumer", (), {"consumer_group_metadata": lambda self: None})()
     return out.commit([], [], consumer, lambda: None)

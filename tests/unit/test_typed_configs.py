@@ -11,7 +11,10 @@ import pytest
 
 from sluice import registry
 from sluice.config.destinations import LABEL, LabelField, SinkSettings
+from sluice.connectors import kafka_client
 from sluice.registry import ComponentSpec, Registry
+from sluice.sinks.delivery import delivery_settings
+from sluice.sinks.http import DELIVERY_DEFAULTS, HttpSinkConfig
 from sluice.spec import ObjectSpec, Settings
 
 # A minimal valid config of each built-in component (the loader applies the defaults).
@@ -23,9 +26,11 @@ EXAMPLES: dict[tuple[str, str], Any] = {
                           "label": "hook"},
     ("handler", "http"): {"url": "http://fn.example:8080/", "timeout_s": 5},
     ("handler", "python"): "pipelines.quickstart:handle",
+    ("source", "kafka"): {"brokers": "b:1", "topic": "jobs"},
+    ("sink", "kafka"): {"topic": "jobs.done", "create_topic": {"partitions": 3}},
 }
 # Built-ins whose factories still take the mapping (the registry passes it as it is).
-UNTYPED = {("source", "kafka"), ("sink", "kafka")}
+UNTYPED: set[tuple[str, str]] = set()
 
 
 def builtins() -> list[ComponentSpec[Any, Any]]:
@@ -103,3 +108,38 @@ def test_a_third_party_spec_without_a_converter_gets_the_mapping() -> None:
         factory=lambda config, ctx: made.append(config))
     spec.build({}, registry.BuildContext("p"))
     assert made == [{}]
+
+
+def test_kafka_create_topic_is_typed_and_absent_means_none() -> None:
+    source = registry.source("kafka")
+    absent = source.apply_defaults(EXAMPLES[("source", "kafka")])
+    assert absent[kafka_client.CREATE_TOPIC] == {"replication_factor": 1}
+    typed = source.typed(absent)
+    assert typed.create_topic == kafka_client.CreateTopicConfig(None, 1)
+    assert kafka_client.wanted_partitions(typed.create_topic) is None
+    assert back(typed) == absent  # partitions stays absent, not None
+    sink = registry.sink("kafka").typed(EXAMPLES[("sink", "kafka")])
+    assert sink.create_topic == kafka_client.CreateTopicConfig(3, 1)
+    assert kafka_client.wanted_partitions(sink.create_topic) == 3
+
+
+def test_the_webhook_config_extends_the_http_one() -> None:
+    http = registry.sink("http")
+    webhook = registry.sink("webhook")
+    typed = webhook.typed(EXAMPLES[("sink", "webhook")])
+    assert isinstance(typed, HttpSinkConfig)
+    assert set(type(typed).keys()) == set(http.settings(http.apply_defaults(
+        EXAMPLES[("sink", "http")])).keys()) | {"secret_env"}
+
+
+@pytest.mark.parametrize("key", sorted(k for k in EXAMPLES if k[0] == "sink"))
+def test_a_deliverer_reads_the_typed_delivery_keys(key: tuple[str, str]) -> None:
+    spec = registry.get(*key)
+    typed = spec.typed(spec.apply_defaults(EXAMPLES[key]))
+    settings = delivery_settings(typed)
+    if key[1] == "embedded":  # no delivery keys: the defaults
+        assert settings == DELIVERY_DEFAULTS
+    else:
+        assert settings is typed
+    assert delivery_settings({"timeout_s": 2.5}) == dataclasses.replace(DELIVERY_DEFAULTS,
+                                                                         timeout_s=2.5)
