@@ -97,14 +97,6 @@ class Destination:
         """Where its records go (a URL, a topic, a queue), if its sink names one."""
         return _label_and_target(self.component.type, self.settings)[1]
 
-    def setting(self, key: str, default: Any) -> Any:
-        """A delivery setting of its sink (``timeout_s``, ``max_attempts``...), or ``default``
-        for a sink without it."""
-        settings = self.settings
-        value = (settings.get(key) if isinstance(settings, Mapping)
-                 else getattr(settings, key, None))
-        return default if value is None else value
-
 
 def _target_key(type_name: str) -> str | None:
     spec = registry.get("sink", type_name).config
