@@ -35,6 +35,7 @@ from sluice.datadir import Database
 from sluice.datadir import QueuedMessage as QueuedMessage  # re-exported: the queue API
 from sluice.datadir import put_in as put_in
 from sluice.spec import Field, ObjectSpec, Settings
+from sluice.tasks.queue import MessageQueue
 from sluice.tasks.sqlite import create_in
 from sluice.tasks.store import NewTask, TaskRecord
 
@@ -121,8 +122,8 @@ class EmbeddedSubmitter:
 
 async def wake(config: PipelineConfig, task_id: str, ctx: registry.SubmitContext) -> None:
     """A resumed task's message, held back while it was paused, is visible now."""
-    queue = source_queue(config)
-    await ctx.db.run(lambda c: wake_in(c, queue, task_id, time.time()))
+    q: MessageQueue[sqlite3.Connection] = EmbeddedQueue(ctx.db, source_queue(config))
+    await ctx.db.run(lambda c: q.wake_in(c, task_id, time.time()))
 
 
 def wake_in(conn: sqlite3.Connection, queue: str, task_id: str, now: float) -> None:
@@ -138,7 +139,8 @@ def new_task_id() -> str:
 
 
 class EmbeddedQueue:
-    """Queue operations on one named queue (sync; the async source wraps them)."""
+    """:class:`~sluice.tasks.queue.MessageQueue` on one named queue of the SQLite database
+    (sync, in the caller's transaction; the async source wraps them)."""
 
     def __init__(self, db: Database, queue: str, lease_s: float = 30.0,
                  ordered_keys: bool = False) -> None:
@@ -148,6 +150,13 @@ class EmbeddedQueue:
         self.ordered_keys = ordered_keys
         self._owner = uuid.uuid4().hex[:12]
         self._tokens = itertools.count()
+
+    def put_in(self, conn: sqlite3.Connection, messages: Sequence[QueuedMessage], now: float,
+               delay_s: float = 0.0) -> None:
+        put_in(conn, self.queue, messages, now, delay_s)
+
+    def wake_in(self, conn: sqlite3.Connection, task_id: str, now: float) -> None:
+        wake_in(conn, self.queue, task_id, now)
 
     def lease_in(self, conn: sqlite3.Connection, max_n: int, now: float) -> list[Delivery]:
         token = f"{self._owner}:{next(self._tokens)}"
@@ -208,7 +217,8 @@ class EmbeddedSource:
 
     def __init__(self, db: Database, queue: str, lease_s: float, poll_interval_s: float,
                  ordered_keys: bool = False) -> None:
-        self.q = EmbeddedQueue(db, queue, lease_s, ordered_keys)
+        self.q: MessageQueue[sqlite3.Connection] = EmbeddedQueue(db, queue, lease_s,
+                                                                 ordered_keys)
         self.orders_keys = ordered_keys  # the dispatcher need not hold lanes for retries
         self.db = db
         self.lease_s = lease_s

@@ -3,6 +3,7 @@ pipeline to consume another's records."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,9 +11,10 @@ from dataclasses import dataclass
 from sluice import registry
 from sluice.config.destinations import SinkSettings, label_field
 from sluice.connectors.base import SinkRecord
-from sluice.connectors.embedded import QUEUE, QUEUE_PATTERN, QueuedMessage, put_in
+from sluice.connectors.embedded import QUEUE, QUEUE_PATTERN, EmbeddedQueue, QueuedMessage
 from sluice.datadir import Database
 from sluice.spec import REQUIRED, Field, ObjectSpec
+from sluice.tasks.queue import MessageQueue
 
 CONFIG = ObjectSpec(
     Field(QUEUE, "string", "Queue to put records on.", default=REQUIRED, pattern=QUEUE_PATTERN),
@@ -40,11 +42,12 @@ class EmbeddedSink:
     def __init__(self, db: Database, queue: str) -> None:
         self.db = db
         self.queue = queue
+        self.q: MessageQueue[sqlite3.Connection] = EmbeddedQueue(db, queue)
 
     async def send(self, records: Sequence[SinkRecord]) -> None:
         messages = [QueuedMessage(r.task_id, r.body, r.content_type, r.key, dict(r.headers))
                     for r in records]
-        await self.db.run(lambda c: put_in(c, self.queue, messages, time.time()))
+        await self.db.run(lambda c: self.q.put_in(c, messages, time.time()))
 
     async def close(self) -> None:
         return None

@@ -3,7 +3,8 @@
 Invariants:
 
 1. The entries of one destination wait on the embedded queue
-   :func:`~sluice.tasks.sqlite.outbox_queue` ``(pipeline, label)``, put there by
+   :func:`~sluice.tasks.sqlite.outbox_queue` ``(pipeline, label)`` (a
+   :class:`~sluice.tasks.queue.MessageQueue`, used in this module's transactions), put there by
    :func:`~sluice.tasks.sqlite.put_outbox` in the transaction that records their task final.
 2. Removing an entry and writing its delivery status are one transaction.
 3. Records put under a destination's positional name from before labels (``legacy``) are
@@ -25,6 +26,7 @@ from collections.abc import Collection, Sequence
 from sluice.connectors.base import Delivery, SinkRecord
 from sluice.connectors.embedded import EmbeddedSource
 from sluice.datadir import Database
+from sluice.tasks.queue import MessageQueue
 from sluice.tasks.sqlite import outbox_queue, record_deliveries_in
 from sluice.tasks.store import OutboxItem
 
@@ -96,7 +98,7 @@ class SqliteOutbox:
                                      "attempts": item.attempts, "error": error}])
 
     async def retry_later(self, item: OutboxItem, delay_s: float, error: str | None) -> None:
-        queue = self._sources[item.destination].q
+        queue: MessageQueue[sqlite3.Connection] = self._sources[item.destination].q
         now = time.time()
         status: dict[str, object] = {"state": "pending", "at": now, "attempts": item.attempts,
                                      "error": error}
