@@ -18,11 +18,11 @@ from sluice.cli_common import (
     err,
     fail,
     guarded,
+    local_store,
     out,
     print_wide,
     remote_options,
     run_async,
-    store_dir,
     table,
     timestamp,
 )
@@ -48,12 +48,9 @@ def list_command(pipeline: str, limit: int, as_json: bool, data_dir: Path, url: 
             "GET", f"/v1/pipelines/{_quote(pipeline)}/dead-letters",
             query={"limit": str(limit)})))["items"]
     else:
-        from sluice.datadir import Database
-        from sluice.dead_letters import list_dead_letters
-
-        db = Database.open(store_dir(data_dir))
+        store = local_store(data_dir)
         items = [d.to_json() for d in
-                 guarded(lambda: run_async(list_dead_letters(db, pipeline, limit)))]
+                 guarded(lambda: run_async(store.dead_letters(pipeline, limit=limit)))]
     if as_json:
         for item in items:
             click.echo(json.dumps(item))
@@ -105,7 +102,8 @@ def _replay_local(pipeline: str, task_ids: Sequence[str] | None, again: bool,
                   files: Sequence[Path], data_dir: Path) -> list[dict[str, Any]]:
     from sluice.config.load import load_pipelines
     from sluice.datadir import Database
-    from sluice.dead_letters import replay
+    from sluice.dead_letters import Replayed, replay
+    from sluice.intake import Intake
 
     if not files:
         fail("give -f FILE (the pipeline file: the replays are submitted to its source), or "
@@ -115,8 +113,16 @@ def _replay_local(pipeline: str, task_ids: Sequence[str] | None, again: bool,
     if config is None:
         fail(f"no pipeline named {pipeline!r} in {', '.join(map(str, files))}; "
              f"found: {', '.join(c.name for c in configs) or 'none'}")
-    db = Database.open(store_dir(data_dir))
-    done = guarded(lambda: run_async(replay(db, config, task_ids, again=again)), code=1)
+    store = local_store(data_dir)
+
+    async def replay_all() -> list[Replayed]:
+        intake = Intake(Database.open(data_dir))
+        try:
+            return await replay(store, intake, config, task_ids, again=again)
+        finally:
+            await intake.close()
+
+    done = guarded(lambda: run_async(replay_all()), code=1)
     return [{"task_id": r.task_id, "replay_id": r.replay_id, "skipped": r.skipped}
             for r in done]
 

@@ -23,11 +23,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sluice import intake
 from sluice.config.model import PipelineConfig
-from sluice.datadir import Database, QueuedMessage
-from sluice.tasks.sqlite import SqliteTaskStore
-from sluice.tasks.store import DeadLetterRecord, TaskStore
+from sluice.datadir import QueuedMessage
+from sluice.intake import Intake
+from sluice.tasks.store import TaskStore
 
 REPLAY_OF_HEADER = "sluice-replay-of"
 MAX_REPLAY_BATCH = 1000  # dead letters replayed by one call with "all"
@@ -44,21 +43,12 @@ class Replayed:
     skipped: str | None = None  # why not
 
 
-def _store(db: Database) -> TaskStore:
-    """The task store in ``db`` (where :func:`sluice.intake.submit` puts the replays)."""
-    return SqliteTaskStore(db)
-
-
-async def list_dead_letters(db: Database, pipeline: str, limit: int = 100,
-                            ) -> list[DeadLetterRecord]:
-    return await _store(db).dead_letters(pipeline, limit=limit)
-
-
-async def replay(db: Database, config: PipelineConfig, task_ids: Sequence[str] | None, *,
-                 again: bool = False) -> list[Replayed]:
+async def replay(store: TaskStore, intake: Intake, config: PipelineConfig,
+                 task_ids: Sequence[str] | None, *, again: bool = False) -> list[Replayed]:
     """Replay the given dead letters (``None``: every one not yet replayed, up to
-    ``MAX_REPLAY_BATCH``); one :class:`Replayed` per task id asked for (or found)."""
-    store = _store(db)
+    ``MAX_REPLAY_BATCH``), submitting through ``intake`` (over ``store``'s database); one
+    :class:`Replayed` per task id asked for (or found). List them with
+    :meth:`TaskStore.dead_letters`."""
     if task_ids is None:
         found = await store.dead_letters(config.name, limit=MAX_REPLAY_BATCH, replayed=False)
         asked: list[str] = [d.task_id for d in found]
@@ -84,7 +74,7 @@ async def replay(db: Database, config: PipelineConfig, task_ids: Sequence[str] |
                                                 letter.message.content_type,
                                                 letter.message.key, headers)))
     if messages:
-        created = await intake.submit(db, config, [m for _, m in messages])
+        created = await intake.submit(config, [m for _, m in messages])
         links = []
         for (task_id, message), record in zip(messages, created, strict=True):
             if record is None:

@@ -92,7 +92,7 @@ class Intake:
 
 async def submit(db: Database, config: PipelineConfig, messages: Sequence[QueuedMessage],
                  *, delay_s: float = 0.0) -> list[TaskRecord | None]:
-    """Submit once, from this process (the CLI, a dead-letter replay)."""
+    """Submit once, from this process (the CLI's local submit)."""
     intake = Intake(db)
     try:
         return await intake.submit(config, messages, delay_s=delay_s)

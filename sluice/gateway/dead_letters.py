@@ -37,8 +37,7 @@ async def list_dead_letters(request: web.Request) -> web.Response:
     if not 1 <= limit <= MAX_LIMIT:
         return problems.bad_request(f"query limit: expected an integer from 1 to {MAX_LIMIT}, "
                                     f"got {raw[:40]!r}")
-    found = await dead_letters.list_dead_letters(request.app[GATEWAY].batcher.db, config.name,
-                                                 limit)
+    found = await request.app[GATEWAY].store.dead_letters(config.name, limit=limit)
     return json_response({"items": [d.to_json() for d in found]})
 
 
@@ -77,8 +76,8 @@ async def replay_dead_letters(request: web.Request) -> web.Response:
     if isinstance(asked, str):
         return problems.bad_request(asked)
     task_ids, again = asked
-    done = await dead_letters.replay(request.app[GATEWAY].batcher.db, config, task_ids,
-                                     again=again)
+    gw = request.app[GATEWAY]
+    done = await dead_letters.replay(gw.store, gw.intake, config, task_ids, again=again)
     return json_response({"items": [
         {"task_id": r.task_id, "replay_id": r.replay_id, "skipped": r.skipped} for r in done]})
 

@@ -18,7 +18,8 @@ from sluice.config.load import parse_pipeline
 from sluice.connectors import embedded
 from sluice.connectors.embedded import EmbeddedQueue, QueuedMessage
 from sluice.datadir import Database
-from sluice.dead_letters import REPLAY_OF_HEADER, list_dead_letters, replay
+from sluice.dead_letters import REPLAY_OF_HEADER, replay
+from sluice.intake import Intake
 from sluice.runtime import build
 from sluice.tasks.sqlite import SqliteTaskStore
 from sluice.tasks.state import TaskState
@@ -98,7 +99,7 @@ async def test_dead_letters_are_listed_and_replayed_as_new_linked_tasks(
     submit(data_dir, a={"bug": "x", "n": 1}, b={"bug": "y"}, c={})
     await drain(data_dir)
     db = Database.open(data_dir)
-    letters = {d.task_id: d for d in await list_dead_letters(db, "jobs")}
+    letters = {d.task_id: d for d in await SqliteTaskStore(db).dead_letters("jobs")}
     assert set(letters) == {"a", "b"}
     assert letters["a"].error_type == "ValueError"
     assert "cannot handle x" in (letters["a"].error_message or "")
@@ -108,26 +109,26 @@ async def test_dead_letters_are_listed_and_replayed_as_new_linked_tasks(
 
     FIXED.update({"x", "y"})
     config = parse_pipeline(PIPELINE)
-    (done,) = await replay(db, config, ["a"])
+    store, intake = SqliteTaskStore(db), Intake(db)
+    (done,) = await replay(store, intake, config, ["a"])
     assert (done.task_id, done.replay_id) == ("a", "a.replay-1")
     # Asked again: refused (already replayed) unless again; unknown ids are reported.
-    again, unknown = await replay(db, config, ["a", "nope"])
+    again, unknown = await replay(store, intake, config, ["a", "nope"])
     assert again.replay_id is None and "already replayed as 'a.replay-1'" in str(again.skipped)
     assert unknown.replay_id is None and unknown.skipped == "no dead letter with this task id"
     # All: only those not replayed yet.
-    assert [(r.task_id, r.replay_id) for r in await replay(db, config, None)] == [
+    assert [(r.task_id, r.replay_id) for r in await replay(store, intake, config, None)] == [
         ("b", "b.replay-1")]
     await drain(data_dir)
-    store = SqliteTaskStore(db)
     replayed = await store.get("a.replay-1", "jobs")
     assert (replayed.state, replayed.key) == (TaskState.SUCCEEDED, "key-a")
     assert SEEN_HEADERS["a.replay-1"][REPLAY_OF_HEADER] == "a"
     assert "sluice-error-type" not in SEEN_HEADERS["a.replay-1"]
     assert (await store.get("a", "jobs")).state == TaskState.FAILED  # final stays final
-    letters = {d.task_id: d for d in await list_dead_letters(db, "jobs")}
+    letters = {d.task_id: d for d in await SqliteTaskStore(db).dead_letters("jobs")}
     assert letters["a"].replayed_as == "a.replay-1"
     assert letters["b"].replayed_as == "b.replay-1"
-    (twice,) = await replay(db, config, ["a"], again=True)
+    (twice,) = await replay(store, intake, config, ["a"], again=True)
     assert twice.replay_id == "a.replay-2"
     # The dead-letter destination got its messages as before.
     q = EmbeddedQueue(db, "jobs.dlq")
