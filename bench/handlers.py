@@ -36,3 +36,8 @@ async def ordered_sleep(message: Message) -> None:
         await asyncio.sleep(0.02)
     finally:
         KEYS_RUNNING.discard(key)
+
+
+async def noop_batch(messages: list[Message]) -> list[None]:
+    """A batch handler that does nothing: one ``None`` result per message."""
+    return [None] * len(messages)
