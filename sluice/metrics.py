@@ -28,5 +28,8 @@ LIMIT = Gauge("sluice_concurrency_limit", "The handler's current concurrency lim
               "it).", ["pipeline"], registry=REGISTRY)
 LIMIT_SIGNALS = Counter("sluice_limit_signals", "Attempt outcomes as the limiter sees them "
                         "(success, overload, error).", ["pipeline", "signal"], registry=REGISTRY)
+FILTERED = Counter(
+    "sluice_filtered", "Messages the pipeline's filter dropped: acknowledged, never run (their "
+    "tasks end FILTERED).", ["pipeline"], registry=REGISTRY)  # exposed as sluice_filtered_total
 PAUSED = Gauge("sluice_pipeline_paused", "1 while a pipeline is paused.", ["pipeline"],
                registry=REGISTRY)

@@ -133,7 +133,7 @@ class Completion:
     """The end of one attempt, to record with compare-and-set from RUNNING under ``owner``."""
 
     task_id: str
-    state: TaskState  # SUCCEEDED, RETRYING or FAILED
+    state: TaskState  # SUCCEEDED, RETRYING, FAILED or FILTERED (the filter dropped it)
     result: bytes | None = None
     result_type: str | None = None
     error_type: str | None = None

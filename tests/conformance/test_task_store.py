@@ -255,6 +255,36 @@ async def test_complete_records_the_result_under_the_owner(store: TaskStore) -> 
     assert rec.to_json()["result"] == {"n": 1}
 
 
+async def test_filtered_is_recorded_final_and_never_claimed_again(store: TaskStore) -> None:
+    """RUNNING → FILTERED (the pipeline's filter dropped the message): final, with its finish
+    time, no result and no error; its message is acknowledged and skipped from then on."""
+    await running(store, "a")
+    assert await store.complete(P, [Completion("a", TaskState.FILTERED)], "w1", 105.0) == [
+        TaskState.FILTERED]
+    rec = await store.get("a", P)
+    assert (rec.state, rec.finished_at, rec.result, rec.error_type) == (
+        TaskState.FILTERED, 105.0, None, None)
+    (res,) = await store.claim(P, T, [Claim("a")], "w2", LEASE_S, now=500.0)
+    assert res.status == ClaimStatus.DONE
+    assert await store.complete(P, [Completion("a", TaskState.SUCCEEDED)], "w1", 501.0) == [
+        TaskState.FILTERED]  # nothing leaves it
+    with pytest.raises(IllegalTransition):
+        await store.transition(P, "a", TaskState.CANCELLED, 502.0)
+    assert [r.task_id for r in await store.list(P, TaskState.FILTERED)] == ["a"]
+    assert await store.counts() == {(P, "FILTERED"): 1}
+    assert await store.dead_letters(P) == []
+
+
+async def test_a_batch_mixing_filtered_and_other_ends_records_each(store: TaskStore) -> None:
+    await store.claim(P, T, [Claim(t) for t in ("a", "b", "c")], "w1", LEASE_S, now=100.0)
+    got = await store.complete(P, [Completion("a", TaskState.FILTERED),
+                                   Completion("b", TaskState.SUCCEEDED, b"1", "application/json"),
+                                   Completion("c", TaskState.FILTERED)], "w1", 101.0)
+    assert got == [TaskState.FILTERED, TaskState.SUCCEEDED, TaskState.FILTERED]
+    assert {t: (await store.get(t, P)).state for t in ("a", "b", "c")} == {
+        "a": TaskState.FILTERED, "b": TaskState.SUCCEEDED, "c": TaskState.FILTERED}
+
+
 async def test_complete_is_refused_when_not_running_under_the_owner(store: TaskStore) -> None:
     await running(store, "a", "w1", now=100.0)
     await store.claim(P, T, [Claim("a")], "w2", LEASE_S, now=131.0)  # w1 lost it

@@ -10,6 +10,7 @@ from sluice.tasks.state import FINAL, TRANSITIONS, TaskState, allowed
 
 
 def test_final_states_have_no_way_out() -> None:
+    assert TaskState.FILTERED in FINAL and TaskState.FILTERED.final
     for state in FINAL:
         assert TRANSITIONS[state] == frozenset()
         for other in TaskState:
@@ -26,6 +27,10 @@ def test_final_states_have_no_way_out() -> None:
     (TaskState.PAUSED, TaskState.QUEUED, True),
     (TaskState.PAUSED, TaskState.RUNNING, False),
     (TaskState.RUNNING, TaskState.QUEUED, False),
+    (TaskState.RUNNING, TaskState.FILTERED, True),  # the pipeline's filter dropped it
+    (TaskState.QUEUED, TaskState.FILTERED, False),  # only a claimed message is filtered
+    (TaskState.RETRYING, TaskState.FILTERED, False),
+    (TaskState.FILTERED, TaskState.RUNNING, False),
 ])
 def test_transition_table(current: TaskState, wanted: TaskState, ok: bool) -> None:
     assert allowed(current, wanted) is ok
