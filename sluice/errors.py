@@ -17,6 +17,7 @@
         ├── Retry                    retry this task (optionally after ``delay_s``)
         │   └── Overloaded           retry, and the backend is overloaded: the limit shrinks
         └── Reject                   fail this task now, without retrying
+            └── InvalidPayload       Message.payload read, and the body does not decode
 
 A user-facing error names where (file:line:col, key path) and what was expected; the CLI prints
 ``str(error)`` on stderr and exits 2, never a traceback.
@@ -169,3 +170,8 @@ class Reject(HandlerSignal):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+class InvalidPayload(Reject):
+    """The task's body does not decode as its content type says (raised by
+    :attr:`sluice.message.Message.payload`): retrying cannot help, so the task fails."""

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import traceback
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import orjson
+
+from sluice.errors import InvalidPayload
 
 JSON_TYPES = ("application/json", "text/json")
 
@@ -49,18 +51,58 @@ def decode_payload(body: bytes, content_type: str) -> Any:
     return body
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One task as its handler sees it."""
+_UNDECODED: Any = object()
 
-    task_id: str
-    pipeline: str
-    payload: Any  # decoded body: JSON value, str for text/*, else bytes
-    body: bytes
-    content_type: str = "application/json"
-    key: str | None = None
-    headers: Mapping[str, str] = field(default_factory=dict)
-    attempt: int = 1  # 1 for the first attempt
+
+class Message:
+    """One task as its handler sees it.
+
+    ``payload`` is the body decoded (JSON to Python values, ``text/*`` to ``str``, anything
+    else the bytes), on first read: a handler that reads only ``body`` never pays for the
+    decoding. Reading the payload of a body that does not decode raises
+    :class:`~sluice.errors.InvalidPayload` (a ``Reject``: the task fails without retries).
+    """
+
+    __slots__ = ("_payload", "attempt", "body", "content_type", "headers", "key", "pipeline",
+                 "task_id")
+
+    def __init__(self, task_id: str, pipeline: str, payload: Any = _UNDECODED,
+                 body: bytes = b"", content_type: str = "application/json",
+                 key: str | None = None, headers: Mapping[str, str] | None = None,
+                 attempt: int = 1) -> None:
+        self.task_id = task_id
+        self.pipeline = pipeline
+        self._payload = payload
+        self.body = body
+        self.content_type = content_type
+        self.key = key
+        self.headers: Mapping[str, str] = headers if headers is not None else {}
+        self.attempt = attempt  # 1 for the first attempt
+
+    @property
+    def payload(self) -> Any:
+        """The decoded body: JSON value, ``str`` for text/*, else bytes."""
+        if self._payload is _UNDECODED:
+            try:
+                self._payload = decode_payload(self.body, self.content_type)
+            except ValueError as exc:
+                raise InvalidPayload(f"the body is not valid JSON ({self.content_type}): "
+                                     f"{exc}") from None
+        return self._payload
+
+    def __repr__(self) -> str:
+        return (f"Message(task_id={self.task_id!r}, pipeline={self.pipeline!r}, "
+                f"key={self.key!r}, attempt={self.attempt}, body={self.body[:60]!r})")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        return (self.task_id, self.pipeline, self.body, self.content_type, self.key,
+                dict(self.headers), self.attempt) == (
+            other.task_id, other.pipeline, other.body, other.content_type, other.key,
+            dict(other.headers), other.attempt)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,8 @@ def _rows(spec: ObjectSpec, prefix: str = "") -> list[str]:
         rows.append(f"| `{prefix}{f.name}` | {kind} | {_default(f)} | {desc} |")
         if f.fields is not None:
             rows.extend(_rows(f.fields, f"{prefix}{f.name}."))
+        if f.extra is not None:
+            rows.extend(_rows(f.extra, f"{prefix}{f.name}."))
     return rows
 
 

@@ -96,6 +96,9 @@ class Field:
     items: Field | None = None
     fields: ObjectSpec | None = None  # for kind "object"
     family: str | None = None  # a one-key component slot ("source", "handler", "sink")
+    # Keys a component slot allows beside its one type key (``handler: {python: ..., batch:
+    # {...}}``): each optional, none of them alone.
+    extra: ObjectSpec | None = None
     variants: tuple[Field, ...] = ()  # alternatives (anyOf), e.g. an integer or a mapping
 
     @property
@@ -112,6 +115,13 @@ class Field:
                 raise ValueError(f"key {self.name!r} is a {self.family} slot: its schema needs "
                                  "the registry's family schemas (families=)")
             schema = families(self.family)
+            if self.extra is not None:
+                names = [f.name for f in self.extra.fields_]
+                schema = {**schema, "properties": {
+                    **schema["properties"],
+                    **{f.name: f.json_schema(families) for f in self.extra.fields_}},
+                    "maxProperties": 1 + len(names),
+                    "not": {"propertyNames": {"enum": names}}}
         elif self.fields is not None:
             schema = self.fields.json_schema(families)
         else:
@@ -169,6 +179,12 @@ class ObjectSpec:
                     out[f.name] = f.fields.apply_defaults({})
                 elif not f.required:
                     out[f.name] = f.default
+            elif f.extra is not None and isinstance(out[f.name], Mapping):
+                slot = dict(out[f.name])
+                for extra in f.extra.fields_:
+                    if extra.fields is not None and isinstance(slot.get(extra.name), Mapping):
+                        slot[extra.name] = extra.fields.apply_defaults(slot[extra.name])
+                out[f.name] = slot
             elif f.fields is not None and isinstance(out[f.name], Mapping):
                 out[f.name] = f.fields.apply_defaults(out[f.name])
             elif f.variants and isinstance(out[f.name], Mapping):

@@ -29,8 +29,9 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError
 
 from sluice import registry
+from sluice.config import payload_rules
 from sluice.config.destinations import duplicate_labels
-from sluice.config.model import PIPELINE_SPEC, PipelineConfig, build_model
+from sluice.config.model import HANDLER_EXTRAS, PIPELINE_SPEC, PipelineConfig, build_model
 from sluice.config.readfile import PIPELINE_FILE, read_yaml_file
 from sluice.config.yamlmarks import Marks, PathKey, load_marked
 from sluice.errors import ConfigError, ConfigIssue
@@ -124,6 +125,7 @@ def parse_pipeline(text: str, file: str = "<string>", *,
     doc = _interpolate(doc, (), marks, issues)
     env_paths = {i.path for i in issues}  # a value left empty by an unset variable: said once
     issues.extend(i for i in _schema_issues(doc, marks) if i.path not in env_paths)
+    issues.extend(_handler_types(doc, marks))
     if issues:
         raise ConfigError(sorted(issues, key=lambda i: (i.line, i.col)))
     doc = _apply_defaults(doc)
@@ -131,6 +133,9 @@ def parse_pipeline(text: str, file: str = "<string>", *,
     issues.extend(_component_checks(doc, marks, path, check_code=check_code))
     issues.extend(_pipeline_checks(doc, marks))
     issues.extend(duplicate_labels(doc, marks))
+    issues.extend(payload_rules.filter_issues(doc, marks))
+    doc["schema"], schema_issues = payload_rules.load_schema(doc, marks, path)  # a file: read
+    issues.extend(schema_issues)
     if issues:
         raise ConfigError(issues)
     return build_model(doc, path, marks)
@@ -218,6 +223,10 @@ def _describe(error: ValidationError, marks: Marks) -> ConfigIssue:
         family = schema["x-sluice-family"]
         types = ", ".join(sorted(schema.get("properties", {})))
         return marks.issue(path, f"expected exactly one {family} type, one of: {types}")
+    if kind == "not" and schema.get("x-sluice-family"):
+        types = ", ".join(sorted(set(schema.get("properties", {})) - set(HANDLER_EXTRAS)))
+        return marks.issue(path, f"{', '.join(sorted(error.instance))} needs one "
+                                 f"{schema['x-sluice-family']} type beside it ({types})")
     if kind == "type" and schema.get("x-sluice-family"):
         types = ", ".join(sorted(schema.get("properties", {})))
         return marks.issue(path, f"expected a mapping naming one {schema['x-sluice-family']} "
@@ -226,6 +235,17 @@ def _describe(error: ValidationError, marks: Marks) -> ConfigIssue:
         words = " or ".join(describe_expected(o) for o in schema.get("anyOf", []))
         return marks.issue(path, f"expected {words}, got {_show(error.instance)}")
     return marks.issue(path, f"expected {describe_expected(schema)}, got {_show(error.instance)}")
+
+
+def _handler_types(doc: dict[str, Any], marks: Marks) -> Iterable[ConfigIssue]:
+    """The handler slot names exactly one type (the schema allows its extra keys beside it, so
+    it cannot count the types alone)."""
+    handler = doc.get("handler")
+    if isinstance(handler, dict):
+        types = sorted(k for k in handler if k not in HANDLER_EXTRAS)
+        if len(types) > 1:
+            yield marks.issue(("handler",), f"expected exactly one handler type, got "
+                                            f"{' and '.join(types)}")
 
 
 def _did_you_mean(word: str, choices: list[str]) -> str:
@@ -254,9 +274,12 @@ def _slot_items(doc: dict[str, Any]) -> Iterable[tuple[PathKey, str, str, Any]]:
     for slot, family in SLOTS:
         value = doc.get(slot)
         items = enumerate(value) if isinstance(value, list) else [(None, value)]
+        extras = HANDLER_EXTRAS if slot == "handler" else ()
         for index, item in items:
-            if isinstance(item, dict) and len(item) == 1:
-                ((name, config),) = item.items()
+            types = ([(k, v) for k, v in item.items() if k not in extras]
+                     if isinstance(item, dict) else [])
+            if len(types) == 1:
+                ((name, config),) = types
                 path: PathKey = (slot,) if index is None else (slot, index)
                 yield path, family, name, config
 
@@ -266,7 +289,8 @@ def _apply_defaults(doc: dict[str, Any]) -> dict[str, Any]:
     for path, family, name, config in list(_slot_items(doc)):
         filled = {name: registry.get(family, name).apply_defaults(config)}
         if len(path) == 1:
-            doc[str(path[0])] = filled
+            slot = doc[str(path[0])]
+            doc[str(path[0])] = {**filled, **{k: v for k, v in slot.items() if k != name}}
         else:
             doc[str(path[0])][int(path[1])] = filled
     if not doc.get("dead_letter"):  # the registry says which component takes dead letters

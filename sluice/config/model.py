@@ -10,6 +10,7 @@ destination for tasks that fail for good. Components are one-key objects named b
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,11 +68,37 @@ CONSUMER_SPEC = ObjectSpec(
           "readers with isolation.level=read_committed see each result exactly once, across "
           "crashes and rebalances. Needs a kafka source; its kafka destinations must be on "
           "the source's brokers.", default=False),
+    Field("prefetch", "integer", "Most messages one worker holds at once: running, ready, "
+          "waiting in an ordering lane, or finished and waiting to be recorded. Fetching runs "
+          "ahead of the handlers up to this, so store writes and acknowledgements go in large "
+          "batches; a full worker stops fetching (backpressure). At least 3 x concurrency "
+          "(x handler.batch.max_size for a batch handler) is used whatever is set. Held tasks "
+          "are claimed: a crash counts an attempt for each that had a free ordering lane (as a "
+          "queue's receive count does).", default=1000, minimum=1, maximum=1_000_000),
+    Field("prefetch_bytes", "integer", "Most message body bytes one worker holds at once "
+          "(with prefetch, whichever is reached first).", default=64 * 1024 * 1024,
+          minimum=1024),
     Field("track_tasks", "boolean", "false: tasks are not recorded in the task store (Kafka "
           "source only; the committed offsets say what is finished). Saves two store writes "
           "per message; there is no task API, per-task cancel or pause, submit, or dedup by "
           "task id across workers for this pipeline. Retries, dead letters and results work "
           "as before.", default=True),
+)
+
+BATCH_SPEC = ObjectSpec(
+    Field("max_size", "integer", "Most messages in one call of the handler.", default=100,
+          minimum=1, maximum=100_000),
+    Field("max_wait_ms", "number", "How long a batch that is not full waits for more "
+          "messages before the call (none wait once the worker holds no more).", default=20.0,
+          minimum=0, maximum=60_000),
+)
+
+HANDLER_EXTRA_SPEC = ObjectSpec(
+    Field("batch", "object", "Call the handler with a list of messages instead of one: it "
+          "returns one outcome per message, in order (see Batch handlers in the README). "
+          "consumer.concurrency then counts calls in flight, and consumer.timeout_s bounds "
+          "one call. A batch never holds two messages of one ordering lane.",
+          fields=BATCH_SPEC, default=None),
 )
 
 TRIGGER_SPEC = ObjectSpec(
@@ -91,8 +118,16 @@ PIPELINE_SPEC = ObjectSpec(
     Field("description", "string", "Free text.", default=None),
     Field("source", "object", "Where tasks come from (one component).", default=REQUIRED,
           family="source"),
-    Field("handler", "object", "What runs each task (one component).", default=REQUIRED,
-          family="handler"),
+    Field("handler", "object", "What runs each task (one component; `batch` beside it makes "
+          "it a batch handler).", default=REQUIRED, family="handler", extra=HANDLER_EXTRA_SPEC),
+    Field("filter", "string", "A JMESPath expression over {payload, headers, key}, e.g. "
+          "payload.kind == 'order': a message runs only when it is truthy (false, null, \"\", "
+          "[] and {} are not); any other is acknowledged without running, its task FILTERED. "
+          "Applied after schema.", default=None),
+    Field("schema", ("object", "string"), "A JSON Schema (Draft 2020-12) every payload must "
+          "satisfy: inline, or the path of a .json/.yaml file relative to this file. A "
+          "payload that fails it (or does not decode) is dead-lettered without running "
+          "(error type InvalidPayload, the validation errors as the reason).", default=None),
     Field("consumer", "object", "The consumer policy between source and handler.",
           fields=CONSUMER_SPEC),
     Field("dead_letter", "object", "Where a task that failed for good goes, with the reason. "
@@ -116,6 +151,14 @@ class ComponentConfig:
 
 
 @dataclass(frozen=True)
+class BatchConfig:
+    """``handler.batch``: the handler takes lists of up to ``max_size`` messages."""
+
+    max_size: int = 100
+    max_wait_ms: float = 20.0
+
+
+@dataclass(frozen=True)
 class RetryConfig:
     max_attempts: int = 3
     initial_backoff_s: float = 1.0
@@ -133,6 +176,8 @@ class ConsumerConfig:
     ordering: str = "key"
     exactly_once: bool = False
     track_tasks: bool = True
+    prefetch: int = 1000
+    prefetch_bytes: int = 64 * 1024 * 1024
 
     @property
     def limit_config(self) -> int | dict[str, Any]:
@@ -150,8 +195,11 @@ class PipelineConfig:
     description: str | None = None
     path: Path | None = None
     trigger_path: str | None = None  # trigger.http.path
+    filter: str | None = None  # a JMESPath expression (sluice.consumer.gate)
+    schema: Mapping[str, Any] | None = None  # the payload schema (inline, or its file's)
     on_success: tuple[ComponentConfig, ...] = ()
     on_failure: tuple[ComponentConfig, ...] = ()
+    batch: BatchConfig | None = None  # handler.batch
     # Where each key and value is in the file, for errors found after loading.
     marks: Marks | None = field(default=None, compare=False, repr=False)
 
@@ -167,9 +215,12 @@ class PipelineConfig:
         return dataclasses.replace(self, consumer=consumer)
 
 
-def _component(value: dict[str, Any]) -> ComponentConfig:
-    ((type_name, config),) = value.items()
+def _component(value: dict[str, Any], *extras: str) -> ComponentConfig:
+    ((type_name, config),) = ((k, v) for k, v in value.items() if k not in extras)
     return ComponentConfig(type_name, config)
+
+
+HANDLER_EXTRAS = tuple(f.name for f in HANDLER_EXTRA_SPEC.fields_)
 
 
 def build_model(doc: dict[str, Any], path: Path | None,
@@ -183,7 +234,10 @@ def build_model(doc: dict[str, Any], path: Path | None,
         tenant=doc["tenant"],
         description=doc.get("description"),
         source=_component(doc["source"]),
-        handler=_component(doc["handler"]),
+        handler=_component(doc["handler"], *HANDLER_EXTRAS),
+        batch=(BatchConfig(int(doc["handler"]["batch"]["max_size"]),
+                           float(doc["handler"]["batch"]["max_wait_ms"]))
+               if doc["handler"].get("batch") is not None else None),
         consumer=ConsumerConfig(
             concurrency=(int(consumer["concurrency"]["initial"])
                          if isinstance(consumer["concurrency"], dict)
@@ -195,10 +249,14 @@ def build_model(doc: dict[str, Any], path: Path | None,
             ordering=str(consumer["ordering"]),
             exactly_once=bool(consumer["exactly_once"]),
             track_tasks=bool(consumer["track_tasks"]),
+            prefetch=int(consumer["prefetch"]),
+            prefetch_bytes=int(consumer["prefetch_bytes"]),
         ),
         dead_letter=_component(dead_letter),
         path=path,
         trigger_path=((doc.get("trigger") or {}).get("http") or {}).get("path"),
+        filter=doc.get("filter"),
+        schema=doc.get("schema"),  # the loader has read a schema file's mapping in
         on_success=tuple(_component(c) for c in doc.get("on_success") or ()),
         on_failure=tuple(_component(c) for c in doc.get("on_failure") or ()),
         marks=marks,

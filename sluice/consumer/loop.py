@@ -66,14 +66,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sluice import metrics
-from sluice.config.model import PipelineConfig
+from sluice.config.model import BatchConfig, PipelineConfig
 from sluice.connectors.base import Delivery, Output, ProducingSource, Sink, Source
 from sluice.consumer.dispatcher import Dispatcher
 from sluice.consumer.limiter import Permit, Signal, make_limiter
 from sluice.consumer.results import ResultRouter
 from sluice.consumer.retry import RetryPolicy
-from sluice.handlers.base import Handler
-from sluice.message import Message, Outcome, decode_payload
+from sluice.handlers.base import BatchHandler, Handler
+from sluice.message import Message, Outcome
 from sluice.tasks.state import TaskState
 from sluice.tasks.store import (
     Claim,
@@ -158,8 +158,15 @@ class ConsumerLoop:
         self._starts_idle = asyncio.Event()  # no start write under way
         self._starts_idle.set()
         self._stopping = False  # stop path under way: nothing new starts (rule 8)
-        self._running: dict[asyncio.Task[None], Delivery] = {}
+        # Each attempt in flight (a batch handler's call: the deliveries of its batch).
+        self._running: dict[asyncio.Task[None], tuple[Delivery, ...]] = {}
         self._held: dict[int, Delivery] = {}  # every delivery not yet settled, by id()
+        self._held_bytes = 0  # the body bytes of those (rule 1)
+        self.batch = config.batch  # handler.batch: the handler takes lists (rule 13)
+        if self.batch is not None and not isinstance(handler, BatchHandler):
+            raise TypeError(f"pipeline {config.name!r}: this handler type takes no batches")
+        self._batch_since: float | None = None  # when the oldest ready task became ready
+        self._batch_timer: asyncio.TimerHandle | None = None
         self._pending: list[_Settle] = []
         self._pending_event = asyncio.Event()
         self._closing = False
@@ -206,11 +213,28 @@ class ConsumerLoop:
         in a lane, or finished and waiting to be recorded)."""
         if self.limiter.held_for_s() > 0:
             return 0
-        capacity = HELD_PER_SLOT * math.floor(self.limiter.limit)
-        free = capacity - len(self._held)
+        if self._held_bytes >= self.config.consumer.prefetch_bytes:
+            free = 0
+        else:
+            free = self._capacity() - len(self._held)
         # Room for every retry that holds its lane and is due, whatever waits behind it
         # (rule 4 of the dispatcher): sources hand out due redeliveries before new messages.
         return max(free, self.dispatcher.due_retries())
+
+    def _capacity(self) -> int:
+        """How many deliveries may be held (rule 1): ``consumer.prefetch``, and at least
+        HELD_PER_SLOT batches (of one, without a batch handler) per slot of the limit."""
+        per_call = self.batch.max_size if self.batch is not None else 1
+        return max(self.config.consumer.prefetch,
+                   HELD_PER_SLOT * math.floor(self.limiter.limit) * per_call)
+
+    def _hold(self, delivery: Delivery) -> None:
+        self._held[id(delivery)] = delivery
+        self._held_bytes += len(delivery.body)
+
+    def _unhold(self, delivery: Delivery) -> None:
+        if self._held.pop(id(delivery), None) is not None:
+            self._held_bytes -= len(delivery.body)
 
     async def _fetch_until(self, stop: asyncio.Event, drain: bool) -> None:
         stop_wait = asyncio.create_task(stop.wait())
@@ -257,8 +281,12 @@ class ConsumerLoop:
 
     def cancel_attempt(self, task_id: str) -> bool:
         """Stop the running attempt of ``task_id`` here, if any (its task was cancelled)."""
-        for task, delivery in self._running.items():
-            if delivery.task_id == task_id:
+        for task, deliveries in self._running.items():
+            if any(d.task_id == task_id for d in deliveries):
+                if self.batch is not None:
+                    # One task of a batch call: the call runs on; the store refuses this
+                    # task's end (it is CANCELLED, final), so its message is settled (rule 4).
+                    return True
                 self._cancelled.add(task_id)
                 task.cancel()
                 return True
@@ -271,7 +299,7 @@ class ConsumerLoop:
 
     async def _dispatch(self, deliveries: list[Delivery]) -> None:
         for d in deliveries:
-            self._held[id(d)] = d
+            self._hold(d)
         # Rule 2: start with the claim only what its lane would run now; reserve the rest.
         free = self.dispatcher.would_run([(self._lane(d), d.task_id) for d in deliveries])
         claims = [Claim(d.task_id, d.key, d.enqueued_at, d.deliveries, start)
@@ -314,16 +342,49 @@ class ConsumerLoop:
 
     def _start_ready(self) -> None:
         """Start ready tasks while the limiter has permits (none once stopping: rule 8)."""
-        if self._ready and not self._stopping:
+        if self.batch is not None:
+            self._start_batches(self.batch)
+        elif self._ready and not self._stopping:
             # Each take() lowers available() by one: count once (it reads the clock).
             start = asyncio.get_running_loop().create_task  # no name: asyncio.create_task's
             for _ in range(min(len(self._ready), self.limiter.available())):
                 delivery, claim = self._ready.popleft()
                 permit = self.limiter.take()
                 task = start(self._run_attempt(delivery, claim, permit))
-                self._running[task] = delivery
+                self._running[task] = (delivery,)
                 task.add_done_callback(self._attempt_done)
         self.stats.in_flight = self.limiter.in_flight
+
+    def _start_batches(self, batch: BatchConfig) -> None:
+        """Start batch calls (rule 13): one per permit, each with up to ``max_size`` ready
+        tasks; a batch that is not full waits up to ``max_wait_ms`` for more, unless no more
+        can come (the worker holds all it may, or it stops)."""
+        now = time.monotonic()
+        if not self._ready:
+            self._batch_since = None
+        elif self._batch_since is None:
+            self._batch_since = now
+        start = asyncio.get_running_loop().create_task
+        while self._ready and not self._stopping and self.limiter.available() > 0:
+            waited_s = now - (self._batch_since or now)
+            full = len(self._ready) >= batch.max_size
+            wait_s = batch.max_wait_ms / 1000.0 - waited_s
+            if not full and wait_s > 0 and len(self._held) < self._capacity():
+                if self._batch_timer is None:
+                    self._batch_timer = asyncio.get_running_loop().call_later(
+                        wait_s, self._batch_timer_fired)
+                break
+            items = [self._ready.popleft()
+                     for _ in range(min(batch.max_size, len(self._ready)))]
+            task = start(self._run_batch(items, self.limiter.take()))
+            self._running[task] = tuple(d for d, _ in items)
+            task.add_done_callback(self._attempt_done)
+            self._batch_since = now if self._ready else None
+        self.stats.in_flight = self.limiter.in_flight
+
+    def _batch_timer_fired(self) -> None:
+        self._batch_timer = None
+        self._start_ready()
 
     def _attempt_done(self, task: asyncio.Task[None]) -> None:
         self._running.pop(task, None)
@@ -344,12 +405,7 @@ class ConsumerLoop:
                           Signal.OVERLOAD if outcome.overload else Signal.ERROR)
         finally:
             self.limiter.give_back(permit, signal, retry_after_s, latency_s)
-            lane = self._lane(delivery)
-            if lane is not None and id(delivery) in self._unrecorded:
-                # Rule 10: the lane moves on once this end is recorded (after the flush).
-                self._lane_ends[id(delivery)] = (lane, delivery.task_id, retrying, retry_in_s)
-            elif lane is not None:
-                self._lane_finished(lane, delivery.task_id, retrying, retry_in_s)
+            self._lane_done(delivery, retrying, retry_in_s)
             self._start_ready()
 
     def _lane_finished(self, lane: Hashable, task_id: str, retrying: bool,
@@ -360,20 +416,71 @@ class ConsumerLoop:
 
     # -- one attempt ------------------------------------------------------------------------
 
+    async def _run_batch(self, items: list[tuple[Delivery, ClaimResult]],
+                         permit: Permit) -> None:
+        """One batch call (rule 13), then each task's end as its own attempt's; the permit
+        back with the batch's load signal; each lane moved on."""
+        signal, retry_after_s, latency_s = Signal.ERROR, None, None
+        ends: list[tuple[Delivery, bool, float]] = []
+        try:
+            outcomes: list[Outcome | None] = [self._precheck(d, c) for d, c in items]
+            calls = [(i, d, c) for i, ((d, c), o) in enumerate(zip(items, outcomes, strict=True))
+                     if o is None]
+            if calls:
+                messages = [self._message(d, c.attempts) for _, d, c in calls]
+                assert isinstance(self.handler, BatchHandler)
+                answers = await self.handler.invoke_batch(messages,
+                                                          self.config.consumer.timeout_s)
+                for (i, _, _), answer in zip(calls, answers, strict=True):
+                    outcomes[i] = answer
+                    self._observe(answer.status, answer.duration_s)
+                first = answers[0]
+                latency_s = first.duration_s
+                overloads = [a for a in answers if a.overload]
+                signal = (Signal.OVERLOAD if overloads else
+                          Signal.SUCCESS if all(a.status == "success" for a in answers)
+                          else Signal.ERROR)
+                retry_after_s = max((a.retry_after_s or 0.0 for a in overloads),
+                                    default=0.0) or None
+            for (delivery, claim), outcome in zip(items, outcomes, strict=True):
+                assert outcome is not None
+                retrying, retry_in_s = await self._conclude(delivery, claim, outcome)
+                ends.append((delivery, retrying, retry_in_s))
+        finally:
+            self.limiter.give_back(permit, signal, retry_after_s, latency_s)
+            ended = {id(d) for d, _, _ in ends}
+            # Ended without a record (shutdown): their lanes move on as a handed-back one's.
+            ends += [(d, False, 0.0) for d, _ in items if id(d) not in ended]
+            for delivery, retrying, retry_in_s in ends:
+                self._lane_done(delivery, retrying, retry_in_s)
+            self._start_ready()
+
+    def _lane_done(self, delivery: Delivery, retrying: bool, retry_in_s: float) -> None:
+        lane = self._lane(delivery)
+        if lane is not None and id(delivery) in self._unrecorded:
+            # Rule 10: the lane moves on once this end is recorded (after the flush).
+            self._lane_ends[id(delivery)] = (lane, delivery.task_id, retrying, retry_in_s)
+        elif lane is not None:
+            self._lane_finished(lane, delivery.task_id, retrying, retry_in_s)
+
+    def _precheck(self, delivery: Delivery, claim: ClaimResult) -> Outcome | None:
+        """The outcome of an attempt that cannot call the handler, else None."""
+        attempts = claim.attempts
+        if attempts > self.config.consumer.retry.max_attempts:
+            # Its previous attempts were lost with their workers (rule 3 of the state machine).
+            return Outcome("failure", error_type="WorkerLost",
+                           error_message=f"{attempts - 1} attempts ended without a result "
+                           "(the worker running them stopped)")
+        return None
+
     async def _attempt(self, delivery: Delivery,
                        claim: ClaimResult) -> tuple[Outcome | None, bool, float]:
         """Run and record one attempt: (its outcome, whether it will be retried, in how long).
         """
-        cfg = self.config
-        attempts, received_at = claim.attempts, claim.received_at
-        if attempts > cfg.consumer.retry.max_attempts:
-            # Its previous attempts were lost with their workers (rule 3 of the state machine).
-            outcome = Outcome("failure", error_type="WorkerLost",
-                              error_message=f"{attempts - 1} attempts ended without a result "
-                              "(the worker running them stopped)")
-        else:
+        outcome = self._precheck(delivery, claim)
+        if outcome is None:
             try:
-                outcome = await self._invoke(delivery, attempts)
+                outcome = await self._invoke(delivery, claim.attempts)
                 self._observe(outcome.status, outcome.duration_s)
             except asyncio.CancelledError:
                 if delivery.task_id not in self._cancelled:
@@ -385,13 +492,21 @@ class ConsumerLoop:
                 self._settle(_Settle(delivery, Completion(delivery.task_id, TaskState.FAILED,
                                                           error_type="Cancelled")))
                 return None, False, 0.0
+        retrying, retry_in_s = await self._conclude(delivery, claim, outcome)
+        return outcome, retrying, retry_in_s
+
+    async def _conclude(self, delivery: Delivery, claim: ClaimResult,
+                        outcome: Outcome) -> tuple[bool, float]:
+        """Record an attempt's outcome (settled by the next flush): whether the task will be
+        retried, and in how long."""
+        attempts, received_at = claim.attempts, claim.received_at
         if outcome.status == "success":
             self.stats.succeeded += 1
             outbox, outputs = self.results.route(delivery, claim, TaskState.SUCCEEDED, outcome)
             self._settle(_Settle(delivery, Completion(
                 delivery.task_id, TaskState.SUCCEEDED, outcome.result, outcome.result_type,
                 outbox=outbox), outputs=outputs))
-            return outcome, False, 0.0
+            return False, 0.0
         reason = "" if outcome.error_type == "Reject" else "not retryable"
         if outcome.status == "retry":
             decision = self.policy.decide(attempts, received_at, time.time(), outcome.delay_s)
@@ -407,10 +522,10 @@ class ConsumerLoop:
                                error_message=outcome.error_message,
                                error_traceback=outcome.traceback),
                     delay_s=decision.delay_s))
-                return outcome, True, decision.delay_s
+                return True, decision.delay_s
             reason = decision.reason
         retrying = await self._fail(delivery, claim, outcome, reason)
-        return outcome, retrying, DEAD_LETTER_RETRY_S
+        return retrying, DEAD_LETTER_RETRY_S
 
     def _observe(self, status: str, duration_s: float) -> None:
         child = self._histograms.get(status)
@@ -419,16 +534,15 @@ class ConsumerLoop:
                 self.config.name, status)
         child.observe(duration_s)
 
+    def _message(self, delivery: Delivery, attempts: int) -> Message:
+        """What the handler gets (its payload decoded when the handler first reads it)."""
+        return Message(delivery.task_id, self.config.name, body=delivery.body,
+                       content_type=delivery.content_type, key=delivery.key,
+                       headers=delivery.headers, attempt=attempts)
+
     async def _invoke(self, delivery: Delivery, attempts: int) -> Outcome:
-        try:
-            payload = decode_payload(delivery.body, delivery.content_type)
-        except ValueError as exc:
-            return Outcome("failure", error_type="InvalidPayload",
-                           error_message=f"the body is not valid JSON ({delivery.content_type}):"
-                           f" {exc}")
-        message = Message(delivery.task_id, self.config.name, payload, delivery.body,
-                          delivery.content_type, delivery.key, delivery.headers, attempts)
-        return await self.handler.invoke(message, self.config.consumer.timeout_s)
+        return await self.handler.invoke(self._message(delivery, attempts),
+                                         self.config.consumer.timeout_s)
 
     async def _fail(self, delivery: Delivery, claim: ClaimResult, outcome: Outcome,
                     reason: str) -> bool:
@@ -522,7 +636,7 @@ class ConsumerLoop:
             # Step 4: the deliveries are no longer held (room to fetch: wake the fetch loop),
             # and each lane whose attempt ended here moves on, its end recorded (rule 10).
             for s in batch:
-                self._held.pop(id(s.delivery), None)
+                self._unhold(s.delivery)
                 self._unrecorded.discard(id(s.delivery))
                 lane_end = self._lane_ends.pop(id(s.delivery), None)
                 if lane_end is not None:
@@ -573,7 +687,7 @@ class ConsumerLoop:
             held = list(self._held.values())
             if not held:
                 continue
-            claimed = ([d.task_id for d in self._running.values()]
+            claimed = ([d.task_id for ds in self._running.values() for d in ds]
                        + [d.task_id for d, _ in self._ready]
                        + [d.task_id for d, _ in self._to_start + self._starting]
                        + [d.task_id for d, _ in self.dispatcher.waiting_items()])
@@ -606,7 +720,7 @@ class ConsumerLoop:
                     "unrun", len(unstarted))
         await self.source.retry_later([(d, 0.0) for d in unstarted])
         for d in unstarted:
-            self._held.pop(id(d), None)
+            self._unhold(d)
         self._slot_freed.set()
 
     async def _finish_in_flight(self) -> None:
@@ -623,14 +737,14 @@ class ConsumerLoop:
         await self._hand_back_unstarted()
         if not still:
             return
-        handed_back = [self._running[t] for t in still if t in self._running]
+        handed_back = [d for t in still if t in self._running for d in self._running[t]]
         for task in still:
             task.cancel()
         await asyncio.gather(*still, return_exceptions=True)
         await self.store.release(self.config.name, [d.task_id for d in handed_back], self.owner)
         await self.source.retry_later([(d, 0.0) for d in handed_back])
         for d in handed_back:
-            self._held.pop(id(d), None)
+            self._unhold(d)
         log.warning("stopping: handed %d unfinished task(s) back to the queue", len(handed_back))
 
     async def _hand_back_unstarted(self) -> None:
@@ -649,4 +763,4 @@ class ConsumerLoop:
             await self.store.unclaim(self.config.name, reserved, self.owner, started=False)
         await self.source.retry_later([(d, 0.0) for d, _ in items])
         for d, _ in items:
-            self._held.pop(id(d), None)
+            self._unhold(d)

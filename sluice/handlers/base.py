@@ -6,12 +6,26 @@ A handler never raises: every error of the attempt becomes an outcome (``retry``
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 from sluice.message import Message, Outcome
 
 
 class Handler(Protocol):
     async def invoke(self, message: Message, timeout_s: float) -> Outcome: ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class BatchHandler(Protocol):
+    """A handler that also takes lists (``handler.batch``): one outcome per message, in
+    order; never raises (an error of the whole call is every message's outcome)."""
+
+    async def invoke(self, message: Message, timeout_s: float) -> Outcome: ...
+
+    async def invoke_batch(self, messages: Sequence[Message],
+                           timeout_s: float) -> list[Outcome]: ...
 
     async def close(self) -> None: ...

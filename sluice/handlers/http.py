@@ -10,6 +10,18 @@ a function can drop a repeat after a failover.
 Outcomes: 2xx succeeds (the body is the result); 429 and 503 retry and tell the limiter the
 backend is overloaded (their ``Retry-After`` holds new attempts); any other 4xx fails at once;
 other 5xx, connection errors and timeouts retry (a timeout is an overload signal too).
+With ``handler.batch`` one call carries many tasks: a ``POST`` with ``Content-Type:
+application/cloudevents-batch+json`` whose body is a JSON array of structured-mode events. The
+function answers 2xx with a JSON array of one item per event, in any order::
+
+    [{"id": "<the event's id>", "status": 200, "body": <any JSON: the task's result>},
+     {"id": "...", "status": 429, "retry_after_s": 2}, {"id": "...", "status": 422,
+      "body": "why it failed"}]
+
+``status`` (default 200) means for that task what an HTTP status means for a single call; an
+event missing from the answer is retried. A non-2xx answer to the whole request is every
+task's outcome.
+
 Redirects are not followed: a 3xx fails at once, its error naming the ``Location``. One pooled
 session with keep-alive per handler; the SSRF guard on every request and every connection.
 """
@@ -19,15 +31,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 from cloudevents.core.bindings import http as ce_http
+from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
 from sluice import registry
+from sluice.errors import InvalidPayload
 from sluice.message import Message, Outcome, is_json
 from sluice.sinks.http import retry_after_s, url_check
 from sluice.sinks.ssrf import (
@@ -74,6 +89,8 @@ def check(config: Any, file: object) -> list[tuple[tuple[str, ...], str]]:
 
 
 OVERLOAD_STATUSES = frozenset({429, 503})
+BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
+_JSON_FORMAT = JSONFormat()
 
 
 class HttpHandler:
@@ -97,8 +114,7 @@ class HttpHandler:
                                             keepalive_timeout_s=30)
         return self._session
 
-    def request(self, message: Message) -> tuple[dict[str, str], bytes]:
-        """The CloudEvent of one attempt, as HTTP headers and body."""
+    def _event(self, message: Message, *, structured: bool) -> CloudEvent:
         attributes: dict[str, Any] = {
             "id": message.task_id, "source": message.pipeline, "type": self.ce_type,
             "specversion": "1.0", "time": datetime.now(UTC),
@@ -107,27 +123,72 @@ class HttpHandler:
         if message.key is not None:
             attributes["partitionkey"] = message.key
         data: Any = message.body
-        if self.mode == "structured" and is_json(message.content_type):
+        if structured and is_json(message.content_type):
             data = message.payload
-        event = CloudEvent(attributes=attributes, data=data)
+        return CloudEvent(attributes=attributes, data=data)
+
+    def request(self, message: Message) -> tuple[dict[str, str], bytes]:
+        """The CloudEvent of one attempt, as HTTP headers and body."""
+        event = self._event(message, structured=self.mode == "structured")
         http_message = (ce_http.to_structured_event(event) if self.mode == "structured"
                         else ce_http.to_binary_event(event))
         headers = {**http_message.headers, **self.headers, "Idempotency-Key": message.task_id}
         return headers, http_message.body
 
     async def invoke(self, message: Message, timeout_s: float) -> Outcome:
-        limit_s = self.timeout_s or timeout_s
-        headers, body = self.request(message)
+        try:
+            headers, body = self.request(message)
+        except InvalidPayload as exc:  # structured mode reads the payload
+            return Outcome("failure", error_type="InvalidPayload", error_message=exc.reason)
+        answer = await self._post(headers, body, self.timeout_s or timeout_s)
+        if isinstance(answer, Outcome):
+            return answer
+        return self._outcome(answer)
+
+    def batch_request(self, messages: Sequence[Message]) -> tuple[dict[str, str], bytes]:
+        """One ``application/cloudevents-batch+json`` request: a JSON array of the messages'
+        events, each as the structured mode writes it."""
+        events = [self._event(m, structured=True) for m in messages]
+        body = b"[" + b",".join(_JSON_FORMAT.write(e) for e in events) + b"]"
+        return {"Content-Type": BATCH_CONTENT_TYPE, **self.headers}, body
+
+    async def invoke_batch(self, messages: Sequence[Message],
+                           timeout_s: float) -> list[Outcome]:
+        """POST one CloudEvents batch; the 2xx answer is one item per event (see the module
+        docstring). A non-2xx answer, or a transport error, is every message's outcome; an
+        event the answer leaves out (or a malformed item) is retried."""
+        outcomes: list[Outcome | None] = [None] * len(messages)
+        for i, message in enumerate(messages):
+            try:
+                _ = message.payload if is_json(message.content_type) else None
+            except InvalidPayload as exc:  # not sent: it fails alone
+                outcomes[i] = Outcome("failure", error_type="InvalidPayload",
+                                      error_message=exc.reason)
+        sent = [m for m, o in zip(messages, outcomes, strict=True) if o is None]
+        if sent:
+            headers, body = self.batch_request(sent)
+            answer = await self._post(headers, body, self.timeout_s or timeout_s)
+            answers = ([answer] * len(sent) if isinstance(answer, Outcome) else
+                       [self._outcome(answer)] * len(sent) if not 200 <= answer.status < 300
+                       else _batch_outcomes(self.url, sent, answer))
+            slots = iter(answers)
+            outcomes = [o if o is not None else next(slots) for o in outcomes]
+        return [o for o in outcomes if o is not None]
+
+    async def _post(self, headers: dict[str, str], body: bytes,
+                    limit_s: float) -> _Answer | Outcome:
+        """The function's answer, or the outcome of a call that got none."""
         started = time.perf_counter()
         try:
             async with self._client().post(
                     self.url, data=body, headers=headers, allow_redirects=False,
                     timeout=aiohttp.ClientTimeout(total=limit_s)) as resp:
                 payload = await resp.read()
-                status = resp.status
-                content_type = resp.headers.get("Content-Type", "application/octet-stream")
-                wait = retry_after_s(resp.headers.get("Retry-After"))
-                location = resp.headers.get("Location")
+                return _Answer(
+                    resp.status, payload,
+                    resp.headers.get("Content-Type", "application/octet-stream"),
+                    retry_after_s(resp.headers.get("Retry-After")),
+                    resp.headers.get("Location"), time.perf_counter() - started)
         except TimeoutError:
             return Outcome("retry", error_type="Timeout", overload=True,
                            error_message=f"{self.url} did not answer within {limit_s:g}s",
@@ -140,28 +201,91 @@ class HttpHandler:
             return Outcome("retry", error_type="ConnectionError",
                            error_message=f"{self.url}: {type(exc).__name__}: {exc}",
                            duration_s=time.perf_counter() - started)
-        duration = time.perf_counter() - started
+
+    def _outcome(self, answer: _Answer) -> Outcome:
+        """The outcome an HTTP status means (the module docstring's table)."""
+        status, duration = answer.status, answer.duration_s
         if 200 <= status < 300:
-            return _success(payload, content_type, duration)
+            return _success(answer.payload, answer.content_type, duration)
         if 300 <= status < 400:
             return Outcome("failure", error_type=f"HTTP{status}", duration_s=duration,
-                           error_message=redirect_refused(self.url, status, location))
-        detail = payload[:200].decode("utf-8", errors="replace")
+                           error_message=redirect_refused(self.url, status, answer.location))
+        detail = answer.payload[:200].decode("utf-8", errors="replace")
         error = f"{self.url} answered HTTP {status}: {detail}".rstrip(": ")
-        if status in OVERLOAD_STATUSES:
-            return Outcome("retry", error_type=f"HTTP{status}", error_message=error,
-                           delay_s=wait, duration_s=duration, overload=True,
-                           retry_after_s=wait)
-        if 400 <= status < 500:
-            return Outcome("failure", error_type=f"HTTP{status}", error_message=error,
-                           duration_s=duration)
-        return Outcome("retry", error_type=f"HTTP{status}", error_message=error,
-                       duration_s=duration)
+        return _error_outcome(status, error, duration, answer.retry_after_s)
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             await asyncio.sleep(0)
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    status: int
+    payload: bytes
+    content_type: str
+    retry_after_s: float | None
+    location: str | None
+    duration_s: float
+
+
+def _error_outcome(status: int, error: str, duration_s: float,
+                   wait_s: float | None) -> Outcome:
+    """A non-2xx, non-3xx status: 429/503 overload, other 4xx final, else retried."""
+    if status in OVERLOAD_STATUSES:
+        return Outcome("retry", error_type=f"HTTP{status}", error_message=error,
+                       delay_s=wait_s, duration_s=duration_s, overload=True,
+                       retry_after_s=wait_s)
+    if 400 <= status < 500:
+        return Outcome("failure", error_type=f"HTTP{status}", error_message=error,
+                       duration_s=duration_s)
+    return Outcome("retry", error_type=f"HTTP{status}", error_message=error,
+                   duration_s=duration_s)
+
+
+def _batch_outcomes(url: str, messages: Sequence[Message], answer: _Answer) -> list[Outcome]:
+    """Each message's outcome from a batch answer: a JSON array of ``{"id", "status", "body"
+    , "retry_after_s"}`` items (see the module docstring)."""
+    duration = answer.duration_s
+    try:
+        items = json.loads(answer.payload) if answer.payload else None
+    except ValueError as exc:
+        items, problem = None, f"the answer is not JSON: {exc}"
+    else:
+        problem = "the answer is not a JSON array of results"
+    if not isinstance(items, list):
+        return [Outcome("retry", error_type="InvalidBatchAnswer",
+                        error_message=f"{url}: {problem}", duration_s=duration)] * len(messages)
+    by_id: dict[str, Any] = {}
+    for item in items:
+        if isinstance(item, dict) and isinstance(item.get("id"), str):
+            by_id[item["id"]] = item
+    outcomes = []
+    for message in messages:
+        item = by_id.get(message.task_id)
+        status = item.get("status", 200) if item is not None else None
+        if not isinstance(status, int) or isinstance(status, bool):
+            outcomes.append(Outcome("retry", error_type="InvalidBatchAnswer", duration_s=duration,
+                                    error_message=f"{url}: no valid result for event "
+                                    f"{message.task_id!r} in the batch answer"))
+            continue
+        assert item is not None
+        body = item.get("body")
+        if 200 <= status < 300:
+            result = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+            outcomes.append(Outcome("success", result=result,
+                                    result_type="application/json" if result else None,
+                                    duration_s=duration))
+            continue
+        wait = item.get("retry_after_s")
+        detail = body if isinstance(body, str) else json.dumps(body)
+        error = f"{url} answered {status} for this event: {detail}"[:300]
+        outcomes.append(_error_outcome(
+            status, error, duration,
+            float(wait) if isinstance(wait, int | float) and not isinstance(wait, bool)
+            else None))
+    return outcomes
 
 
 def _success(payload: bytes, content_type: str, duration_s: float) -> Outcome:

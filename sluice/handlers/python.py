@@ -25,7 +25,7 @@ import importlib
 import inspect
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +119,38 @@ class PythonHandler:
 
     async def invoke(self, message: Message, timeout_s: float) -> Outcome:
         started = time.perf_counter()
+        try:
+            value = await self._call(message, timeout_s)
+        except _TimedOut:
+            return _timed_out(timeout_s, time.perf_counter() - started)
+        except Exception as exc:
+            return outcome_of_error(exc, time.perf_counter() - started)
+        return outcome_of_value(value, time.perf_counter() - started)
+
+    async def invoke_batch(self, messages: Sequence[Message],
+                           timeout_s: float) -> list[Outcome]:
+        """One call with the list of messages; one outcome per message, in order. An item
+        that is an exception (``Retry``, ``Reject``, any other) is that message's error; an
+        exception raised by the call, a timeout, or a result that is not a list of one item
+        per message is every message's error (the whole batch is retried)."""
+        started = time.perf_counter()
+        try:
+            values = await self._call(list(messages), timeout_s)
+            if not isinstance(values, list | tuple) or len(values) != len(messages):
+                got = (f"{len(values)} items" if isinstance(values, list | tuple)
+                       else type(values).__name__)
+                raise InvalidBatchResult(f"a batch handler returns a list of one outcome per "
+                                         f"message: got {got} for {len(messages)} messages")
+        except _TimedOut:
+            return [_timed_out(timeout_s, time.perf_counter() - started)] * len(messages)
+        except Exception as exc:
+            return [outcome_of_error(exc, time.perf_counter() - started)] * len(messages)
+        duration = time.perf_counter() - started
+        return [outcome_of_error(v, duration) if isinstance(v, BaseException)
+                else outcome_of_value(v, duration) for v in values]
+
+    async def _call(self, arg: Any, timeout_s: float) -> Any:
+        """The function's return value; raises what it raised, or ``_TimedOut``."""
         task = asyncio.current_task()
         if task is None:
             raise RuntimeError("PythonHandler.invoke must run in an asyncio task")
@@ -126,44 +158,60 @@ class PythonHandler:
         self._deadlines.add(task, timeout_s)
         try:
             if self.is_async:
-                value = await self.fn(message)
-            else:
-                value = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, functools.partial(self.fn, message))
+                return await self.fn(arg)
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, functools.partial(self.fn, arg))
         except asyncio.CancelledError:
             if not self._deadlines.expired(task, cancelling):
                 raise
-            return Outcome("retry", error_type="Timeout",
-                           error_message=f"the attempt took longer than timeout_s={timeout_s:g}",
-                           duration_s=time.perf_counter() - started, overload=True)
-        except Overloaded as exc:
-            return Outcome("retry", error_type="Overloaded", error_message=exc.reason,
-                           delay_s=exc.delay_s, duration_s=time.perf_counter() - started,
-                           overload=True, retry_after_s=exc.retry_after_s)
-        except Reject as exc:
-            return Outcome("failure", error_type="Reject", error_message=exc.reason,
-                           duration_s=time.perf_counter() - started)
-        except Retry as exc:
-            return Outcome("retry", error_type="Retry", error_message=exc.reason,
-                           delay_s=exc.delay_s, duration_s=time.perf_counter() - started)
-        except Exception as exc:
-            return Outcome("retry", error_type=type(exc).__name__, error_message=str(exc),
-                           duration_s=time.perf_counter() - started,
-                           traceback=format_traceback(exc))
+            raise _TimedOut from None
         finally:
             self._deadlines.discard(task)
-        duration = time.perf_counter() - started
-        try:
-            result, result_type = encode_result(value)
-        except (TypeError, ValueError) as exc:
-            return Outcome("failure", error_type="InvalidResult",
-                           error_message=f"the handler's return value cannot be stored as JSON: "
-                           f"{exc}", duration_s=duration)
-        return Outcome("success", result=result, result_type=result_type, duration_s=duration)
 
     async def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+class _TimedOut(Exception):
+    """The attempt ran past ``consumer.timeout_s`` (its task was cancelled for it)."""
+
+
+class InvalidBatchResult(Exception):
+    """A batch handler's return value is not one outcome per message."""
+
+
+def _timed_out(timeout_s: float, duration_s: float) -> Outcome:
+    return Outcome("retry", error_type="Timeout",
+                   error_message=f"the attempt took longer than timeout_s={timeout_s:g}",
+                   duration_s=duration_s, overload=True)
+
+
+def outcome_of_error(exc: BaseException, duration_s: float) -> Outcome:
+    """The outcome of an attempt that raised ``exc`` (or a batch item that is ``exc``)."""
+    if isinstance(exc, Overloaded):
+        return Outcome("retry", error_type="Overloaded", error_message=exc.reason,
+                       delay_s=exc.delay_s, duration_s=duration_s, overload=True,
+                       retry_after_s=exc.retry_after_s)
+    if isinstance(exc, Reject):  # InvalidPayload too, named as itself
+        return Outcome("failure", error_type=type(exc).__name__, error_message=exc.reason,
+                       duration_s=duration_s)
+    if isinstance(exc, Retry):
+        return Outcome("retry", error_type="Retry", error_message=exc.reason,
+                       delay_s=exc.delay_s, duration_s=duration_s)
+    return Outcome("retry", error_type=type(exc).__name__, error_message=str(exc),
+                   duration_s=duration_s, traceback=format_traceback(exc))
+
+
+def outcome_of_value(value: Any, duration_s: float) -> Outcome:
+    """The outcome of an attempt that returned ``value`` (stored JSON-encoded, bytes as is)."""
+    try:
+        result, result_type = encode_result(value)
+    except (TypeError, ValueError) as exc:
+        return Outcome("failure", error_type="InvalidResult",
+                       error_message=f"the handler's return value cannot be stored as JSON: "
+                       f"{exc}", duration_s=duration_s)
+    return Outcome("success", result=result, result_type=result_type, duration_s=duration_s)
 
 
 def check_import(config: Any, file: Path | None) -> list[tuple[tuple[str, ...], str]]:
