@@ -42,6 +42,8 @@ from typing import Any, cast
 import psutil
 import redis
 
+from bench.peers.procs import tree_cpu_s
+
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEMS = ("dramatiq", "arq")
 DB = int(os.environ.get("SLUICE_BENCH_REDIS_DB", "11"))
@@ -112,16 +114,6 @@ def enqueuer(system: str, n: int) -> subprocess.Popen[bytes]:
     and the system's, as a client application would)."""
     return subprocess.Popen([sys.executable, "-m", "bench.peers.redis_queues", system, str(n)],
                             cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-
-
-def tree_cpu_s(proc: psutil.Process) -> float:
-    """User + system CPU seconds of a process and its live descendants."""
-    total = 0.0
-    for p in [proc, *proc.children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            times = p.cpu_times()
-            total += times.user + times.system
-    return total
 
 
 def redis_cpu_s(r: redis.Redis) -> float:
