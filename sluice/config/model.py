@@ -127,7 +127,10 @@ PIPELINE_SPEC = ObjectSpec(
     Field("schema", ("object", "string"), "A JSON Schema (Draft 2020-12) every payload must "
           "satisfy: inline, or the path of a .json/.yaml file relative to this file. A "
           "payload that fails it (or does not decode) is dead-lettered without running "
-          "(error type InvalidPayload, the validation errors as the reason).", default=None),
+          "(error type InvalidPayload, the validation errors as the reason).", default=None,
+          variants=(Field("schema", "object", "The schema, inline."),
+                    Field("schema", "string", "The path of a .json, .yaml or .yml file holding "
+                          "the schema, relative to this pipeline file."))),
     Field("consumer", "object", "The consumer policy between source and handler.",
           fields=CONSUMER_SPEC),
     Field("dead_letter", "object", "Where a task that failed for good goes, with the reason. "
