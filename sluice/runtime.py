@@ -27,7 +27,7 @@ from sluice.consumer.loop import ConsumerLoop, LoopStats
 from sluice.consumer.results import ResultRouter
 from sluice.datadir import Database
 from sluice.errors import ConfigError, ConfigIssue
-from sluice.handlers.base import Handler
+from sluice.handlers.base import BatchHandler, Handler
 from sluice.message import Message, Outcome
 from sluice.sinks.delivery import Deliverer, Destination, outbox_lease_s
 from sluice.tasks.sqlite import SqliteTaskStore
@@ -139,6 +139,15 @@ class DeferredHandler:
 
     async def invoke(self, message: Message, timeout_s: float) -> Outcome:
         return await self.build().invoke(message, timeout_s)
+
+    async def invoke_batch(self, messages: Sequence[Message],
+                           timeout_s: float) -> list[Outcome]:
+        """The built handler's batch call; a handler type without one (a plugin's) gets each
+        message in a call of its own, all at once."""
+        built = self.build()
+        if isinstance(built, BatchHandler):
+            return await built.invoke_batch(messages, timeout_s)
+        return list(await asyncio.gather(*(built.invoke(m, timeout_s) for m in messages)))
 
     async def close(self) -> None:
         if self._built is not None:
