@@ -45,6 +45,8 @@ DEFAULT_DATA_DIR = Path(".sluice")
 # 12-15 ms at 0.5 s and 130 ms at 5 s).
 CHECKPOINT_EVERY_S = 0.1
 DB_FILE = "sluice.db"
+CACHE_KIB = 64 * 1024  # page cache per connection (PRAGMA cache_size)
+MMAP_BYTES = 256 * 1024 * 1024  # the database file read through a memory map
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -209,6 +211,10 @@ class Database:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute(f"PRAGMA synchronous={sync}")
         self._conn.execute(f"PRAGMA busy_timeout={busy_ms}")
+        # The task table's indexes stay in memory as it grows (SQLite's default cache is 2 MB:
+        # a claim or completion per task then reads index pages from the OS every time).
+        self._conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
+        self._conn.execute(f"PRAGMA mmap_size={MMAP_BYTES}")
         # Checkpoints run on their own thread (invariant 5), not inside a commit.
         self._conn.execute("PRAGMA wal_autocheckpoint=0")
         with self._lock:

@@ -3,9 +3,12 @@ settle.
 
 Invariants, in the order they happen to a message:
 
-1. Hold at most ``HELD_PER_SLOT`` (3) times the concurrency limit of deliveries (running,
-   ready, waiting in an ordering lane, or finished and not yet recorded); fetch only what
-   fits: a full layer stops fetching, which is the backpressure to the source. (A retry that
+1. Hold at most ``consumer.prefetch`` deliveries and ``consumer.prefetch_bytes`` of bodies
+   (and room for at least ``HELD_PER_SLOT`` (3) per slot of the concurrency limit, times the
+   batch size) (running, ready, waiting in an ordering lane, or finished and not yet
+   recorded); fetch only what fits: a full layer stops fetching, which is the backpressure to
+   the source. Fetching runs ahead of the handlers so that claims and records go in large
+   batches. (A retry that
    holds its lane may come back beyond that: rule 4 of the dispatcher.)
 2. Claim every fetched task in the task store (one write per fetched batch) before running
    it. A task already final is settled (acknowledged) without running; one RUNNING under
@@ -50,6 +53,17 @@ Invariants, in the order they happen to a message:
     tasks wait in its lanes has counted nothing for them, and one that dies mid-attempt has.
     (A task whose lane is free is started by its claim, rule 2: the hot path writes nothing
     more; if the crash comes while it waits only for a concurrency permit, its count stands.)
+13. With a batch handler (``handler.batch``) one permit runs one call with up to
+    ``max_size`` ready tasks; a call that is not full waits at most ``max_wait_ms`` for more
+    (none once the worker holds all it may). Ready tasks are those their lanes admitted
+    (rule 10), so a batch never holds two tasks of one lane. Each task's outcome is then
+    recorded, retried or dead-lettered as its own attempt's (rules 4-6): one bad item fails
+    alone; an error of the whole call is every item's. A cancelled task's call runs on; its
+    end is refused by the store (the task is final) and its message settled.
+14. A pipeline's ``schema`` and ``filter`` (:mod:`sluice.consumer.gate`) are applied to a
+    claimed message before it is offered to its lane: one the filter drops is recorded
+    FILTERED and acknowledged (counted in ``sluice_filtered_total``); one the schema refuses
+    fails at once (dead letter first, rule 5) without calling the handler.
 """
 
 from __future__ import annotations
@@ -69,6 +83,7 @@ from sluice import metrics
 from sluice.config.model import BatchConfig, PipelineConfig
 from sluice.connectors.base import Delivery, Output, ProducingSource, Sink, Source
 from sluice.consumer.dispatcher import Dispatcher
+from sluice.consumer.gate import gate_for
 from sluice.consumer.limiter import Permit, Signal, make_limiter
 from sluice.consumer.results import ResultRouter
 from sluice.consumer.retry import RetryPolicy
@@ -121,6 +136,7 @@ class LoopStats:
     failed: int = 0
     retried: int = 0
     skipped: int = 0  # messages whose task was already final
+    filtered: int = 0  # messages the pipeline's filter dropped (rule 14)
     in_flight: int = 0
     started_at: float = field(default_factory=time.monotonic)
 
@@ -167,6 +183,8 @@ class ConsumerLoop:
             raise TypeError(f"pipeline {config.name!r}: this handler type takes no batches")
         self._batch_since: float | None = None  # when the oldest ready task became ready
         self._batch_timer: asyncio.TimerHandle | None = None
+        self.gate = gate_for(config)  # rule 14; None: no filter, no schema
+        self._filtered = metrics.FILTERED.labels(config.name)
         self._pending: list[_Settle] = []
         self._pending_event = asyncio.Event()
         self._closing = False
@@ -307,11 +325,28 @@ class ConsumerLoop:
         results = await self.store.claim(self.config.name, self.config.tenant, claims, self.owner,
                                          self.source.lease_s, time.time())
         for delivery, claim in zip(deliveries, results, strict=True):
-            if claim.status == ClaimStatus.RUN:
-                self._offer(delivery, claim)
-            else:
+            if claim.status != ClaimStatus.RUN:
                 await self._not_run(delivery, claim)
+            elif self.gate is None or await self._passes_gate(delivery, claim):
+                self._offer(delivery, claim)
         self._start_ready()
+
+    async def _passes_gate(self, delivery: Delivery, claim: ClaimResult) -> bool:
+        """Rule 14: whether a claimed message goes on to its handler; one its filter drops is
+        recorded FILTERED, one its schema refuses fails (dead letter) without running."""
+        assert self.gate is not None
+        verdict = self.gate.check(delivery.body, delivery.content_type, delivery.key,
+                                  delivery.headers)
+        if verdict.run:
+            return True
+        if verdict.invalid is None:
+            self.stats.filtered += 1
+            self._filtered.inc()
+            self._settle(_Settle(delivery, Completion(delivery.task_id, TaskState.FILTERED)))
+            return False
+        outcome = Outcome("failure", error_type="InvalidPayload", error_message=verdict.invalid)
+        await self._fail(delivery, claim, outcome, "")
+        return False
 
     async def _not_run(self, delivery: Delivery, claim: ClaimResult) -> None:
         """Settle the message of a task this worker may not run (rule 2)."""
@@ -562,7 +597,8 @@ class ConsumerLoop:
         self.stats.failed += 1
         log.warning("task %s failed for good: %s: %s (%s); sent to the dead letter%s",
                     delivery.task_id, outcome.error_type, outcome.error_message,
-                    reason or "rejected by the handler", _traceback_tail(outcome))
+                    reason or ("payload refused" if outcome.error_type == "InvalidPayload"
+                               else "rejected by the handler"), _traceback_tail(outcome))
         message = f"{outcome.error_message} ({reason})" if reason else outcome.error_message
         outbox, outputs = self.results.route(delivery, claim, TaskState.FAILED, outcome, message)
         self._settle(_Settle(delivery, Completion(
