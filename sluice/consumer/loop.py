@@ -64,6 +64,9 @@ Invariants, in the order they happen to a message:
     claimed message before it is offered to its lane: one the filter drops is recorded
     FILTERED and acknowledged (counted in ``sluice_filtered_total``); one the schema refuses
     fails at once (dead letter first, rule 5) without calling the handler.
+15. Fetched deliveries are claimed without holding up the next fetch: one claim write at a
+    time, and what is fetched while it is written goes in the next one (group commit), in
+    fetch order; each batch is offered to its lanes once its claim returned (rule 2).
 """
 
 from __future__ import annotations
@@ -184,6 +187,9 @@ class ConsumerLoop:
         self._batch_since: float | None = None  # when the oldest ready task became ready
         self._batch_timer: asyncio.TimerHandle | None = None
         self.gate = gate_for(config)  # rule 14; None: no filter, no schema
+        # Rule 15: the claim writer (while it runs) and what it claims next.
+        self._claiming: asyncio.Task[None] | None = None
+        self._to_claim: list[Delivery] = []
         self._filtered = metrics.FILTERED.labels(config.name)
         self._pending: list[_Settle] = []
         self._pending_event = asyncio.Event()
@@ -284,7 +290,7 @@ class ConsumerLoop:
                     await self.source.retry_later([(d, 0.0) for d in deliveries])
                     continue
                 if deliveries:
-                    await self._dispatch(deliveries)
+                    self._dispatch_soon(deliveries)
                 elif drain and await self._drained():
                     break
         finally:
@@ -311,13 +317,32 @@ class ConsumerLoop:
         return False
 
     async def _drained(self) -> bool:
+        await self._claims_done()
         if self._running or self._pending or self._held or self._ready:
             return False
         return await self.source.pending() == 0
 
-    async def _dispatch(self, deliveries: list[Delivery]) -> None:
+    def _dispatch_soon(self, deliveries: list[Delivery]) -> None:
+        """Claim fetched deliveries without waiting for the store (rule 15): the fetch goes
+        on while one claim is written, and what it brings meanwhile is claimed next, in one
+        write (group commit), in the order fetched."""
+        if self._claiming is not None and self._claiming.done():
+            claiming, self._claiming = self._claiming, None
+            error = None if claiming.cancelled() else claiming.exception()
+            if error is not None:
+                raise error  # a claim failed: the loop stops, as it did waiting for it
         for d in deliveries:
             self._hold(d)
+        self._to_claim.extend(deliveries)
+        if self._claiming is None:
+            self._claiming = asyncio.get_running_loop().create_task(self._claim_pending())
+
+    async def _claim_pending(self) -> None:
+        while self._to_claim:
+            batch, self._to_claim = self._to_claim, []
+            await self._dispatch(batch)
+
+    async def _dispatch(self, deliveries: list[Delivery]) -> None:
         # Rule 2: start with the claim only what its lane would run now; reserve the rest.
         free = self.dispatcher.would_run([(self._lane(d), d.task_id) for d in deliveries])
         claims = [Claim(d.task_id, d.key, d.enqueued_at, d.deliveries, start)
@@ -759,8 +784,15 @@ class ConsumerLoop:
             self._unhold(d)
         self._slot_freed.set()
 
+    async def _claims_done(self) -> None:
+        """Wait for the claims under way to be written and offered (raise if one failed)."""
+        if self._claiming is not None:
+            claiming, self._claiming = self._claiming, None
+            await claiming
+
     async def _finish_in_flight(self) -> None:
         self._stopping = True  # nothing new starts (rule 8); a start write under way ends first
+        await self._claims_done()
         await self._starts_idle.wait()
         await self._hand_back_unstarted()
         if not self._running:
