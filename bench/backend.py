@@ -1,7 +1,9 @@
 """A backend simulator for tests and benchmarks: an aiohttp "function" that serves at most
 ``capacity`` requests at once, each taking ``service_s``; above capacity it answers 429 at
 once (with ``Retry-After`` if ``retry_after_s`` is set). Capacity can be changed while it runs:
-``POST /control {"capacity": N}``; ``GET /stats`` returns counters and a per-second history.
+``POST /control {"capacity": N}``; ``GET /stats`` returns counters and a per-second history,
+its seconds counted from the first request (so the first second is a whole one), each with the
+capacity integrated over it (the ideal goodput of a second is ``capacity_s / service_s``).
 
 Run alone: ``python -m bench.backend --port 8090 --capacity 64 --service-ms 100``.
 """
@@ -16,6 +18,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from sluice.cli_common import run_async
+
 
 @dataclass
 class Backend:
@@ -27,22 +31,42 @@ class Backend:
     rejected: int = 0
     max_in_flight: int = 0
     seen_ids: set[str] = field(default_factory=set)
-    history: list[dict[str, float]] = field(default_factory=list)  # one entry per second
-    _second: int = 0
+    # One entry per second from the first request to /fn (seconds without requests included):
+    # served, rejected, capacity (at the second's end) and capacity_s (capacity integrated over
+    # the second: a second with a change of capacity counts each part at its own capacity).
+    history: list[dict[str, float]] = field(default_factory=list)
+    _started: float | None = None  # time.monotonic() of the first request
     _served_now: int = 0
     _rejected_now: int = 0
+    _capacity_s_now: float = 0.0
+    _capacity_since: float = 0.0  # since when capacity has held, within the current second
 
     def _tick(self) -> None:
-        now = int(time.time())
-        if now != self._second:
-            if self._second:
-                self.history.append({"t": self._second, "served": self._served_now,
-                                     "rejected": self._rejected_now,
-                                     "capacity": self.capacity})
-            self._second, self._served_now, self._rejected_now = now, 0, 0
+        """Close every second that has ended since the last call."""
+        if self._started is None:
+            return
+        now = time.monotonic()
+        while now - self._started >= len(self.history) + 1:
+            end = self._started + len(self.history) + 1
+            self._capacity_s_now += self.capacity * (end - self._capacity_since)
+            self.history.append({"t": len(self.history), "served": self._served_now,
+                                 "rejected": self._rejected_now, "capacity": self.capacity,
+                                 "capacity_s": round(self._capacity_s_now, 4)})
+            self._served_now = self._rejected_now = 0
+            self._capacity_s_now, self._capacity_since = 0.0, end
+
+    def set_capacity(self, capacity: int) -> None:
+        self._tick()
+        if self._started is not None:
+            now = time.monotonic()
+            self._capacity_s_now += self.capacity * (now - self._capacity_since)
+            self._capacity_since = now
+        self.capacity = capacity
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
+        if self._started is None:
+            self._started = self._capacity_since = time.monotonic()
         self._tick()
         if self.in_flight >= self.capacity:
             self.rejected += 1
@@ -64,7 +88,7 @@ class Backend:
     async def control(self, request: web.Request) -> web.Response:
         change = await request.json()
         if "capacity" in change:
-            self.capacity = int(change["capacity"])
+            self.set_capacity(int(change["capacity"]))
         if "service_ms" in change:
             self.service_s = float(change["service_ms"]) / 1000
         if "retry_after_s" in change:
@@ -107,7 +131,7 @@ def main() -> None:
         print(json.dumps({"listening": args.port}), flush=True)
         await asyncio.Event().wait()
 
-    asyncio.run(serve())
+    run_async(serve())  # uvloop, as sluice itself: the simulator's own overhead stays small
 
 
 if __name__ == "__main__":

@@ -4,17 +4,26 @@ AIMD run, bench/results/aimd.png (limit and goodput over time).
 key_order
     A handler that sleeps 20 ms, ``ordering: key``, 10,000 keys, 20,000 messages on a 4-partition
     Kafka topic (``SLUICE_KAFKA_BROKERS``, default 127.0.0.1:9092; ``--key-source embedded`` runs
-    it on the embedded queue instead). The sequential baseline, one message at a time per
-    partition, is 4 / 20 ms = 200 msg/s. The handler checks every message: its key's messages
-    must run one at a time, in the order sent. ``speedup`` = msgs_per_s / 200.
+    it on the embedded queue instead). The topic's partition count is read back and every
+    partition must hold messages. The sequential baseline, one message at a time per partition,
+    is 4 / 20 ms = 200 msg/s. The handler checks every message: its key's messages must run one
+    at a time, in the order sent. Run ``--key-runs`` times (3), each on a fresh topic: ``runs``
+    keeps each run's figures, ``msgs_per_s`` and ``speedup`` (= msgs_per_s / 200) are the
+    medians.
 
 aimd
     sluice calls an HTTP function (bench/backend.py, in its own process) that serves at most C
     requests at once, each taking ``--service-ms``, and answers 429 above C. C is 64, then 32,
-    then 128, each for ``--phase-s``. The same run with AIMD at backoff_ratio 0.9 (``aimd``,
-    plotted), AIMD at the default 0.5, the gradient limiter, and static limits of 16 and 200.
-    - goodput_share: requests served / what C allowed (sum over phases of C / service time ×
-      phase length);
+    then 128, each for ``--phase-s``. The headline row ``aimd`` is ``concurrency: {}``: an
+    adaptive limit at its defaults (algorithm ``proportional``, see sluice/consumer/limiter.py).
+    The same run with plain AIMD at backoff_ratio 0.9 (the earlier headline) and at 0.5, the
+    gradient limiter, static limits of 16 and 200, and ``oracle``: a static limit that the bench
+    moves to C at each step, the most a limiter that never sees a 429 can get (what it misses
+    of the ideal is the per-request time outside the function: both sides' HTTP stacks and event
+    loops, while the function's slot is free).
+    - goodput_share: requests served / what C allowed (the function's capacity integrated over
+      the run, from its first request, / service time); ``per_phase`` gives it per C;
+    - goodput_share_of_oracle: goodput_share / the oracle row's (when it ran);
     - rejected_share: 429s / all requests the function received;
     - settle_s: per step, seconds from the step until the limit first comes within 10% of the
       new C (the phase length if never: a static limit never moves); the JSON gives each step
@@ -31,6 +40,7 @@ import os
 import platform
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -69,33 +79,54 @@ consumer:
   retry: {{max_attempts: 1000, initial_backoff_s: 0.02, max_backoff_s: 0.2, max_age_s: 3600}}
 """
 
-# "aimd" is the headline row: AIMD with backoff_ratio 0.9. With the default 0.5 the limit saws
-# between C/2 and C against a function with no queue, so about 3/4 of C is used; that row is
-# "aimd_backoff_0.5".
+# "aimd" is the headline row: an adaptive limit at its defaults. "oracle" starts at the first C
+# and the bench sets its limit to each new C as it steps (ORACLE).
 CONFIGS: dict[str, str] = {
-    "aimd": "{initial: 16, min: 1, max: 400, backoff_ratio: 0.9}",
-    "aimd_backoff_0.5": "{initial: 16, min: 1, max: 400}",
+    "aimd": "{}",
+    "aimd_plain_backoff_0.9": ("{initial: 16, min: 1, max: 400, algorithm: aimd, "
+                               "backoff_ratio: 0.9}"),
+    "aimd_plain_backoff_0.5": "{initial: 16, min: 1, max: 400, algorithm: aimd}",
     "gradient": "{initial: 16, min: 1, max: 400, algorithm: gradient}",
     "static_16": "16",
     "static_200": "200",
+    "oracle": "64",
 }
+ORACLE = "oracle"
 
 
 # -- key_order --------------------------------------------------------------------------------
 
-def produce_keyed(topic: str, keys: int, per_key: int) -> None:
-    from confluent_kafka import Producer
+def produce_keyed(topic: str, keys: int, per_key: int) -> dict[int, int]:
+    """Create ``topic`` with 4 partitions and fill it; returns the messages per partition (from
+    the delivery reports), after checking the broker reports 4 partitions."""
+    from confluent_kafka import KafkaError, Message, Producer
     from confluent_kafka.admin import AdminClient
     from confluent_kafka.cimpl import NewTopic
 
     admin = AdminClient({"bootstrap.servers": BROKERS})
     admin.create_topics([NewTopic(topic, num_partitions=4, replication_factor=1)])[topic].result()
+    partitions = len(admin.list_topics(topic, timeout=10).topics[topic].partitions)
+    if partitions != 4:
+        raise RuntimeError(f"topic {topic} has {partitions} partitions, not 4")
+    per_partition: dict[int, int] = {}
+
+    def delivered(error: KafkaError | None, message: Message) -> None:
+        if error is not None:
+            raise RuntimeError(f"produce failed: {error}")
+        partition = message.partition() or 0
+        per_partition[partition] = per_partition.get(partition, 0) + 1
+
     producer = Producer({"bootstrap.servers": BROKERS, "linger.ms": 20, "acks": "all"})
     for seq in range(per_key):
         for k in range(keys):
-            producer.produce(topic, json.dumps({"seq": seq}).encode(), key=f"key-{k:05d}")
+            producer.produce(topic, json.dumps({"seq": seq}).encode(), key=f"key-{k:05d}",
+                             on_delivery=delivered)
             producer.poll(0)
-    producer.flush(60)
+    if producer.flush(60):
+        raise RuntimeError("messages left unsent after 60 s")
+    if sorted(per_partition) != [0, 1, 2, 3]:
+        raise RuntimeError(f"messages per partition: {per_partition} (expected all 4)")
+    return dict(sorted(per_partition.items()))
 
 
 def delete_topic(topic: str) -> None:
@@ -109,11 +140,13 @@ async def key_order(source_kind: str, keys: int, per_key: int, concurrency: int,
                     work: Path) -> dict[str, Any]:
     total = keys * per_key
     handlers.KEY_SEEN.clear()
+    handlers.KEYS_RUNNING.clear()
     handlers.ORDER_VIOLATIONS.clear()
-    data_dir = work / "key-order"
     topic = f"bench-keys-{uuid.uuid4().hex[:8]}"
+    data_dir = work / topic
+    per_partition: dict[int, int] | None = None
     if source_kind == "kafka":
-        produce_keyed(topic, keys, per_key)
+        per_partition = produce_keyed(topic, keys, per_key)
         source = (f"{{kafka: {{brokers: '{BROKERS}', topic: {topic}, group: {topic}}}}}")
     else:
         db = Database.open(data_dir)
@@ -147,6 +180,7 @@ async def key_order(source_kind: str, keys: int, per_key: int, concurrency: int,
         "source": (f"kafka topic, 4 partitions ({BROKERS})" if source_kind == "kafka"
                    else "embedded queue (key order kept by the queue itself)"),
         "messages": total, "keys": keys, "handler_sleep_ms": 20,
+        "messages_per_partition": per_partition,
         "concurrency": concurrency,
         "startup_s": round((first_start or started) - started, 2),
         "elapsed_s": round(elapsed, 2),
@@ -158,6 +192,31 @@ async def key_order(source_kind: str, keys: int, per_key: int, concurrency: int,
         "speedup": round(rate / baseline, 1),
         "order_violations": len(handlers.ORDER_VIOLATIONS),
         "keys_seen": len(handlers.KEY_SEEN),
+    }
+
+
+async def key_order_runs(source_kind: str, keys: int, per_key: int, concurrency: int,
+                         runs: int, work: Path) -> dict[str, Any]:
+    """``runs`` runs of key_order, each on a fresh topic (or queue); the medians on top."""
+    results = []
+    for index in range(runs):
+        run = await key_order(source_kind, keys, per_key, concurrency, work)
+        print(f"key_order run {index + 1}/{runs}:", json.dumps(run), flush=True)
+        results.append(run)
+    first = results[0]
+    rate = statistics.median(r["msgs_per_s"] for r in results)
+    return {
+        "source": first["source"], "messages": first["messages"], "keys": keys,
+        "handler_sleep_ms": 20, "concurrency": concurrency,
+        "measured": first["measured"],
+        "runs": results,
+        "msgs_per_s": rate,
+        "msgs_per_s_per_run": [r["msgs_per_s"] for r in results],
+        "baseline_msgs_per_s": first["baseline_msgs_per_s"],
+        "speedup": round(rate / first["baseline_msgs_per_s"], 1),
+        "speedup_per_run": [r["speedup"] for r in results],
+        "statistic": f"median of {len(results)} runs",
+        "order_violations": sum(r["order_violations"] for r in results),
         "target_speedup": ">= 50",
     }
 
@@ -213,6 +272,8 @@ async def aimd_run(name: str, concurrency: str, phases: list[int], phase_s: floa
                 if index:
                     async with http.post(f"{base}/control", json={"capacity": capacity}):
                         pass
+                if name == ORACLE:  # a static limit, moved by the bench to each C
+                    loop.limiter.limit = float(capacity)
                 phase_end = started + phase_s * (index + 1)
                 while time.monotonic() < phase_end:
                     timeline.append({"t": round(time.monotonic() - started, 2),
@@ -227,26 +288,35 @@ async def aimd_run(name: str, concurrency: str, phases: list[int], phase_s: floa
     finally:
         backend.terminate()
         backend.wait(10)
-    return summarize(concurrency, phases, phase_s, service_s, stats, timeline)
+    result = summarize(concurrency, phases, phase_s, service_s, stats, timeline)
+    return {"algorithm": loop.limiter.algorithm + (" (moved to C by the bench)"
+                                                   if name == ORACLE else ""), **result}
 
 
 def summarize(concurrency: str, phases: list[int], phase_s: float, service_s: float,
               stats: dict[str, Any], timeline: list[dict[str, float]]) -> dict[str, Any]:
-    history = stats["history"]  # one entry per wall-clock second: served, rejected, capacity
-    # Align the backend's per-second windows with the phases: drop the first and the last
-    # (partial) seconds, then cut by capacity.
-    windows = history[1:]
+    # One window per second from the function's first request (the pipeline's start-up before
+    # it is not counted; finding C from the initial limit is), each with C integrated over it.
+    windows = stats["history"]
     served = sum(w["served"] for w in windows)
     rejected = sum(w["rejected"] for w in windows)
-    ideal = sum(w["capacity"] / service_s for w in windows)
-    # The same, leaving out the first 2 s of each phase (the start, and each step).
-    steady, last_change, last_cap = [], 0, None
+    ideal = sum(w["capacity_s"] / service_s for w in windows)
+    # Per C: the windows that held it throughout; the same leaving out the first 2 s of each
+    # phase (the start, and each step).
+    per_phase: dict[str, float] = {}
+    steady: list[dict[str, float]] = []
+    last_change, last_cap = 0, None
     for i, w in enumerate(windows):
         if w["capacity"] != last_cap:
             last_change, last_cap = i, w["capacity"]
         if i - last_change >= 2:
             steady.append(w)
-    steady_ideal = sum(w["capacity"] / service_s for w in steady)
+    for cap in dict.fromkeys(phases):
+        whole = [w for w in windows if w["capacity"] == cap and w["capacity_s"] == cap]
+        if whole:
+            per_phase[str(cap)] = round(sum(w["served"] for w in whole)
+                                        / (cap * len(whole) / service_s), 3)
+    steady_ideal = sum(w["capacity_s"] / service_s for w in steady)
     # Settle: after each step, the first time the limit comes within 10% of the new C.
     settle: list[float] = []
     for index in range(1, len(phases)):
@@ -259,10 +329,12 @@ def summarize(concurrency: str, phases: list[int], phase_s: float, service_s: fl
         "goodput_share": round(served / ideal, 3) if ideal else 0.0,
         "goodput_share_after_2s_of_each_phase": (
             round(sum(w["served"] for w in steady) / steady_ideal, 3) if steady_ideal else 0.0),
+        "goodput_share_per_phase": per_phase,
         "rejected_share": round(rejected / max(served + rejected, 1), 4),
         "settle_s": max(settle) if settle else None,
         "settle_s_per_step": settle,
         "served": served, "rejected": rejected, "ideal": round(ideal),
+        "seconds": len(windows),
         "max_in_flight_at_function": stats["max_in_flight"],
         "timeline": timeline,
         "per_second": windows,
@@ -277,20 +349,23 @@ def plot(run: dict[str, Any], service_s: float, path: Path) -> None:
 
     tl = run["timeline"]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
-    top.plot([p["t"] for p in tl], [p["limit"] for p in tl], label="AIMD limit")
+    top.plot([p["t"] for p in tl], [p["limit"] for p in tl],
+             label=f"limit ({run['algorithm']}, concurrency: {run['concurrency']})")
     top.plot([p["t"] for p in tl], [p["capacity"] for p in tl], "--", label="capacity C")
     top.set_ylabel("concurrency")
     top.legend(loc="upper left")
     per_s = run["per_second"]
     xs = list(range(len(per_s)))
     bottom.plot(xs, [w["served"] for w in per_s], label="served/s (goodput)")
-    bottom.plot(xs, [w["capacity"] / service_s for w in per_s], "--",
+    bottom.plot(xs, [w["capacity_s"] / service_s for w in per_s], "--",
                 label="ideal C / service time")
     bottom.plot(xs, [w["rejected"] for w in per_s], label="429s/s")
-    bottom.set_xlabel("seconds")
+    bottom.set_xlabel("seconds (top: since the pipeline started; bottom: since its first "
+                      "request)")
     bottom.set_ylabel("requests/s")
     bottom.legend(loc="upper left")
-    fig.suptitle("sluice AIMD against a function of capacity 64 → 32 → 128")
+    fig.suptitle("sluice's adaptive limit (defaults) against a function of capacity "
+                 "64 → 32 → 128")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -312,43 +387,52 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         result: dict[str, Any] = {
             "benchmark": "flow",
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                        "platform": platform.platform()},
+                        "platform": platform.platform(),
+                        "load_average_1m_at_start": round(os.getloadavg()[0], 2)},
         }
         if "key_order" in args.only:
             source = args.key_source or ("kafka" if kafka_reachable() else "embedded")
-            result["key_order"] = await key_order(source, args.keys, 2, args.key_concurrency,
-                                                  work)
-            print(json.dumps(result["key_order"], indent=2), flush=True)
+            result["key_order"] = await key_order_runs(source, args.keys, 2,
+                                                       args.key_concurrency, args.key_runs, work)
+            brief = {k: v for k, v in result["key_order"].items() if k != "runs"}
+            print(json.dumps(brief, indent=2), flush=True)
         if "aimd" in args.only:
-            phases = [64, 32, 128]
-            service_s = args.service_ms / 1000
-            runs: dict[str, Any] = {}
-            for name, concurrency in CONFIGS.items():
-                runs[name] = await aimd_run(name, concurrency, phases, args.phase_s, service_s,
-                                            work)
-                brief = {k: v for k, v in runs[name].items()
-                         if k not in ("timeline", "per_second")}
-                print(name, json.dumps(brief), flush=True)
-            plot(runs["aimd"], service_s, RESULTS / "aimd.png")
-            aimd = dict(runs["aimd"])
-            aimd.update({
-                "function": {"capacity_steps": phases, "phase_s": args.phase_s,
-                             "service_ms": args.service_ms},
-                "settle_definition": "seconds from a step until the limit first comes "
-                                     "within 10% of the new C",
-                "targets": {"goodput_share": ">= 0.95", "rejected_share": "<= 0.03",
-                            "settle_s": "<= 10"},
-            })
-            result["aimd"] = aimd
-            for name, run in runs.items():
-                if name != "aimd":
-                    result[name] = {k: v for k, v in run.items() if k != "per_second"}
-            for run in result.values():
-                if isinstance(run, dict):
-                    run.pop("timeline", None)
+            result.update(await aimd_rows(args, work))
+        result["machine"]["load_average_1m_at_end"] = round(os.getloadavg()[0], 2)
         return result
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+async def aimd_rows(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    phases = [64, 32, 128]
+    service_s = args.service_ms / 1000
+    runs: dict[str, Any] = {}
+    for name in args.configs:
+        load = os.getloadavg()[0]
+        runs[name] = await aimd_run(name, CONFIGS[name], phases, args.phase_s, service_s, work)
+        runs[name]["load_average_1m"] = [round(load, 2), round(os.getloadavg()[0], 2)]
+        brief = {k: v for k, v in runs[name].items() if k not in ("timeline", "per_second")}
+        print(name, json.dumps(brief), flush=True)
+    if ORACLE in runs and runs[ORACLE]["goodput_share"]:
+        for run in runs.values():
+            run["goodput_share_of_oracle"] = round(
+                run["goodput_share"] / runs[ORACLE]["goodput_share"], 3)
+    rows: dict[str, Any] = {}
+    for name, run in runs.items():
+        rows[name] = {k: v for k, v in run.items()
+                      if k != "timeline" and (k != "per_second" or name == "aimd")}
+    if "aimd" in runs:
+        plot(runs["aimd"], service_s, args.out.parent / "aimd.png")
+        rows["aimd"].update({
+            "function": {"capacity_steps": phases, "phase_s": args.phase_s,
+                         "service_ms": args.service_ms},
+            "settle_definition": "seconds from a step until the limit first comes "
+                                 "within 10% of the new C",
+            "targets": {"goodput_share": ">= 0.95", "rejected_share": "<= 0.03",
+                        "settle_s": "<= 10"},
+        })
+    return rows
 
 
 def main() -> None:
@@ -358,14 +442,19 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=10_000, help="key_order: keys (2 msgs each)")
     parser.add_argument("--key-concurrency", type=int, default=1000)
     parser.add_argument("--key-source", choices=["kafka", "embedded"], default=None)
+    parser.add_argument("--key-runs", type=int, default=3, help="key_order: runs (the median)")
     parser.add_argument("--phase-s", type=float, default=20.0, help="aimd: seconds per C")
     parser.add_argument("--service-ms", type=float, default=100.0)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                        help="aimd: the rows to run")
+    parser.add_argument("--out", type=Path, default=RESULTS / "flow.json",
+                        help="the JSON to write (aimd.png beside it)")
     args = parser.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     result = run_async(main_async(args))  # uvloop, as `sluice run` uses
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "flow.json"
-    if out.exists() and len(args.only) < 2:  # keep the other half of an earlier run
-        earlier = json.loads(out.read_text())
+    out: Path = args.out
+    if out.exists() and (len(args.only) < 2 or len(args.configs) < len(CONFIGS)):
+        earlier = json.loads(out.read_text())  # keep the rest of an earlier run
         earlier.update(result)
         result = earlier
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -42,11 +42,16 @@ ADAPTIVE_SPEC = ObjectSpec(
           maximum=10000),
     Field("max", "integer", "The limit never goes above this.", default=256, minimum=1,
           maximum=10000),
-    Field("backoff_ratio", "number", "Multiplier of the limit on an overload signal (HTTP 429 "
-          "or 503, a timeout, Overloaded).", default=0.5, exclusive_minimum=0, maximum=1),
-    Field("algorithm", "string", "aimd: additive increase, multiplicative decrease; gradient: "
-          "also scales down as latency rises over its no-load baseline.", default="aimd",
-          enum=("aimd", "gradient")),
+    Field("backoff_ratio", "number", "The deepest cut of one round of overload signals (HTTP "
+          "429 or 503, a timeout, Overloaded): the limit goes no lower than this times the "
+          "limit before them. aimd and gradient cut by exactly this; proportional by one slot "
+          "per overload signal, down to it.", default=0.5, exclusive_minimum=0, maximum=1),
+    Field("algorithm", "string", "proportional: additive increase; each overload signal takes "
+          "one slot off, and the limit then holds for 3 rounds (it settles at what the backend "
+          "takes); aimd: additive increase, multiplicative decrease (backoff_ratio per round "
+          "with overloads); gradient: aimd that also scales down as latency rises over its "
+          "no-load baseline.", default="proportional",
+          enum=("proportional", "aimd", "gradient")),
 )
 
 CONSUMER_SPEC = ObjectSpec(
