@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from sluice import registry
-from sluice.errors import Overloaded, Reject, Retry
+from sluice.errors import InvalidPayload, Overloaded, Reject, Retry
 from sluice.handlers.deadlines import Deadlines
 from sluice.message import Message, Outcome, encode_result, format_traceback
 from sluice.spec import REQUIRED, Field
@@ -132,7 +132,9 @@ class PythonHandler:
         """One call with the list of messages; one outcome per message, in order. An item
         that is an exception (``Retry``, ``Reject``, any other) is that message's error; an
         exception raised by the call, a timeout, or a result that is not a list of one item
-        per message is every message's error (the whole batch is retried)."""
+        per message is every message's error (the whole batch is retried; ``Reject`` raised
+        by the call fails them all). A message whose payload the call read and that does not
+        decode fails alone (InvalidPayload); the call is made again without it."""
         started = time.perf_counter()
         try:
             values = await self._call(list(messages), timeout_s)
@@ -143,11 +145,29 @@ class PythonHandler:
                                          f"message: got {got} for {len(messages)} messages")
         except _TimedOut:
             return [_timed_out(timeout_s, time.perf_counter() - started)] * len(messages)
+        except InvalidPayload as exc:
+            return await self._without_undecodable(messages, timeout_s, exc, started)
         except Exception as exc:
             return [outcome_of_error(exc, time.perf_counter() - started)] * len(messages)
         duration = time.perf_counter() - started
         return [outcome_of_error(v, duration) if isinstance(v, BaseException)
                 else outcome_of_value(v, duration) for v in values]
+
+    async def _without_undecodable(self, messages: Sequence[Message], timeout_s: float,
+                                   error: InvalidPayload, started: float) -> list[Outcome]:
+        """The call read a payload that does not decode: those messages fail alone
+        (InvalidPayload), and the others are called again without them."""
+        bad: dict[int, Outcome] = {}
+        for i, message in enumerate(messages):
+            try:
+                _ = message.payload
+            except InvalidPayload as exc:
+                bad[i] = outcome_of_error(exc, time.perf_counter() - started)
+        if not bad:  # raised for another reason (the function's own InvalidPayload)
+            return [outcome_of_error(error, time.perf_counter() - started)] * len(messages)
+        good = [m for i, m in enumerate(messages) if i not in bad]
+        again = iter(await self.invoke_batch(good, timeout_s) if good else [])
+        return [bad[i] if i in bad else next(again) for i in range(len(messages))]
 
     async def _call(self, arg: Any, timeout_s: float) -> Any:
         """The function's return value; raises what it raised, or ``_TimedOut``."""

@@ -235,9 +235,6 @@ async def test_a_batch_that_is_not_full_is_called_after_max_wait_ms(data_dir: Pa
     assert [r.state for r in records] == [TaskState.SUCCEEDED] * 3
 
 
-@pytest.mark.xfail(strict=True, reason="the python batch handler lets one message's "
-                   "InvalidPayload (raised by the call when it reads that payload) fail every "
-                   "task of the batch for good; the http one fails such a message alone")
 async def test_a_message_that_does_not_decode_fails_alone(data_dir: Path) -> None:
     # The handler reads every message's payload (as most do); one body is not JSON. That
     # message fails (InvalidPayload, dead-lettered, never retried), as it would without a batch
