@@ -26,7 +26,9 @@ Invariants, in the order they happen to a message:
    between the two may send it twice; it is never lost).
 6. Records and settlements are batched: every attempt that ends while a batch is being written
    goes into the next batch (group commit).
-7. A paused pipeline fetches nothing (in-flight work finishes); a task cancelled while running
+7. A paused pipeline fetches nothing (in-flight work finishes): a pause through this process
+   (its gateway) holds from the next fetch; one from elsewhere (another process's CLI or
+   gateway on the same store) within ``PAUSE_RECHECK_S``, what is fetched meanwhile runs; a task cancelled while running
    has its attempt cancelled (async handlers stop at their next await; a sync handler's thread
    runs on, its outcome discarded) as soon as this worker learns of it: at once when the
    cancel came through this process, else at the next lease extension.
@@ -284,9 +286,8 @@ class ConsumerLoop:
                     # Fetched as stop came: hand them straight back, unclaimed.
                     await self.source.retry_later([(d, 0.0) for d in deliveries])
                     break
-                if deliveries and await self.store.is_paused(self.config.name):
+                if deliveries and await self._pipeline_paused():
                     # Paused while this fetch waited: hand them back unclaimed (rule 7).
-                    self._paused, self._paused_until_check = True, 0.0
                     await self.source.retry_later([(d, 0.0) for d in deliveries])
                     continue
                 if deliveries:
@@ -302,6 +303,12 @@ class ConsumerLoop:
             self._paused = await self.store.is_paused(self.config.name)
             self._paused_until_check = now + PAUSE_RECHECK_S
         return self._paused
+
+    def set_paused(self, paused: bool) -> None:
+        """The pipeline was paused or resumed through this process (rule 7): at once, not at
+        the next look at the store."""
+        self._paused = paused
+        self._paused_until_check = time.monotonic() + PAUSE_RECHECK_S
 
     def cancel_attempt(self, task_id: str) -> bool:
         """Stop the running attempt of ``task_id`` here, if any (its task was cancelled)."""

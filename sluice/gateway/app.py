@@ -344,6 +344,9 @@ async def control_pipeline(request: web.Request) -> web.Response:
         return problems.not_found(f"no pipeline named {name!r}")
     paused = request.match_info["action"] == "pause"
     await gw.store.set_paused(name, paused, time.time())
+    loop = gw.loops.get(name)
+    if loop is not None:  # this process's workers hold it from their next fetch (rule 7)
+        loop.set_paused(paused)
     return json_response({"name": name, "paused": paused})
 
 
