@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from sluice.datadir import Database, QueuedMessage, put_in
 from sluice.errors import IllegalTransition, TaskNotFound
+from sluice.tasks import sqlbatch
 from sluice.tasks.sqlite_catalog import stored_pipelines_in
 from sluice.tasks.state import FINAL, TaskState, allowed
 from sluice.tasks.store import (
@@ -85,6 +86,22 @@ _COMPLETE = (
     " error_message = ?, error_traceback = ?, finished_at = ?, updated_at = ?,"
     " lease_owner = CASE WHEN ? THEN NULL ELSE lease_owner END, lease_until = NULL"
     " WHERE pipeline = ? AND task_id = ? AND state = 'RUNNING' AND lease_owner = ?")
+
+
+# _COMPLETE for many rows in one statement (sqlbatch): each row is _complete_values.
+_COMPLETE_BATCH = (
+    "UPDATE tasks SET state = v.column1, result = v.column2, result_type = v.column3,"
+    " error_type = v.column4, error_message = v.column5, error_traceback = v.column6,"
+    " finished_at = v.column7, updated_at = v.column8,"
+    " lease_owner = CASE WHEN v.column9 THEN NULL ELSE tasks.lease_owner END, lease_until = NULL"
+    " FROM ({values}) AS v WHERE tasks.pipeline = ? AND tasks.task_id = v.column10"
+    " AND tasks.state = 'RUNNING' AND tasks.lease_owner = ?")
+
+
+def _complete_values(done: Completion, now: float) -> tuple[object, ...]:
+    final = done.state in FINAL
+    return (str(done.state), done.result, done.result_type, done.error_type, done.error_message,
+            done.error_traceback, now if final else None, now, final, done.task_id)
 
 
 def _complete_row(done: Completion, pipeline: str, owner: str,
@@ -175,8 +192,8 @@ class SqliteTaskStore:
                 received: float | None = (
                     claim.received_at if claim.received_at is not None else now)
                 first, first_start = (1, now) if claim.start else (0, None)
-                inserts.append((pipeline, claim.task_id, tenant, first, claim.key, received,
-                                received, first_start, now, owner, lease_until))
+                inserts.append((pipeline, claim.task_id, tenant, "RUNNING", first, claim.key,
+                                received, received, first_start, now, owner, lease_until))
                 current[claim.task_id] = ("RUNNING", first, lease_until, owner, received,
                                           received, first_start)
                 out.append(ClaimResult(ClaimStatus.RUN, first, received, None, received,
@@ -198,19 +215,19 @@ class SqliteTaskStore:
                 started = started if started is not None else now
             current[claim.task_id] = ("RUNNING", attempts, lease_until, owner, received, queued,
                                       started)
-            updates.append((attempts, started, now, owner, lease_until, pipeline,
-                            claim.task_id))
+            updates.append((attempts, started, now, owner, lease_until, claim.task_id))
             out.append(ClaimResult(ClaimStatus.RUN, attempts, received, None, queued, started,
                                    claim.start))
-        conn.executemany(  # one statement for the batch (a repeated id is claimed once above)
-            "INSERT INTO tasks (pipeline, task_id, tenant, state, attempts, key,"
-            " received_at, queued_at, started_at, updated_at, lease_owner, lease_until)"
-            " VALUES (?, ?, ?, 'RUNNING', ?, ?, ?, ?, ?, ?, ?, ?)", inserts)
-        conn.executemany(
-            "UPDATE tasks SET state = 'RUNNING', attempts = ?, started_at = ?, updated_at = ?,"
-            " lease_owner = ?, lease_until = ? WHERE pipeline = ? AND task_id = ?",
-            updates,
-        )
+        # A statement per chunk, not per row (sqlbatch); a repeated id is inserted once above,
+        # and of its updates the last one (made from the state the earlier ones left) holds.
+        sqlbatch.insert(conn, "INSERT INTO tasks (pipeline, task_id, tenant, state, attempts,"
+                        " key, received_at, queued_at, started_at, updated_at, lease_owner,"
+                        " lease_until)", inserts)
+        sqlbatch.update_from(
+            conn, "UPDATE tasks SET state = 'RUNNING', attempts = v.column1, started_at ="
+            " v.column2, updated_at = v.column3, lease_owner = v.column4, lease_until ="
+            " v.column5 FROM ({values}) AS v WHERE tasks.pipeline = ? AND tasks.task_id ="
+            " v.column6", list({row[-1]: row for row in updates}.values()), (pipeline,))
         return out
 
     async def start(self, pipeline: str, task_ids: Sequence[str], owner: str,
@@ -306,9 +323,10 @@ class SqliteTaskStore:
         if not any(done.outbox or done.dead_letter for done in completions):
             # The common batch in one statement: if every row was written, that is all.
             conn.execute("SAVEPOINT batch")
-            cur = conn.executemany(_COMPLETE, [_complete_row(d, pipeline, owner, now)
-                                               for d in completions])
-            if cur.rowcount == len(completions):
+            changed = sqlbatch.update_from(
+                conn, _COMPLETE_BATCH, [_complete_values(d, now) for d in completions],
+                (pipeline, owner))
+            if changed == len(completions):
                 conn.execute("RELEASE batch")
                 return [done.state for done in completions]
             conn.execute("ROLLBACK TO batch")  # some were not ours: one by one, below
