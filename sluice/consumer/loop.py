@@ -28,10 +28,11 @@ Invariants, in the order they happen to a message:
    goes into the next batch (group commit).
 7. A paused pipeline fetches nothing (in-flight work finishes): a pause through this process
    (its gateway) holds from the next fetch; one from elsewhere (another process's CLI or
-   gateway on the same store) within ``PAUSE_RECHECK_S``, what is fetched meanwhile runs; a task cancelled while running
-   has its attempt cancelled (async handlers stop at their next await; a sync handler's thread
-   runs on, its outcome discarded) as soon as this worker learns of it: at once when the
-   cancel came through this process, else at the next lease extension.
+   gateway on the same store) within ``PAUSE_RECHECK_S``, what is fetched meanwhile runs; a
+   task cancelled while running has its attempt cancelled (async handlers stop at their next
+   await; a sync handler's thread runs on, its outcome discarded) as soon as this worker
+   learns of it: at once when the cancel came through this process, else at the next lease
+   extension.
 8. On stop: no new fetches, nothing new starts; tasks in flight get ``timeout_s`` to finish; any
    still running are cancelled and handed back (their leases released, so another worker
    claims them at once).
@@ -69,6 +70,9 @@ Invariants, in the order they happen to a message:
 15. Fetched deliveries are claimed without holding up the next fetch: one claim write at a
     time, and what is fetched while it is written goes in the next one (group commit), in
     fetch order; each batch is offered to its lanes once its claim returned (rule 2).
+16. Without a batch handler, each attempt takes a permit of its own, and an asyncio task that
+    ends one attempt takes the next ready task while the limiter has room (no task created
+    per message); cancelling a task's running attempt (rule 7) ends that attempt only.
 """
 
 from __future__ import annotations
@@ -117,6 +121,7 @@ FETCH_WAIT_S = 0.25  # how long one fetch waits for work; bounds how late a stop
 # How long a full layer waits for room before it looks again (rule 1). Room made by an attempt
 # or by a group commit wakes it at once; this only bounds the wait for a retry falling due.
 ROOM_WAIT_S = 0.25
+YIELD_EVERY = 64  # attempts run back to back in one task before it yields (rule 16)
 # Deliveries held per slot of the limit (rule 1): one running, one ready or waiting in its
 # lane, one finished and waiting for its group commit.
 HELD_PER_SLOT = 3
@@ -417,10 +422,32 @@ class ConsumerLoop:
             for _ in range(min(len(self._ready), self.limiter.available())):
                 delivery, claim = self._ready.popleft()
                 permit = self.limiter.take()
-                task = start(self._run_attempt(delivery, claim, permit))
+                task = start(self._run_attempts(delivery, claim, permit))
                 self._running[task] = (delivery,)
                 task.add_done_callback(self._attempt_done)
         self.stats.in_flight = self.limiter.in_flight
+
+    async def _run_attempts(self, delivery: Delivery, claim: ClaimResult,
+                            permit: Permit) -> None:
+        """Attempts one after another in one asyncio task (rule 16): after each, the next
+        ready task, with a permit of its own, while the limiter has room; else the task ends.
+        It yields to the event loop every ``YIELD_EVERY`` attempts (a handler that never
+        awaits would otherwise hold it)."""
+        task = asyncio.current_task()
+        assert task is not None
+        done = 0
+        while True:
+            await self._run_attempt(delivery, claim, permit)
+            done += 1
+            if done % YIELD_EVERY == 0:
+                self._running[task] = ()  # between attempts: nothing here to cancel
+                await asyncio.sleep(0)
+            if self._stopping or not self._ready or self.limiter.available() <= 0:
+                break
+            delivery, claim = self._ready.popleft()
+            permit = self.limiter.take()
+            self._running[task] = (delivery,)
+        self._start_ready()
 
     def _start_batches(self, batch: BatchConfig) -> None:
         """Start batch calls (rule 13): one per permit, each with up to ``max_size`` ready
@@ -473,7 +500,6 @@ class ConsumerLoop:
         finally:
             self.limiter.give_back(permit, signal, retry_after_s, latency_s)
             self._lane_done(delivery, retrying, retry_in_s)
-            self._start_ready()
 
     def _lane_finished(self, lane: Hashable, task_id: str, retrying: bool,
                        retry_in_s: float) -> None:
@@ -553,6 +579,9 @@ class ConsumerLoop:
                 if delivery.task_id not in self._cancelled:
                     raise  # shutdown: the stop path hands the delivery back
                 self._cancelled.discard(delivery.task_id)
+                current = asyncio.current_task()
+                if current is not None:
+                    current.uncancel()  # the asyncio task goes on to its next attempt (rule 16)
                 log.info("task %s: running attempt cancelled", delivery.task_id)
                 # The store refuses this completion (the task is CANCELLED, final) and reports
                 # the final state, so the message is settled (rule 4).
