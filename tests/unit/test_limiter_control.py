@@ -258,17 +258,22 @@ def test_the_limit_follows_a_backend_that_drains_to_a_lower_capacity(clock: Cloc
     assert lim.limit == pytest.approx(32, abs=0.1) and refused == 32
 
 
-def test_proportional_probes_past_its_last_cut_faster(clock: Clock) -> None:
+def test_proportional_searches_again_once_the_backend_takes_more(clock: Clock) -> None:
     lim = ProportionalLimiter("up", initial=32, minimum=1, maximum=1000)
     pool = [lim.take() for _ in range(lim.available())]
-    lim.give_back(pool.pop(), Signal.OVERLOAD)  # the backend took 31
+    lim.give_back(pool.pop(), Signal.OVERLOAD)  # refused at 32: the backend took 31
     pool.extend(lim.take() for _ in range(lim.available()))
-    for _ in range(ProportionalLimiter.HOLD_ROUNDS + 1):  # hold, then back to the refused 32
+    for _ in range(ProportionalLimiter.HOLD_ROUNDS):
         full_round(lim, pool)
-    assert lim.limit == pytest.approx(32, abs=0.1)
-    for _ in range(6):  # C grew: the increase per round doubles, up to half the limit
+    assert lim.limit == 31
+    for _ in range(3):  # back to the refused 32, then past it: one, then two per round
         full_round(lim, pool)
-    assert lim.limit > 32 + 1 + 2 + 4 + 8 + 16
+    assert 32 < lim.limit < 36 and not lim.slow_start
+    for _ in range(2):  # two rounds past the last cut: C grew, by how much nothing says:
+        full_round(lim, pool)  # slow start again, doubling per round
+    assert lim.slow_start and lim.limit > 120
+    lim.give_back(pool.pop(), Signal.OVERLOAD)  # until the next overload
+    assert not lim.slow_start
 
 
 def test_make_limiter_defaults_to_proportional() -> None:
