@@ -27,14 +27,16 @@ PIPELINE = """
 name: jobs
 source: {{embedded: {{queue: jobs, lease_s: {lease_s}}}}}
 handler: {{python: tests.helpers.handlers:{handler}}}
-consumer: {{concurrency: {concurrency}, timeout_s: 30, retry: {{max_attempts: 5}}}}
+consumer: {{concurrency: {concurrency}, prefetch: {prefetch}, timeout_s: 30,
+           retry: {{max_attempts: 5}}}}
 """
 
 
 def pipeline_file(tmp_path: Path, handler: str, lease_s: float = 1.0,
-                  concurrency: int = 8) -> Path:
+                  concurrency: int = 8, prefetch: int = 1000) -> Path:
     path = tmp_path / "jobs.yaml"
-    path.write_text(PIPELINE.format(handler=handler, lease_s=lease_s, concurrency=concurrency))
+    path.write_text(PIPELINE.format(handler=handler, lease_s=lease_s, concurrency=concurrency,
+                                    prefetch=prefetch))
     return path
 
 
@@ -93,12 +95,15 @@ async def test_sigkill_mid_task_then_completes_exactly_once(tmp_path: Path, data
 async def test_two_workers_5000_tasks_none_twice_none_lost(tmp_path: Path, data_dir: Path,
                                                            run_log: str) -> None:
     total = 5000
-    pipeline = pipeline_file(tmp_path, "echo", lease_s=30, concurrency=16)
+    # Each task takes 5 ms and a worker holds at most 48 (a small prefetch: 3 x the limit), so
+    # the worker started first cannot drain the queue (5,000 x 5 ms / 16 = 1.6 s at least)
+    # before the other has started.
+    pipeline = pipeline_file(tmp_path, "behave", lease_s=30, concurrency=16, prefetch=1)
     db = Database.open(data_dir)
     ids = [f"task-{i:05d}" for i in range(total)]
     for start in range(0, total, 500):
         embedded.submit(db, "jobs", "default", "jobs",
-                        [QueuedMessage(t, b"{}") for t in ids[start:start + 500]])
+                        [QueuedMessage(t, b'{"sleep_s": 0.005}') for t in ids[start:start + 500]])
     workers = [start_worker(pipeline, data_dir, run_log, "--drain") for _ in range(2)]
     for w in workers:
         _, errs = w.communicate(timeout=120)
@@ -106,7 +111,7 @@ async def test_two_workers_5000_tasks_none_twice_none_lost(tmp_path: Path, data_
     runs = Counter(e[1] for e in read_log(run_log) if e[0] == "done")
     assert set(runs) == set(ids), f"lost: {len(set(ids) - set(runs))}"
     assert max(runs.values()) == 1, [t for t, n in runs.items() if n > 1][:10]
-    pids = Counter(e[3] for e in read_log(run_log))
+    pids = Counter(e[3] for e in read_log(run_log) if e[0] == "done")
     assert set(pids) == {w.pid for w in workers}  # both did work
     states = dict(db.run_sync(lambda c: c.execute(
         "SELECT state, COUNT(*) FROM tasks GROUP BY state").fetchall()))
