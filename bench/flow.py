@@ -20,10 +20,13 @@ aimd
     gradient limiter, static limits of 16 and 200, and ``oracle``: a static limit that the bench
     moves to C at each step, the most a limiter that never sees a 429 can get (what it misses
     of the ideal is the per-request time outside the function: both sides' HTTP stacks and event
-    loops, while the function's slot is free).
+    loops, while the function's slot is free). The headline and oracle rows run
+    ``--aimd-runs`` times (3), alternating, as the machine's load varies: each keeps the median
+    run (by goodput_share) and lists every run under ``runs``.
     - goodput_share: requests served / what C allowed (the function's capacity integrated over
       the run, from its first request, / service time); ``per_phase`` gives it per C;
-    - goodput_share_of_oracle: goodput_share / the oracle row's (when it ran);
+    - goodput_share_of_oracle: goodput_share / the oracle row's (when it ran); for the
+      headline, ``..._per_pair`` also compares each run with the oracle run right after it;
     - rejected_share: 429s / all requests the function received;
     - settle_s: per step, seconds from the step until the limit first comes within 10% of the
       new C (the phase length if never: a static limit never moves); the JSON gives each step
@@ -243,7 +246,7 @@ async def wait_for_backend(url: str) -> None:
 
 
 async def aimd_run(name: str, concurrency: str, phases: list[int], phase_s: float,
-                   service_s: float, work: Path) -> dict[str, Any]:
+                   service_s: float, work: Path, run: int = 1) -> dict[str, Any]:
     port = free_port()
     backend = subprocess.Popen(
         [sys.executable, "-m", "bench.backend", "--port", str(port), "--capacity",
@@ -252,7 +255,7 @@ async def aimd_run(name: str, concurrency: str, phases: list[int], phase_s: floa
     base = f"http://127.0.0.1:{port}"
     try:
         await wait_for_backend(base)
-        data_dir = work / f"aimd-{name}"
+        data_dir = work / f"aimd-{name}-{run}"
         db = Database.open(data_dir)
         # Enough work that the function is never short of it: the most C allows, plus a margin.
         needed = int(sum(c / service_s * phase_s for c in phases) * 1.3) + 1000
@@ -404,20 +407,40 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+REPEATED = ("aimd", ORACLE)  # run --aimd-runs times, alternating: the median of each
+
+
 async def aimd_rows(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     phases = [64, 32, 128]
     service_s = args.service_ms / 1000
-    runs: dict[str, Any] = {}
-    for name in args.configs:
+    repeated = [name for name in REPEATED if name in args.configs]
+    order = [(name, i + 1) for i in range(args.aimd_runs) for name in repeated]
+    order += [(name, 1) for name in args.configs if name not in REPEATED]
+    all_runs: dict[str, list[dict[str, Any]]] = {}
+    for name, index in order:
         load = os.getloadavg()[0]
-        runs[name] = await aimd_run(name, CONFIGS[name], phases, args.phase_s, service_s, work)
-        runs[name]["load_average_1m"] = [round(load, 2), round(os.getloadavg()[0], 2)]
-        brief = {k: v for k, v in runs[name].items() if k not in ("timeline", "per_second")}
-        print(name, json.dumps(brief), flush=True)
+        run = await aimd_run(name, CONFIGS[name], phases, args.phase_s, service_s, work, index)
+        run["load_average_1m"] = [round(load, 2), round(os.getloadavg()[0], 2)]
+        all_runs.setdefault(name, []).append(run)
+        brief = {k: v for k, v in run.items() if k not in ("timeline", "per_second")}
+        print(f"{name} (run {index}):", json.dumps(brief), flush=True)
+    runs: dict[str, dict[str, Any]] = {}
+    for name, done in all_runs.items():  # the median run by goodput (a run that happened)
+        runs[name] = dict(sorted(done, key=lambda r: r["goodput_share"])[(len(done) - 1) // 2])
+        if len(done) > 1:
+            runs[name]["statistic"] = (f"the median of {len(done)} runs by goodput_share, "
+                                       f"alternating with {', '.join(repeated)}")
+            runs[name]["runs"] = [{k: v for k, v in r.items()
+                                   if k not in ("timeline", "per_second", "concurrency")}
+                                  for r in done]
     if ORACLE in runs and runs[ORACLE]["goodput_share"]:
         for run in runs.values():
             run["goodput_share_of_oracle"] = round(
                 run["goodput_share"] / runs[ORACLE]["goodput_share"], 3)
+        if "aimd" in all_runs:  # each run against the oracle run right after it
+            runs["aimd"]["goodput_share_of_oracle_per_pair"] = [
+                round(a["goodput_share"] / o["goodput_share"], 3)
+                for a, o in zip(all_runs["aimd"], all_runs[ORACLE], strict=False)]
     rows: dict[str, Any] = {}
     for name, run in runs.items():
         rows[name] = {k: v for k, v in run.items()
@@ -447,6 +470,9 @@ def main() -> None:
     parser.add_argument("--service-ms", type=float, default=100.0)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
                         help="aimd: the rows to run")
+    parser.add_argument("--aimd-runs", type=int, default=3,
+                        help="aimd: runs of the headline and oracle rows (alternating; the "
+                             "median), on a machine whose load varies")
     parser.add_argument("--out", type=Path, default=RESULTS / "flow.json",
                         help="the JSON to write (aimd.png beside it)")
     args = parser.parse_args()
