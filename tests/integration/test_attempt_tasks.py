@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from sluice.config.load import parse_pipeline
@@ -24,7 +25,7 @@ consumer: {concurrency: 2, ordering: unordered}
 """
 
 
-def submit(data_dir: Path, payloads: list[dict[str, object]]) -> list[str]:
+def submit(data_dir: Path, payloads: Sequence[Mapping[str, object]]) -> list[str]:
     ids = [f"r{i:03d}" for i in range(len(payloads))]
     embedded.submit(Database.open(data_dir), "reuse", "default", "reuse",
                     [QueuedMessage(i, json.dumps(p).encode()) for i, p in zip(ids, payloads,
