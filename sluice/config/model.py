@@ -56,7 +56,8 @@ ADAPTIVE_SPEC = ObjectSpec(
 
 CONSUMER_SPEC = ObjectSpec(
     Field("concurrency", ("integer", "object"), "Tasks in flight at once in one worker process: "
-          "an integer is a fixed limit; a mapping makes it adaptive (AIMD between min and max).",
+          "an integer is a fixed limit; a mapping makes it adaptive (between min and max; see "
+          "algorithm).",
           default=8, variants=(
               Field("concurrency", "integer", "A fixed limit.", minimum=1, maximum=10000),
               Field("concurrency", "object", "An adaptive limit.", fields=ADAPTIVE_SPEC),
