@@ -132,6 +132,14 @@ def _traceback_tail(outcome: Outcome) -> str:
     return f"\n{outcome.traceback.rstrip()}" if outcome.traceback else ""
 
 
+def _signal(outcomes: Sequence[Outcome]) -> Signal:
+    """The limiter's load signal of one call's outcomes (one, or a batch's): overload if any
+    was one, success if all succeeded, else an error."""
+    if any(o.overload for o in outcomes):
+        return Signal.OVERLOAD
+    return Signal.SUCCESS if all(o.status == "success" for o in outcomes) else Signal.ERROR
+
+
 @dataclass(slots=True)
 class _Settle:
     delivery: Delivery
@@ -495,8 +503,7 @@ class ConsumerLoop:
             outcome, retrying, retry_in_s = await self._attempt(delivery, claim)
             if outcome is not None:
                 latency_s, retry_after_s = outcome.duration_s, outcome.retry_after_s
-                signal = (Signal.SUCCESS if outcome.status == "success" else
-                          Signal.OVERLOAD if outcome.overload else Signal.ERROR)
+                signal = _signal((outcome,))
         finally:
             self.limiter.give_back(permit, signal, retry_after_s, latency_s)
             self._lane_done(delivery, retrying, retry_in_s)
@@ -527,13 +534,9 @@ class ConsumerLoop:
                 for (i, _, _), answer in zip(calls, answers, strict=True):
                     outcomes[i] = answer
                     self._observe(answer.status, answer.duration_s)
-                first = answers[0]
-                latency_s = first.duration_s
-                overloads = [a for a in answers if a.overload]
-                signal = (Signal.OVERLOAD if overloads else
-                          Signal.SUCCESS if all(a.status == "success" for a in answers)
-                          else Signal.ERROR)
-                retry_after_s = max((a.retry_after_s or 0.0 for a in overloads),
+                latency_s = answers[0].duration_s
+                signal = _signal(answers)
+                retry_after_s = max((a.retry_after_s or 0.0 for a in answers if a.overload),
                                     default=0.0) or None
             for (delivery, claim), outcome in zip(items, outcomes, strict=True):
                 assert outcome is not None

@@ -157,13 +157,8 @@ class HttpHandler:
         """POST one CloudEvents batch; the 2xx answer is one item per event (see the module
         docstring). A non-2xx answer, or a transport error, is every message's outcome; an
         event the answer leaves out (or a malformed item) is retried."""
-        outcomes: list[Outcome | None] = [None] * len(messages)
-        for i, message in enumerate(messages):
-            try:
-                _ = message.payload if is_json(message.content_type) else None
-            except InvalidPayload as exc:  # not sent: it fails alone
-                outcomes[i] = Outcome("failure", error_type="InvalidPayload",
-                                      error_message=exc.reason)
+        # A message whose JSON body does not decode is not sent: it fails alone.
+        outcomes: list[Outcome | None] = [_undecodable(m) for m in messages]
         sent = [m for m, o in zip(messages, outcomes, strict=True) if o is None]
         if sent:
             headers, body = self.batch_request(sent)
@@ -218,6 +213,18 @@ class HttpHandler:
         if self._session is not None:
             await self._session.close()
             await asyncio.sleep(0)
+
+
+def _undecodable(message: Message) -> Outcome | None:
+    """The failure of a message whose JSON body does not decode (structured events carry the
+    decoded payload), else None."""
+    if not is_json(message.content_type):
+        return None
+    try:
+        message.payload  # noqa: B018 - decoded (and kept) here, to fail it alone
+    except InvalidPayload as exc:
+        return Outcome("failure", error_type="InvalidPayload", error_message=exc.reason)
+    return None
 
 
 @dataclass(frozen=True, slots=True)
