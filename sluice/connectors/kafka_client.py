@@ -203,13 +203,15 @@ def ensure_topic(client: Any, brokers: str, topic: str, create_topic: CreateTopi
             if getattr(error, "code", lambda: None)() != ck.KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
     deadline = time.monotonic() + METADATA_TIMEOUT_S
-    while time.monotonic() < deadline:  # metadata catches up with the creation
-        meta = _topic_metadata(client, brokers, topic)
-        if meta is not None and meta.partitions:
+    while time.monotonic() < deadline:  # metadata catches up with the creation, and every
+        meta = _topic_metadata(client, brokers, topic)  # partition has its leader elected
+        if meta is not None and meta.partitions and all(
+                p.leader >= 0 and p.error is None for p in meta.partitions.values()):
             return len(meta.partitions)
         time.sleep(0.1)
-    raise Unavailable(f"kafka topic {topic!r} was created on brokers {brokers} but does not "
-                      f"show in their metadata after {METADATA_TIMEOUT_S:g}s")
+    raise Unavailable(f"kafka topic {topic!r} was created on brokers {brokers} but its "
+                      f"partitions have no leader in their metadata after "
+                      f"{METADATA_TIMEOUT_S:g}s")
 
 
 def _topic_metadata(client: Any, brokers: str, topic: str) -> Any:

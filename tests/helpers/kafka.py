@@ -160,12 +160,23 @@ def committed(group: str, topic: str, partitions: Sequence[int]) -> dict[int, in
 
 
 def ends(topic: str) -> dict[int, int]:
-    """The end offset (high watermark) of each partition of ``topic``."""
+    """The end offset (high watermark) of each partition of ``topic``. A partition of a topic
+    created a moment ago may answer "not leader" until its broker has loaded it: asked again,
+    for up to 10 s."""
     consumer = Consumer({"bootstrap.servers": BROKERS, "group.id": f"ends-{uuid.uuid4().hex}"})
+    deadline = time.monotonic() + 10
     try:
-        meta = consumer.list_topics(topic, timeout=10).topics[topic]
-        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                for p in meta.partitions}
+        while True:
+            try:
+                meta = consumer.list_topics(topic, timeout=10).topics[topic]
+                return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+                        for p in meta.partitions}
+            except KafkaException as exc:
+                retriable = exc.args[0].code() in (KafkaError.NOT_LEADER_FOR_PARTITION,
+                                                   KafkaError.LEADER_NOT_AVAILABLE)
+                if not retriable or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
     finally:
         consumer.close()
 
