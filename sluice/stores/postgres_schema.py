@@ -1,0 +1,109 @@
+"""The PostgreSQL store's schema, its migrations, and the SQL pieces its modules share.
+
+Invariants:
+
+1. ``sluice_schema`` holds one row per applied migration (its version and when); the schema's
+   version is the highest. Migrations are forward only and each runs once, in its own
+   transaction, under an advisory lock (:data:`MIGRATION_LOCK`), so processes starting at once
+   never apply one twice. A database at a version above :data:`VERSION` is refused: it was
+   migrated by a newer sluice.
+2. Times are epoch seconds (``double precision``), as in the SQLite store, so records read the
+   same from both. They are the database's clock (:func:`now_sql`), never a worker's: a lease
+   taken on one machine lapses at the same moment for every other. Only the conformance suite
+   passes its own times (a store made with ``caller_clock``).
+3. One table per kind of state, shared by every pipeline and queue of the database; a URL's
+   ``?schema=`` puts them in a PostgreSQL schema of their own (a test, a second deployment on
+   the same server).
+4. A message put on a queue is announced on the channel :data:`QUEUE_CHANNEL` (payload: the
+   queue's name) in the transaction that puts it, so idle consumers wake at its commit; a
+   control change on :data:`CONTROL_CHANNEL` (payload: JSON ``{pipeline, action, task_id}``).
+"""
+
+from __future__ import annotations
+
+MIGRATION_LOCK = 0x51_1C_E0_01  # pg_advisory_xact_lock key while migrating
+QUEUE_CHANNEL = "sluice_queue"
+CONTROL_CHANNEL = "sluice_control"
+
+# (version, what it does, its SQL). Append only; never edit an applied one.
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (1, "queues, tasks, pipelines, dead letters", """
+CREATE TABLE IF NOT EXISTS messages (
+    id           BIGSERIAL PRIMARY KEY,
+    queue        TEXT             NOT NULL,
+    task_id      TEXT             NOT NULL,
+    body         BYTEA            NOT NULL,
+    content_type TEXT             NOT NULL,
+    key          TEXT,
+    headers      TEXT,
+    enqueued_at  DOUBLE PRECISION NOT NULL,
+    visible_at   DOUBLE PRECISION NOT NULL,
+    lease_token  TEXT,
+    deliveries   INTEGER          NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS messages_ready ON messages (queue, visible_at, id);
+CREATE INDEX IF NOT EXISTS messages_by_key ON messages (queue, key, id);
+CREATE INDEX IF NOT EXISTS messages_by_task ON messages (queue, task_id);
+
+CREATE TABLE IF NOT EXISTS tasks (
+    seq             BIGSERIAL PRIMARY KEY,
+    pipeline        TEXT             NOT NULL,
+    task_id         TEXT             NOT NULL,
+    tenant          TEXT             NOT NULL,
+    state           TEXT             NOT NULL,
+    attempts        INTEGER          NOT NULL DEFAULT 0,
+    key             TEXT,
+    result          BYTEA,
+    result_type     TEXT,
+    error_type      TEXT,
+    error_message   TEXT,
+    received_at     DOUBLE PRECISION,
+    queued_at       DOUBLE PRECISION,
+    started_at      DOUBLE PRECISION,
+    finished_at     DOUBLE PRECISION,
+    updated_at      DOUBLE PRECISION NOT NULL,
+    lease_owner     TEXT,
+    lease_until     DOUBLE PRECISION,
+    delivered       TEXT,
+    error_traceback TEXT,
+    UNIQUE (pipeline, task_id)
+);
+CREATE INDEX IF NOT EXISTS tasks_by_id ON tasks (task_id);
+CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (pipeline, state, seq);
+
+CREATE TABLE IF NOT EXISTS pipelines (
+    name       TEXT PRIMARY KEY,
+    paused     BOOLEAN          NOT NULL DEFAULT FALSE,
+    updated_at DOUBLE PRECISION NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS dead_letters (
+    pipeline     TEXT             NOT NULL,
+    task_id      TEXT             NOT NULL,
+    body         BYTEA            NOT NULL,
+    content_type TEXT             NOT NULL,
+    key          TEXT,
+    headers      TEXT,
+    failed_at    DOUBLE PRECISION NOT NULL,
+    replayed_as  TEXT,
+    replayed_at  DOUBLE PRECISION,
+    PRIMARY KEY (pipeline, task_id)
+);
+"""),
+)
+VERSION = MIGRATIONS[-1][0]
+
+SCHEMA_TABLE = """
+CREATE TABLE IF NOT EXISTS sluice_schema (
+    version     INTEGER PRIMARY KEY,
+    description TEXT             NOT NULL,
+    applied_at  TIMESTAMPTZ      NOT NULL DEFAULT now()
+)"""
+
+
+def now_sql(param: str) -> str:
+    """The SQL for "now" in epoch seconds (invariant 2): the caller's time in ``param`` (a
+    placeholder such as ``$3``) when it is not NULL, else the database's clock at the start of
+    the statement."""
+    return (f"COALESCE({param}::float8, "
+            "EXTRACT(EPOCH FROM statement_timestamp())::float8)")
