@@ -21,6 +21,7 @@ import click
 
 from sluice import registry
 from sluice.cli_common import (
+    chosen_store_url,
     data_dir_option,
     fail,
     guarded,
@@ -34,9 +35,10 @@ from sluice.cli_common import (
 from sluice.cli_dead_letters import dead_letters
 from sluice.cli_keys import keys as keys_group
 from sluice.cli_pipelines import pipelines
+from sluice.cli_store import store as store_group
 from sluice.cli_tasks import submit, tasks
 from sluice.config.load import duplicate_names, load_pipeline, schema_text
-from sluice.errors import ConfigError
+from sluice.errors import ConfigError, SluiceError
 from sluice.spec import REQUIRED, Field, ObjectSpec
 
 
@@ -82,16 +84,25 @@ def validate(files: Sequence[Path]) -> None:
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", default="text", show_default=True,
               type=click.Choice(["text", "json"]), help="json: one JSON object per line.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              envvar="SLUICE_METRICS_PORT",
+              help="Serve /metrics (Prometheus) and /healthz on this port. "
+              "Env: SLUICE_METRICS_PORT.")
+@click.option("--metrics-host", default="0.0.0.0", show_default=True,
+              help="Address of --metrics-port (read-only counters and gauges).")
 def run(files: Sequence[Path], data_dir: Path, concurrency: int | None, drain: bool,
-        log_level: str, log_format: str) -> None:
+        log_level: str, log_format: str, metrics_port: int | None, metrics_host: str) -> None:
     """Run the pipelines' workers until SIGINT/SIGTERM (or, with --drain, until done)."""
-    from sluice import runtime
+    from sluice import metrics_server, runtime
+    from sluice.stores import open_store
 
     setup_logging(log_level, log_format)
     configs = guarded(lambda: load_all(files))
     if concurrency is not None:
         configs = [c.with_concurrency(concurrency) for c in configs]
-    loops = guarded(lambda: [runtime.build(c, data_dir) for c in configs])
+    store_url = chosen_store_url()
+    store = guarded(lambda: open_store(store_url, data_dir))
+    loops = guarded(lambda: [runtime.build(c, data_dir, store_url=store_url) for c in configs])
     log = logging.getLogger("sluice.run")
 
     async def main() -> None:
@@ -111,12 +122,24 @@ def run(files: Sequence[Path], data_dir: Path, concurrency: int | None, drain: b
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig)
-        log.info("running %s (data dir %s)", ", ".join(c.name for c in configs), data_dir)
+        log.info("running %s (store %s)", ", ".join(c.name for c in configs), store.url)
+        served = None
+        if metrics_port is not None:
+            try:
+                served = await metrics_server.start(
+                    metrics_host, metrics_port, store.tasks,
+                    {lp.config.name: lp for lp in loops})
+            except OSError as exc:
+                raise SluiceError(f"--metrics-port: cannot serve on {metrics_host}:"
+                                  f"{metrics_port}: {exc.strerror or exc}") from None
         progress = asyncio.create_task(_progress(loops, log))
         try:
-            await runtime.run_pipelines(loops, stop, drain=drain)
+            await runtime.run_pipelines(loops, stop, drain=drain, store=store)
         finally:
             progress.cancel()
+            if served is not None:
+                await served.cleanup()
+            await store.close()
         for lp in loops:
             s = lp.stats
             log.info("%s: %d succeeded, %d failed, %d retried, %d skipped as already done",
@@ -221,7 +244,7 @@ def serve(files: Sequence[Path], host: str, port: int, data_dir: Path, workers: 
     try:
         guarded(lambda: run_async(serve_forever(
             configs, data_dir, host=host, port=port, keys=keys, workers=workers,
-            max_body_bytes=max_body_bytes)), code=1)
+            max_body_bytes=max_body_bytes, store_url=chosen_store_url())), code=1)
     except OSError as exc:
         fail(f"cannot serve on {host}:{port}: {exc.strerror or exc}")
 
@@ -231,6 +254,7 @@ cli.add_command(submit)
 cli.add_command(tasks)
 cli.add_command(pipelines)
 cli.add_command(dead_letters)
+cli.add_command(store_group)
 
 
 def main() -> None:

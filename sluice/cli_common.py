@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -24,11 +25,16 @@ from sluice.errors import ConfigError, SluiceError, SourceError
 
 if TYPE_CHECKING:
     from sluice.client import ApiResponse, Client
+    from sluice.stores.base import Store
     from sluice.tasks.store import TaskStore
 
 T = TypeVar("T")
 
-DATA_DIR_HELP = "Data directory (embedded queues and the task store). Env: SLUICE_DATA_DIR."
+DATA_DIR_HELP = ("Data directory: the SQLite store (embedded queues, tasks, outboxes) when "
+                 "no --store is given. Env: SLUICE_DATA_DIR.")
+STORE_HELP = ("The store's URL: postgresql://user:password@host/database (shared by every "
+              "worker and gateway; ?schema=name for a schema of its own) or "
+              "sqlite:////path/sluice.db; default: the --data-dir's SQLite. Env: SLUICE_STORE.")
 
 # Text from users, handlers and the store is printed literally: no console markup, no emoji
 # codes, no highlighting. Styled text is built with rich.text.Text, never with markup strings.
@@ -134,10 +140,28 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
+_store_url: list[str | None] = [None]  # this command's --store (a CLI process runs one)
+
+
+def chosen_store_url() -> str | None:
+    """The command's ``--store`` (``SLUICE_STORE``); ``None``: the data directory's SQLite."""
+    return _store_url[0]
+
+
 def data_dir_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--data-dir`` and ``--store``: where the command's state is. The command gets
+    ``data_dir``; the store's URL is :func:`chosen_store_url`."""
+
+    @functools.wraps(fn)
+    def command(*args: Any, store: str | None, **kwargs: Any) -> Any:
+        _store_url[0] = store or None
+        return fn(*args, **kwargs)
+
+    command = click.option("--store", "store", envvar="SLUICE_STORE", default=None,
+                           metavar="URL", help=STORE_HELP)(command)
     return click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path),
                         envvar="SLUICE_DATA_DIR", default=Path(".sluice"), show_default=True,
-                        help=DATA_DIR_HELP)(fn)
+                        help=DATA_DIR_HELP)(command)
 
 
 def remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -168,15 +192,36 @@ def checked(resp: ApiResponse) -> Any:
     return resp.body
 
 
-def local_store(data_dir: Path, *, create: bool = False) -> TaskStore:
-    """The task store of ``data_dir``; unless ``create``, the directory must hold sluice data
-    already (see :func:`store_dir`). A database that cannot be opened exits as
-    :func:`guarded` says."""
-    from sluice.datadir import Database
-    from sluice.tasks.sqlite import SqliteTaskStore
+def local_state(data_dir: Path, *, create: bool = False) -> Store:
+    """The command's store: ``--store``'s, else the SQLite of ``data_dir``, which (unless
+    ``create``) must hold sluice data already (see :func:`store_dir`). A store that cannot be
+    opened exits as :func:`guarded` says."""
+    from sluice.stores import open_store
 
-    path = data_dir if create else store_dir(data_dir)
-    return SqliteTaskStore(guarded(lambda: Database.open(path)))
+    url = chosen_store_url()
+    if url is None:
+        path = data_dir if create else store_dir(data_dir)
+        return guarded(lambda: open_store(None, path))
+    return guarded(lambda: open_store(url))
+
+
+def local_store(data_dir: Path, *, create: bool = False) -> TaskStore:
+    """The task records of the command's store (:func:`local_state`)."""
+    return local_state(data_dir, create=create).tasks
+
+
+def run_local(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` (work on the command's store) in an event loop of its own, then close what
+    the process's stores opened in it (a PostgreSQL pool)."""
+    from sluice import stores
+
+    async def with_close() -> T:
+        try:
+            return await main
+        finally:
+            await stores.close_all()
+
+    return run_async(with_close())
 
 
 def setup_logging(level: str, fmt: str) -> None:

@@ -18,11 +18,12 @@ from sluice.cli_common import (
     err,
     fail,
     guarded,
+    local_state,
     local_store,
     out,
     print_wide,
     remote_options,
-    run_async,
+    run_local,
     table,
     timestamp,
 )
@@ -50,7 +51,7 @@ def list_command(pipeline: str, limit: int, as_json: bool, data_dir: Path, url: 
     else:
         store = local_store(data_dir)
         items = [d.to_json() for d in
-                 guarded(lambda: run_async(store.dead_letters(pipeline, limit=limit)))]
+                 guarded(lambda: run_local(store.dead_letters(pipeline, limit=limit)))]
     if as_json:
         for item in items:
             click.echo(json.dumps(item))
@@ -101,7 +102,6 @@ def replay_command(pipeline: str, task_ids: Sequence[str], replay_all: bool, aga
 def _replay_local(pipeline: str, task_ids: Sequence[str] | None, again: bool,
                   files: Sequence[Path], data_dir: Path) -> list[dict[str, Any]]:
     from sluice.config.load import load_pipelines
-    from sluice.datadir import Database
     from sluice.dead_letters import Replayed, replay
     from sluice.intake import Intake
 
@@ -113,16 +113,17 @@ def _replay_local(pipeline: str, task_ids: Sequence[str] | None, again: bool,
     if config is None:
         fail(f"no pipeline named {pipeline!r} in {', '.join(map(str, files))}; "
              f"found: {', '.join(c.name for c in configs) or 'none'}")
-    store = local_store(data_dir)
+    state = local_state(data_dir)
+    store = state.tasks
 
     async def replay_all() -> list[Replayed]:
-        intake = Intake(Database.open(data_dir))
+        intake = Intake(state)
         try:
             return await replay(store, intake, config, task_ids, again=again)
         finally:
             await intake.close()
 
-    done = guarded(lambda: run_async(replay_all()), code=1)
+    done = guarded(lambda: run_local(replay_all()), code=1)
     return [{"task_id": r.task_id, "replay_id": r.replay_id, "skipped": r.skipped}
             for r in done]
 

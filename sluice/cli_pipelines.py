@@ -7,7 +7,6 @@ directory holds tasks or a pause setting of; any other name is an error.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +18,7 @@ import click
 from sluice.cli_common import (
     api,
     checked,
+    chosen_store_url,
     data_dir_option,
     fail,
     guarded,
@@ -26,6 +26,7 @@ from sluice.cli_common import (
     local_store,
     print_wide,
     remote_options,
+    run_local,
     table,
 )
 
@@ -53,9 +54,9 @@ def local_pipelines(files: Sequence[Path], data_dir: Path) -> list[dict[str, Any
 
     configs = guarded(lambda: load_all(files, check_code=False)) if files else []
     stored: dict[str, StoredPipeline] = {}
-    if not files or (data_dir / DB_FILE).is_file():
+    if not files or chosen_store_url() or (data_dir / DB_FILE).is_file():
         store = local_store(data_dir)
-        stored = guarded(lambda: asyncio.run(store.pipelines()))
+        stored = guarded(lambda: run_local(store.pipelines()))
     rows: dict[str, dict[str, Any]] = {}
     for config in configs:
         rows[config.name] = {"name": config.name, "tenant": config.tenant,
@@ -135,7 +136,7 @@ def _pipeline_command(action: str, doc: str) -> click.Command:
             fail(_unknown(pipeline, known, where) + "; a pipeline with no tasks yet is known "
                  "once its file is named with -f")
         store = local_store(data_dir, create=True)
-        guarded(lambda: asyncio.run(store.set_paused(pipeline, paused, time.time())))
+        guarded(lambda: run_local(store.set_paused(pipeline, paused, time.time())))
         click.echo(f"{pipeline}: {'paused' if paused else 'running'}")
     return command
 

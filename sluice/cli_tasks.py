@@ -6,7 +6,6 @@ Each talks to a sluice server when given ``--url`` (or ``SLUICE_URL``; token fro
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import sys
@@ -26,10 +25,12 @@ from sluice.cli_common import (
     fail,
     guarded,
     load_all,
+    local_state,
     local_store,
     out,
     print_wide,
     remote_options,
+    run_local,
     say,
     table,
     timestamp,
@@ -105,7 +106,7 @@ def submit(pipeline: str, files: Sequence[Path], datas: Sequence[str], task_id: 
 def _submit_local(pipeline: str, files: Sequence[Path], bodies: list[bytes],
                   task_id: str | None, key: str | None, delay_s: float, data_dir: Path) -> None:
     from sluice import intake
-    from sluice.datadir import Database, QueuedMessage
+    from sluice.datadir import QueuedMessage
 
     configs = guarded(lambda: load_all(files, check_code=False))
     config = next((c for c in configs if c.name == pipeline), None)
@@ -119,9 +120,9 @@ def _submit_local(pipeline: str, files: Sequence[Path], bodies: list[bytes],
     if delay_s and not intake.delays(config):
         fail(f"--delay-s: a {kind} source has no delayed delivery; submit without it")
     messages = [QueuedMessage(task_id or intake.new_task_id(), body, key=key) for body in bodies]
-    db = Database.open(data_dir)
-    created = guarded(lambda: asyncio.run(intake.submit(db, config, messages, delay_s=delay_s)),
-                      code=1)
+    where = local_state(data_dir, create=True)
+    created = guarded(lambda: run_local(intake.submit(where, config, messages,
+                                                      delay_s=delay_s)), code=1)
     refused = False
     for message, record in zip(messages, created, strict=True):
         if record is None:
@@ -138,7 +139,7 @@ def _state_of(data_dir: Path, pipeline: str, task_id: str) -> str:
     """The state of a task of the local store ("?" if it cannot be had)."""
     store = local_store(data_dir, create=True)
     try:
-        return str(asyncio.run(store.get(task_id, pipeline)).state)
+        return str(run_local(store.get(task_id, pipeline)).state)
     except SluiceError:
         return "?"
 
@@ -189,13 +190,13 @@ def tasks_list(pipeline: str | None, state: str | None, limit: int, as_json: boo
         return
     wanted = TaskState(state.upper()) if state else None
     store = local_store(data_dir)
-    records = guarded(lambda: asyncio.run(store.list(pipeline, wanted, limit)))
+    records = guarded(lambda: run_local(store.list(pipeline, wanted, limit)))
     _print_list([r.to_json() for r in records], as_json)
 
 
 def _local_find(data_dir: Path, task_id: str, pipeline: str | None) -> TaskRecord:
     store = local_store(data_dir)
-    found: list[TaskRecord] = guarded(lambda: asyncio.run(store.find(task_id)))
+    found: list[TaskRecord] = guarded(lambda: run_local(store.find(task_id)))
     if pipeline is not None:
         found = [r for r in found if r.pipeline == pipeline]
     if not found:
@@ -265,7 +266,7 @@ def _control_command(action: str, wanted: TaskState, doc: str) -> click.Command:
             return
         record = _local_find(data_dir, task_id, pipeline)
         store = local_store(data_dir)
-        new = guarded(lambda: asyncio.run(store.transition(record.pipeline, task_id, wanted,
+        new = guarded(lambda: run_local(store.transition(record.pipeline, task_id, wanted,
                                                            time.time())))
         click.echo(f"{new.task_id}: {new.state}")
     return command
@@ -306,7 +307,7 @@ def tasks_resume(task_id: str, pipeline: str | None, files: Sequence[Path], data
                  f"{', '.join(map(str, files))}; found: "
                  f"{', '.join(c.name for c in configs) or 'none'}")
     store = local_store(data_dir)
-    new = guarded(lambda: asyncio.run(store.transition(record.pipeline, task_id,
+    new = guarded(lambda: run_local(store.transition(record.pipeline, task_id,
                                                        TaskState.QUEUED, time.time())))
     click.echo(f"{new.task_id}: {new.state}")
     if config is None:
@@ -322,17 +323,18 @@ def tasks_resume(task_id: str, pipeline: str | None, files: Sequence[Path], data
 
 def _wake_local(data_dir: Path, config: PipelineConfig, task_id: str) -> None:
     """Wake a resumed task's message through the submit service, as the server does."""
-    from sluice.datadir import Database
     from sluice.intake import Intake
 
+    state = local_state(data_dir)
+
     async def wake() -> None:
-        intake = Intake(Database.open(data_dir))
+        intake = Intake(state)
         try:
             await intake.wake(config, task_id)
         finally:
             await intake.close()
 
-    guarded(lambda: asyncio.run(wake()), code=1)
+    guarded(lambda: run_local(wake()), code=1)
 
 
 tasks.add_command(_control_command(
@@ -357,7 +359,7 @@ def tasks_summary(pipeline: str | None, as_json: bool, data_dir: Path) -> None:
     from sluice.tasks.summary import summarize
 
     store = local_store(data_dir)
-    summary = summarize(guarded(lambda: asyncio.run(store.stats(pipeline))))
+    summary = summarize(guarded(lambda: run_local(store.stats(pipeline))))
     if as_json:
         click.echo(json.dumps(summary.to_json()))
         return

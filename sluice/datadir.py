@@ -18,6 +18,10 @@ Invariants:
    hot path does not stall while the WAL is copied back into the database file (every 0.1 s
    cost a worker about a tenth of its CPU at 10,000 tasks/s: the same hot pages copied back
    ten times over).
+6. ``sluice_schema`` records the schema's version (one row per version reached, as in the
+   PostgreSQL store); opening a database creates and upgrades its tables (forward only,
+   idempotent: :data:`SCHEMA`, :data:`ADDED_COLUMNS`) and records :data:`VERSION`. A database
+   whose version is above it was written by a newer sluice and is refused.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -112,6 +117,10 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     PRIMARY KEY (pipeline, task_id)
 );
 """
+
+VERSION = 1  # of the tables above with ADDED_COLUMNS; the PostgreSQL store counts the same way
+SCHEMA_TABLE = ("CREATE TABLE IF NOT EXISTS sluice_schema (version INTEGER PRIMARY KEY,"
+                " description TEXT NOT NULL, applied_at REAL NOT NULL)")
 
 # Columns added since a table was first made: (table, column, declaration). Added to an
 # older database when it is opened; forward only, idempotent.
@@ -222,6 +231,21 @@ class Database:
         with self._lock:
             self._conn.executescript(SCHEMA)  # idempotent; executescript commits by itself
             _add_columns(self._conn)
+            self._transaction(self.migrate_in)
+
+    def migrate_in(self, conn: sqlite3.Connection) -> tuple[int, int]:
+        """Record the schema's version (invariant 6): (version before, after)."""
+        conn.execute(SCHEMA_TABLE)
+        (found,) = conn.execute("SELECT COALESCE(MAX(version), 0) FROM sluice_schema").fetchone()
+        before = int(found)
+        if before > VERSION:
+            raise Misconfigured(f"the data directory's database {self.path} has schema version "
+                                f"{before}, newer than this sluice's {VERSION}: upgrade sluice")
+        if before < VERSION:
+            conn.execute("INSERT INTO sluice_schema (version, description, applied_at)"
+                         " VALUES (?, ?, ?)", (VERSION, "queues, tasks, pipelines, dead letters",
+                                               time.time()))
+        return before, VERSION
 
     def _checkpoint_forever(self, busy_ms: int) -> None:
         conn = sqlite3.connect(self.path, timeout=busy_ms / 1000, isolation_level=None,
@@ -238,7 +262,12 @@ class Database:
     @classmethod
     def open(cls, data_dir: str | Path | None = None) -> Database:
         """The process's Database for ``data_dir`` (default ``./.sluice``)."""
-        path = (Path(data_dir) if data_dir else DEFAULT_DATA_DIR).resolve() / DB_FILE
+        return cls.at((Path(data_dir) if data_dir else DEFAULT_DATA_DIR) / DB_FILE)
+
+    @classmethod
+    def at(cls, file: str | Path) -> Database:
+        """The process's Database for the database file ``file``."""
+        path = Path(file).resolve()
         with cls._instances_lock:
             db = cls._instances.get(path)
             if db is None:

@@ -23,9 +23,10 @@ from collections.abc import Sequence
 
 from sluice import registry
 from sluice.config.model import PipelineConfig
-from sluice.datadir import Database, QueuedMessage
+from sluice.datadir import QueuedMessage
 from sluice.errors import Unsupported
 from sluice.registry import Capability, Submission
+from sluice.stores.base import Store
 from sluice.tasks.store import TaskRecord
 
 
@@ -49,11 +50,10 @@ def submittable_sources() -> list[str]:
 
 
 class Intake:
-    """Submits to pipelines over one task store; ``transactions`` is where the submitters'
-    store writes run (default: the database itself; the gateway: its group commit)."""
+    """Submits to pipelines over one store."""
 
-    def __init__(self, db: Database, transactions: registry.Transactions | None = None) -> None:
-        self.context = registry.SubmitContext(db, transactions or db)
+    def __init__(self, store: Store) -> None:
+        self.context = registry.SubmitContext(store)
         self._submitters: dict[str, registry.Submitter] = {}
 
     async def submit(self, config: PipelineConfig, messages: Sequence[QueuedMessage], *,
@@ -90,10 +90,10 @@ class Intake:
         return submitter
 
 
-async def submit(db: Database, config: PipelineConfig, messages: Sequence[QueuedMessage],
+async def submit(store: Store, config: PipelineConfig, messages: Sequence[QueuedMessage],
                  *, delay_s: float = 0.0) -> list[TaskRecord | None]:
     """Submit once, from this process (the CLI's local submit)."""
-    intake = Intake(db)
+    intake = Intake(store)
     try:
         return await intake.submit(config, messages, delay_s=delay_s)
     finally:

@@ -51,12 +51,11 @@ from sluice.errors import SluiceError
 from sluice.spec import Field, ObjectSpec
 
 if TYPE_CHECKING:
-    import sqlite3
-
     from sluice.config.model import ComponentConfig, PipelineConfig
     from sluice.connectors.base import Sink, Source
-    from sluice.datadir import Database, QueuedMessage
+    from sluice.datadir import QueuedMessage
     from sluice.handlers.base import Handler
+    from sluice.stores.base import Store
     from sluice.tasks.store import TaskRecord
 
 FAMILIES = ("source", "handler", "sink")
@@ -101,6 +100,15 @@ class BuildContext:
     ordering: str = "key"  # consumer.ordering (a source may keep keys in order itself)
     source: Any = None  # the pipeline's source ComponentConfig (a sink may default to its broker)
     exactly_once: bool = False  # consumer.exactly_once (the source then runs transactions)
+    store_url: str | None = None  # the process's store (--store); None: data_dir's SQLite
+
+    @property
+    def store(self) -> Store:
+        """The process's store (:func:`sluice.stores.open_store`): where embedded queues,
+        tasks and outboxes live."""
+        from sluice.stores import open_store
+
+        return open_store(self.store_url, self.data_dir)
 
 
 # -- submitting ------------------------------------------------------------------------------
@@ -127,19 +135,11 @@ class Submitter(Protocol):
     async def close(self) -> None: ...
 
 
-class Transactions(Protocol):
-    """Runs a function in one write transaction of the data directory's database."""
-
-    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
-
-
 @dataclass(frozen=True)
 class SubmitContext:
-    """What a submitter and a wake hook may use: the task store's database, and where their
-    writes run (the database itself, or the gateway's group commit of concurrent submits)."""
+    """What a submitter and a wake hook may use: the process's store."""
 
-    db: Database
-    transactions: Transactions
+    store: Store
 
 
 # -- hooks -----------------------------------------------------------------------------------

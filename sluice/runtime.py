@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sluice import registry
@@ -25,20 +25,20 @@ from sluice.config.model import ComponentConfig, PipelineConfig
 from sluice.connectors.base import ProducingSource, Sink, Source
 from sluice.consumer.loop import ConsumerLoop, LoopStats
 from sluice.consumer.results import ResultRouter
-from sluice.datadir import Database
 from sluice.errors import ConfigError, ConfigIssue
 from sluice.handlers.base import BatchHandler, Handler
 from sluice.message import Message, Outcome
 from sluice.sinks.delivery import Deliverer, Destination, outbox_lease_s
-from sluice.tasks.sqlite import SqliteTaskStore
-from sluice.tasks.sqlite_outbox import SqliteOutbox, stranded_in
+from sluice.stores.base import ControlEvent, Store
 from sluice.tasks.untracked import UntrackedStore
 
 log = logging.getLogger(__name__)
 
 
-def context(config: PipelineConfig, data_dir: Path | None) -> registry.BuildContext:
+def context(config: PipelineConfig, data_dir: Path | None,
+            store_url: str | None = None) -> registry.BuildContext:
     return registry.BuildContext(
+        store_url=store_url,
         pipeline=config.name,
         tenant=config.tenant,
         data_dir=data_dir,
@@ -63,10 +63,11 @@ def build_source(config: PipelineConfig, data_dir: Path | None) -> Source:
 
 
 def build(config: PipelineConfig, data_dir: Path | None,
-          worker_id: str | None = None) -> ConsumerLoop:
-    ctx = context(config, data_dir)
-    db = Database.open(data_dir)
-    store = SqliteTaskStore(db)
+          worker_id: str | None = None, *, store_url: str | None = None) -> ConsumerLoop:
+    """The pipeline's loop over the store ``store_url`` (``None``: ``data_dir``'s SQLite)."""
+    ctx = context(config, data_dir, store_url)
+    state = ctx.store
+    store = state.tasks
     dead_letter = _sink(config.dead_letter, ctx)
     source = _source(config.source, ctx)
     deliverers: list[Deliverer] = []
@@ -80,7 +81,7 @@ def build(config: PipelineConfig, data_dir: Path | None,
             with_ack.append((destination, target))
             continue
         outboxed.append(destination)
-        outbox = SqliteOutbox(db, config.name, destination.label, outbox_lease_s(destination),
+        outbox = state.outbox(config.name, destination.label, outbox_lease_s(destination),
                               legacy=(destination.legacy_name,))
         deliverers.append(Deliverer(config.name, destination, _sink(component, ctx),
                                     dead_letter, outbox))
@@ -90,16 +91,10 @@ def build(config: PipelineConfig, data_dir: Path | None,
                             "has no produce_to")
         # Each target with its sink's typed config (the source reads what it needs of it).
         source.produce_to([(t, d.settings) for d, t in with_ack])
-    taken = {name for d in outboxed for name in (d.label, d.legacy_name)}
-    for name, count in db.read_sync(lambda c: stranded_in(c, config.name, taken)).items():
-        log.warning("pipeline %r: %d result record(s) wait in the outbox %r, which no "
-                    "destination takes now (its target changed?); to deliver them, give the "
-                    "destination that should take them label: %s", config.name, count, name,
-                    name)
     return ConsumerLoop(
         config,
         source=source,
-        store=store if config.consumer.track_tasks else UntrackedStore(store),
+        store=store if config.consumer.track_tasks else UntrackedStore(store, state.put_outbox),
         handler=DeferredHandler(config, ctx),
         dead_letter=dead_letter,
         worker_id=worker_id,
@@ -168,13 +163,50 @@ def build_handlers(loops: Sequence[ConsumerLoop]) -> None:
         raise ConfigError(issues)
 
 
+async def warn_stranded(state: Store, loop: ConsumerLoop) -> None:
+    """Log the outboxes of the loop's pipeline whose records no destination takes now."""
+    config = loop.config
+    taken = {name for d in loop.deliverers
+             for name in (d.destination.label, d.destination.legacy_name)}
+    for name, count in (await state.stranded(config.name, taken)).items():
+        log.warning("pipeline %r: %d result record(s) wait in the outbox %r, which no "
+                    "destination takes now (its target changed?); to deliver them, give the "
+                    "destination that should take them label: %s", config.name, count, name,
+                    name)
+
+
+def control_listener(loops: Sequence[ConsumerLoop]) -> Callable[[ControlEvent], None]:
+    """What a control change announced by the store does to this process's loops: a cancel
+    stops the task's attempt where it runs here; a pause or resume reaches the loop at once."""
+    by_name = {loop.config.name: loop for loop in loops}
+
+    def apply(event: ControlEvent) -> None:
+        loop = by_name.get(event.pipeline)
+        if loop is None:
+            return
+        if event.action == "cancel" and event.task_id is not None:
+            loop.cancel_attempt(event.task_id)
+        elif event.action in ("pause", "resume"):
+            loop.set_paused(event.action == "pause")
+
+    return apply
+
+
 async def run_pipelines(loops: Sequence[ConsumerLoop], stop: asyncio.Event, *,
-                        drain: bool = False) -> list[LoopStats]:
-    """Run every loop until ``stop`` (or each is drained); close their components after."""
+                        drain: bool = False, store: Store | None = None) -> list[LoopStats]:
+    """Run every loop until ``stop`` (or each is drained); close their components after.
+    ``store``: the loops' store, whose control changes (store invariant 4) reach them."""
+    unwatch: Callable[[], None] | None = None
     try:
         build_handlers(loops)
+        if store is not None:
+            for loop in loops:
+                await warn_stranded(store, loop)
+            unwatch = await store.watch_control(control_listener(loops))
         return list(await asyncio.gather(*(loop.run(stop, drain=drain) for loop in loops)))
     finally:
+        if unwatch is not None:
+            unwatch()
         for loop in loops:
             for closer in (loop.handler.close, loop.source.close, loop.dead_letter.close):
                 with contextlib.suppress(Exception):

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sluice import registry
-from sluice.connectors.base import Delivery
+from sluice.connectors.base import Delivery, Source
 from sluice.datadir import Database
 from sluice.datadir import QueuedMessage as QueuedMessage  # re-exported: the queue API
 from sluice.datadir import put_in as put_in
@@ -105,16 +105,14 @@ def submit(db: Database, pipeline: str, tenant: str, queue: str,
 
 class EmbeddedSubmitter:
     """:class:`~sluice.registry.Submitter` of a pipeline with an embedded source: task and
-    message in one transaction (in the gateway, one group-committed transaction for every
-    submit that arrives while the previous one is written)."""
+    message in one transaction of the store (:meth:`sluice.stores.base.Store.submit`)."""
 
     def __init__(self, config: PipelineConfig, ctx: registry.SubmitContext) -> None:
         self.queue = source_queue(config)
-        self.transactions = ctx.transactions
+        self.store = ctx.store
 
     async def submit(self, items: Sequence[Submission]) -> list[TaskRecord | None]:
-        queue = self.queue
-        return await self.transactions.run(lambda c: submit_in(c, queue, items, time.time()))
+        return await self.store.submit(self.queue, items)
 
     async def close(self) -> None:
         return None
@@ -122,8 +120,7 @@ class EmbeddedSubmitter:
 
 async def wake(config: PipelineConfig, task_id: str, ctx: registry.SubmitContext) -> None:
     """A resumed task's message, held back while it was paused, is visible now."""
-    q: MessageQueue[sqlite3.Connection] = EmbeddedQueue(ctx.db, source_queue(config))
-    await ctx.db.run(lambda c: q.wake_in(c, task_id, time.time()))
+    await ctx.store.wake(source_queue(config), task_id)
 
 
 def wake_in(conn: sqlite3.Connection, queue: str, task_id: str, now: float) -> None:
@@ -264,20 +261,18 @@ class EmbeddedSource:
         return None
 
 
-def build_source(config: EmbeddedSourceConfig, ctx: registry.BuildContext) -> EmbeddedSource:
-    return EmbeddedSource(
-        Database.open(ctx.data_dir),
-        config.queue_of(ctx.pipeline),
-        float(config.lease_s),
-        float(config.poll_interval_s),
-        ordered_keys=ctx.ordering == "key",
-    )
+def build_source(config: EmbeddedSourceConfig, ctx: registry.BuildContext) -> Source:
+    """The queue of the process's store (SQLite: :class:`EmbeddedSource`; PostgreSQL: its
+    own, with the same semantics)."""
+    return ctx.store.source(config.queue_of(ctx.pipeline), float(config.lease_s),
+                            float(config.poll_interval_s), ordered_keys=ctx.ordering == "key")
 
 
 SPEC = registry.register(registry.ComponentSpec(
     family="source",
     name="embedded",
-    summary="The embedded durable queue (SQLite in the data directory); no broker needed.",
+    summary="The embedded durable queue, in the store (SQLite in the data directory by "
+            "default, or a shared PostgreSQL: --store); no broker needed.",
     config=CONFIG,
     factory=build_source,
     settings=EmbeddedSourceConfig.from_mapping,

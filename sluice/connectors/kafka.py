@@ -546,7 +546,7 @@ def pipeline_check(doc: Mapping[str, Any]) -> Iterator[tuple[tuple[str | int, ..
 def submitter(config: PipelineConfig, ctx: registry.SubmitContext) -> registry.Submitter:
     from sluice.connectors.kafka_submit import KafkaSubmitter  # its producer: only to submit
 
-    return KafkaSubmitter(ctx.db, config)
+    return KafkaSubmitter(ctx.store.tasks, config)
 
 
 SPEC = registry.register(registry.ComponentSpec(

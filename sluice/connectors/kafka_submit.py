@@ -25,11 +25,9 @@ from sluice.connectors import kafka_client as kc
 from sluice.connectors.base import SinkRecord
 from sluice.connectors.embedded import Submission
 from sluice.connectors.kafka import SPEC
-from sluice.datadir import Database
 from sluice.errors import DeliveryError, Misconfigured, Unavailable, Unsupported
 from sluice.sinks import kafka as kafka_sink
 from sluice.sinks.kafka import KafkaSink
-from sluice.tasks.sqlite import SqliteTaskStore
 from sluice.tasks.store import NewTask, TaskRecord, TaskStore
 
 HEADER = "sluice-task-id"
@@ -38,7 +36,7 @@ HEADER = "sluice-task-id"
 class KafkaSubmitter:
     """Submits to one Kafka-sourced pipeline (see the invariants)."""
 
-    def __init__(self, db: Database, config: PipelineConfig) -> None:
+    def __init__(self, store: TaskStore, config: PipelineConfig) -> None:
         source = SPEC.typed(config.source.config)
         if not config.consumer.track_tasks:
             raise Unsupported(f"pipeline {config.name!r} does not track its tasks "
@@ -47,8 +45,7 @@ class KafkaSubmitter:
             raise Misconfigured(f"pipeline {config.name!r}: submitting needs the source's "
                                 f"task_id_header to be {HEADER!r}, it is "
                                 f"{source.task_id_header!r}")
-        self.db = db
-        self.store: TaskStore = SqliteTaskStore(db)
+        self.store = store
         self.config = config
         self.sink = KafkaSink(kafka_sink.SPEC.typed({
             kafka_sink.TOPIC: source.topic, kafka_sink.LINGER_MS: 1,

@@ -24,18 +24,18 @@ from urllib.parse import quote
 
 import yaml
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from sluice import intake, metrics
+from sluice import intake, metrics, metrics_server
 from sluice.config.model import PipelineConfig
 from sluice.consumer.loop import ConsumerLoop
 from sluice.datadir import QueuedMessage
 from sluice.errors import IllegalTransition, Misconfigured, SourceError, TaskNotFound
 from sluice.gateway import dead_letters, problems
 from sluice.gateway.auth import ADMIN, KeyRing, Principal
-from sluice.gateway.submitter import SubmitBatcher
 from sluice.intake import Intake
 from sluice.message import is_json
+from sluice.stores.base import Store
 from sluice.tasks.state import TaskState
 from sluice.tasks.store import TaskRecord, TaskStore
 
@@ -57,20 +57,19 @@ class Gateway:
     """What the routes work on: the served pipelines, the store, and this process's loops."""
 
     pipelines: dict[str, PipelineConfig]
-    store: TaskStore
-    batcher: SubmitBatcher
+    state: Store  # the process's store (--store): tasks, queues, outboxes
     keys: KeyRing | None = None
     loops: dict[str, ConsumerLoop] = field(default_factory=dict)
     max_body_bytes: int = 1 << 20
-    # The submit service; its store writes are group-committed by the batcher.
-    intake: Intake = field(init=False)
+    store: TaskStore = field(init=False)  # the state's task records
+    intake: Intake = field(init=False)  # the submit service
 
     def __post_init__(self) -> None:
-        self.intake = Intake(self.batcher.db, self.batcher)
+        self.store = self.state.tasks
+        self.intake = Intake(self.state)
 
     async def close(self) -> None:
         await self.intake.close()
-        await self.batcher.close()
 
     def visible(self, who: Principal, name: str) -> PipelineConfig | None:
         config = self.pipelines.get(name)
@@ -375,14 +374,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    counts = await gw.store.counts()
-    for name in gw.pipelines:
-        for state in TaskState:
-            metrics.TASKS.labels(name, str(state)).set(counts.get((name, str(state)), 0))
-        metrics.PAUSED.labels(name).set(int(await gw.store.is_paused(name)))
-    for name, loop in gw.loops.items():
-        metrics.QUEUE_DEPTH.labels(name).set(await loop.source.pending())
-    body = generate_latest(metrics.REGISTRY)
+    body = await metrics_server.refresh(gw.store, gw.pipelines, gw.loops)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

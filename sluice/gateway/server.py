@@ -15,12 +15,11 @@ from aiohttp import web
 
 from sluice import runtime
 from sluice.config.model import PipelineConfig
-from sluice.datadir import Database
 from sluice.errors import SluiceError
 from sluice.gateway.app import Gateway, alias_conflicts, make_app
 from sluice.gateway.auth import KeyRing
-from sluice.gateway.submitter import SubmitBatcher
-from sluice.tasks.sqlite import SqliteTaskStore
+from sluice.stores import open_store
+from sluice.stores.base import Store
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +41,21 @@ def check_bind(host: str, keys: KeyRing | None, insecure: bool) -> None:
             "bind 127.0.0.1, or pass --insecure if the network is yours alone")
 
 
-def build_gateway(configs: Sequence[PipelineConfig], data_dir: Path, keys: KeyRing | None,
+def build_gateway(configs: Sequence[PipelineConfig], store: Store, keys: KeyRing | None,
                   max_body_bytes: int) -> Gateway:
     conflicts = alias_conflicts(configs)
     if conflicts:
         raise SluiceError("; ".join(conflicts))
-    db = Database.open(data_dir)
-    return Gateway(pipelines={c.name: c for c in configs}, store=SqliteTaskStore(db),
-                   batcher=SubmitBatcher(db), keys=keys, max_body_bytes=max_body_bytes)
+    return Gateway(pipelines={c.name: c for c in configs}, state=store, keys=keys,
+                   max_body_bytes=max_body_bytes)
 
 
 async def serve(configs: Sequence[PipelineConfig], data_dir: Path, *, host: str, port: int,
                 keys: KeyRing | None, workers: bool, max_body_bytes: int,
-                stop: asyncio.Event | None = None) -> None:
-    gateway = build_gateway(configs, data_dir, keys, max_body_bytes)
-    loops = [runtime.build(c, data_dir) for c in configs]
+                stop: asyncio.Event | None = None, store_url: str | None = None) -> None:
+    store = open_store(store_url, data_dir)
+    gateway = build_gateway(configs, store, keys, max_body_bytes)
+    loops = [runtime.build(c, data_dir, store_url=store_url) for c in configs]
     gateway.loops = {lp.config.name: lp for lp in loops}
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -74,7 +73,7 @@ async def serve(configs: Sequence[PipelineConfig], data_dir: Path, *, host: str,
     gc.collect()
     gc.freeze()
     worker_stop = asyncio.Event()
-    running = (asyncio.create_task(runtime.run_pipelines(loops, worker_stop))
+    running = (asyncio.create_task(runtime.run_pipelines(loops, worker_stop, store=store))
                if workers else None)
     try:
         await stop.wait()
@@ -85,3 +84,4 @@ async def serve(configs: Sequence[PipelineConfig], data_dir: Path, *, host: str,
         worker_stop.set()
         if running is not None:
             await running
+        await store.close()

@@ -3,18 +3,15 @@ pipeline to consume another's records."""
 
 from __future__ import annotations
 
-import sqlite3
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sluice import registry
 from sluice.config.destinations import SinkSettings, label_field
 from sluice.connectors.base import SinkRecord
-from sluice.connectors.embedded import QUEUE, QUEUE_PATTERN, EmbeddedQueue, QueuedMessage
-from sluice.datadir import Database
+from sluice.connectors.embedded import QUEUE, QUEUE_PATTERN, QueuedMessage
 from sluice.spec import REQUIRED, Field, ObjectSpec
-from sluice.tasks.queue import MessageQueue
+from sluice.stores.base import Store
 
 CONFIG = ObjectSpec(
     Field(QUEUE, "string", "Queue to put records on.", default=REQUIRED, pattern=QUEUE_PATTERN),
@@ -39,28 +36,27 @@ class EmbeddedSink:
 
     takes_batches = True  # one transaction for the whole batch
 
-    def __init__(self, db: Database, queue: str) -> None:
-        self.db = db
+    def __init__(self, store: Store, queue: str) -> None:
+        self.store = store
         self.queue = queue
-        self.q: MessageQueue[sqlite3.Connection] = EmbeddedQueue(db, queue)
 
     async def send(self, records: Sequence[SinkRecord]) -> None:
         messages = [QueuedMessage(r.task_id, r.body, r.content_type, r.key, dict(r.headers))
                     for r in records]
-        await self.db.run(lambda c: self.q.put_in(c, messages, time.time()))
+        await self.store.put(self.queue, messages)
 
     async def close(self) -> None:
         return None
 
 
 def build_sink(config: EmbeddedSinkConfig, ctx: registry.BuildContext) -> EmbeddedSink:
-    return EmbeddedSink(Database.open(ctx.data_dir), config.queue)
+    return EmbeddedSink(ctx.store, config.queue)
 
 
 registry.register(registry.ComponentSpec(
     family="sink",
     name="embedded",
-    summary="An embedded queue in the data directory.",
+    summary="An embedded queue in the store (the data directory's, or --store's).",
     config=CONFIG,
     factory=build_sink,
     settings=EmbeddedSinkConfig.from_mapping,

@@ -124,6 +124,18 @@ class _PerLoop:
     ready: asyncio.Lock = field(default_factory=asyncio.Lock)
     listeners: dict[str, list[Listener]] = field(default_factory=dict)
     listening: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    listen_conns: set[Any] = field(default_factory=set)
+
+    def terminate(self) -> None:
+        """Close every connection now, without the event loop (it may be closed)."""
+        for conn in list(self.listen_conns):
+            with contextlib.suppress(Exception):
+                conn.terminate()
+        self.listen_conns.clear()
+        if self.pool is not None:
+            with contextlib.suppress(Exception):
+                self.pool.terminate()
+            self.pool = None
 
 
 class PgDatabase:
@@ -141,7 +153,7 @@ class PgDatabase:
         here = self._loops.get(loop)
         if here is None:
             for old in [lp for lp in self._loops if lp.is_closed()]:
-                del self._loops[old]  # a CLI command's finished event loop
+                self._loops.pop(old).terminate()  # a finished event loop's (a CLI command's)
             here = self._loops[loop] = _PerLoop()
         return here
 
@@ -226,6 +238,7 @@ class PgDatabase:
             conn = None
             try:
                 conn = await asyncpg.connect(**await self._connect_kwargs())
+                here.listen_conns.add(conn)
                 lost = asyncio.Event()
                 conn.add_termination_listener(functools.partial(_set, lost))
                 await conn.add_listener(channel, deliver)
@@ -237,10 +250,18 @@ class PgDatabase:
                 log.debug("listening on %s failed (again in %gs): %s", channel,
                           RELISTEN_EVERY_S, exc)
             finally:
-                if conn is not None and not conn.is_closed():
-                    with contextlib.suppress(Exception):
-                        await conn.close()
+                if conn is not None:
+                    here.listen_conns.discard(conn)
+                    if not conn.is_closed():
+                        with contextlib.suppress(Exception):
+                            await conn.close()
             await asyncio.sleep(RELISTEN_EVERY_S)
+
+    def terminate(self) -> None:
+        """Close every event loop's connections now (a test's teardown, outside any loop)."""
+        for here in self._loops.values():
+            here.terminate()
+        self._loops.clear()
 
     async def close(self) -> None:
         """Close this event loop's pool and listeners (others close with their loops)."""

@@ -18,10 +18,9 @@ task API, per-task cancel/pause, nor dedup by task id across workers. What stays
 from __future__ import annotations
 
 import builtins
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from sluice.errors import TaskNotFound, Unsupported
-from sluice.tasks.sqlite import SqliteTaskStore, put_outbox
 from sluice.tasks.state import TaskState
 from sluice.tasks.store import (
     Claim,
@@ -30,17 +29,21 @@ from sluice.tasks.store import (
     Completion,
     DeadLetterRecord,
     NewTask,
+    OutboxEntry,
     StoredPipeline,
     TaskRecord,
+    TaskStore,
 )
+
+PutOutbox = Callable[[Sequence[OutboxEntry]], Awaitable[None]]
 
 
 class UntrackedStore:
     """:class:`~sluice.tasks.store.TaskStore` that records no task (see the rules)."""
 
-    def __init__(self, inner: SqliteTaskStore) -> None:
+    def __init__(self, inner: TaskStore, put_outbox: PutOutbox) -> None:
         self.inner = inner
-        self.db = inner.db
+        self.put_outbox = put_outbox  # the store's (sluice.stores.base.Store.put_outbox)
 
     async def ping(self) -> None:
         await self.inner.ping()
@@ -90,7 +93,7 @@ class UntrackedStore:
                        now: float) -> builtins.list[TaskState | None]:
         outbox = [entry for done in completions for entry in done.outbox]
         if outbox:
-            await self.db.run(lambda conn: put_outbox(conn, outbox, now))
+            await self.put_outbox(outbox)
         return [done.state for done in completions]
 
     async def release(self, pipeline: str, task_ids: Sequence[str], owner: str) -> None:

@@ -21,6 +21,7 @@ from sluice.datadir import Database
 from sluice.dead_letters import REPLAY_OF_HEADER, replay
 from sluice.intake import Intake
 from sluice.runtime import build
+from sluice.stores.sqlite import SqliteStore
 from sluice.tasks.sqlite import SqliteTaskStore
 from sluice.tasks.state import TaskState
 from tests.conftest import sluice_cmd, subprocess_env
@@ -109,7 +110,7 @@ async def test_dead_letters_are_listed_and_replayed_as_new_linked_tasks(
 
     FIXED.update({"x", "y"})
     config = parse_pipeline(PIPELINE)
-    store, intake = SqliteTaskStore(db), Intake(db)
+    store, intake = SqliteTaskStore(db), Intake(SqliteStore(db))
     (done,) = await replay(store, intake, config, ["a"])
     assert (done.task_id, done.replay_id) == ("a", "a.replay-1")
     # Asked again: refused (already replayed) unless again; unknown ids are reported.

@@ -28,6 +28,7 @@ from sluice.errors import (
 )
 from sluice.gateway.app import errors_middleware, make_app
 from sluice.gateway.server import build_gateway
+from sluice.stores import open_store
 
 UNTRACKED = """
 name: untracked
@@ -154,7 +155,7 @@ async def test_a_submit_to_a_pipeline_that_does_not_track_tasks_is_refused_for_g
         data_dir: Path) -> None:
     """A permanent refusal, not a 503: a client that retries 503s would loop forever."""
     gateway = build_gateway([parse_pipeline(UNTRACKED, "untracked.yaml", check_code=False)],
-                            data_dir, None, 1 << 20)
+                            open_store(None, data_dir), None, 1 << 20)
     try:
         async with TestClient(TestServer(make_app(gateway))) as client:
             resp = await client.post("/v1/pipelines/untracked/tasks", data=b"{}",

@@ -19,6 +19,7 @@ from sluice.datadir import Database, QueuedMessage
 from sluice.errors import ConfigError, SluiceError, Unsupported
 from sluice.registry import Capability, ComponentSpec, Registry
 from sluice.spec import Field, ObjectSpec
+from sluice.stores.sqlite import SqliteStore
 from sluice.tasks.sqlite import SqliteTaskStore
 from sluice.tasks.state import TaskState
 
@@ -220,7 +221,7 @@ def test_the_loader_says_what_a_source_cannot_do_from_its_capabilities() -> None
 
 
 def test_the_submit_service_refuses_what_the_source_cannot_do(tmp_path: Path) -> None:
-    db = Database.open(tmp_path)
+    db = SqliteStore(Database.open(tmp_path))
     kafka = parse_pipeline('name: k\nsource: {kafka: {brokers: "h:1", topic: t}}\n'
                            'handler: {python: "tests.helpers.handlers:echo"}\n')
     embedded = parse_pipeline("name: e\nsource: {embedded: {queue: q}}\n"
@@ -238,5 +239,5 @@ def test_the_submit_service_refuses_what_the_source_cannot_do(tmp_path: Path) ->
         with pytest.raises(Unsupported, match=r"pipeline 'toys': submitting to a 'toy' source "
                            r"is not supported; only to embedded and kafka"):
             asyncio.run(intake.submit(db, toys, [message]))
-    found = asyncio.run(SqliteTaskStore(db).find("t-1"))  # none made by the refusals
+    found = asyncio.run(db.tasks.find("t-1"))  # none made by the refusals
     assert [(r.pipeline, r.state) for r in found] == [("e", TaskState.QUEUED)]

@@ -11,6 +11,7 @@ import pytest
 
 from sluice.datadir import Database
 from sluice.errors import TaskNotFound, Unavailable, Unsupported
+from sluice.stores.sqlite import SqliteStore
 from sluice.tasks.sqlite import SqliteTaskStore
 from sluice.tasks.state import TaskState
 from sluice.tasks.store import Claim, ClaimStatus, Completion, NewTask
@@ -58,7 +59,7 @@ async def test_a_locked_database_is_unavailable_and_nothing_is_half_written(
 
 
 async def test_the_untracked_store_records_no_task(store: SqliteTaskStore) -> None:
-    untracked = UntrackedStore(store)
+    untracked = UntrackedStore(store, SqliteStore(store.db).put_outbox)
     with pytest.raises(Unsupported, match="does not track its tasks"):
         await untracked.create(P, "t", [NewTask("a")], now=100.0)
     (res,) = await untracked.claim(P, "t", [Claim("a", deliveries=3, received_at=90.0)], "w1",

@@ -1,10 +1,12 @@
-"""Group commit for HTTP submits: every write that arrives while a batch is being written goes
-into the next batch, one transaction for all of them. A submit is answered only after its
-batch committed (so a 202 means durably queued); a failed batch fails each of its writes,
-and nothing of it was written.
+"""Group commit for submits to the SQLite store: every write that arrives while a batch is
+being written goes into the next batch, one transaction for all of them. A submit is answered
+only after its batch committed (so a 202 means durably queued); a failed batch fails each of its
+writes, and nothing of it was written.
 
-A :class:`SubmitBatcher` is where the gateway's submitters run their store writes
-(:class:`sluice.registry.SubmitContext`): it has the database's ``run``, batched.
+A :class:`SubmitBatcher` belongs to one event loop (its writer is a task of that loop):
+:class:`~sluice.stores.sqlite.SqliteStore` keeps one per loop. SQLite has one writer at a time,
+so many small concurrent transactions would queue behind each other; PostgreSQL takes
+concurrent ones and needs no batcher.
 """
 
 from __future__ import annotations
