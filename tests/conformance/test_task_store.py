@@ -1,20 +1,24 @@
 """The TaskStore contract, run over every store implementation.
 
 A store joins by adding a factory to ``STORES`` (a data directory in, a fresh store out), as
-the connector suite takes its connectors: a PostgreSQL store adds one entry and passes every
-test here unchanged. The tests speak only through :class:`~sluice.tasks.store.TaskStore`, with
-explicit ``now`` values, so they hold for any backend and never wait on a clock.
+the connector suite takes its connectors: the PostgreSQL store is one entry (a schema of its
+own per test, dropped after) and passes every test here unchanged. The tests speak only
+through :class:`~sluice.tasks.store.TaskStore`, with explicit ``now`` values, so they hold for
+any backend and never wait on a clock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AsyncExitStack, ExitStack
 from pathlib import Path
 
 import pytest
 
 from sluice.datadir import Database
 from sluice.errors import IllegalTransition, TaskNotFound
+from sluice.stores.postgres_db import PgDatabase
+from sluice.stores.postgres_tasks import PostgresTaskStore
 from sluice.tasks.sqlite import SqliteTaskStore
 from sluice.tasks.state import TaskState
 from sluice.tasks.store import (
@@ -25,9 +29,22 @@ from sluice.tasks.store import (
     NewTask,
     TaskStore,
 )
+from tests.helpers.postgres import fresh_url
 
-STORES: dict[str, Callable[[Path], TaskStore]] = {
-    "sqlite": lambda data_dir: SqliteTaskStore(Database.open(data_dir)),
+Factory = Callable[[Path, ExitStack, AsyncExitStack], TaskStore]
+"""(the test's data directory, cleanups run after the test outside its event loop, cleanups
+run in it) → a fresh store."""
+
+
+def postgres_store(data_dir: Path, cleanup: ExitStack, in_loop: AsyncExitStack) -> TaskStore:
+    db = PgDatabase(cleanup.enter_context(fresh_url()))
+    in_loop.push_async_callback(db.close)  # the pool belongs to the test's event loop
+    return PostgresTaskStore(db, caller_clock=True)
+
+
+STORES: dict[str, Factory] = {
+    "sqlite": lambda data_dir, _cleanup, _in_loop: SqliteTaskStore(Database.open(data_dir)),
+    "postgresql": postgres_store,
 }
 
 P = "pipe"
@@ -36,8 +53,18 @@ LEASE_S = 30.0
 
 
 @pytest.fixture(params=sorted(STORES))
-def store(request: pytest.FixtureRequest, data_dir: Path) -> TaskStore:
-    return STORES[request.param](data_dir)
+def made_store(request: pytest.FixtureRequest,
+               data_dir: Path) -> Iterator[tuple[TaskStore, AsyncExitStack]]:
+    with ExitStack() as cleanup:
+        in_loop = AsyncExitStack()
+        yield STORES[request.param](data_dir, cleanup, in_loop), in_loop
+
+
+@pytest.fixture
+async def store(made_store: tuple[TaskStore, AsyncExitStack]) -> AsyncIterator[TaskStore]:
+    made, in_loop = made_store
+    async with in_loop:
+        yield made
 
 
 async def queued(store: TaskStore, *task_ids: str, now: float = 100.0,
