@@ -30,6 +30,8 @@ from sluice.handlers.base import BatchHandler, Handler
 from sluice.message import Message, Outcome
 from sluice.sinks.delivery import Deliverer, Destination, outbox_lease_s
 from sluice.stores.base import ControlEvent, Store
+from sluice.stores.patient import PatientOutbox, PatientTaskStore
+from sluice.tasks.store import TaskStore
 from sluice.tasks.untracked import UntrackedStore
 
 log = logging.getLogger(__name__)
@@ -58,8 +60,9 @@ def _sink(component: ComponentConfig, ctx: registry.BuildContext) -> Sink:
     return registry.sink(component.type).build(component.config, ctx)
 
 
-def build_source(config: PipelineConfig, data_dir: Path | None) -> Source:
-    return _source(config.source, context(config, data_dir))
+def build_source(config: PipelineConfig, data_dir: Path | None, *,
+                 store_url: str | None = None) -> Source:
+    return _source(config.source, context(config, data_dir, store_url))
 
 
 def build(config: PipelineConfig, data_dir: Path | None,
@@ -67,7 +70,9 @@ def build(config: PipelineConfig, data_dir: Path | None,
     """The pipeline's loop over the store ``store_url`` (``None``: ``data_dir``'s SQLite)."""
     ctx = context(config, data_dir, store_url)
     state = ctx.store
-    store = state.tasks
+    store: TaskStore = state.tasks
+    if state.patience_s:
+        store = PatientTaskStore(store, state.patience_s, f"the store {state.url}")
     dead_letter = _sink(config.dead_letter, ctx)
     source = _source(config.source, ctx)
     deliverers: list[Deliverer] = []
@@ -83,6 +88,9 @@ def build(config: PipelineConfig, data_dir: Path | None,
         outboxed.append(destination)
         outbox = state.outbox(config.name, destination.label, outbox_lease_s(destination),
                               legacy=(destination.legacy_name,))
+        if state.patience_s:
+            outbox = PatientOutbox(outbox, state.patience_s,
+                                   f"outbox {destination.label} of the store {state.url}")
         deliverers.append(Deliverer(config.name, destination, _sink(component, ctx),
                                     dead_letter, outbox))
     if with_ack:

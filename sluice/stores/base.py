@@ -66,6 +66,13 @@ class Store(Protocol):
         ...
 
     @property
+    def patience_s(self) -> float:
+        """How long workers wait out an outage of the store before they stop
+        (:mod:`sluice.stores.patient`); 0: they stop at once (a local file that cannot be
+        written is not an outage that passes)."""
+        ...
+
+    @property
     def tasks(self) -> TaskStore:
         """The task records (:class:`~sluice.tasks.store.TaskStore`)."""
         ...

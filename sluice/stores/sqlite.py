@@ -32,6 +32,7 @@ class SqliteStore:
     """:class:`~sluice.stores.base.Store` on a :class:`~sluice.datadir.Database`."""
 
     shared = False
+    patience_s = 0.0
 
     def __init__(self, db: Database) -> None:
         self.db = db

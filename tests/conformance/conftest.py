@@ -12,26 +12,33 @@ whose broker does not answer is skipped on a developer's machine and fails in CI
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
-from sluice import registry
-from sluice.connectors import embedded
-from sluice.connectors.base import Source
-from sluice.connectors.embedded import EmbeddedQueue, QueuedMessage
-from sluice.datadir import Database
+from sluice import registry, stores
+from sluice.connectors.base import Delivery, Source
+from sluice.datadir import QueuedMessage
+from sluice.registry import Submission
+from sluice.stores import open_store
+from sluice.stores.base import Store
+from sluice.stores.postgres import PostgresStore
+from sluice.tasks.store import TaskStore
 from tests.conftest import PLUGINS
 from tests.helpers import kafka as kt
+from tests.helpers import postgres as pg
+
+T = TypeVar("T")
 
 LEASE_S = 2.0  # the sources' lease in the suites (short: a lapsed lease is seen soon)
 
@@ -64,6 +71,12 @@ class Connector:
     """A fetched delivery is leased: no other consumer of the queue gets it until its lease
     lapses, and ``extend`` renews the lease (a visibility timeout, as in SQS). Without it, a
     delivery is its consumer's for as long as the consumer holds its partition."""
+    store_url: str | None = None
+    """The store the pipeline's workers use (``--store``); ``None``: the test's data directory."""
+
+    def task_store(self, data_dir: Path) -> TaskStore:
+        """The task records of the store the pipeline's workers use."""
+        return open_store(self.store_url, data_dir).tasks
 
     def source_yaml(self, *, lease_s: float = LEASE_S, max_buffered: int | None = None) -> str:
         """The pipeline's ``source``; ``max_buffered``: where the source buffers messages, how
@@ -92,6 +105,8 @@ def _flow(value: dict[str, Any]) -> str:
 
 
 class EmbeddedConnector(Connector):
+    """The embedded queue in the test's data directory (SQLite)."""
+
     per_message_leases = True
 
     def __init__(self, data_dir: Path) -> None:
@@ -103,15 +118,46 @@ class EmbeddedConnector(Connector):
     def dead_letter_yaml(self) -> str:
         return _flow({"embedded": {"queue": "jobs.dlq"}})
 
+    def _on_store(self, use: Callable[[Store], Awaitable[T]]) -> T:
+        """Run ``use`` on the store in an event loop of its own, closed after."""
+        store = open_store(self.store_url, self.data_dir)
+
+        async def main() -> T:
+            try:
+                return await use(store)
+            finally:
+                await store.close()
+
+        return asyncio.run(main())
+
     def publish(self, items: Sequence[Item]) -> None:
-        embedded.submit(Database.open(self.data_dir), "jobs", "default", "jobs", [
-            QueuedMessage(i.task_id, json.dumps(i.payload).encode(), key=i.key) for i in items])
+        messages = [QueuedMessage(i.task_id, json.dumps(i.payload).encode(), key=i.key)
+                    for i in items]
+        self._on_store(lambda store: store.submit("jobs", [
+            Submission("jobs", "default", m) for m in messages]))
 
     def dead_letters(self, expected: int) -> list[DeadLetter]:
-        db = Database.open(self.data_dir)
-        q = EmbeddedQueue(db, "jobs.dlq")
-        got = db.run_sync(lambda c: q.lease_in(c, 10_000, time.time()))
+        async def take(store: Store) -> list[Delivery]:
+            return await store.source("jobs.dlq", 600.0, 0.01).fetch(10_000, 0.0)
+
+        got = self._on_store(take)
         return [DeadLetter(d.task_id, dict(d.headers), d.body) for d in got]
+
+
+class PostgresEmbeddedConnector(EmbeddedConnector):
+    """The embedded queue in a PostgreSQL store: a schema of its own per test, dropped after."""
+
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(data_dir)
+        self._url = contextlib.ExitStack()
+        self.store_url = self._url.enter_context(pg.fresh_url())
+
+    def close(self) -> None:
+        store = open_store(self.store_url)
+        assert isinstance(store, PostgresStore)
+        store.db.terminate()
+        stores.forget(self.store_url or "")
+        self._url.close()
 
 
 class KafkaConnector(Connector):
@@ -222,6 +268,7 @@ def kafka_connector(data_dir: Path) -> Connector:
 
 CONNECTORS: dict[str, Callable[[Path], Connector]] = {
     "embedded": EmbeddedConnector,
+    "embedded-postgres": PostgresEmbeddedConnector,
     "kafka": kafka_connector,
     "toyqueue": ToyQueueConnector,
 }

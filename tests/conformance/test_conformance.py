@@ -25,9 +25,7 @@ from pathlib import Path
 
 from sluice.config.load import parse_pipeline
 from sluice.consumer.loop import ConsumerLoop
-from sluice.datadir import Database
 from sluice.runtime import build, run_pipelines
-from sluice.tasks.sqlite import SqliteTaskStore
 from sluice.tasks.state import TaskState
 from tests.conformance.conftest import Connector, Item
 from tests.conftest import ROOT, sluice_cmd, subprocess_env
@@ -62,15 +60,15 @@ def make_loop(connector: Connector, data_dir: Path, *, concurrency: int = 8,
               max_buffered: int | None = None) -> ConsumerLoop:
     text = pipeline_text(connector, concurrency=concurrency, max_attempts=max_attempts,
                          ordering=ordering, max_buffered=max_buffered)
-    return build(parse_pipeline(text), data_dir)
+    return build(parse_pipeline(text), data_dir, store_url=connector.store_url)
 
 
 async def drain(loop: ConsumerLoop) -> None:
     await asyncio.wait_for(run_pipelines([loop], asyncio.Event(), drain=True), RUN_TIMEOUT_S)
 
 
-async def state_counts(data_dir: Path) -> Counter[str]:
-    return Counter(str(r.state) for r in await SqliteTaskStore(Database.open(data_dir)).stats())
+async def state_counts(connector: Connector, data_dir: Path) -> Counter[str]:
+    return Counter(str(r.state) for r in await connector.task_store(data_dir).stats())
 
 
 def done_runs(run_log: str) -> Counter[str]:
@@ -89,7 +87,7 @@ async def test_delivers_every_message_once(connector: Connector, data_dir: Path,
     runs = done_runs(run_log)
     assert set(runs) == {i.task_id for i in sent}
     assert max(runs.values()) == 1
-    assert await state_counts(data_dir) == {"SUCCEEDED": 300}
+    assert await state_counts(connector, data_dir) == {"SUCCEEDED": 300}
 
 
 async def test_failed_attempt_is_redelivered_until_it_succeeds(connector: Connector,
@@ -97,10 +95,10 @@ async def test_failed_attempt_is_redelivered_until_it_succeeds(connector: Connec
                                                                run_log: str) -> None:
     connector.publish([Item("flaky", {"fail_until": 3}), *items(20)])
     await drain(make_loop(connector, data_dir))
-    rec = await SqliteTaskStore(Database.open(data_dir)).get("flaky", "jobs")
+    rec = await connector.task_store(data_dir).get("flaky", "jobs")
     assert (rec.state, rec.attempts) == (TaskState.SUCCEEDED, 3)
     assert [e[2] for e in read_log(run_log) if e[1] == "flaky" and e[0] == "start"] == [1, 2, 3]
-    assert await state_counts(data_dir) == {"SUCCEEDED": 21}
+    assert await state_counts(connector, data_dir) == {"SUCCEEDED": 21}
 
 
 async def test_failed_for_good_goes_to_the_dead_letter(connector: Connector, data_dir: Path,
@@ -114,7 +112,7 @@ async def test_failed_for_good_goes_to_the_dead_letter(connector: Connector, dat
     assert letters["bad"].headers["sluice-error-message"] == "no thumbnail for you"
     assert letters["worse"].headers["sluice-attempts"] == "2"
     assert b"fail_until" in letters["worse"].body  # the failed message itself
-    assert await state_counts(data_dir) == {"SUCCEEDED": 10, "FAILED": 2}
+    assert await state_counts(connector, data_dir) == {"SUCCEEDED": 10, "FAILED": 2}
 
 
 async def test_order_per_key(connector: Connector, data_dir: Path, run_log: str) -> None:
@@ -130,7 +128,7 @@ async def test_order_per_key(connector: Connector, data_dir: Path, run_log: str)
         assert [e[1] for e in log if e[0] == "done" and e[1] in set(wanted)] == wanted
         starts = [e[1] for e in log if e[0] == "start" and e[1] in set(wanted)]
         assert starts == sorted(starts)  # the retry ran again before anything behind it
-    assert await state_counts(data_dir) == {"SUCCEEDED": 200}
+    assert await state_counts(connector, data_dir) == {"SUCCEEDED": 200}
 
 
 async def test_a_retry_holding_its_lane_comes_back_when_waiters_fill_the_budget(
@@ -143,13 +141,13 @@ async def test_a_retry_holding_its_lane_comes_back_when_waiters_fill_the_budget(
     connector.publish(sent)
     await drain(make_loop(connector, data_dir, concurrency=1, ordering="partition"))
     assert [e[1] for e in read_log(run_log) if e[0] == "done"] == [i.task_id for i in sent]
-    assert await state_counts(data_dir) == {"SUCCEEDED": 6}
+    assert await state_counts(connector, data_dir) == {"SUCCEEDED": 6}
 
 
 async def test_paused_pipeline_holds_back_then_delivers_all(connector: Connector,
                                                             data_dir: Path,
                                                             run_log: str) -> None:
-    store = SqliteTaskStore(Database.open(data_dir))
+    store = connector.task_store(data_dir)
     await store.set_paused("jobs", True, time.time())
     sent = items(100)
     connector.publish(sent)
@@ -174,10 +172,11 @@ async def test_paused_pipeline_holds_back_then_delivers_all(connector: Connector
 
 # -- across worker processes ------------------------------------------------------------------
 
-def start_worker(pipeline: Path, data_dir: Path, run_log: str,
+def start_worker(connector: Connector, pipeline: Path, data_dir: Path, run_log: str,
                  *extra: str) -> subprocess.Popen[bytes]:
+    store = ["--store", connector.store_url] if connector.store_url else []
     return subprocess.Popen(
-        [*sluice_cmd(), "run", str(pipeline), "--data-dir", str(data_dir), *extra],
+        [*sluice_cmd(), "run", str(pipeline), "--data-dir", str(data_dir), *store, *extra],
         cwd=ROOT, env=subprocess_env(SLUICE_TEST_LOG=run_log),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
@@ -199,22 +198,22 @@ async def test_at_least_once_across_a_worker_crash(connector: Connector, data_di
     pipeline.write_text(pipeline_text(connector, concurrency=4))
     sent = [Item("victim", {"sleep_first_s": 120}), *items(50, sleep_s=0.01)]
     connector.publish(sent)
-    first = start_worker(pipeline, data_dir, run_log)
+    first = start_worker(connector, pipeline, data_dir, run_log)
     try:
         await wait_until(lambda: any(e[1] == "victim" for e in read_log(run_log)))
     finally:
         stop_worker(first, signal.SIGKILL)
-    second = start_worker(pipeline, data_dir, run_log)
+    second = start_worker(connector, pipeline, data_dir, run_log)
     try:
         await wait_until(lambda: set(done_runs(run_log)) == {i.task_id for i in sent})
     finally:
         errs = stop_worker(second)
     assert second.returncode == 0, errs
-    rec = await SqliteTaskStore(Database.open(data_dir)).get("victim", "jobs")
+    rec = await connector.task_store(data_dir).get("victim", "jobs")
     assert (rec.state, rec.attempts) == (TaskState.SUCCEEDED, 2)
     starts = [e for e in read_log(run_log) if e[1] == "victim" and e[0] == "start"]
     assert [e[3] for e in starts] == [first.pid, second.pid]
-    assert await state_counts(data_dir) == {"SUCCEEDED": len(sent)}
+    assert await state_counts(connector, data_dir) == {"SUCCEEDED": len(sent)}
 
 
 async def test_nothing_lost_when_a_worker_joins_then_leaves(connector: Connector,
@@ -224,11 +223,11 @@ async def test_nothing_lost_when_a_worker_joins_then_leaves(connector: Connector
     pipeline.write_text(pipeline_text(connector, concurrency=4))
     sent = items(200, "a", sleep_s=0.01)
     connector.publish(sent)
-    first = start_worker(pipeline, data_dir, run_log)
+    first = start_worker(connector, pipeline, data_dir, run_log)
     second: subprocess.Popen[bytes] | None = None
     try:
         await wait_until(lambda: len(done_runs(run_log)) >= 50)
-        second = start_worker(pipeline, data_dir, run_log)
+        second = start_worker(connector, pipeline, data_dir, run_log)
         # Keep work coming until the newcomer has taken some of it (it joined the group).
         batch = 0
         while not any(e[3] == second.pid for e in read_log(run_log)):
@@ -251,4 +250,4 @@ async def test_nothing_lost_when_a_worker_joins_then_leaves(connector: Connector
     assert first.returncode == 0, errs
     runs = done_runs(run_log)
     assert max(runs.values()) == 1, [t for t, n in runs.items() if n > 1]
-    assert await state_counts(data_dir) == {"SUCCEEDED": len(sent)}
+    assert await state_counts(connector, data_dir) == {"SUCCEEDED": len(sent)}

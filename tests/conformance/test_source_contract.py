@@ -49,7 +49,7 @@ async def open_source(connector: Connector, data_dir: Path) -> AsyncIterator[Ope
 
     async def start() -> Source:
         src = build_source(parse_pipeline(PIPELINE.format(source=connector.source_yaml())),
-                           data_dir)
+                           data_dir, store_url=connector.store_url)
         opened.append(src)
         await src.start()
         return src
@@ -176,6 +176,6 @@ async def test_close_twice_is_fine(connector: Connector, open_source: OpenSource
 
 async def test_close_twice_without_start_is_fine(connector: Connector, data_dir: Path) -> None:
     src = build_source(parse_pipeline(PIPELINE.format(source=connector.source_yaml())),
-                       data_dir)
+                       data_dir, store_url=connector.store_url)
     await asyncio.wait_for(src.close(), HANG_GUARD_S)
     await asyncio.wait_for(src.close(), HANG_GUARD_S)

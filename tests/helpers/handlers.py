@@ -81,3 +81,15 @@ def read_log(path: str) -> list[tuple[str, str, int, int]]:
             event, task_id, attempt, pid = line.split(" ")
             out.append((event, task_id, int(attempt), int(pid)))
     return out
+
+
+async def until_cancelled(message: Message) -> Any:
+    """Sleeps ``sleep_s`` (default 60); an attempt stopped meanwhile records ``cancelled``."""
+    record("start", message)
+    try:
+        await asyncio.sleep(float(message.payload.get("sleep_s", 60)))
+    except asyncio.CancelledError:
+        record("cancelled", message)
+        raise
+    record("done", message)
+    return {"attempt": message.attempt}
