@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -119,7 +120,8 @@ class EmbeddedConnector(Connector):
         return _flow({"embedded": {"queue": "jobs.dlq"}})
 
     def _on_store(self, use: Callable[[Store], Awaitable[T]]) -> T:
-        """Run ``use`` on the store in an event loop of its own, closed after."""
+        """Run ``use`` on the store in an event loop of its own on a thread of its own (the
+        caller may be inside a test's loop), closed after."""
         store = open_store(self.store_url, self.data_dir)
 
         async def main() -> T:
@@ -128,7 +130,8 @@ class EmbeddedConnector(Connector):
             finally:
                 await store.close()
 
-        return asyncio.run(main())
+        with ThreadPoolExecutor(1) as thread:
+            return thread.submit(asyncio.run, main()).result()
 
     def publish(self, items: Sequence[Item]) -> None:
         messages = [QueuedMessage(i.task_id, json.dumps(i.payload).encode(), key=i.key)
