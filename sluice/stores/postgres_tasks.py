@@ -119,9 +119,19 @@ async def record_deliveries_in(conn: Conn, pipeline: str, destination: str,
 async def put_dead_letter_in(conn: Conn, pipeline: str, task_id: str, letter: DeadLetter,
                              now: float | None) -> None:
     """Keep a FAILED task's message (for ``sluice dead-letters replay``)."""
-    await conn.execute(sql.PUT_DEAD_LETTER, pipeline, task_id, letter.body,
-                       letter.content_type, letter.key,
-                       json.dumps(letter.headers) if letter.headers else None, now)
+    await _put_dead_letters_in(conn, pipeline, [(task_id, letter)], now)
+
+
+async def _put_dead_letters_in(conn: Conn, pipeline: str,
+                               letters: Sequence[tuple[str, DeadLetter]],
+                               now: float | None) -> None:
+    """:func:`put_dead_letter_in` for many tasks (each id once) in one statement."""
+    if letters:
+        await conn.execute(
+            sql.PUT_DEAD_LETTERS, pipeline, [t for t, _ in letters],
+            [d.body for _, d in letters], [d.content_type for _, d in letters],
+            [d.key for _, d in letters],
+            [json.dumps(d.headers) if d.headers else None for _, d in letters], now)
 
 
 async def get_in(conn: Conn, task_id: str, pipeline: str | None) -> list[TaskRecord]:
@@ -237,17 +247,19 @@ async def _complete(conn: Conn, pipeline: str, completions: Sequence[Completion]
     states = ({r[0]: TaskState(r[1]) for r in await conn.fetch(sql.STATES, pipeline, others)}
               if others else {})
     at = next(iter(written.values()), None)  # the statement's one clock
+    letters: list[tuple[str, DeadLetter]] = []
     entries: list[OutboxEntry] = []
     pending: dict[str, str] = {}
     for i in sorted(ours):
         done = completions[i]
         if done.dead_letter is not None:
-            await put_dead_letter_in(conn, pipeline, done.task_id, done.dead_letter, at)
+            letters.append((done.task_id, done.dead_letter))
         if done.outbox:
             entries.extend(done.outbox)
             pending[done.task_id] = json.dumps(
                 {e.destination: {"state": "pending", "at": at, "attempts": 0}
                  for e in done.outbox})
+    await _put_dead_letters_in(conn, pipeline, letters, at)
     if entries:
         await put_outbox_in(conn, entries, at)
         await conn.execute(sql.SET_DELIVERED, pipeline, list(pending), list(pending.values()))

@@ -31,17 +31,20 @@ def record(row: Iterable[Any]) -> TaskRecord:
     return TaskRecord(*values)
 
 
+# Each task gets its seq in batch order, but rows are inserted in task id order (as claims
+# insert theirs), so two writers of overlapping batches wait for each other, never in a cycle.
 CREATE = (
-    f"WITH n AS (SELECT {now_sql('$6')} AS now)"
-    " INSERT INTO tasks (pipeline, task_id, tenant, state, key, received_at, queued_at,"
-    " updated_at) SELECT $1, v.task_id, $2, 'QUEUED', v.key, COALESCE(v.received_at, n.now),"
-    " n.now, n.now FROM unnest($3::text[], $4::text[], $5::float8[]) WITH ORDINALITY"
-    " AS v(task_id, key, received_at, ord), n ORDER BY v.ord"
-    " ON CONFLICT (pipeline, task_id) DO NOTHING"
+    f"WITH n AS (SELECT {now_sql('$6')} AS now),"
+    " v AS (SELECT u.*, nextval(pg_get_serial_sequence('tasks', 'seq')) AS seq"
+    " FROM unnest($3::text[], $4::text[], $5::float8[]) WITH ORDINALITY"
+    " AS u(task_id, key, received_at, ord))"
+    " INSERT INTO tasks (seq, pipeline, task_id, tenant, state, key, received_at, queued_at,"
+    " updated_at) SELECT v.seq, $1, v.task_id, $2, 'QUEUED', v.key,"
+    " COALESCE(v.received_at, n.now), n.now, n.now FROM v, n"
+    ' ORDER BY v.task_id COLLATE "C" ON CONFLICT (pipeline, task_id) DO NOTHING'
     " RETURNING task_id, received_at, queued_at, updated_at")
 
-# Tasks first seen at the consumer: each gets its seq in claim order, but rows are inserted in
-# task id order, so two claimers of overlapping batches wait for each other, never in a cycle.
+# Tasks first seen at the consumer, seq and insert order as in CREATE.
 CLAIM_INSERT = (
     f"WITH n AS (SELECT {now_sql('$9')} AS now),"
     " v AS (SELECT u.*, nextval(pg_get_serial_sequence('tasks', 'seq')) AS seq"
@@ -120,9 +123,11 @@ RECORD_DELIVERY = (
     " FROM unnest($3::text[], $4::text[]) AS v(task_id, status)"
     " WHERE tasks.pipeline = $1 AND tasks.task_id = v.task_id")
 
-PUT_DEAD_LETTER = (
+PUT_DEAD_LETTERS = (
     "INSERT INTO dead_letters (pipeline, task_id, body, content_type, key, headers, failed_at)"
-    f" VALUES ($1, $2, $3, $4, $5, $6, {now_sql('$7')}) ON CONFLICT (pipeline, task_id)"
+    f" SELECT $1, v.task_id, v.body, v.content_type, v.key, v.headers, {now_sql('$7')}"
+    " FROM unnest($2::text[], $3::bytea[], $4::text[], $5::text[], $6::text[])"
+    " AS v(task_id, body, content_type, key, headers) ON CONFLICT (pipeline, task_id)"
     " DO UPDATE SET body = excluded.body, content_type = excluded.content_type,"
     " key = excluded.key, headers = excluded.headers, failed_at = excluded.failed_at")
 
