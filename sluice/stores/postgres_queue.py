@@ -48,23 +48,22 @@ IDLE_LOOK_S = 1.0  # an idle source looks at its queue at least this often (inva
 NOW = now_sql("NULL")  # the database's clock (invariant 1)
 
 _LEASE = (
-    f"WITH n AS (SELECT {NOW} AS now),"
-    " leased AS (UPDATE messages SET visible_at = n.now + $2::float8, lease_token = $3,"
-    " deliveries = messages.deliveries + 1 FROM n WHERE messages.id = ANY(ARRAY("
-    " SELECT m.id FROM messages m, n WHERE m.queue = $1 AND m.visible_at <= n.now{head_of_key}"
-    " ORDER BY m.visible_at, m.id LIMIT $4 FOR UPDATE OF m SKIP LOCKED))"
+    "WITH leased AS (UPDATE messages SET visible_at = {now} + $2::float8, lease_token = $3,"
+    " deliveries = messages.deliveries + 1 WHERE messages.id = ANY(ARRAY("
+    " SELECT m.id FROM messages m WHERE m.queue = $1 AND m.visible_at <= {now}{head_of_key}"
+    " ORDER BY m.visible_at, m.id LIMIT $4 FOR UPDATE SKIP LOCKED))"
     " RETURNING messages.id, messages.task_id, messages.body, messages.content_type,"
     " messages.key, messages.headers, messages.enqueued_at, messages.deliveries)"
     " SELECT id, task_id, body, content_type, key, headers, enqueued_at, deliveries,"
     " NULL::float8 AS next_in_s FROM leased"
     " UNION ALL SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,"
-    " (SELECT MIN(visible_at) FROM messages WHERE queue = $1) - n.now"
-    " FROM n WHERE NOT EXISTS (SELECT 1 FROM leased)"
+    " (SELECT MIN(visible_at) FROM messages WHERE queue = $1) - {now}"
+    " WHERE NOT EXISTS (SELECT 1 FROM leased)"
 )
 _HEAD_OF_KEY = (" AND (m.key IS NULL OR NOT EXISTS (SELECT 1 FROM messages h"
                 " WHERE h.queue = m.queue AND h.key = m.key AND h.id < m.id))")
-LEASE_SQL = _LEASE.format(head_of_key="")
-LEASE_ORDERED_SQL = _LEASE.format(head_of_key=_HEAD_OF_KEY)
+LEASE_SQL = _LEASE.format(now=NOW, head_of_key="")
+LEASE_ORDERED_SQL = _LEASE.format(now=NOW, head_of_key=_HEAD_OF_KEY)
 
 DELETE_SQL = (
     "WITH d AS (DELETE FROM messages m USING unnest($1::bigint[], $2::text[]) AS u(id, token)"
@@ -105,7 +104,7 @@ async def lease_in(conn: Any, queue: str, max_n: int, lease_s: float, token: str
     rows = await conn.fetch(LEASE_ORDERED_SQL if ordered_keys else LEASE_SQL,
                             queue, float(lease_s), token, max_n)
     got = [
-        Delivery(task_id=r[1], body=bytes(r[2]), content_type=r[3], key=r[4],
+        Delivery(task_id=r[1], body=r[2], content_type=r[3], key=r[4],
                  headers=json.loads(r[5]) if r[5] else {}, enqueued_at=r[6],
                  deliveries=r[7], ref=(r[0], token))
         for r in rows if r[0] is not None
