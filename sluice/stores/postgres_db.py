@@ -90,6 +90,7 @@ def _outage(exc: BaseException) -> bool:
     return isinstance(exc, OSError | asyncio.TimeoutError | TimeoutError
                       | asyncpg.PostgresConnectionError
                       | asyncpg.InterfaceError
+                      | asyncpg.InternalClientError
                       | asyncpg.CannotConnectNowError
                       | asyncpg.TooManyConnectionsError
                       | asyncpg.AdminShutdownError
@@ -209,9 +210,11 @@ class PgDatabase:
                 yield conn
 
     async def listen(self, channel: str, listener: Listener) -> Callable[[], None]:
-        """Call ``listener`` with each notification's payload on ``channel`` (invariant 3);
-        returns the function that stops it."""
+        """Call ``listener`` with each notification's payload on ``channel`` of this store's
+        schema (invariant 3; postgres_schema invariant 4); returns the function that stops
+        it."""
         here = self._here()
+        channel = schema.channel(channel, self.schema)
         here.listeners.setdefault(channel, []).append(listener)
         task = here.listening.get(channel)
         if task is None or task.done():

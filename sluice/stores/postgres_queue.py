@@ -41,7 +41,7 @@ from typing import Any
 
 from sluice.connectors.base import Delivery
 from sluice.stores.postgres_db import PgDatabase
-from sluice.stores.postgres_schema import QUEUE_CHANNEL, now_sql
+from sluice.stores.postgres_schema import QUEUE_CHANNEL, notify_sql, now_sql
 
 IDLE_LOOK_S = 1.0  # an idle source looks at its queue at least this often (invariant 4)
 
@@ -75,7 +75,7 @@ REQUEUE_SQL = (
     " r AS (UPDATE messages m SET visible_at = n.now + u.delay_s, lease_token = NULL"
     " FROM n, unnest($1::bigint[], $2::text[], $3::float8[]) AS u(id, token, delay_s)"
     " WHERE m.id = u.id AND m.lease_token = u.token RETURNING m.queue)"
-    " SELECT n.now, (SELECT count(*) FROM (SELECT pg_notify($4, q.queue)"
+    f" SELECT n.now, (SELECT count(*) FROM (SELECT {notify_sql('$4', 'q.queue')}"
     " FROM (SELECT DISTINCT queue FROM r) q) s) FROM n"
 )
 EXTEND_SQL = (
@@ -87,7 +87,7 @@ WAKE_SQL = (
     f"WITH n AS (SELECT {NOW} AS now),"
     " w AS (UPDATE messages SET visible_at = n.now FROM n WHERE queue = $1 AND task_id = $2"
     " AND lease_token IS NULL AND deliveries > 0 AND visible_at > n.now RETURNING 1)"
-    " SELECT pg_notify($3, $1) WHERE EXISTS (SELECT 1 FROM w)"
+    f" SELECT {notify_sql('$3', '$1')} WHERE EXISTS (SELECT 1 FROM w)"
 )
 COUNT_SQL = "SELECT COUNT(*) FROM messages WHERE queue = $1"
 

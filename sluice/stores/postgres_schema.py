@@ -17,6 +17,12 @@ Invariants:
 4. A message put on a queue is announced on the channel :data:`QUEUE_CHANNEL` (payload: the
    queue's name) in the transaction that puts it, so idle consumers wake at its commit; a
    control change on :data:`CONTROL_CHANNEL` (payload: JSON ``{pipeline, action, task_id}``).
+   Notifications are per database, so a channel's name carries the schema
+   (:func:`notify_sql`, :func:`channel`): two deployments on one server never wake or cancel
+   each other's work.
+5. Messages with a key are put under a transaction-scoped advisory lock per (queue, key), taken
+   in key order: a key's messages get their ids in commit order, so "the oldest message of the
+   key" (ordered keys) is never overtaken by an older id committing later.
 """
 
 from __future__ import annotations
@@ -99,6 +105,17 @@ CREATE TABLE IF NOT EXISTS sluice_schema (
     description TEXT             NOT NULL,
     applied_at  TIMESTAMPTZ      NOT NULL DEFAULT now()
 )"""
+
+
+def channel(name: str, schema: str) -> str:
+    """The channel ``LISTEN`` uses for ``name`` in ``schema`` (invariant 4)."""
+    return f"{name}:{schema}"
+
+
+def notify_sql(channel_sql: str, payload_sql: str) -> str:
+    """The SQL that sends ``payload_sql`` on the channel ``channel_sql`` of the statement's
+    schema (invariant 4); both arguments are SQL (placeholders or literals)."""
+    return f"pg_notify({channel_sql} || ':' || current_schema(), {payload_sql})"
 
 
 def now_sql(param: str) -> str:

@@ -35,7 +35,7 @@ from sluice.datadir import QueuedMessage
 from sluice.errors import IllegalTransition, TaskNotFound
 from sluice.stores import postgres_tasks_sql as sql
 from sluice.stores.postgres_messages import put_in
-from sluice.stores.postgres_schema import CONTROL_CHANNEL
+from sluice.stores.postgres_schema import CONTROL_CHANNEL, notify_sql
 from sluice.tasks.sqlite import outbox_queue
 from sluice.tasks.state import FINAL, TaskState, allowed
 from sluice.tasks.store import (
@@ -147,7 +147,7 @@ async def get_in(conn: Conn, task_id: str, pipeline: str | None) -> list[TaskRec
 
 async def _announce(conn: Conn, pipeline: str, action: str, task_id: str | None) -> None:
     payload = json.dumps({"pipeline": pipeline, "action": action, "task_id": task_id})
-    await conn.execute("SELECT pg_notify($1, $2)", CONTROL_CHANNEL, payload)
+    await conn.execute(f"SELECT {notify_sql('$1', '$2')}", CONTROL_CHANNEL, payload)
 
 
 async def _claim(conn: Conn, pipeline: str, tenant: str, claims: Sequence[Claim], owner: str,

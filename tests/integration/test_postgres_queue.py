@@ -36,7 +36,7 @@ from sluice.stores.base import ControlEvent
 from sluice.stores.postgres_db import PgDatabase
 from sluice.stores.postgres_messages import put_in
 from sluice.stores.postgres_queue import IDLE_LOOK_S, PgQueueSource, wake
-from sluice.stores.postgres_schema import CONTROL_CHANNEL
+from sluice.stores.postgres_schema import CONTROL_CHANNEL, notify_sql
 from tests.helpers.postgres import pg_url  # noqa: F401
 from tests.helpers.waiting import wait_until
 
@@ -363,7 +363,7 @@ async def test_watch_control_receives_notified_changes(store: Any, machines: Mak
         for payload in ("not json", json.dumps({"action": "cancel"}),
                         json.dumps({"pipeline": "p", "action": "cancel", "task_id": "t1"}),
                         json.dumps({"pipeline": "p", "action": "pause"})):
-            await conn.execute("SELECT pg_notify($1, $2)", CONTROL_CHANNEL, payload)
+            await conn.execute(f"SELECT {notify_sql('$1', '$2')}", CONTROL_CHANNEL, payload)
     await wait_until(lambda: len(got) >= 2, 5.0)
     assert got == [ControlEvent("p", "cancel", "t1"), ControlEvent("p", "pause", None)]
     stop()

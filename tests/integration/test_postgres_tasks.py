@@ -262,7 +262,7 @@ async def test_a_batch_of_a_thousand_is_one_transaction(machines: MakeDb) -> Non
     assert await store.complete(P, ends, "w1", now=0.0) == [e.state for e in ends]
     counted("complete")
     assert calls == [("claim", 1, 3), ("start", 1, 1), ("extend", 1, 1),
-                     ("complete", 1, 5)]  # complete, dead letters, outbox put + notify, pending
+                     ("complete", 1, 4)]  # complete, dead letters, outbox put, pending
 
     done = await store.get("t0000", P)
     assert done.delivered == {"hook": {"state": "pending", "at": done.finished_at,
