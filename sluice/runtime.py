@@ -189,6 +189,10 @@ def control_listener(loops: Sequence[ConsumerLoop]) -> Callable[[ControlEvent], 
     by_name = {loop.config.name: loop for loop in loops}
 
     def apply(event: ControlEvent) -> None:
+        if event.action in ("listening", "deaf"):
+            for each in loops:  # a loop looks at the store itself only while it may miss one
+                each.control_pushed(event.action == "listening")
+            return
         loop = by_name.get(event.pipeline)
         if loop is None:
             return

@@ -80,7 +80,10 @@ CONSUMER_SPEC = ObjectSpec(
           "batches; a full worker stops fetching (backpressure). At least 3 x concurrency "
           "(x handler.batch.max_size for a batch handler) is used whatever is set. Held tasks "
           "are claimed: a crash counts an attempt for each that had a free ordering lane (as a "
-          "queue's receive count does).", default=1000, minimum=1, maximum=1_000_000),
+          "queue's receive count does). Default: 1000; 100 where the source is a queue that "
+          "workers on several machines share (the embedded queue on a PostgreSQL store), so a "
+          "backlog is shared out instead of taken by the first worker.", default=None,
+          minimum=1, maximum=1_000_000),
     Field("prefetch_bytes", "integer", "Most message body bytes one worker holds at once "
           "(with prefetch, whichever is reached first).", default=64 * 1024 * 1024,
           minimum=1024),
@@ -185,7 +188,7 @@ class ConsumerConfig:
     ordering: str = "key"
     exactly_once: bool = False
     track_tasks: bool = True
-    prefetch: int = 1000
+    prefetch: int | None = None  # None: the source's default_prefetch, else 1000
     prefetch_bytes: int = 64 * 1024 * 1024
 
     @property
@@ -258,7 +261,7 @@ def build_model(doc: dict[str, Any], path: Path | None,
             ordering=str(consumer["ordering"]),
             exactly_once=bool(consumer["exactly_once"]),
             track_tasks=bool(consumer["track_tasks"]),
-            prefetch=int(consumer["prefetch"]),
+            prefetch=None if consumer["prefetch"] is None else int(consumer["prefetch"]),
             prefetch_bytes=int(consumer["prefetch_bytes"]),
         ),
         dead_letter=_component(dead_letter),

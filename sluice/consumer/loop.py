@@ -28,11 +28,11 @@ Invariants, in the order they happen to a message:
    goes into the next batch (group commit).
 7. A paused pipeline fetches nothing (in-flight work finishes): a pause through this process
    (its gateway) holds from the next fetch; one from elsewhere (another process's CLI or
-   gateway on the same store) within ``PAUSE_RECHECK_S``, what is fetched meanwhile runs; a
-   task cancelled while running has its attempt cancelled (async handlers stop at their next
-   await; a sync handler's thread runs on, its outcome discarded) as soon as this worker
-   learns of it: at once when the cancel came through this process, else at the next lease
-   extension.
+   gateway on the same store) as soon as the store announces it (PostgreSQL), else within
+   ``PAUSE_RECHECK_S``; what is fetched meanwhile runs. A task cancelled while running has its
+   attempt cancelled (async handlers stop at their next await; a sync handler's thread runs
+   on, its outcome discarded) as soon as this worker learns of it: at once when the cancel
+   came through this process or the store announces it, else at the next lease extension.
 8. On stop: no new fetches, nothing new starts; tasks in flight get ``timeout_s`` to finish; any
    still running are cancelled and handed back (their leases released, so another worker
    claims them at once).
@@ -115,6 +115,10 @@ log = logging.getLogger(__name__)
 
 HOLD_RECHECK_S = 5.0  # a PAUSED task's message comes back this often to see if it was resumed
 PAUSE_RECHECK_S = 0.25  # how often a paused pipeline's workers look whether it was resumed
+# ... where the store pushes pauses to them (sluice.stores.base invariant 4): a look only
+# covers a notification lost while the store's listening connection was being remade.
+PUSHED_PAUSE_RECHECK_S = 5.0
+DEFAULT_PREFETCH = 1000  # consumer.prefetch when neither the pipeline nor its source sets it
 FLUSH_ERROR_PAUSE_S = 0.5
 DEAD_LETTER_RETRY_S = 5.0
 FETCH_WAIT_S = 0.25  # how long one fetch waits for work; bounds how late a stop is noticed
@@ -173,6 +177,9 @@ class ConsumerLoop:
         self.policy = RetryPolicy(config.consumer.retry)
         self.stats = LoopStats()
         self.deliverers = list(deliverers)  # they drain the outbox while the loop runs
+        self.prefetch = (config.consumer.prefetch if config.consumer.prefetch is not None
+                         else int(getattr(source, "default_prefetch", DEFAULT_PREFETCH)))
+        self.pause_recheck_s = PAUSE_RECHECK_S  # PUSHED_PAUSE_RECHECK_S: see control_pushed
         self.results = results or ResultRouter(config)  # rule 9
         self._producing: ProducingSource | None = None
         if self.results.writes_with_ack:
@@ -264,7 +271,7 @@ class ConsumerLoop:
         """How many deliveries may be held (rule 1): ``consumer.prefetch``, and at least
         HELD_PER_SLOT batches (of one, without a batch handler) per slot of the limit."""
         per_call = self.batch.max_size if self.batch is not None else 1
-        return max(self.config.consumer.prefetch,
+        return max(self.prefetch,
                    HELD_PER_SLOT * math.floor(self.limiter.limit) * per_call)
 
     def _hold(self, delivery: Delivery) -> None:
@@ -314,14 +321,22 @@ class ConsumerLoop:
         now = time.monotonic()
         if now >= self._paused_until_check:
             self._paused = await self.store.is_paused(self.config.name)
-            self._paused_until_check = now + PAUSE_RECHECK_S
+            self._paused_until_check = now + self.pause_recheck_s
         return self._paused
 
     def set_paused(self, paused: bool) -> None:
-        """The pipeline was paused or resumed through this process (rule 7): at once, not at
-        the next look at the store."""
+        """The pipeline was paused or resumed through this process or announced by the store
+        (rule 7): at once, not at the next look at the store."""
         self._paused = paused
-        self._paused_until_check = time.monotonic() + PAUSE_RECHECK_S
+        self._paused_until_check = time.monotonic() + self.pause_recheck_s
+
+    def control_pushed(self, pushed: bool) -> None:
+        """Whether the store announces pauses to this loop (rule 7): it then looks itself only
+        every ``PUSHED_PAUSE_RECHECK_S``; ``False`` (its announcements may have been missed)
+        looks at once and every ``PAUSE_RECHECK_S`` again."""
+        self.pause_recheck_s = PUSHED_PAUSE_RECHECK_S if pushed else PAUSE_RECHECK_S
+        if not pushed:
+            self._paused_until_check = 0.0
 
     def cancel_attempt(self, task_id: str) -> bool:
         """Stop the running attempt of ``task_id`` here, if any (its task was cancelled)."""

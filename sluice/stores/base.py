@@ -44,8 +44,10 @@ if TYPE_CHECKING:
 class ControlEvent:
     """A control change announced to every process of a store (invariant 4)."""
 
-    pipeline: str
-    action: str  # "cancel" (a task), "pause" or "resume" (the whole pipeline)
+    pipeline: str  # "" for the two below
+    # "cancel" (a task), "pause" or "resume" (the whole pipeline); "listening": changes are
+    # announced from now on, "deaf": they may be missed until "listening" comes again.
+    action: str
     task_id: str | None = None
 
 

@@ -188,6 +188,8 @@ class PatientSource:
         self.inner = inner
         self.lease_s = inner.lease_s
         self.orders_keys = bool(getattr(inner, "orders_keys", False))
+        if hasattr(inner, "default_prefetch"):
+            self.default_prefetch = int(inner.default_prefetch)
         self.patience = Patience(what, patience_s)
 
     async def start(self) -> None:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from sluice.stores import postgres_tasks
 from sluice.stores.base import ControlEvent, ControlListener
-from sluice.stores.postgres_db import PgDatabase
+from sluice.stores.postgres_db import CONNECTED, DISCONNECTED, PgDatabase
 from sluice.stores.postgres_messages import put_in
 from sluice.stores.postgres_outbox import PgOutbox
 from sluice.stores.postgres_outbox import stranded as stranded_in
@@ -132,6 +132,9 @@ class PostgresStore:
 
     async def watch_control(self, listener: ControlListener) -> Callable[[], None]:
         def on_payload(payload: str) -> None:
+            if payload in (CONNECTED, DISCONNECTED):
+                listener(ControlEvent("", "listening" if payload == CONNECTED else "deaf"))
+                return
             event = parse_control(payload)
             if event is not None:
                 listener(event)

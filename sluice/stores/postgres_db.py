@@ -14,8 +14,12 @@ Invariants:
    through: they are defects.
 3. Notifications (LISTEN) arrive on one connection of their own per channel and event loop,
    outside the pool; when it breaks (the server restarted) it is made again, retried every
-   second, so listeners never need to know. A listener may miss notifications while it is
-   reconnecting: every consumer of them also polls, slowly.
+   second. A listener gets :data:`CONNECTED` whenever listening starts (also at once when it
+   registers on a channel already listened to) and :data:`DISCONNECTED` when it stops: in
+   between it may miss notifications, so every consumer of them also polls.
+4. The store sets no session state on pooled connections (no ``SET``, no session advisory
+   lock, no ``LISTEN``: those live on connections of their own), so a connection goes back to
+   the pool without asyncpg's reset query: one round trip less per transaction.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ RELISTEN_EVERY_S = 1.0
 SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 Listener = Callable[[str], None]  # a notification's payload
+CONNECTED = ""  # the payload a listener gets when listening starts (again): look again
+DISCONNECTED = "\x00"  # ... when it stops (notifications may be missed until CONNECTED)
 
 
 def _asyncpg() -> Any:
@@ -53,6 +59,18 @@ def _asyncpg() -> Any:
     except ImportError:
         raise MissingDependency("asyncpg", "postgres") from None
     return asyncpg
+
+
+@functools.cache
+def _pooled() -> Any:
+    """The pool's connection class: no reset query on release (invariant 4)."""
+    asyncpg = _asyncpg()
+
+    class PooledConnection(asyncpg.Connection):  # type: ignore[misc,name-defined]
+        def get_reset_query(self) -> str:
+            return ""
+
+    return PooledConnection
 
 
 def redact(url: str) -> str:
@@ -126,6 +144,7 @@ class _PerLoop:
     listeners: dict[str, list[Listener]] = field(default_factory=dict)
     listening: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     listen_conns: set[Any] = field(default_factory=set)
+    connected: set[str] = field(default_factory=set)  # channels listened to now
 
     def terminate(self) -> None:
         """Close every connection now, without the event loop (it may be closed)."""
@@ -175,7 +194,8 @@ class PgDatabase:
                 with map_pg_errors(self.url):
                     await self._prepare_schema()
                     here.pool = await asyncpg.create_pool(
-                        min_size=POOL_MIN, max_size=POOL_MAX, **await self._connect_kwargs())
+                        min_size=POOL_MIN, max_size=POOL_MAX, connection_class=_pooled(),
+                        **await self._connect_kwargs())
         return here.pool
 
     async def _prepare_schema(self) -> tuple[int, int]:
@@ -216,6 +236,8 @@ class PgDatabase:
         here = self._here()
         channel = schema.channel(channel, self.schema)
         here.listeners.setdefault(channel, []).append(listener)
+        if channel in here.connected:
+            asyncio.get_running_loop().call_soon(listener, CONNECTED)
         task = here.listening.get(channel)
         if task is None or task.done():
             here.listening[channel] = asyncio.create_task(
@@ -245,7 +267,8 @@ class PgDatabase:
                 lost = asyncio.Event()
                 conn.add_termination_listener(functools.partial(_set, lost))
                 await conn.add_listener(channel, deliver)
-                deliver(conn, 0, channel, "")  # (re)connected: listeners look again
+                here.connected.add(channel)
+                deliver(conn, 0, channel, CONNECTED)  # (re)connected: listeners look again
                 await lost.wait()
             except asyncio.CancelledError:
                 raise
@@ -253,6 +276,9 @@ class PgDatabase:
                 log.debug("listening on %s failed (again in %gs): %s", channel,
                           RELISTEN_EVERY_S, exc)
             finally:
+                if channel in here.connected:
+                    here.connected.discard(channel)
+                    deliver(conn, 0, channel, DISCONNECTED)
                 if conn is not None:
                     here.listen_conns.discard(conn)
                     if not conn.is_closed():

@@ -246,3 +246,64 @@ async def test_a_postgres_restart_mid_run_loses_and_repeats_nothing(
     with task_store(pg_url) as store:
         states = Counter(str(r.state) for r in await store.stats("jobs"))
     assert states == {"SUCCEEDED": len(accepted)}
+
+
+async def test_a_backlog_is_shared_by_workers_that_join_later(
+        tmp_path: Path, pg_url: str, run_log: str) -> None:  # noqa: F811
+    """A worker holds 100 of a shared queue by default (not 1,000): one that joins while the
+    first is busy gets work at once instead of after the first ran the whole backlog."""
+    pipeline = tmp_path / "jobs.yaml"
+    pipeline.write_text(EMBEDDED.format(handler="until_cancelled"))
+    with gateway(tmp_path / "g", pipeline, pg_url, "--no-workers") as g:
+        async with aiohttp.ClientSession() as http:
+            for n in range(300):
+                async with http.post(f"{g.url}/v1/pipelines/jobs/tasks", json={"sleep_s": 0.5},
+                                     headers={"Task-Id": f"t{n:03d}"}) as resp:
+                    assert resp.status == 202
+    first = worker(pipeline, tmp_path / "machine-a", pg_url, run_log)
+    second = None
+    try:
+        await wait_until(lambda: len(runs(run_log, "start")) >= 8, timeout_s=30)
+        second = worker(pipeline, tmp_path / "machine-b", pg_url, run_log)
+        await wait_until(lambda: any(e[3] == second.pid for e in read_log(run_log)),
+                         timeout_s=30)
+        by_first = sum(1 for e in read_log(run_log) if e[0] == "done" and e[3] == first.pid)
+    finally:
+        stop(first)
+        if second is not None:
+            stop(second)
+    assert by_first < 100, f"the second worker got work only after {by_first} tasks"
+
+
+async def test_a_pause_through_one_gateway_stops_workers_on_another_machine_at_once(
+        tmp_path: Path, pg_url: str, run_log: str) -> None:  # noqa: F811
+    pipeline = tmp_path / "jobs.yaml"
+    pipeline.write_text(EMBEDDED.format(handler="echo"))
+    remote = worker(pipeline, tmp_path / "machine-b", pg_url, run_log)
+    try:
+        with gateway(tmp_path / "machine-a", pipeline, pg_url, "--no-workers") as a:
+            async with aiohttp.ClientSession() as http:
+                async def submit(task_id: str) -> None:
+                    async with http.post(f"{a.url}/v1/pipelines/jobs/tasks", json={},
+                                         headers={"Task-Id": task_id}) as resp:
+                        assert resp.status == 202, await resp.text()
+
+                await submit("before")
+                await wait_until(lambda: runs(run_log) == {"before": 1}, timeout_s=30)
+                await asyncio.sleep(1.0)  # the worker listens, and looks at the store rarely
+                async with http.post(f"{a.url}/v1/pipelines/jobs/pause") as resp:
+                    assert resp.status == 200, await resp.text()
+                await asyncio.sleep(0.5)
+                await submit("while-paused")
+                await asyncio.sleep(2.0)
+                held = runs(run_log)
+                async with http.post(f"{a.url}/v1/pipelines/jobs/resume") as resp:
+                    assert resp.status == 200, await resp.text()
+                resumed = time.monotonic()
+                await wait_until(lambda: "while-paused" in runs(run_log), timeout_s=10)
+                resumed_after_s = time.monotonic() - resumed
+    finally:
+        errs = stop(remote)
+    assert remote.returncode == 0, errs
+    assert held == {"before": 1}, "a task ran while its pipeline was paused"
+    assert resumed_after_s < 1.0, f"the worker resumed {resumed_after_s:.2f}s after the resume"
