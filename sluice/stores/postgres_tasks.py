@@ -36,6 +36,7 @@ from sluice.errors import IllegalTransition, TaskNotFound
 from sluice.stores import postgres_tasks_sql as sql
 from sluice.stores.postgres_messages import put_in
 from sluice.stores.postgres_schema import CONTROL_CHANNEL, notify_sql
+from sluice.tasks.claims import decide
 from sluice.tasks.sqlite import outbox_queue
 from sluice.tasks.state import FINAL, TaskState, allowed
 from sluice.tasks.store import (
@@ -177,25 +178,11 @@ async def _claim(conn: Conn, pipeline: str, tenant: str, claims: Sequence[Claim]
         if found is None:  # deleted since the insert found it (a forgotten submit)
             out.append(ClaimResult(ClaimStatus.BUSY))
             continue
-        state, attempts, their_lease, their_owner, received, queued, started = found
-        if state in FINAL:
-            out.append(ClaimResult(ClaimStatus.DONE, attempts, received))
-            continue
-        if state == TaskState.PAUSED:
-            out.append(ClaimResult(ClaimStatus.HELD, attempts, received))
-            continue
-        if (state == TaskState.RUNNING and their_owner != owner
-                and their_lease is not None and their_lease > at):
-            out.append(ClaimResult(ClaimStatus.BUSY, attempts, received, their_lease))
-            continue
-        if claim.start:
-            attempts += 1
-            started = started if started is not None else at
-        current[claim.task_id] = ("RUNNING", attempts, lease_until, owner, received, queued,
-                                  started)
-        updates[claim.task_id] = (attempts, started)
-        out.append(ClaimResult(ClaimStatus.RUN, attempts, received, None, queued, started,
-                               claim.start))
+        result, row = decide(claim, found, owner, lease_until, at)
+        out.append(result)
+        if row is not None:
+            current[claim.task_id] = row
+            updates[claim.task_id] = (row[1], row[6])
     if updates:
         await conn.execute(sql.CLAIM_UPDATE, pipeline, list(updates), at, owner, lease_until,
                            [u[0] for u in updates.values()], [u[1] for u in updates.values()])

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from sluice.datadir import Database, QueuedMessage, put_in
 from sluice.errors import IllegalTransition, TaskNotFound
 from sluice.tasks import sqlbatch
+from sluice.tasks.claims import decide
 from sluice.tasks.sqlite_catalog import stored_pipelines_in
 from sluice.tasks.state import FINAL, TaskState, allowed
 from sluice.tasks.store import (
@@ -199,25 +200,11 @@ class SqliteTaskStore:
                 out.append(ClaimResult(ClaimStatus.RUN, first, received, None, received,
                                        first_start, claim.start))
                 continue
-            state, attempts, their_lease, their_owner, received, queued, started = found
-            if state in FINAL:
-                out.append(ClaimResult(ClaimStatus.DONE, attempts, received))
-                continue
-            if state == TaskState.PAUSED:
-                out.append(ClaimResult(ClaimStatus.HELD, attempts, received))
-                continue
-            if (state == TaskState.RUNNING and their_owner != owner
-                    and their_lease is not None and their_lease > now):
-                out.append(ClaimResult(ClaimStatus.BUSY, attempts, received, their_lease))
-                continue
-            if claim.start:  # else only reserved: counted by start() (rule 3 of the states)
-                attempts += 1
-                started = started if started is not None else now
-            current[claim.task_id] = ("RUNNING", attempts, lease_until, owner, received, queued,
-                                      started)
-            updates.append((attempts, started, now, owner, lease_until, claim.task_id))
-            out.append(ClaimResult(ClaimStatus.RUN, attempts, received, None, queued, started,
-                                   claim.start))
+            result, row = decide(claim, found, owner, lease_until, now)
+            out.append(result)
+            if row is not None:
+                current[claim.task_id] = row
+                updates.append((row[1], row[6], now, owner, lease_until, claim.task_id))
         # A statement per chunk, not per row (sqlbatch); a repeated id is inserted once above,
         # and of its updates the last one (made from the state the earlier ones left) holds.
         sqlbatch.insert(conn, "INSERT INTO tasks (pipeline, task_id, tenant, state, attempts,"
