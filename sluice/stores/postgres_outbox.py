@@ -16,12 +16,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 
-from sluice.connectors.base import Delivery, SinkRecord
 from sluice.stores.postgres_db import PgDatabase
 from sluice.stores.postgres_queue import PgQueueSource, delete_in, requeue_in
 from sluice.stores.postgres_tasks import record_deliveries_in
 from sluice.tasks.sqlite import outbox_queue
-from sluice.tasks.sqlite_outbox import COUNT_UP_TO, POLL_INTERVAL_S, SLOT_PREFIXES
+from sluice.tasks.sqlite_outbox import (
+    COUNT_UP_TO,
+    POLL_INTERVAL_S,
+    SLOT_PREFIXES,
+    take_in_order,
+)
 from sluice.tasks.store import OutboxItem
 
 Status = dict[str, object]
@@ -73,22 +77,8 @@ class PgOutbox:
                         *(source.queue for _, source in self._legacy)]
 
     async def take(self, max_n: int, wait_s: float) -> list[OutboxItem]:
-        while self._legacy:
-            name, source = self._legacy[0]
-            got = await source.fetch(max_n, 0.0)
-            if got:
-                return [self._item(name, d) for d in got]
-            if await source.pending() == 0:
-                self._legacy.pop(0)  # drained: never read again
-                await source.close()
-            else:
-                break  # its entries are delayed or leased: the label's queue meanwhile
-        return [self._item(self.label, d) for d in await self._queue.fetch(max_n, wait_s)]
-
-    @staticmethod
-    def _item(name: str, d: Delivery) -> OutboxItem:
-        return OutboxItem(name, SinkRecord(d.task_id, d.body, d.content_type, d.key, d.headers),
-                          d.deliveries, d.enqueued_at, d)
+        return await take_in_order(self._legacy, self.label, self._queue, max_n,
+                                   wait_s)
 
     async def delivered(self, items: Sequence[OutboxItem]) -> None:
         await self._settle(items, lambda i, now: {"state": "delivered", "at": now,

@@ -22,13 +22,16 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Collection, Sequence
+from typing import TypeVar
 
-from sluice.connectors.base import Delivery, SinkRecord
+from sluice.connectors.base import Delivery, SinkRecord, Source
 from sluice.connectors.embedded import EmbeddedSource
 from sluice.datadir import Database
 from sluice.tasks.queue import MessageQueue
 from sluice.tasks.sqlite import outbox_queue, record_deliveries_in
 from sluice.tasks.store import OutboxItem
+
+S = TypeVar("S", bound=Source)
 
 POLL_INTERVAL_S = 0.05
 SLOT_PREFIXES = ("on_success", "on_failure")  # how default labels and positional names start
@@ -56,6 +59,30 @@ def stranded_in(conn: sqlite3.Connection, pipeline: str,
             out[name] = int(count)
 
 
+def outbox_item(name: str, d: Delivery) -> OutboxItem:
+    """An outbox entry taken from its queue under ``name`` (its key in the task's
+    ``delivered`` map)."""
+    return OutboxItem(name, SinkRecord(d.task_id, d.body, d.content_type, d.key, d.headers),
+                      d.deliveries, d.enqueued_at, d)
+
+
+async def take_in_order(legacy: list[tuple[str, S]], label: str, queue: Source,
+                        max_n: int, wait_s: float) -> list[OutboxItem]:
+    """Rule 3, for any store's queues: the positional names' entries first, each name dropped
+    from ``legacy`` once found empty, then the label's."""
+    while legacy:
+        name, source = legacy[0]
+        got = await source.fetch(max_n, 0.0)
+        if got:
+            return [outbox_item(name, d) for d in got]
+        if await source.pending() == 0:
+            legacy.pop(0)  # drained: never read again
+            await source.close()
+        else:
+            break  # its entries are delayed or leased: the label's queue meanwhile
+    return [outbox_item(label, d) for d in await queue.fetch(max_n, wait_s)]
+
+
 class SqliteOutbox:
     """The outbox of one destination (by ``label``) of one pipeline; see the invariants."""
 
@@ -72,21 +99,8 @@ class SqliteOutbox:
         self._sources = {label: self._queue, **dict(self._legacy)}
 
     async def take(self, max_n: int, wait_s: float) -> list[OutboxItem]:
-        while self._legacy:
-            name, source = self._legacy[0]
-            got = await source.fetch(max_n, 0.0)
-            if got:
-                return [self._item(name, d) for d in got]
-            if await source.pending() == 0:
-                self._legacy.pop(0)  # drained: never read again
-            else:
-                break  # its entries are delayed or leased: the label's queue meanwhile
-        return [self._item(self.label, d) for d in await self._queue.fetch(max_n, wait_s)]
-
-    @staticmethod
-    def _item(name: str, d: Delivery) -> OutboxItem:
-        return OutboxItem(name, SinkRecord(d.task_id, d.body, d.content_type, d.key, d.headers),
-                          d.deliveries, d.enqueued_at, d)
+        return await take_in_order(self._legacy, self.label, self._queue, max_n,
+                                   wait_s)
 
     async def delivered(self, items: Sequence[OutboxItem]) -> None:
         now = time.time()
