@@ -364,7 +364,8 @@ async def test_watch_control_receives_notified_changes(store: Any, machines: Mak
                         json.dumps({"pipeline": "p", "action": "cancel", "task_id": "t1"}),
                         json.dumps({"pipeline": "p", "action": "pause"})):
             await conn.execute(f"SELECT {notify_sql('$1', '$2')}", CONTROL_CHANNEL, payload)
-    await wait_until(lambda: len(got) >= 2, 5.0)
-    assert got == [ControlEvent("p", "cancel", "t1"), ControlEvent("p", "pause", None)]
+    await wait_until(lambda: len(got) >= 3, 5.0)
+    assert got == [ControlEvent("", "listening"),  # announced from now on
+                   ControlEvent("p", "cancel", "t1"), ControlEvent("p", "pause", None)]
     stop()
 

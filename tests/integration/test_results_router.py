@@ -20,7 +20,8 @@ from sluice.consumer.results import ResultRouter
 from sluice.datadir import Database
 from sluice.errors import ConfigError
 from sluice.message import Outcome
-from sluice.runtime import build
+from sluice.runtime import build, warn_stranded
+from sluice.stores import open_store
 from sluice.tasks.sqlite import SqliteTaskStore, put_outbox
 from sluice.tasks.sqlite_outbox import SqliteOutbox
 from sluice.tasks.state import TaskState
@@ -134,8 +135,9 @@ async def test_a_changed_target_is_reported_and_its_label_delivers_its_records(
     (label,) = [d.destination.label for d in first.deliverers]
     ids = submit(data_dir, [{"i": i} for i in range(3)])
     await run_until_succeeded(first, len(ids))
+    changed = build(parse_pipeline(HEAD + "on_success:\n" + http(new.url)), data_dir)
     with caplog.at_level("WARNING", logger="sluice.runtime"):
-        build(parse_pipeline(HEAD + "on_success:\n" + http(new.url)), data_dir)
+        await warn_stranded(open_store(None, data_dir), changed)  # as run_pipelines does
     assert (f"pipeline 'jobs': 3 result record(s) wait in the outbox {label!r}, which no "
             "destination takes now") in caplog.text
     assert f"label: {label}" in caplog.text
