@@ -2,12 +2,12 @@
 submit→start latency, and procrastinate (a task queue on PostgreSQL) on the same server.
 
 Every sluice row is a pipeline at sluice's defaults: its YAML is ``name``, ``source: {embedded:
-{queue: jobs}}`` and ``handler``, nothing else (concurrency 8 and prefetch 1,000 per worker, task
-tracking on), run by ``python -m sluice.cli run pipeline.yaml --data-dir D [--store URL]
---drain`` processes (cwd the repo root, ``PYTHONPATH`` the repo, the default log level). Each
-row starts empty: a fresh PostgreSQL schema (``--url`` with ``?schema=bench_<row>_<random>``,
-created by the store, dropped after the row) or a fresh temporary data directory (SQLite). The
-rows, in their order:
+{queue: jobs}}`` and ``handler``, nothing else (concurrency 8, task tracking on; prefetch 1,000
+per worker on SQLite, 100 on the shared PostgreSQL queue), run by ``python -m sluice.cli run
+pipeline.yaml --data-dir D [--store URL] --drain`` processes (cwd the repo root, ``PYTHONPATH``
+the repo, the default log level). Each row starts empty: a fresh PostgreSQL schema (``--url``
+with ``?schema=bench_<row>_<random>``, created by the store, dropped after the row) or a fresh
+temporary data directory (SQLite). The rows, in their order:
 
 - ``sqlite_noop_1w``: N no-op tasks (``--tasks``, default 30,000; ``bench.handlers:noop``) are
   submitted first through ``Store.submit`` in batches of 1,000 (``submit_s``: its wall time, the
