@@ -80,8 +80,9 @@ CONSUMER_SPEC = ObjectSpec(
           "batches; a full worker stops fetching (backpressure). At least 3 x concurrency "
           "(x handler.batch.max_size for a batch handler) is used whatever is set. Held tasks "
           "are claimed: a crash counts an attempt for each that had a free ordering lane (as a "
-          "queue's receive count does). Default: 1000; 100 where the source is a queue that "
-          "workers on several machines share (the embedded queue on a PostgreSQL store), so a "
+          "queue's receive count does). Default: 1000; where the source is a queue that "
+          "workers on several machines share (the embedded queue on a PostgreSQL store), what "
+          "the worker finishes in about a quarter second, at most 1000, so a slow handler's "
           "backlog is shared out instead of taken by the first worker.", default=None,
           minimum=1, maximum=1_000_000),
     Field("prefetch_bytes", "integer", "Most message body bytes one worker holds at once "
@@ -188,7 +189,7 @@ class ConsumerConfig:
     ordering: str = "key"
     exactly_once: bool = False
     track_tasks: bool = True
-    prefetch: int | None = None  # None: the source's default_prefetch, else 1000
+    prefetch: int | None = None  # None: 1000, or paced on a shared backlog (consumer loop)
     prefetch_bytes: int = 64 * 1024 * 1024
 
     @property

@@ -8,7 +8,11 @@ Invariants, in the order they happen to a message:
    batch size) (running, ready, waiting in an ordering lane, or finished and not yet
    recorded); fetch only what fits: a full layer stops fetching, which is the backpressure to
    the source. Fetching runs ahead of the handlers so that claims and records go in large
-   batches. (A retry that
+   batches; while every slot is busy and tasks wait for one, it waits until a quarter of what
+   it may hold is free, so that a slow handler's worker claims in batches too, not a task or
+   two at a time. On a backlog shared with other machines' workers, without
+   ``consumer.prefetch``, it holds about what it finishes in ``SHARED_HOLD_S`` (rising at
+   once with its pace, falling by halves), so none takes more than its share. (A retry that
    holds its lane may come back beyond that: rule 4 of the dispatcher.)
 2. Claim every fetched task in the task store (one write per fetched batch) before running
    it. A task already final is settled (acknowledged) without running; one RUNNING under
@@ -118,7 +122,12 @@ PAUSE_RECHECK_S = 0.25  # how often a paused pipeline's workers look whether it 
 # ... where the store pushes pauses to them (sluice.stores.base invariant 4): a look only
 # covers a notification lost while the store's listening connection was being remade.
 PUSHED_PAUSE_RECHECK_S = 5.0
-DEFAULT_PREFETCH = 1000  # consumer.prefetch when neither the pipeline nor its source sets it
+DEFAULT_PREFETCH = 1000  # consumer.prefetch when the pipeline sets none
+# On a backlog that workers on several machines share (a source's ``shares_backlog``), a worker
+# without consumer.prefetch holds what it finishes in this long, so a slow handler's backlog is
+# shared out among them while a fast one is still fetched in large batches (rule 1).
+SHARED_HOLD_S = 0.25
+RATE_WINDOW_S = 0.1
 FLUSH_ERROR_PAUSE_S = 0.5
 DEAD_LETTER_RETRY_S = 5.0
 FETCH_WAIT_S = 0.25  # how long one fetch waits for work; bounds how late a stop is noticed
@@ -126,6 +135,8 @@ FETCH_WAIT_S = 0.25  # how long one fetch waits for work; bounds how late a stop
 # or by a group commit wakes it at once; this only bounds the wait for a retry falling due.
 ROOM_WAIT_S = 0.25
 YIELD_EVERY = 64  # attempts run back to back in one task before it yields (rule 16)
+# A busy worker refills when this fraction of what it may hold is free (rule 1).
+REFILL_FRACTION = 4
 # Deliveries held per slot of the limit (rule 1): one running, one ready or waiting in its
 # lane, one finished and waiting for its group commit.
 HELD_PER_SLOT = 3
@@ -178,7 +189,14 @@ class ConsumerLoop:
         self.stats = LoopStats()
         self.deliverers = list(deliverers)  # they drain the outbox while the loop runs
         self.prefetch = (config.consumer.prefetch if config.consumer.prefetch is not None
-                         else int(getattr(source, "default_prefetch", DEFAULT_PREFETCH)))
+                         else DEFAULT_PREFETCH)
+        # Rule 1: on a backlog shared with other machines' workers (and no prefetch set),
+        # hold what this worker finishes in about SHARED_HOLD_S, measured as it runs.
+        self._paced = (config.consumer.prefetch is None
+                       and bool(getattr(source, "shares_backlog", False)))
+        self._finished = 0
+        self._rate_per_s = 0.0
+        self._rate_since = time.monotonic()
         self.pause_recheck_s = PAUSE_RECHECK_S  # PUSHED_PAUSE_RECHECK_S: see control_pushed
         self.results = results or ResultRouter(config)  # rule 9
         self._producing: ProducingSource | None = None
@@ -262,17 +280,37 @@ class ConsumerLoop:
         if self._held_bytes >= self.config.consumer.prefetch_bytes:
             free = 0
         else:
-            free = self._capacity() - len(self._held)
+            capacity = self._capacity()
+            free = capacity - len(self._held)
+            if free < capacity // REFILL_FRACTION and self._ready and \
+                    self.limiter.available() <= 0:
+                free = 0  # every slot busy and work waiting: refill in a larger batch
         # Room for every retry that holds its lane and is due, whatever waits behind it
         # (rule 4 of the dispatcher): sources hand out due redeliveries before new messages.
         return max(free, self.dispatcher.due_retries())
 
     def _capacity(self) -> int:
-        """How many deliveries may be held (rule 1): ``consumer.prefetch``, and at least
-        HELD_PER_SLOT batches (of one, without a batch handler) per slot of the limit."""
+        """How many deliveries may be held (rule 1): ``consumer.prefetch`` (on a shared
+        backlog without one: what this worker finishes in ``SHARED_HOLD_S``, at most
+        DEFAULT_PREFETCH), and at least HELD_PER_SLOT batches (of one, without a batch
+        handler) per slot of the limit."""
         per_call = self.batch.max_size if self.batch is not None else 1
-        return max(self.prefetch,
-                   HELD_PER_SLOT * math.floor(self.limiter.limit) * per_call)
+        prefetch = self.prefetch
+        if self._paced:
+            prefetch = min(prefetch, int(self._finish_rate() * SHARED_HOLD_S))
+        return max(prefetch, HELD_PER_SLOT * math.floor(self.limiter.limit) * per_call)
+
+    def _finish_rate(self) -> float:
+        """Deliveries this worker finishes (records and settles) per second: a moving average
+        over windows of RATE_WINDOW_S."""
+        now = time.monotonic()
+        elapsed = now - self._rate_since
+        if elapsed >= RATE_WINDOW_S:
+            latest = self._finished / elapsed
+            self._rate_per_s = latest if latest > self._rate_per_s else (
+                self._rate_per_s + latest) / 2
+            self._finished, self._rate_since = 0, now
+        return self._rate_per_s
 
     def _hold(self, delivery: Delivery) -> None:
         self._held[id(delivery)] = delivery
@@ -750,6 +788,7 @@ class ConsumerLoop:
         finally:
             # Step 4: the deliveries are no longer held (room to fetch: wake the fetch loop),
             # and each lane whose attempt ended here moves on, its end recorded (rule 10).
+            self._finished += len(batch)
             for s in batch:
                 self._unhold(s.delivery)
                 self._unrecorded.discard(id(s.delivery))

@@ -188,8 +188,7 @@ class PatientSource:
         self.inner = inner
         self.lease_s = inner.lease_s
         self.orders_keys = bool(getattr(inner, "orders_keys", False))
-        if hasattr(inner, "default_prefetch"):
-            self.default_prefetch = int(inner.default_prefetch)
+        self.shares_backlog = bool(getattr(inner, "shares_backlog", False))
         self.patience = Patience(what, patience_s)
 
     async def start(self) -> None:

@@ -159,10 +159,10 @@ class PgQueueSource:
     """:class:`~sluice.connectors.base.Source` over one queue of a PostgreSQL store (see the
     invariants)."""
 
-    # consumer.prefetch when the pipeline sets none: workers on several machines share the
-    # queue, and each holds what it fetched (leased, its tasks claimed) until it runs them; a
-    # worker that fetched 1,000 would keep a small backlog from the others.
-    default_prefetch = 100
+    # Workers on several machines share the queue, and each holds what it fetched (leased, its
+    # tasks claimed) until it runs them: without consumer.prefetch, a worker holds about what
+    # it finishes in a quarter second (rule 1 of the consumer loop), not 1,000.
+    shares_backlog = True
 
     def __init__(self, db: PgDatabase, queue: str, lease_s: float, poll_interval_s: float,
                  ordered_keys: bool = False) -> None:
