@@ -43,13 +43,6 @@ COMPOSE_STORE = "postgresql://sluice:sluice@postgres:5432/sluice"
 K8S_FILES = {"namespace.yaml", "configmap.yaml", "secret.yaml", "workers.yaml", "gateways.yaml",
              "service.yaml", "migrate-job.yaml", "keda.yaml"}
 
-# Parts of the CLI these files use that are not in it yet (added alongside them), each allowed
-# to be missing until it lands; drop an entry once the CLI has it, and the check applies in full.
-# "<command path>": a command; "<command path> --flag": an option, taking a value;
-# "<command path> $VAR": an option's environment variable. Empty: the CLI has them all
-# (`store migrate`, `--store`/SLUICE_STORE, `run --metrics-port`).
-EXPECTED_SOON: frozenset[str] = frozenset()
-
 
 # -- loading --------------------------------------------------------------------------------
 
@@ -180,9 +173,8 @@ def compose_invocations() -> list[Invocation]:
 @dataclass(frozen=True)
 class Parsed:
     path: str  # the command path: "run", "store migrate"
-    command: click.Command | None  # None: one of EXPECTED_SOON, not in the CLI yet
-    params: dict[str, Any]  # as click parsed them (without the EXPECTED_SOON options)
-    used_soon: frozenset[str]  # the EXPECTED_SOON entries this invocation relies on
+    command: click.Command
+    params: dict[str, Any]  # as click parsed them
 
 
 def envvars_of(command: click.Command) -> set[str]:
@@ -198,8 +190,8 @@ def envvars_of(command: click.Command) -> set[str]:
 
 def parse(inv: Invocation) -> Parsed:
     """Resolve the subcommand of ``inv.argv`` in the click CLI and parse its arguments with it:
-    an unknown command, option or environment variable fails (unless it is EXPECTED_SOON), and
-    so does a value click refuses."""
+    an unknown command, option or environment variable fails, and so does a value click
+    refuses."""
     argv = list(inv.argv)
     assert argv[:1] == ["sluice"], f"{inv.where}: the command must start with sluice: {argv}"
     command: click.Command = cli
@@ -207,48 +199,29 @@ def parse(inv: Invocation) -> Parsed:
     rest = argv[1:]
     while isinstance(command, click.Group) and rest and not rest[0].startswith("-"):
         sub = command.commands.get(rest[0])
-        if sub is None:  # not in the CLI: every leading word is part of the command's path
-            while rest and not rest[0].startswith("-"):
-                words.append(rest.pop(0))
-            path = " ".join(words)
-            assert path in EXPECTED_SOON, (
-                f"{inv.where}: `sluice {path}` is not a command of the CLI "
-                f"(commands here: {sorted(command.commands)})")
-            return Parsed(path, None, {}, frozenset({path}))
+        assert sub is not None, (
+            f"{inv.where}: `sluice {' '.join([*words, rest[0]])}` is not a command of the CLI "
+            f"(commands here: {sorted(command.commands)})")
         words.append(rest.pop(0))
         command = sub
     path = " ".join(words)
     assert not isinstance(command, click.Group), f"{inv.where}: `sluice {path}` needs a command"
     known = {opt for p in command.params if isinstance(p, click.Option)
              for opt in (*p.opts, *p.secondary_opts)}
-    used_soon: set[str] = set()
-    kept: list[str] = []
-    args = iter(rest)
-    for arg in args:
+    for arg in rest:
         flag = arg.partition("=")[0]
-        if flag.startswith("--") and flag not in known:
-            entry = f"{path} {flag}"
-            assert entry in EXPECTED_SOON, (
-                f"{inv.where}: `sluice {path}` has no option {flag} "
-                f"(its options: {sorted(known)})")
-            used_soon.add(entry)
-            if "=" not in arg:
-                next(args, None)  # its value
-            continue
-        kept.append(arg)
+        assert not flag.startswith("--") or flag in known, (
+            f"{inv.where}: `sluice {path}` has no option {flag} (its options: {sorted(known)})")
     for name in inv.env:
-        if name.startswith("SLUICE_") and name not in envvars_of(command):
-            entry = f"{path} ${name}"
-            assert entry in EXPECTED_SOON, (
-                f"{inv.where}: `sluice {path}` reads no environment variable {name} "
-                f"(it reads: {sorted(envvars_of(command))})")
-            used_soon.add(entry)
+        assert not name.startswith("SLUICE_") or name in envvars_of(command), (
+            f"{inv.where}: `sluice {path}` reads no environment variable {name} "
+            f"(it reads: {sorted(envvars_of(command))})")
     try:
-        with command.make_context(f"sluice {path}", kept) as ctx:
+        with command.make_context(f"sluice {path}", rest) as ctx:
             params = dict(ctx.params)
     except click.ClickException as exc:
         pytest.fail(f"{inv.where}: `{shlex.join(argv)}`: {exc.format_message()}")
-    return Parsed(path, command, params, frozenset(used_soon))
+    return Parsed(path, command, params)
 
 
 def option_value(argv: Sequence[str], flag: str) -> str | None:
@@ -267,11 +240,6 @@ ALL_INVOCATIONS = [*k8s_invocations(), *compose_invocations()]
 @pytest.mark.parametrize("inv", ALL_INVOCATIONS, ids=[i.where for i in ALL_INVOCATIONS])
 def test_every_command_is_the_clis(inv: Invocation) -> None:
     parse(inv)
-
-
-def test_expected_soon_lists_only_what_the_files_use() -> None:
-    used = set().union(*(parse(inv).used_soon for inv in ALL_INVOCATIONS))
-    assert EXPECTED_SOON - used == set(), "EXPECTED_SOON entries no file relies on (remove them)"
 
 
 def test_the_commands_cover_migrate_run_and_serve() -> None:
