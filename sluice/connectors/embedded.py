@@ -1,4 +1,6 @@
-"""The embedded durable queue: named queues in the data directory's SQLite database (WAL).
+"""The embedded durable queue: named queues in the process's store, the data directory's SQLite
+database (WAL) by default (:class:`EmbeddedQueue`, here), or a PostgreSQL store shared by many
+machines (:mod:`sluice.stores.postgres_queue`, the same semantics).
 
 Semantics (those of a visibility-timeout queue such as SQS):
 
@@ -9,9 +11,9 @@ Semantics (those of a visibility-timeout queue such as SQS):
 3. A message whose lease lapses (its worker died) is visible again; the next fetch takes it and
    the task store's claim decides whether it runs again (see :mod:`sluice.tasks.state`).
 4. ``visible_at`` in the future delays a message: retry backoff and scheduled tasks.
-5. Several processes may share one data directory: a fetch is one ``BEGIN IMMEDIATE``
-   transaction that selects and leases in a single ``UPDATE … RETURNING``, so no message is
-   leased twice.
+5. Several processes may share one store: a fetch selects and leases in a single ``UPDATE …
+   RETURNING`` (SQLite: in one ``BEGIN IMMEDIATE`` transaction; PostgreSQL: over a ``FOR UPDATE
+   SKIP LOCKED`` select), so no message is leased twice.
 6. With ``consumer.ordering: key``, only the oldest message of each key can be taken (as in an
    SQS FIFO message group): while it is leased or waiting for a retry, the key's later
    messages wait, across every worker process.
