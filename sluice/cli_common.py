@@ -140,12 +140,13 @@ def run_async(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
-_store_url: list[str | None] = [None]  # this command's --store (a CLI process runs one)
+STORE_URL = "sluice.store_url"  # the command's --store, in its click context's meta
 
 
 def chosen_store_url() -> str | None:
     """The command's ``--store`` (``SLUICE_STORE``); ``None``: the data directory's SQLite."""
-    return _store_url[0]
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get(STORE_URL) if ctx is not None else None
 
 
 def data_dir_option(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -154,7 +155,7 @@ def data_dir_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def command(*args: Any, store: str | None, **kwargs: Any) -> Any:
-        _store_url[0] = store or None
+        click.get_current_context().meta[STORE_URL] = store or None
         return fn(*args, **kwargs)
 
     command = click.option("--store", "store", envvar="SLUICE_STORE", default=None,

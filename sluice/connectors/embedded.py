@@ -37,7 +37,6 @@ from sluice.datadir import Database
 from sluice.datadir import QueuedMessage as QueuedMessage  # re-exported: the queue API
 from sluice.datadir import put_in as put_in
 from sluice.spec import Field, ObjectSpec, Settings
-from sluice.stores.patient import PatientSource
 from sluice.tasks.queue import MessageQueue
 from sluice.tasks.sqlite import create_in
 from sluice.tasks.store import NewTask, TaskRecord
@@ -267,13 +266,8 @@ class EmbeddedSource:
 def build_source(config: EmbeddedSourceConfig, ctx: registry.BuildContext) -> Source:
     """The queue of the process's store (SQLite: :class:`EmbeddedSource`; PostgreSQL: its
     own, with the same semantics)."""
-    store = ctx.store
-    source = store.source(config.queue_of(ctx.pipeline), float(config.lease_s),
-                          float(config.poll_interval_s), ordered_keys=ctx.ordering == "key")
-    if store.patience_s:
-        return PatientSource(source, store.patience_s, f"queue {config.queue_of(ctx.pipeline)}"
-                             f" of the store {store.url}")
-    return source
+    return ctx.store.source(config.queue_of(ctx.pipeline), float(config.lease_s),
+                            float(config.poll_interval_s), ordered_keys=ctx.ordering == "key")
 
 
 SPEC = registry.register(registry.ComponentSpec(

@@ -82,7 +82,8 @@ class Store(Protocol):
     def source(self, queue: str, lease_s: float, poll_interval_s: float,
                ordered_keys: bool = False) -> Source:
         """The embedded source of one named queue: a visibility-timeout queue (the semantics
-        are numbered in :mod:`sluice.connectors.embedded`)."""
+        are numbered in :mod:`sluice.connectors.embedded`), waiting out an outage of the store
+        for ``patience_s``."""
         ...
 
     def outbox(self, pipeline: str, label: str, lease_s: float,

@@ -78,13 +78,22 @@ class Patience:
             self.recovered()
             return result
 
-    def failed(self, exc: Unavailable) -> None:
-        """A call that is not retried here met an outage (rule 3): note when it began."""
-        if self._down_since is None:
-            self._down_since = time.monotonic()
-            log.warning("%s unavailable; waiting for it: %s", self.what, exc)
-        elif time.monotonic() - self._down_since >= self.patience_s:
-            raise exc
+    async def or_nothing(self, fn: Callable[[], Awaitable[list[T]]],
+                         wait_s: float) -> list[T]:
+        """``fn``'s items; during an outage none, after one backoff step (rule 3), until the
+        outage has lasted ``patience_s``."""
+        try:
+            got = await fn()
+        except Unavailable as exc:
+            if self._down_since is None:
+                self._down_since = time.monotonic()
+                log.warning("%s unavailable; waiting for it: %s", self.what, exc)
+            elif time.monotonic() - self._down_since >= self.patience_s:
+                raise
+            await asyncio.sleep(min(MAX_BACKOFF_S, max(wait_s, FIRST_BACKOFF_S)))
+            return []
+        self.recovered()
+        return got
 
     def recovered(self) -> None:
         if self._down_since is not None:
@@ -195,14 +204,7 @@ class PatientSource:
         await self.patience.call(self.inner.start)
 
     async def fetch(self, max_n: int, wait_s: float) -> list[Delivery]:
-        try:
-            got = await self.inner.fetch(max_n, wait_s)
-        except Unavailable as exc:
-            self.patience.failed(exc)
-            await asyncio.sleep(min(MAX_BACKOFF_S, max(wait_s, FIRST_BACKOFF_S)))
-            return []
-        self.patience.recovered()
-        return got
+        return await self.patience.or_nothing(lambda: self.inner.fetch(max_n, wait_s), wait_s)
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         await self.patience.call(lambda: self.inner.ack(deliveries))
@@ -229,14 +231,7 @@ class PatientOutbox:
         self.patience = Patience(what, patience_s)
 
     async def take(self, max_n: int, wait_s: float) -> list[OutboxItem]:
-        try:
-            got = await self.inner.take(max_n, wait_s)
-        except Unavailable as exc:
-            self.patience.failed(exc)
-            await asyncio.sleep(min(MAX_BACKOFF_S, max(wait_s, FIRST_BACKOFF_S)))
-            return []
-        self.patience.recovered()
-        return got
+        return await self.patience.or_nothing(lambda: self.inner.take(max_n, wait_s), wait_s)
 
     async def delivered(self, items: Sequence[OutboxItem]) -> None:
         await self.patience.call(lambda: self.inner.delivered(items))

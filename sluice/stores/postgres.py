@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from sluice.stores import postgres_tasks
 from sluice.stores.base import ControlEvent, ControlListener
+from sluice.stores.patient import PatientSource
 from sluice.stores.postgres_db import CONNECTED, DISCONNECTED, PgDatabase
 from sluice.stores.postgres_messages import put_in
 from sluice.stores.postgres_outbox import PgOutbox
@@ -90,7 +91,10 @@ class PostgresStore:
 
     def source(self, queue: str, lease_s: float, poll_interval_s: float,
                ordered_keys: bool = False) -> Source:
-        return PgQueueSource(self.db, queue, lease_s, poll_interval_s, ordered_keys)
+        source = PgQueueSource(self.db, queue, lease_s, poll_interval_s, ordered_keys)
+        if not self.patience_s:
+            return source
+        return PatientSource(source, self.patience_s, f"queue {queue} of the store {self.url}")
 
     def outbox(self, pipeline: str, label: str, lease_s: float,
                legacy: Sequence[str] = ()) -> Outbox:
