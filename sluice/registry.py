@@ -64,12 +64,20 @@ ENTRY_POINT_GROUP = "sluice.components"
 BUILTIN_MODULES = (
     "sluice.connectors.embedded",
     "sluice.connectors.kafka",
+    "sluice.connectors.rabbitmq",
+    "sluice.connectors.nats",
+    "sluice.connectors.redis",
+    "sluice.connectors.mqtt",
     "sluice.handlers.python",
     "sluice.handlers.http",
     "sluice.sinks.embedded",
     "sluice.sinks.http",
     "sluice.sinks.webhook",
     "sluice.sinks.kafka",
+    "sluice.sinks.rabbitmq",
+    "sluice.sinks.nats",
+    "sluice.sinks.redis",
+    "sluice.sinks.mqtt",
 )
 
 T = TypeVar("T")

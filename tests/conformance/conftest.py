@@ -17,6 +17,7 @@ import contextlib
 import importlib
 import json
 import os
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -74,6 +75,9 @@ class Connector:
     delivery is its consumer's for as long as the consumer holds its partition."""
     store_url: str | None = None
     """The store the pipeline's workers use (``--store``); ``None``: the test's data directory."""
+    service: str | None = None
+    """Its broker's name for ``scripts/services`` (the restart test stops and starts it);
+    ``None``: no broker of its own (the embedded queue)."""
 
     def task_store(self, data_dir: Path) -> TaskStore:
         """The task records of the store the pipeline's workers use."""
@@ -92,6 +96,15 @@ class Connector:
 
     def dead_letters(self, expected: int) -> list[DeadLetter]:
         raise NotImplementedError
+
+    def publish_raw(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """Publish bodies as they are (task id, body): bytes that are not JSON, not UTF-8."""
+        raise NotImplementedError
+
+    def unreachable_source_yaml(self) -> str | None:
+        """The pipeline's ``source`` pointing at an address where no broker answers (a closed
+        port on 127.0.0.1); ``None``: the connector has no broker to miss."""
+        return None
 
     def holding_back(self, source: Source) -> bool:
         """Whether ``source`` stopped reading (backpressure); with ``observable_backpressure``."""
@@ -139,6 +152,12 @@ class EmbeddedConnector(Connector):
         self._on_store(lambda store: store.submit("jobs", [
             Submission("jobs", "default", m) for m in messages]))
 
+    def publish_raw(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        queued = [QueuedMessage(task_id, body, content_type="application/octet-stream")
+                  for task_id, body in messages]
+        self._on_store(lambda store: store.submit("jobs", [
+            Submission("jobs", "default", m) for m in queued]))
+
     def dead_letters(self, expected: int) -> list[DeadLetter]:
         async def take(store: Store) -> list[Delivery]:
             return await store.source("jobs.dlq", 600.0, 0.01).fetch(10_000, 0.0)
@@ -149,6 +168,8 @@ class EmbeddedConnector(Connector):
 
 class PostgresEmbeddedConnector(EmbeddedConnector):
     """The embedded queue in a PostgreSQL store: a schema of its own per test, dropped after."""
+
+    service = "postgres"
 
     def __init__(self, data_dir: Path) -> None:
         super().__init__(data_dir)
@@ -166,6 +187,7 @@ class PostgresEmbeddedConnector(EmbeddedConnector):
 class KafkaConnector(Connector):
     partitions = 3
     observable_backpressure = True
+    service = "kafka"
 
     def __init__(self) -> None:
         self.topic = kt.new_topic(self.partitions, "sluice-conf")
@@ -182,6 +204,13 @@ class KafkaConnector(Connector):
 
     def publish(self, items: Sequence[Item]) -> None:
         kt.produce(self.topic, [kt.Out(i.payload, i.task_id, i.key) for i in items])
+
+    def publish_raw(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        kt.produce_raw(self.topic, messages)
+
+    def unreachable_source_yaml(self) -> str | None:
+        return _flow({"kafka": {"brokers": f"127.0.0.1:{closed_port()}", "topic": self.topic,
+                                "group": self.topic}})
 
     def dead_letters(self, expected: int) -> list[DeadLetter]:
         return [DeadLetter(m.headers["sluice-task-id"], m.headers, m.value)
@@ -238,6 +267,11 @@ class ToyQueueConnector(Connector):
             self.toy.Message(i.task_id, json.dumps(i.payload).encode(), key=i.key)
             for i in items])
 
+    def publish_raw(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        self.toy.publish(self.data_dir, "jobs", [
+            self.toy.Message(task_id, body, content_type="application/octet-stream")
+            for task_id, body in messages])
+
     def dead_letters(self, expected: int) -> list[DeadLetter]:
         q = self.toy.ToyQueue(self.toy.queue_file(self.data_dir), "jobs.dlq")
         try:
@@ -249,6 +283,13 @@ class ToyQueueConnector(Connector):
 
     def close(self) -> None:
         self._installed.close()
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def in_ci() -> bool:
@@ -269,11 +310,28 @@ def kafka_connector(data_dir: Path) -> Connector:
     return KafkaConnector()
 
 
+def broker_connector(name: str) -> Callable[[Path], Connector]:
+    """The factory of a broker's connector, ``tests.helpers.<name>.connector`` (imported when
+    a test uses it, so the suites' import does not need every broker's client)."""
+    def make(data_dir: Path) -> Connector:
+        factory: Callable[[Path], Connector] = importlib.import_module(
+            f"tests.helpers.{name}").connector
+        return factory(data_dir)
+
+    return make
+
+
+BROKERS = ("rabbitmq", "nats", "redis", "mqtt")
+"""The brokers whose connectors live in ``tests/helpers/<name>.py`` (each ``connector(data_dir)``
+skips, or fails in CI, when its broker does not answer)."""
+
 CONNECTORS: dict[str, Callable[[Path], Connector]] = {
     "embedded": EmbeddedConnector,
     "embedded-postgres": PostgresEmbeddedConnector,
     "kafka": kafka_connector,
     "toyqueue": ToyQueueConnector,
+    **{name: broker_connector(name) for name in BROKERS
+       if hasattr(importlib.import_module(f"tests.helpers.{name}"), "connector")},
 }
 """Every connector the suites run over: name → factory (given the test's data directory)."""
 

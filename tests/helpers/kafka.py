@@ -79,6 +79,14 @@ def delete_topics(*names: str) -> None:
             future.result(timeout=30)
 
 
+def produce_raw(topic: str, messages: Iterable[tuple[str, bytes]]) -> None:
+    """Produce bodies as they are, each with its task id header."""
+    producer = Producer({"bootstrap.servers": BROKERS, "enable.idempotence": True})
+    for task_id, body in messages:
+        producer.produce(topic, body, headers=[("sluice-task-id", task_id.encode())])
+    assert producer.flush(60) == 0, "messages not delivered"
+
+
 @dataclass(frozen=True)
 class Out:
     """One message to produce."""

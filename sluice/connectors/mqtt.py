@@ -1,0 +1,1 @@
+"""The mqtt source (being written)."""

@@ -1,0 +1,1 @@
+"""The nats source (being written)."""

@@ -1,0 +1,1 @@
+"""The rabbitmq source (being written)."""

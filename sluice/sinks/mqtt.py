@@ -1,0 +1,1 @@
+"""The mqtt sink (being written)."""

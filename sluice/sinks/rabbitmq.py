@@ -1,0 +1,1 @@
+"""The rabbitmq sink (being written)."""

@@ -1,0 +1,1 @@
+"""Talking to the real nats broker in tests (its conformance connector: ``connector``)."""

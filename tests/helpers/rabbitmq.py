@@ -1,0 +1,1 @@
+"""Talking to the real rabbitmq broker in tests (its conformance connector: ``connector``)."""

@@ -1,0 +1,1 @@
+"""Talking to the real redis broker in tests (its conformance connector: ``connector``)."""
