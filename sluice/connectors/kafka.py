@@ -25,6 +25,11 @@ Invariants:
    poll thread's own producer at each commit, before the offsets they belong to are committed:
    after the broker acknowledged them (at least once), or in one transaction with the offsets
    (``consumer.exactly_once``); see :mod:`sluice.connectors.kafka_output`.
+10. Brokers away mid-run are an outage, not an error: librdkafka reconnects by itself, its
+    errors and log lines about it make one warning (:mod:`sluice.connectors.outage`), and the
+    first answer to a metadata request (about once a second meanwhile) or a consumed message
+    makes one line saying they are back. While starting, nothing is logged: a failed start
+    raises one error.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from sluice import registry
 from sluice.connectors import kafka_client as kc
 from sluice.connectors.base import Delivery, Output
 from sluice.connectors.kafka_output import OutputProducer, rebalancing
+from sluice.connectors.outage import OutageLog
 from sluice.connectors.partitioned import PartitionedBuffer
 from sluice.consumer.offsets import Partition
 from sluice.errors import SourceError
@@ -57,6 +63,8 @@ log = logging.getLogger(__name__)
 
 NAME = "kafka"
 POLL_TIMEOUT_S = 0.05  # one consume call; bounds how late a request or a stop is served
+OUTAGE_PROBE_S = 1.0  # while the brokers are away, a metadata request this often (rule 10)
+OUTAGE_PROBE_TIMEOUT_S = 0.5
 
 BROKERS, TOPIC, GROUP, TASK_ID_HEADER = "brokers", "topic", "group", "task_id_header"
 CONTENT_TYPE, AUTO_OFFSET_RESET, LEASE_S = "content_type", "auto_offset_reset", "lease_s"
@@ -175,6 +183,8 @@ class KafkaSource:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup = asyncio.Event()
         self._last_commit = 0.0
+        self.outage = OutageLog(f"kafka source of {self.topic!r} on {self.brokers}", log)
+        self._last_probe = 0.0
 
     # -- the event loop's side ------------------------------------------------------------
 
@@ -277,17 +287,18 @@ class KafkaSource:
             own["group.instance.id"] = self.cfg.instance_id
         if self.exactly_once:
             own["isolation.level"] = "read_committed"
-        config = kc.client_config(self.brokers, self.cfg.config, **own)
+        config = kc.client_config(self.brokers, self.cfg.config, outage=self.outage, **own)
+        self.outage.quiet = True  # a start that fails says so once, in its error (rule 10)
         with kc.map_kafka_errors(f"kafka source for {self.topic!r}: cannot create its consumer"):
             self._consumer = ck.Consumer(config)
         try:
-            admin_config = kc.client_config(self.brokers, self.cfg.config)
+            admin_config = kc.client_config(self.brokers, self.cfg.config, outage=self.outage)
             kc.ensure_topic(self._consumer, self.brokers, self.topic, self.cfg.create_topic,
                             admin_config)
             if self._outputs or self.exactly_once:
                 out = OutputProducer(self.topic, self.brokers, self.cfg, self.group,
                                      exactly_once=self.exactly_once)
-                out.open(self._outputs, admin_config)
+                out.open(self._outputs, admin_config, self.outage)
                 self._out = out
             with kc.map_kafka_errors(f"kafka source for {self.topic!r}: cannot subscribe"):
                 self._consumer.subscribe([self.topic], on_assign=self._on_assign,
@@ -295,6 +306,9 @@ class KafkaSource:
         except BaseException:
             self._consumer.close()
             raise
+        finally:
+            self.outage.up()
+            self.outage.quiet = False
         log.info("kafka source: consuming %s on %s as group %s%s", self.topic, self.brokers,
                  self.group, " (exactly-once)" if self.exactly_once else "")
 
@@ -310,6 +324,7 @@ class KafkaSource:
                     messages = consumer.consume(batch, POLL_TIMEOUT_S)
                 if messages and self.buffer.accept(self._records(messages)):
                     self._wake_loop()
+                self._probe_outage(bool(messages))
                 if self._out is not None:
                     self._out.poll()
                 if time.monotonic() - self._last_commit >= interval_s:
@@ -335,6 +350,22 @@ class KafkaSource:
             for req in requests:
                 req.future.set_exception(SourceError("the kafka source is closed"))
 
+    def _probe_outage(self, consumed: bool) -> None:
+        """While the brokers are away, ask one for the topic's metadata about once a second:
+        its answer ends the outage (rule 10)."""
+        if not self.outage.is_down:
+            return
+        now = time.monotonic()
+        if not consumed:
+            if now - self._last_probe < OUTAGE_PROBE_S:
+                return
+            self._last_probe = now
+            try:
+                self._consumer.list_topics(self.topic, timeout=OUTAGE_PROBE_TIMEOUT_S)
+            except kc.confluent().KafkaException:
+                return
+        self.outage.up()
+
     def _serve_requests(self) -> None:
         while True:
             with self._lock:
@@ -355,7 +386,9 @@ class KafkaSource:
             if error is not None:
                 if error.fatal():
                     raise kc.kafka_error(self._stopped, error)
-                if error.code() != ck.KafkaError._PARTITION_EOF:
+                if kc.is_outage(error):
+                    self.outage.down(error.str())
+                elif error.code() != ck.KafkaError._PARTITION_EOF:
                     log.warning("kafka source %s: %s", self.topic, error)
                 continue
             part: Partition = (m.topic(), m.partition())
@@ -410,9 +443,15 @@ class KafkaSource:
             else:
                 self._consumer.commit(offsets=offsets, asynchronous=True)
         except ck.KafkaException as exc:
-            log.warning("kafka source %s: commit of %s failed: %s", self.topic, points, exc)
+            if kc.is_outage(exc):
+                self.outage.down(exc)
+            else:
+                log.warning("kafka source %s: commit of %s failed: %s", self.topic, points, exc)
 
     def _on_commit(self, error: Any, partitions: list[Any]) -> None:
+        if error is not None and kc.is_outage(error):
+            self.outage.down(error.str())
+            return
         if error is not None:
             log.log(logging.INFO if rebalancing(error) else logging.WARNING,
                     "kafka source %s: commit refused (%s); the next commit covers it",

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, TypeVar
 
+from sluice.connectors.outage import OutageLog
 from sluice.errors import Misconfigured, MissingDependency, SourceError, Unavailable
 from sluice.spec import REQUIRED, Field, ObjectSpec, Settings
 
@@ -148,20 +149,65 @@ def map_kafka_errors(what: str) -> Iterator[None]:
         raise kafka_error(what, exc) from None
 
 
-def client_config(brokers: str, extra: Mapping[str, Any] | None, **own: Any) -> dict[str, Any]:
-    """sluice's settings for one client, then the user's ``config`` over them."""
+def client_config(brokers: str, extra: Mapping[str, Any] | None, *,
+                  outage: OutageLog | None = None, **own: Any) -> dict[str, Any]:
+    """sluice's settings for one client, then the user's ``config`` over them. The client's
+    errors and librdkafka's log go through ``outage`` (one line per outage, not one per
+    reconnect attempt: :mod:`sluice.connectors.outage`); without one, a client of its own."""
+    outage = outage or OutageLog(f"kafka client of {brokers}", log)
     config: dict[str, Any] = {
         "bootstrap.servers": ",".join(b.strip() for b in brokers.split(",")),
-        "error_cb": _log_error,
-        "logger": logging.getLogger("sluice.kafka.librdkafka"),
+        "error_cb": ErrorReport(outage),
+        "logger": LibrdkafkaLog(outage),
         **own,
     }
     config.update(extra or {})
     return config
 
 
-def _log_error(error: Any) -> None:
-    log.warning("kafka: %s", error)
+# Errors that mean "the brokers cannot be reached right now" (librdkafka retries them itself).
+OUTAGE_ERRORS = ("_TRANSPORT", "_ALL_BROKERS_DOWN", "_RESOLVE", "_TIMED_OUT",
+                 "_TIMED_OUT_QUEUE", "_WAIT_COORD", "COORDINATOR_NOT_AVAILABLE",
+                 "NOT_COORDINATOR", "_DESTROY_BROKER", "LEADER_NOT_AVAILABLE",
+                 "NOT_LEADER_FOR_PARTITION", "NETWORK_EXCEPTION")
+
+
+def is_outage(error: Any) -> bool:
+    """Whether a KafkaError (or a KafkaException carrying one) is the brokers being away."""
+    ck = confluent()
+    if isinstance(error, ck.KafkaException) and error.args:
+        error = error.args[0]
+    if not isinstance(error, ck.KafkaError):
+        return False
+    return error.code() in {getattr(ck.KafkaError, name, None) for name in OUTAGE_ERRORS}
+
+
+class ErrorReport:
+    """A client's ``error_cb``: the brokers being away is an outage (one line, however many
+    reconnect attempts); any other error is logged as it comes."""
+
+    def __init__(self, outage: OutageLog) -> None:
+        self.outage = outage
+
+    def __call__(self, error: Any) -> None:
+        if is_outage(error):
+            self.outage.down(error.str() if hasattr(error, "str") else error)
+        else:
+            log.warning("%s: %s", self.outage.what, error)
+
+
+class LibrdkafkaLog:
+    """A client's ``logger``: librdkafka's own lines. Those about failing connections (the
+    ``FAIL`` facility) repeat what the ``error_cb`` reports as an outage: kept at debug level."""
+
+    def __init__(self, outage: OutageLog) -> None:
+        self.outage = outage
+        self.logger = logging.getLogger("sluice.kafka.librdkafka")
+
+    def log(self, level: int, msg: str, *args: Any) -> None:
+        if args and args[0] == "FAIL":
+            level = logging.DEBUG
+        self.logger.log(level, msg, *args)
 
 
 def wanted_partitions(create_topic: CreateTopicConfig | None) -> int | None:

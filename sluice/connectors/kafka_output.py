@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from sluice.connectors import kafka_client as kc
 from sluice.connectors.base import Output
+from sluice.connectors.outage import OutageLog
 from sluice.sinks.kafka import kafka_headers
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ class OutputProducer:
         self._failed: list[Any] = []  # delivery errors of the current commit (rule 1)
 
     def open(self, topics: Sequence[tuple[str, kc.CreateTopicConfig | None]],
-             admin_config: dict[str, Any]) -> None:
+             admin_config: dict[str, Any], outage: OutageLog | None = None) -> None:
         """Create the producer and check (or create) the output topics. With exactly once, an
         open transaction of an earlier process with the same transactional.id is aborted here
         (init_transactions)."""
@@ -102,7 +103,8 @@ class OutputProducer:
                  if k not in CONSUMER_ONLY}
         with kc.map_kafka_errors(f"kafka source for {self.source_topic!r}: cannot create its "
                                  "producer"):
-            self._producer = ck.Producer(kc.client_config(self.brokers, extra, **own))
+            self._producer = ck.Producer(kc.client_config(self.brokers, extra, outage=outage,
+                                                          **own))
         for topic, create_topic in topics:
             kc.ensure_topic(self._producer, self.brokers, topic, create_topic, admin_config)
         if self.exactly_once:

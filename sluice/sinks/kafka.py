@@ -28,6 +28,7 @@ from sluice import registry
 from sluice.config.destinations import SinkSettings, label_field
 from sluice.connectors import kafka_client as kc
 from sluice.connectors.base import SinkRecord
+from sluice.connectors.outage import OutageLog
 from sluice.errors import DeliveryError, Misconfigured, SourceError
 from sluice.sinks.http import DELIVERY_FIELDS
 from sluice.spec import REQUIRED, Field, ObjectSpec
@@ -102,6 +103,7 @@ class KafkaSink:
         self._poller: threading.Thread | None = None
         self._stopping = threading.Event()
         self.missing_topic_hint = kc.CREATE_HINT  # what a missing topic's error advises
+        self.outage = OutageLog(f"kafka sink to {self.topic!r} on {brokers}", log)
 
     async def start(self) -> None:
         async with self._starting:
@@ -122,9 +124,10 @@ class KafkaSink:
             "allow.auto.create.topics": False,
         }
         with kc.map_kafka_errors(f"kafka sink to {self.topic!r}: cannot create its producer"):
-            producer = ck.Producer(kc.client_config(self.brokers, self.cfg.config, **own))
+            producer = ck.Producer(kc.client_config(self.brokers, self.cfg.config,
+                                                    outage=self.outage, **own))
         kc.ensure_topic(producer, self.brokers, self.topic, self.cfg.create_topic,
-                        kc.client_config(self.brokers, self.cfg.config),
+                        kc.client_config(self.brokers, self.cfg.config, outage=self.outage),
                         self.missing_topic_hint)
         self._producer = producer
 
@@ -158,6 +161,8 @@ class KafkaSink:
             futures.append(future)
         results = await asyncio.gather(*futures, return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
+        if len(failed) < len(results):
+            self.outage.up()  # the brokers acknowledged a record: they are there
         if failed:
             first = failed[0]
             raise DeliveryError(

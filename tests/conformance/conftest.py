@@ -153,8 +153,7 @@ class EmbeddedConnector(Connector):
             Submission("jobs", "default", m) for m in messages]))
 
     def publish_raw(self, messages: Sequence[tuple[str, bytes]]) -> None:
-        queued = [QueuedMessage(task_id, body, content_type="application/octet-stream")
-                  for task_id, body in messages]
+        queued = [QueuedMessage(task_id, body) for task_id, body in messages]
         self._on_store(lambda store: store.submit("jobs", [
             Submission("jobs", "default", m) for m in queued]))
 
@@ -269,8 +268,7 @@ class ToyQueueConnector(Connector):
 
     def publish_raw(self, messages: Sequence[tuple[str, bytes]]) -> None:
         self.toy.publish(self.data_dir, "jobs", [
-            self.toy.Message(task_id, body, content_type="application/octet-stream")
-            for task_id, body in messages])
+            self.toy.Message(task_id, body) for task_id, body in messages])
 
     def dead_letters(self, expected: int) -> list[DeadLetter]:
         q = self.toy.ToyQueue(self.toy.queue_file(self.data_dir), "jobs.dlq")

@@ -22,6 +22,7 @@ import pytest
 from sluice.datadir import Database
 from tests.conftest import ROOT, sluice_cmd, subprocess_env
 from tests.helpers import kafka as kt
+from tests.helpers.crash import LogTail, unexplained_repeats
 
 MESSAGES = 100_000
 PARTITIONS = 6
@@ -41,33 +42,6 @@ handler: {{python: "tests.helpers.handlers:behave"}}
 consumer: {{concurrency: 16, timeout_s: 30, retry: {{max_attempts: 50}}{exactly_once}}}
 {outputs}
 """
-
-
-class LogTail:
-    """Counts handler runs from the shared run log as it grows (lines are whole: O_APPEND)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.pos = 0
-        self.rest = b""
-        self.runs: list[tuple[str, int]] = []  # (task id, pid), in log order
-        self.done: set[str] = set()
-
-    def read(self) -> None:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.pos)
-                chunk = f.read()
-        except FileNotFoundError:
-            return
-        self.pos += len(chunk)
-        lines = (self.rest + chunk).split(b"\n")
-        self.rest = lines.pop()
-        for line in lines:
-            event, task_id, _attempt, pid = line.decode().split(" ")
-            if event == "done":
-                self.runs.append((task_id, int(pid)))
-                self.done.add(task_id)
 
 
 def start(pipeline: Path, data_dir: Path, run_log: str, slot: int) -> subprocess.Popen[bytes]:
@@ -143,11 +117,7 @@ def test_20_kills_during_100k_messages_lose_nothing(tmp_path: Path, data_dir: Pa
     expected = {f"{topic}/{p}/{o}" for p, o in _offsets(topic)}
     lost = expected - set(runs)
     repeated = {t: n for t, n in runs.items() if n > 1}
-    # A repeat is allowed only when every earlier run was in a worker that was then killed.
-    pids_of: dict[str, list[int]] = {}
-    for task_id, pid in tail.runs:
-        pids_of.setdefault(task_id, []).append(pid)
-    unexplained = [t for t, pids in pids_of.items() if any(p not in killed for p in pids[:-1])]
+    unexplained = unexplained_repeats(tail.runs, killed)
     states = dict(Database.open(data_dir).run_sync(lambda c: c.execute(
         "SELECT state, COUNT(*) FROM tasks GROUP BY state").fetchall()))
     outputs = Counter(m.headers["sluice-task-id"] for m in kt.read_to_end(out)) if out else None
