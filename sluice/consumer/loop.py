@@ -25,7 +25,9 @@ Invariants, in the order they happen to a message:
 4. An attempt's end is recorded in the task store (compare-and-set from RUNNING under this
    worker) *before* its message is settled at the source. A crash between the two leaves a
    message whose task is final: rule 2 acknowledges it and skips it. So a finished task never
-   runs again, and an unrecorded one always does.
+   runs again, and an unrecorded one always does. A settlement that meets its broker away
+   (:class:`~sluice.errors.Unavailable`) is the same case: the broker hands the message out
+   again, and rule 2 settles it then (the source logs the outage, once).
 5. A task that fails for good is sent to the dead letter *before* it is recorded FAILED (a crash
    between the two may send it twice; it is never lost).
 6. Records and settlements are batched: every attempt that ends while a batch is being written
@@ -100,6 +102,7 @@ from sluice.consumer.gate import gate_for
 from sluice.consumer.limiter import Permit, Signal, make_limiter
 from sluice.consumer.results import ResultRouter
 from sluice.consumer.retry import RetryPolicy
+from sluice.errors import Unavailable
 from sluice.handlers.base import BatchHandler, Handler
 from sluice.message import Message, Outcome
 from sluice.tasks.state import TaskState
@@ -780,11 +783,15 @@ class ConsumerLoop:
                 acks.append((s.delivery, s.outputs if keep else ()))
         try:
             # Step 3: settle at the source, after the record (rule 4).
-            if self._producing is not None:
-                await self._producing.ack_producing(acks)
-            else:
-                await self.source.ack([d for d, _ in acks])
-            await self.source.retry_later(requeues)
+            try:
+                if self._producing is not None:
+                    await self._producing.ack_producing(acks)
+                else:
+                    await self.source.ack([d for d, _ in acks])
+                await self.source.retry_later(requeues)
+            except Unavailable as exc:  # rule 4: the broker hands them out again later
+                log.debug("settling %d message(s) at the source failed (%s); they come back "
+                          "and their recorded ends settle them", len(batch), exc)
         finally:
             # Step 4: the deliveries are no longer held (room to fetch: wake the fetch loop),
             # and each lane whose attempt ended here moves on, its end recorded (rule 10).
@@ -846,7 +853,8 @@ class ConsumerLoop:
                        + [d.task_id for d, _ in self._to_start + self._starting]
                        + [d.task_id for d, _ in self.dispatcher.waiting_items()])
             try:
-                await self.source.extend(held)
+                with contextlib.suppress(Unavailable):  # its source logs the outage, once
+                    await self.source.extend(held)
                 lost = await self.store.extend(self.config.name, claimed, self.owner,
                                                self.source.lease_s, time.time())
             except Exception:
