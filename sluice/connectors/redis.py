@@ -139,6 +139,7 @@ class RedisSource:
         self._next_reclaim = 0.0
         self._next_trim = 0.0
         self._next_due_s: float | None = None  # the delayed set's earliest due time (epoch s)
+        self._held: set[str] = set()  # entry ids handed out here and not settled (rule 2)
 
     async def start(self) -> None:
         if self._client is not None:
@@ -233,8 +234,10 @@ class RedisSource:
                   int(self.lease_s * 1000), 1 if reclaim else 0, self._cursor])
         self._cursor = rc.text(cursor)
         self._next_due_s = None if not next_due else float(next_due) / 1000.0
+        # An entry held here whose lease lapsed (its extends failed in an outage) was claimed
+        # back by this consumer: its lease is renewed, and it is not handed out a second time.
         return [self._delivery(rc.text(entry_id), _pairs(flat), int(count))
-                for entry_id, flat, count in out]
+                for entry_id, flat, count in out if rc.text(entry_id) not in self._held]
 
     async def _read_new(self, n: int, block_s: float) -> list[Delivery]:
         block_ms = int(block_s * 1000)
@@ -248,6 +251,7 @@ class RedisSource:
         return out
 
     def _delivery(self, entry_id: str, fields: Mapping[bytes, bytes], count: int) -> Delivery:
+        self._held.add(entry_id)
         headers = rc.headers_of(fields)
         key = fields.get(rc.KEY)
         return Delivery(
@@ -283,6 +287,7 @@ class RedisSource:
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         if deliveries:
             ids = [d.ref for d in deliveries]
+            self._held.difference_update(ids)
             await self._settle("ack", lambda: self._client.xack(self.stream, self.group, *ids))
 
     async def retry_later(self, deliveries: Sequence[tuple[Delivery, float]]) -> None:
@@ -292,6 +297,7 @@ class RedisSource:
         args: list[Any] = [self.group, DELAYED_CONSUMER]
         for d, delay_s in deliveries:
             args += [d.ref, int(now_ms + max(delay_s, 0.0) * 1000)]
+            self._held.discard(d.ref)
         due = min(now_ms / 1000 + max(delay_s, 0.0) for _, delay_s in deliveries)
         await self._settle("retry_later", lambda: self._scripts["delay"](
             keys=[self.stream, self.delayed], args=args))
@@ -302,15 +308,16 @@ class RedisSource:
         if deliveries:
             ids = [d.ref for d in deliveries]
             await self._settle("extend", lambda: self._scripts["extend"](
-                keys=[self.stream], args=[self.group, self.consumer, *ids]))
+                keys=[self.stream], args=[self.group, self.consumer, *ids]), patience_s=0.0)
 
-    async def _settle(self, what: str, call: Any) -> None:
-        """Rule 7: retried through an outage for up to SETTLE_PATIENCE_S, then given up (the
+    async def _settle(self, what: str, call: Any,
+                      patience_s: float = SETTLE_PATIENCE_S) -> None:
+        """Rule 7: retried through an outage for up to ``patience_s``, then given up (the
         entries stay pending)."""
         if self._client is None:
             raise SourceError(f"the redis source of {self.stream!r} is not started")
         rx = rc.exceptions()
-        give_up = time.monotonic() + SETTLE_PATIENCE_S
+        give_up = time.monotonic() + patience_s
         while True:
             try:
                 await call()

@@ -96,7 +96,7 @@ class RedisSink:
         try:
             async with self._client.pipeline(transaction=False) as pipe:
                 for record in records:
-                    pipe.xadd(self.stream, rc.entry_fields(record))  # type: ignore[arg-type]
+                    pipe.xadd(self.stream, rc.entry_fields(record))
                 replies = await pipe.execute(raise_on_error=False)
             failed = [r for r in replies if isinstance(r, BaseException)]
             if not failed and self.cfg.wait_replicas:
