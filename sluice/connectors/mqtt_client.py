@@ -36,13 +36,13 @@ import random
 import re
 import ssl
 import tempfile
-import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sluice.connectors.outage import OutageLog
 from sluice.errors import DeliveryError, Misconfigured, MissingDependency, SourceError, Unavailable
 
 log = logging.getLogger("sluice.mqtt")
@@ -155,9 +155,11 @@ def connect_error(address: Address, what: str, exc: BaseException) -> SourceErro
     """A failed connection to ``address`` as sluice's error: a refusal for credentials, client
     id or protocol is :class:`Misconfigured`; anything else (refused, reset, timed out) is an
     outage, :class:`Unavailable`."""
-    aiomqtt = load()
+    load()
+    from aiomqtt.exceptions import MqttConnectError
+
     code = getattr(getattr(exc, "rc", None), "value", getattr(exc, "rc", None))
-    if isinstance(exc, aiomqtt.MqttConnectError) and code in PERMANENT_CONNECT_REASONS:
+    if isinstance(exc, MqttConnectError) and code in PERMANENT_CONNECT_REASONS:
         return Misconfigured(f"{what}: the MQTT broker at {address} refused the connection: "
                              f"{exc}; check the url's credentials and the client id")
     return Unavailable(f"{what}: cannot reach the MQTT broker at {address}: {exc}; is it "
@@ -238,6 +240,7 @@ class Connection:
         self._down = asyncio.Event()
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
+        self.outage = OutageLog(what, log)
 
     # -- opening, losing and remaking ---------------------------------------------------------
 
@@ -289,9 +292,7 @@ class Connection:
             await self._down.wait()
             if self._closing:
                 return
-            started = time.monotonic()
-            log.warning("%s: lost the MQTT broker at %s; reconnecting in the background",
-                        self.what, self.address)
+            self.outage.down(f"lost the connection to {self.address}")
             delay_s = RECONNECT_FIRST_S
             while not self._closing:
                 await self._drop_client()
@@ -299,13 +300,11 @@ class Connection:
                     await self._connect()
                     break
                 except Exception as exc:  # an outage: tried again, quietly (invariant 3)
-                    log.debug("%s: reconnecting to %s: %s", self.what, self.address, exc)
+                    self.outage.down(exc)
                 await asyncio.sleep(delay_s * random.uniform(0.8, 1.0))
                 delay_s = min(delay_s * 2, RECONNECT_MAX_S)
             if not self._closing:
-                log.info("%s: the MQTT broker at %s is back after %.1fs (session %s)",
-                         self.what, self.address, time.monotonic() - started,
-                         "resumed" if self.session_present else "new")
+                self.outage.up()
 
     async def _drop_client(self) -> None:
         client, self._client = self._client, None
@@ -329,8 +328,9 @@ class Connection:
             return
         self.session_present = session_present
         server_max = getattr(props, "ReceiveMaximum", None) if props is not None else None
-        if server_max:  # paho does not follow the server's receive maximum by itself
-            client._client.max_inflight_messages_set(int(server_max))
+        if server_max:  # paho does not follow the server's receive maximum by itself (nor
+            # lets it be set once connected: nothing is in flight yet at the CONNACK)
+            client._client._max_inflight_messages = int(server_max)
 
     def _lost(self, client: Any) -> None:
         if client is self._client:
