@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -44,7 +45,7 @@ async def plain_loop(queue: str, out: str, n: int) -> None:
     done = 0
     async with client() as c:
         while done < n:
-            reply = await c.xreadgroup(GROUP, "plain", {queue: ">"}, count=BATCH, block=1000)
+            reply: Any = await c.xreadgroup(GROUP, "plain", {queue: ">"}, count=BATCH, block=1000)
             for _stream, entries in reply or ():
                 if not entries:
                     continue
