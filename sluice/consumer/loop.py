@@ -79,6 +79,11 @@ Invariants, in the order they happen to a message:
 16. Without a batch handler, each attempt takes a permit of its own, and an asyncio task that
     ends one attempt takes the next ready task while the limiter has room (no task created
     per message); cancelling a task's running attempt (rule 7) ends that attempt only.
+17. A delivery of a task this loop already holds (a broker handing a message out again after
+    a reconnect or a lapsed lease, or two messages with one task id) is not claimed: the
+    store's claim would let this loop, the task's owner, run it a second time beside the
+    first. It is handed back with a delay of ``DUPLICATE_DELAY_S`` and comes back once the
+    attempt under way has ended, when its claim settles it (rule 2).
 """
 
 from __future__ import annotations
@@ -142,6 +147,7 @@ YIELD_EVERY = 64  # attempts run back to back in one task before it yields (rule
 REFILL_FRACTION = 4
 # Deliveries held per slot of the limit (rule 1): one running, one ready or waiting in its
 # lane, one finished and waiting for its group commit.
+DUPLICATE_DELAY_S = 1.0  # a second delivery of a task held here comes back after this (rule 17)
 HELD_PER_SLOT = 3
 
 
@@ -224,6 +230,7 @@ class ConsumerLoop:
         self._running: dict[asyncio.Task[None], tuple[Delivery, ...]] = {}
         self._held: dict[int, Delivery] = {}  # every delivery not yet settled, by id()
         self._held_bytes = 0  # the body bytes of those (rule 1)
+        self._held_ids: dict[str, int] = {}  # their task ids, with how many of each (rule 17)
         self.batch = config.batch  # handler.batch: the handler takes lists (rule 13)
         if self.batch is not None and not isinstance(handler, BatchHandler):
             raise TypeError(f"pipeline {config.name!r}: this handler type takes no batches")
@@ -318,10 +325,28 @@ class ConsumerLoop:
     def _hold(self, delivery: Delivery) -> None:
         self._held[id(delivery)] = delivery
         self._held_bytes += len(delivery.body)
+        self._held_ids[delivery.task_id] = self._held_ids.get(delivery.task_id, 0) + 1
 
     def _unhold(self, delivery: Delivery) -> None:
         if self._held.pop(id(delivery), None) is not None:
             self._held_bytes -= len(delivery.body)
+            left = self._held_ids.pop(delivery.task_id, 1) - 1
+            if left:
+                self._held_ids[delivery.task_id] = left
+
+    def _without_duplicates(self, deliveries: list[Delivery]) -> tuple[list[Delivery],
+                                                                        list[Delivery]]:
+        """(deliveries to claim, deliveries of tasks already held here) (rule 17)."""
+        fresh: list[Delivery] = []
+        again: list[Delivery] = []
+        seen: set[str] = set()
+        for d in deliveries:
+            if d.task_id in self._held_ids or d.task_id in seen:
+                again.append(d)
+            else:
+                seen.add(d.task_id)
+                fresh.append(d)
+        return fresh, again
 
     async def _fetch_until(self, stop: asyncio.Event, drain: bool) -> None:
         stop_wait = asyncio.create_task(stop.wait())
@@ -351,6 +376,10 @@ class ConsumerLoop:
                     # Paused while this fetch waited: hand them back unclaimed (rule 7).
                     await self.source.retry_later([(d, 0.0) for d in deliveries])
                     continue
+                if deliveries:
+                    deliveries, again = self._without_duplicates(deliveries)
+                    if again:
+                        await self.source.retry_later([(d, DUPLICATE_DELAY_S) for d in again])
                 if deliveries:
                     self._dispatch_soon(deliveries)
                 elif drain and await self._drained():

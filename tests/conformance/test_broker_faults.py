@@ -81,6 +81,18 @@ async def test_a_handler_running_past_the_lease_keeps_its_message(
     assert await state_counts(connector, data_dir) == {"SUCCEEDED": 11}
 
 
+async def test_a_task_delivered_twice_while_it_runs_runs_once(
+        connector: Connector, data_dir: Path, run_log: str) -> None:
+    # Two messages with one task id (a producer's retry; a broker handing a message out again
+    # to the worker running it): the second is not run beside the first, nor after it.
+    twin = Item("twin", {"sleep_s": 1.0})
+    connector.publish([twin, twin, *items(5)])
+    await drain(make_loop(connector, data_dir, concurrency=4))
+    starts = [e for e in read_log(run_log) if e[1] == "twin" and e[0] == "start"]
+    assert len(starts) == 1, starts
+    assert await state_counts(connector, data_dir) == {"SUCCEEDED": 6}
+
+
 def test_an_unreachable_broker_at_start_is_one_error_line(connector: Connector,
                                                           tmp_path: Path,
                                                           data_dir: Path) -> None:

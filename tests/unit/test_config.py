@@ -63,6 +63,9 @@ def test_out_of_range() -> None:
                             .replace(" and <=", " <=")]
 
 
+KNOWN_SOURCES = "embedded, kafka, mqtt, nats, rabbitmq, redis"
+
+
 def test_yaml_syntax_error() -> None:
     (msg,) = issues("name: x\nsource: {embedded: {queue: a}\nhandler: y\n")
     assert msg.startswith("p.yaml:3:")
@@ -83,7 +86,7 @@ def test_unknown_key_with_did_you_mean() -> None:
 def test_unknown_component_type_lists_known() -> None:
     (msg,) = issues(GOOD.replace("embedded: {queue: images}", "embeded: {queue: images}"))
     assert msg == ("p.yaml:3:3: source.embeded: unknown source type 'embeded' "
-                   "(did you mean 'embedded'?); known types: embedded, kafka")
+                   "(did you mean 'embedded'?); known types: " + KNOWN_SOURCES)
 
 
 def test_missing_required_key() -> None:
@@ -134,9 +137,9 @@ def test_two_components_in_one_slot() -> None:
     found = issues(GOOD.replace("embedded: {queue: images}",
                                 "embedded: {queue: images}\n  kafka2: {}"))
     assert found == [
-        "p.yaml:3:3: source: expected exactly one source type, one of: embedded, kafka",
+        "p.yaml:3:3: source: expected exactly one source type, one of: " + KNOWN_SOURCES,
         "p.yaml:4:3: source.kafka2: unknown source type 'kafka2' (did you mean 'kafka'?); "
-        "known types: embedded, kafka",
+        "known types: " + KNOWN_SOURCES,
     ]
 
 
