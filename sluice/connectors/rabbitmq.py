@@ -136,7 +136,9 @@ class RabbitSource:
         self._unsettled: deque[int] = deque()  # delivery tags not yet settled, in order
         self._settled: set[int] = set()  # settled out of order, still in _unsettled
         self._out = 0  # handed out by fetch, not settled (this channel's)
-        self._prefetch = 0  # per consumer, as last set
+        self._prefetch = 0  # of the current consumer (per consumer, as RabbitMQ counts it)
+        self._old = 0  # deliveries of replaced consumers not yet settled (their tags <= _cutoff)
+        self._cutoff = 0
         self._consuming = False
         self._tags: list[str] = []  # consumer tags of this channel
         self._wanted = 1  # the prefetch the layer last asked for (rule 2)
@@ -169,7 +171,7 @@ class RabbitSource:
         self._buffer.clear()
         self._unsettled.clear()
         self._settled.clear()
-        self._out = 0
+        self._out = self._old = self._cutoff = 0
         self._consuming, self._tags = False, []
         self._arrived.set()
 
@@ -182,12 +184,16 @@ class RabbitSource:
         if self.cfg.shards > 0:
             wanted = self.cfg.max_prefetch
         per = max(1, -(-wanted // len(self.queues)))
-        if self._consuming and (per == self._prefetch or self.cfg.shards > 0):
+        if self._consuming and (per == self._prefetch + self._old or self.cfg.shards > 0):
             return
         if self._consuming:
             for tag in self._tags:  # deliveries before its CancelOk still come in order
                 await self._raw.basic_cancel(tag)
             self._consuming, self._tags = False, []
+            # Its deliveries stay unsettled on the channel, outside the new one's prefetch.
+            self._old = len(self._unsettled) - len(self._settled)
+            self._cutoff = self._unsettled[-1] if self._unsettled else self._cutoff
+            per = max(1, per - self._old)
         await self._raw.basic_qos(prefetch_count=per)
         self._prefetch = per
         generation = self.link.generation
@@ -238,7 +244,7 @@ class RabbitSource:
             return []  # an outage: the loop goes on (rule 7)
         wanted = min(self.cfg.max_prefetch, self._out + max(max_n, 1))
         self._wanted, self._wanted_consuming = wanted, True
-        held = self._prefetch * len(self.queues)
+        held = self._prefetch * len(self.queues) + self._old
         if not self._consuming or not held * 3 // 4 <= wanted <= held * 5 // 4:
             try:
                 await self._consume(wanted)
@@ -266,6 +272,8 @@ class RabbitSource:
         generation = self.link.generation if self.link.up else -1
         tags = [d.ref[1] for d in deliveries if d.ref[0] == generation]
         self._out = max(self._out - len(tags), 0)
+        if self._old:
+            self._old = max(self._old - sum(1 for t in tags if t <= self._cutoff), 0)
         return tags
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:

@@ -8,9 +8,9 @@ own on a thread of its own, so a test may call these from inside its own loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -129,20 +129,27 @@ class In:
 
 
 def read_all(queue: str, expected: int, timeout_s: float = 30.0) -> list[In]:
-    """Take (and acknowledge) messages of ``queue`` until ``expected`` have come (or the
-    timeout: then what came, for the test to report)."""
+    """Consume (and acknowledge) messages of ``queue`` until ``expected`` have come (or the
+    timeout: then what came, for the test to report). A consumer, not basic.get: quorum queues
+    with a single active consumer refuse basic.get."""
     async def use(ch: aio_pika.abc.AbstractChannel) -> list[In]:
         q = await ch.declare_queue(queue, passive=True)
         out: list[In] = []
-        deadline = time.monotonic() + timeout_s
-        while len(out) < expected and time.monotonic() < deadline:
-            m = await q.get(fail=False, no_ack=True)
-            if m is None:
-                await asyncio.sleep(0.05)
-                continue
+        enough = asyncio.Event()
+
+        async def take(m: aio_pika.abc.AbstractIncomingMessage) -> None:
             headers = {k: t for k, v in (m.headers or {}).items()
-                       if (t := header_text(v)) is not None}
+                       if not k.startswith("x-") and (t := header_text(v)) is not None}
             out.append(In(m.body, headers, m.message_id, bool(m.redelivered)))
+            await m.ack()
+            if len(out) >= expected:
+                enough.set()
+
+        tag = await q.consume(take)
+        if expected > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(enough.wait(), timeout_s)
+        await q.cancel(tag)
         return out
 
     return run(use)
