@@ -24,8 +24,8 @@ async def read(queues: list[str]) -> None:
         for name in queues:
             queue = await channel.declare_queue(name, passive=True)
             while (message := await queue.get(fail=False, no_ack=True)) is not None:
-                headers = " ".join(f"{k}={v}" for k, v in sorted((message.headers or {}).items())
-                                   if k.startswith("sluice-"))
+                headers = " ".join(f"{k}={v!s}" for k, v in sorted((message.headers or {}).items())
+                                   if k.startswith("sluice-") and isinstance(v, str))
                 print(f"{name} {headers} {message.body.decode(errors='replace')}")
 
 

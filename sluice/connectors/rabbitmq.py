@@ -20,7 +20,12 @@ Invariants:
 5. ``retry_later(delay)`` publishes a copy (same task id, with the deliveries so far) to the
    delay queue ``<queue>.delay.<ms>`` (:mod:`~sluice.connectors.rabbitmq_client` rule 3),
    waits for the broker's confirm, then acknowledges the original: the copy is back in the
-   queue after the delay (rounded up, at most +10%). A zero delay requeues (``basic.nack``).
+   queue after the delay (rounded up, at most +10%), for any worker. A delivery in an ordering
+   lane (a keyed one under ``ordering: key``, any under ``partition``) would come back behind
+   its key's later messages, which its lane holds and which could fill the prefetch: it stays
+   unacknowledged, in its place, and this source hands it out again after the delay (a crash
+   gives it back to the queue ahead of them). A zero delay requeues (``basic.nack``; back at
+   its place in a quorum queue).
 6. A task's id is the ``task_id_header`` header, else the ``message_id`` property, else a
    SHA-256 of the message (body, content type, timestamp, headers but the broker's): the same
    on every redelivery, so the task store's claim skips a message whose task is finished.
@@ -37,8 +42,10 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hashlib
+import heapq
 import logging
 import time
 from collections import deque
@@ -120,8 +127,12 @@ class RabbitSource:
 
     shares_backlog = True  # competing consumers: the layer paces what a worker holds
 
-    def __init__(self, config: RabbitSourceConfig, pipeline: str) -> None:
+    def __init__(self, config: RabbitSourceConfig, pipeline: str, *,
+                 ordering: str = "unordered") -> None:
         self.cfg = config
+        self.ordering = ordering  # a retry in an ordering lane keeps its place (rule 5)
+        self._delayed: list[tuple[float, int, Delivery]] = []  # (due, seq, delivery): a heap
+        self._seq = 0
         self.lease_s = float(config.lease_s)
         self.queues = rc.shard_queues(config.queue, config.shards)
         self.topology = rc.Topology(config.queue_type, config.queue_arguments,
@@ -169,6 +180,7 @@ class RabbitSource:
     def _drop(self) -> None:
         """The connection is lost (rule 7): what it delivered is the broker's again."""
         self._buffer.clear()
+        self._delayed.clear()
         self._unsettled.clear()
         self._settled.clear()
         self._out = self._old = self._cutoff = 0
@@ -242,10 +254,11 @@ class RabbitSource:
         deadline = time.monotonic() + wait_s
         if not await self.link.wait_up(wait_s):
             return []  # an outage: the loop goes on (rule 7)
-        wanted = min(self.cfg.max_prefetch, self._out + max(max_n, 1))
+        wanted = min(self.cfg.max_prefetch, self._out + len(self._delayed) + max(max_n, 1))
         self._wanted, self._wanted_consuming = wanted, True
         held = self._prefetch * len(self.queues) + self._old
-        if not self._consuming or not held * 3 // 4 <= wanted <= held * 5 // 4:
+        starving = wanted > held and not self._buffer  # the layer waits for more (a retry)
+        if not self._consuming or starving or not held * 3 // 4 <= wanted <= held * 5 // 4:
             try:
                 await self._consume(wanted)
             except Exception as exc:
@@ -253,14 +266,20 @@ class RabbitSource:
                     raise rc.amqp_error(f"{self.link.what}: cannot consume", exc) from None
                 return []
         while True:
-            if self._buffer:
-                n = min(max_n, len(self._buffer))
-                got = [self._buffer.popleft() for _ in range(n)]
-                self._out += n
+            now = time.monotonic()
+            got: list[Delivery] = []
+            while self._delayed and self._delayed[0][0] <= now and len(got) < max_n:
+                got.append(heapq.heappop(self._delayed)[2])  # due retries first
+            while self._buffer and len(got) < max_n:
+                got.append(self._buffer.popleft())
+            if got:
+                self._out += len(got)
                 return got
-            remaining = deadline - time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 return []
+            if self._delayed:
+                remaining = min(remaining, max(self._delayed[0][0] - now, 0.0))
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
@@ -315,9 +334,16 @@ class RabbitSource:
         live = [(d, s) for d, s in deliveries if d.ref[0] == generation]
         self._current([d for d, _ in live])
         now = [d.ref[1] for d, s in live if s <= 0]
-        later = [(d, s) for d, s in live if s > 0]
+        later = [(d, s) for d, s in live if s > 0 and not self._in_lane(d)]
         if now:
             await self._requeue(now)
+        due = time.monotonic()
+        for d, delay_s in live:
+            if delay_s > 0 and self._in_lane(d):  # kept unacknowledged, in its place (rule 5)
+                self._seq += 1
+                again = dataclasses.replace(d, deliveries=d.deliveries + 1)
+                heapq.heappush(self._delayed, (due + delay_s, self._seq, again))
+                self._arrived.set()
         if not later:
             return
         try:
@@ -331,6 +357,11 @@ class RabbitSource:
             await self._requeue([d.ref[1] for d, _ in later])
             return
         await self._ack([d.ref[1] for d, _ in later])
+
+    def _in_lane(self, d: Delivery) -> bool:
+        """Whether the consumer layer holds an ordering lane for it (its retry keeps its
+        place: rule 5)."""
+        return self.ordering == "partition" or (self.ordering == "key" and d.key is not None)
 
     async def _publish_copies(self, items: Sequence[tuple[Delivery, float]]) -> None:
         """Rule 5: each copy in its delay queue, confirmed by the broker."""
@@ -365,7 +396,7 @@ class RabbitSource:
                 await asyncio.sleep(COUNT_PAUSE_S)
                 ready, before = await self._ready(), ready
             delayed = await self.topology.delayed(self._publish)
-        return ready + delayed + len(self._buffer) + self._out
+        return ready + delayed + len(self._buffer) + len(self._delayed) + self._out
 
     async def _ready(self) -> int:
         total = 0
@@ -389,7 +420,7 @@ def _digest(body: bytes, props: Any, headers: dict[str, str]) -> str:
 
 def build_source(config: RabbitSourceConfig, ctx: registry.BuildContext) -> RabbitSource:
     rc.aio_pika()  # a missing extra is reported when the pipeline is built, not at first use
-    return RabbitSource(config, ctx.pipeline)
+    return RabbitSource(config, ctx.pipeline, ordering=ctx.ordering)
 
 
 # -- submitting --------------------------------------------------------------------------------

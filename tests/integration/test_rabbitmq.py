@@ -183,8 +183,8 @@ async def test_a_message_without_any_id_gets_one_stable_across_redeliveries(
             properties = Basic.Properties(delivery_mode=2)
             frames = [Basic.Publish(exchange="", routing_key=queue),
                       ContentHeader(0, len(b"anonymous"), properties), ContentBody(b"anonymous")]
-            await channel.write_queue.put(ChannelFrame.marshall(
-                frames=frames, channel_number=channel.number))
+            await channel.write_queue.put(ChannelFrame.marshall(  # type: ignore[attr-defined]
+                frames=frames, channel_number=channel.number))  # type: ignore[arg-type]
             deadline = time.monotonic() + 10
             while await asyncio.to_thread(rt.count, queue) < 1:
                 assert time.monotonic() < deadline
@@ -223,9 +223,9 @@ async def test_shards_are_single_active_consumer_queues_routed_by_key(
     active = await opened(text)
     standby = await opened(text)
     await publish(f"{queue}.k0", [rt.Out(b"{}", f"o{i}", key="x") for i in range(5)])
-    got = await fetch_n(active, 5)
-    assert [d.task_id for d in got] == [f"o{i}" for i in range(5)]
-    assert {d.partition for d in got} == {0}
+    taken = await fetch_n(active, 5)
+    assert [d.task_id for d in taken] == [f"o{i}" for i in range(5)]
+    assert {d.partition for d in taken} == {0}
     assert await standby.fetch(10, 0.5) == []  # one consumer at a time per shard
     await active.close()  # its deliveries go back, to the next consumer, in order
     assert [d.task_id for d in await fetch_n(standby, 5)] == [f"o{i}" for i in range(5)]
@@ -266,10 +266,11 @@ def test_sink_without_a_rabbitmq_source_needs_a_url() -> None:
 
 # -- the CLI, the gateway, the examples -------------------------------------------------------
 
-def sluice(*args: str, log: str = "", timeout_s: float = 90,
-           **env: str) -> subprocess.CompletedProcess[str]:
+def sluice(*args: str, log: str = "", env: dict[str, str] | None = None,
+           timeout_s: float = 90) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*sluice_cmd(), *args], cwd=ROOT, capture_output=True, text=True,
-                          env=subprocess_env(SLUICE_TEST_LOG=log, **env), timeout=timeout_s)
+                          env=subprocess_env(SLUICE_TEST_LOG=log, **(env or {})),
+                          timeout=timeout_s)
 
 
 def test_cli_submit_publishes_and_the_worker_runs_that_task(tmp_path: Path, queue: str) -> None:
@@ -346,10 +347,10 @@ ORDERS = [("alice", "order-1", '{"item": "book", "qty": 2}'),
           ("bob", "order-4", '{"item": "unicorn"}')]
 
 
-def submit_orders(example: str, name: str, data: str, **env: str) -> None:
+def submit_orders(example: str, name: str, data: str, env: dict[str, str]) -> None:
     for key, task_id, body in ORDERS:
         done = sluice("submit", name, "-f", example, "--data-dir", data, "--key", key,
-                      "--task-id", task_id, "--data", body, **env)
+                      "--task-id", task_id, "--data", body, env=env)
         assert done.returncode == 0, done.stderr
 
 
@@ -359,9 +360,9 @@ def test_the_example_pipeline_prices_orders(tmp_path: Path) -> None:
     env = {"ORDERS_QUEUE": orders}
     data = str(tmp_path / "data")
     try:
-        submit_orders("pipelines/rabbitmq_orders.yaml", "rabbit-pricing", data, **env)
+        submit_orders("pipelines/rabbitmq_orders.yaml", "rabbit-pricing", data, env)
         ran = sluice("run", "pipelines/rabbitmq_orders.yaml", "--data-dir", data, "--drain",
-                     **env)
+                     env=env)
         assert ran.returncode == 0, ran.stderr
         priced = {json.loads(m.body)["data"]["task_id"]: json.loads(m.body)["data"]
                   for m in rt.read_all(f"{orders}.priced", 3)}
@@ -381,9 +382,9 @@ def test_rabbitmq_to_kafka_through_the_outbox(tmp_path: Path) -> None:
     env = {"ORDERS_QUEUE": orders, "PRICED_TOPIC": topic, "KAFKA_BROKERS": kt.BROKERS}
     data = str(tmp_path / "data")
     try:
-        submit_orders("pipelines/rabbitmq_to_kafka.yaml", "rabbit-to-kafka", data, **env)
+        submit_orders("pipelines/rabbitmq_to_kafka.yaml", "rabbit-to-kafka", data, env)
         ran = sluice("run", "pipelines/rabbitmq_to_kafka.yaml", "--data-dir", data, "--drain",
-                     **env)
+                     env=env)
         assert ran.returncode == 0, ran.stderr
         records = kt.read_all(topic, 3)
         assert sorted(r.headers["sluice-task-id"] for r in records) == [
