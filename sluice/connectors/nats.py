@@ -8,10 +8,13 @@ Invariants:
    them (``shares_backlog``: the consumer loop paces how much each holds). At start the
    consumer is created, or updated, with explicit acks, AckWait = ``lease_s``, MaxDeliver
    -1 and MaxAckPending = ``max_ack_pending``; the stream must exist (or ``create_stream``).
-2. ``fetch`` makes one pull request of at most ``max_n`` messages that expires after
-   ``wait_s``: nothing is prefetched beyond what the loop asked for. Messages the client
-   received beyond ``max_n`` (a pull that expired at the client before the server) are kept
-   here, handed out first, and extended with the deliveries the loop holds.
+2. ``fetch`` hands out at most ``max_n`` messages, and pulls only when it holds none: one pull
+   request of ``max_n`` plus what the loop takes in ``PULL_AHEAD_S`` at its recent pace (none
+   for a slow handler, at most ``MAX_PULL_AHEAD``), expiring after ``wait_s``. What it pulled
+   beyond ``max_n`` is handed out by the next fetches without a round trip, extended with the
+   deliveries the loop holds, and sent back (NAK) if not taken within ``lease_s / 2`` or at
+   close: a worker holds about what it finishes in ``PULL_AHEAD_S`` beyond what its loop asked
+   for (the consumer layer paces a shared backlog), so other workers do not starve.
 3. A fetched message is leased for AckWait. ``extend`` sends in-progress (+WPI: AckWait starts
    again), ``ack`` sends +ACK, ``retry_later`` a NAK with the delay (the server redelivers it
    after that delay; 0: at once). The last ack of a batch is a request: ``ack`` returns once
@@ -35,6 +38,13 @@ Invariants:
 8. While the connection is down, ``fetch`` returns nothing after its wait (no pull request is
    queued to be sent later), settlements are buffered (rule 4), and ``pending`` waits for
    the server.
+9. Results for NATS destinations on the source's url (``produce_to``; not ``outbox: true``)
+   are published by the source on its own connection, and their PubAcks awaited, before their
+   messages are acknowledged (``ack_producing``); no outbox row is written. If a publish
+   fails, the batch's messages that had results are handed back (NAK, ``RESULT_RETRY_S``):
+   their tasks are final, so the consumer loop makes their records again from the task store
+   and they are published again, with the same ``Nats-Msg-Id``: JetStream stores a record
+   published twice within the stream's duplicate window once.
 """
 
 from __future__ import annotations
@@ -51,15 +61,16 @@ from typing import TYPE_CHECKING, Any
 
 from sluice import registry
 from sluice.connectors import nats_client as nc
-from sluice.connectors.base import Delivery, SinkRecord
-from sluice.errors import Misconfigured, SourceError, Unavailable, Unsupported
+from sluice.connectors.base import Delivery, Output, SinkRecord
+from sluice.errors import DeliveryError, Misconfigured, SourceError, Unavailable, Unsupported
+from sluice.sinks import nats as nats_sink
 from sluice.spec import REQUIRED, Field, ObjectSpec
 
 if TYPE_CHECKING:
     from nats.aio.msg import Msg
     from nats.js import JetStreamContext
 
-    from sluice.config.model import PipelineConfig
+    from sluice.config.model import ComponentConfig, PipelineConfig
     from sluice.tasks.store import TaskRecord, TaskStore
 
 log = logging.getLogger(__name__)
@@ -68,6 +79,12 @@ NAME = "nats"
 MIN_FETCH_WAIT_S = 0.01  # a fetch with no wait still gives the server this long to answer
 ACK_CONFIRM_S = 2.0  # how long an ack batch waits for the server's answer (rule 3)
 PENDING_RETRY_S = 0.5  # pending() asks again this often while the server is away
+# Rule 2: a pull asks for what the loop takes in this long at its recent pace beyond max_n
+# (measured over windows of RATE_WINDOW_S), at most MAX_PULL_AHEAD.
+PULL_AHEAD_S = 0.1
+MAX_PULL_AHEAD = 500
+RATE_WINDOW_S = 0.1
+RESULT_RETRY_S = 1.0  # rule 9: a message whose results were not published comes back then
 
 CONSUMER, FILTER_SUBJECT, TASK_ID_HEADER = "consumer", "filter_subject", "task_id_header"
 CONTENT_TYPE, LEASE_S, MAX_ACK_PENDING = "content_type", "lease_s", "max_ack_pending"
@@ -151,7 +168,12 @@ class NatsSource:
         self.conn = nc.Connection(config.url, f"nats source of stream {config.stream!r}",
                                   connect_timeout_s=config.connect_timeout_s, logger=log)
         self._sub: JetStreamContext.PullSubscription | None = None
-        self._extra: deque[Msg] = deque()  # received beyond max_n (rule 2)
+        self._extra: deque[tuple[float, Msg]] = deque()  # (when) pulled ahead (rule 2)
+        self._handed = 0  # handed out since _rate_since (rule 2)
+        self._rate_since = time.monotonic()
+        self._rate_per_s = 0.0
+        self._outputs: dict[str, nats_sink.NatsSinkConfig] = {}  # by stream (rule 9)
+        self._results_failing = False
         self._closed = False
 
     async def start(self) -> None:
@@ -163,6 +185,8 @@ class NatsSource:
         try:
             await nc.ensure_stream(self.conn, self.stream, self.subject, self.cfg.create_stream)
             await self._ensure_consumer()
+            for stream, out in self._outputs.items():
+                await nc.ensure_stream(self.conn, stream, out.base_subject, out.create_stream)
             self._sub = await self.conn.js.pull_subscribe_bind(durable=self.consumer,
                                                                stream=self.stream)
         except BaseException:
@@ -196,12 +220,13 @@ class NatsSource:
     # -- the protocol ---------------------------------------------------------------------
 
     async def fetch(self, max_n: int, wait_s: float) -> list[Delivery]:
-        if self._extra:  # rule 2: already ours, the oldest
-            return [self._delivery(self._extra.popleft())
-                    for _ in range(min(max_n, len(self._extra)))]
         sub = self._subscription()
         if max_n <= 0:
             return []
+        await self._drop_stale_extra()
+        if self._extra:  # rule 2: already ours, and the oldest
+            return self._hand_out([self._extra.popleft()[1]
+                                   for _ in range(min(max_n, len(self._extra)))])
         if not self.conn.connected:  # rule 8: no pull request queued for later
             await asyncio.sleep(wait_s)
             return []
@@ -209,7 +234,8 @@ class NatsSource:
 
         started = time.monotonic()
         try:
-            msgs = await sub.fetch(batch=max_n, timeout=max(wait_s, MIN_FETCH_WAIT_S))
+            msgs = await sub.fetch(batch=max_n + self._pull_ahead(),
+                                   timeout=max(wait_s, MIN_FETCH_WAIT_S))
         except (ne.TimeoutError, TimeoutError):
             return []
         except nc.nats_errors() as exc:
@@ -220,9 +246,37 @@ class NatsSource:
             await asyncio.sleep(max(wait_s - (time.monotonic() - started), 0.0))
             return []
         if len(msgs) > max_n:
-            self._extra.extend(msgs[max_n:])
+            now = time.monotonic()
+            self._extra.extend((now, m) for m in msgs[max_n:])
             msgs = msgs[:max_n]
+        return self._hand_out(msgs)
+
+    def _hand_out(self, msgs: Sequence[Msg]) -> list[Delivery]:
+        """Rule 2: count what the loop takes (its pace sets the pull ahead)."""
+        now = time.monotonic()
+        self._handed += len(msgs)
+        elapsed = now - self._rate_since
+        if elapsed >= RATE_WINDOW_S:
+            latest = self._handed / elapsed
+            self._rate_per_s = latest if latest > self._rate_per_s else (
+                self._rate_per_s + latest) / 2
+            self._handed, self._rate_since = 0, now
         return [self._delivery(m) for m in msgs]
+
+    def _pull_ahead(self) -> int:
+        """Rule 2: how many to pull beyond ``max_n``: what the loop takes in
+        ``PULL_AHEAD_S`` at its recent pace (none for a slow handler), at most
+        ``MAX_PULL_AHEAD``."""
+        return min(MAX_PULL_AHEAD, int(self._rate_per_s * PULL_AHEAD_S))
+
+    async def _drop_stale_extra(self) -> None:
+        """Rule 2: messages pulled ahead and not taken for half their lease go back (NAK)."""
+        limit = time.monotonic() - self.lease_s / 2
+        stale: list[Msg] = []
+        while self._extra and self._extra[0][0] < limit:
+            stale.append(self._extra.popleft()[1])
+        if stale:
+            await self._settle([m.nak for m in stale])
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         if not deliveries:
@@ -240,8 +294,43 @@ class NatsSource:
             await self._settle([functools.partial(d.ref.nak, delay=max(delay_s, 0.0))
                                 for d, delay_s in deliveries])
 
+    def produce_to(self, topics: Sequence[tuple[str, Any]]) -> None:
+        """Rule 9, before :meth:`start`: each result stream with its sink's typed config."""
+        for stream, config in topics:
+            if not isinstance(config, nats_sink.NatsSinkConfig):
+                raise TypeError(f"{self.conn.what}: cannot publish results to {stream!r}")
+            known = self._outputs.setdefault(stream, config)
+            if (known.base_subject, known.key_in_subject) != (config.base_subject,
+                                                              config.key_in_subject):
+                raise Misconfigured(f"pipeline destinations to nats stream {stream!r} differ "
+                                    "in subject or key_in_subject: give them one")
+
+    async def ack_producing(self, items: Sequence[tuple[Delivery, Sequence[Output]]]) -> None:
+        """Rule 9: publish the results (PubAcks awaited), then acknowledge the messages."""
+        by_stream: dict[str, list[SinkRecord]] = {}
+        for _, outputs in items:
+            for out in outputs:
+                by_stream.setdefault(out.topic, []).append(out.record)
+        try:
+            for stream, records in by_stream.items():
+                config = self._outputs[stream]
+                await nc.publish(self.conn, stream, config.base_subject, records,
+                                 config.timeout_s, key_in_subject=config.key_in_subject)
+        except DeliveryError as exc:
+            if not self._results_failing:
+                log.warning("%s: results not acknowledged (%s); their messages come back in "
+                            "%gs, to publish them again", self.conn.what, exc, RESULT_RETRY_S)
+            self._results_failing = True
+            await self.ack([d for d, outputs in items if not outputs])
+            await self.retry_later([(d, RESULT_RETRY_S) for d, outputs in items if outputs])
+            return
+        if self._results_failing and by_stream:
+            self._results_failing = False
+            log.info("%s: results published again", self.conn.what)
+        await self.ack([d for d, _ in items])
+
     async def extend(self, deliveries: Sequence[Delivery]) -> None:
-        msgs = [d.ref for d in deliveries] + list(self._extra)
+        msgs = [d.ref for d in deliveries] + [m for _, m in self._extra]
         if msgs:
             await self._settle([m.in_progress for m in msgs])
 
@@ -265,7 +354,7 @@ class NatsSource:
         self._closed = True
         if self._sub is not None and self._extra:  # rule 2: not the loop's: back at once
             with contextlib.suppress(SourceError):
-                await self._settle([m.nak for m in self._extra])
+                await self._settle([m.nak for _, m in self._extra])
             self._extra.clear()
         await self.conn.flush(nc.API_TIMEOUT_S)
         self._sub = None
@@ -391,6 +480,16 @@ def submitter(config: PipelineConfig, ctx: registry.SubmitContext) -> registry.S
     return NatsSubmitter(ctx.store.tasks, config)
 
 
+def outputs_with_ack(config: PipelineConfig, destination: ComponentConfig) -> bool:
+    """Rule 9: whether the source publishes this result destination itself: a NATS
+    destination on the source's url, unless it asks for the outbox."""
+    if destination.type != nats_sink.NAME:
+        return False
+    out = nats_sink.SPEC.typed(destination.config)
+    return not out.outbox and (not out.url or nc.servers_of(out.url) == nc.servers_of(
+        SPEC.typed(config.source.config).url))
+
+
 def default_dead_letter(pipeline: str) -> dict[str, Any]:
     """A pipeline on NATS that names no dead letter: the stream ``sluice-dlq-<pipeline>`` on
     the source's server, subject ``sluice.dlq.<pipeline>``, created when missing."""
@@ -409,7 +508,8 @@ SPEC = registry.register(registry.ComponentSpec(
     factory=build_source,
     settings=NatsSourceConfig.from_mapping,
     extra="nats",
-    capabilities=frozenset({registry.Capability.SUBMIT}),
+    capabilities=frozenset({registry.Capability.SUBMIT, registry.Capability.OUTPUTS_WITH_ACK}),
     submitter=submitter,
+    outputs_with_ack=outputs_with_ack,
     default_dead_letter=default_dead_letter,
 ))

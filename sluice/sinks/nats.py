@@ -18,6 +18,10 @@ Invariants:
 4. The connection is made at the first send (a failed one is tried again at the next); from
    then on the client reconnects by itself, and a send during an outage fails after
    ``timeout_s`` (transient: the outbox retries it, the consumer layer retries a dead letter).
+5. Under on_success/on_failure of a pipeline whose source is NATS on the same url (and without
+   ``outbox: true``), this sink is not used: the source publishes the records itself, on its
+   own connection, before it acknowledges their message (:mod:`sluice.connectors.nats` rule
+   9).
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from sluice.spec import REQUIRED, Field, ObjectSpec
 log = logging.getLogger(__name__)
 
 NAME = "nats"  # its component name (and the NATS source's)
-KEY_IN_SUBJECT = "key_in_subject"
+KEY_IN_SUBJECT, OUTBOX = "key_in_subject", "outbox"
 
 CREATE_STREAM = nc.create_stream_spec("limits")
 
@@ -52,6 +56,11 @@ CONFIG = ObjectSpec(
           "must store <subject>.>); false: every record to <subject>. The key is in the "
           "sluice-key header either way.", default=True),
     nc.create_stream_field("sink", "limits"),
+    Field(OUTBOX, "boolean", "Under on_success/on_failure of a pipeline whose source is NATS "
+          "on the same url, results are published by the source before it acknowledges "
+          "their message (and published again, deduplicated by Nats-Msg-Id, if the message "
+          "comes back). true: through the durable outbox instead, with the retry keys below, "
+          "a dead letter after max_attempts and a delivery status per task.", default=False),
     nc.connect_timeout_field(),
     label_field(nc.STREAM),
     *DELIVERY_FIELDS,  # timeout_s bounds the wait for the PubAcks of one send
@@ -67,6 +76,7 @@ class NatsSinkConfig(SinkSettings, nc.WithCreateStream):
     url: str | None
     key_in_subject: bool
     create_stream: nc.CreateStreamConfig | None
+    outbox: bool
     connect_timeout_s: float
     label: str | None
     timeout_s: float
