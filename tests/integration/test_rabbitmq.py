@@ -137,7 +137,7 @@ async def test_prefetch_follows_the_fetch_budget(queue: str, opened: Open) -> No
 
 async def test_retry_later_waits_in_a_delay_queue_and_comes_back_on_time(
         queue: str, opened: Open) -> None:
-    src = await opened(pipeline(queue))
+    src = await opened(pipeline(queue, consumer=", ordering: unordered"))
     await publish(queue, [rt.Out(b'{"n": 1}', "again", key="k1")])
     (first,) = await fetch_n(src, 1)
     assert first.deliveries == 1
@@ -152,6 +152,21 @@ async def test_retry_later_waits_in_a_delay_queue_and_comes_back_on_time(
     await src.ack([back])
     assert await src.pending() == 0
     rt.delete(delay_queue)
+
+
+async def test_a_retry_in_an_ordering_lane_keeps_its_place(queue: str, opened: Open) -> None:
+    src = await opened(pipeline(queue))  # ordering: key (the default), keyed messages
+    await publish(queue, [rt.Out(b"{}", f"k{i}", key="one") for i in range(3)])
+    first, *rest = await fetch_n(src, 3)
+    asked = time.monotonic()
+    await src.retry_later([(first, 1.0)])
+    with pytest.raises(Exception, match="NOT_FOUND"):  # no copy made: no delay queue
+        await asyncio.to_thread(rt.count, f"{queue}.delay.1000")
+    (back,) = await fetch_n(src, 1)
+    assert 0.8 <= time.monotonic() - asked <= 1.2
+    assert (back.task_id, back.deliveries) == ("k0", 2)
+    await src.ack([back, *rest])
+    assert await src.pending() == 0
 
 
 async def test_task_ids_from_the_header_else_the_message_id_stable_on_redelivery(
