@@ -34,6 +34,7 @@ import asyncio
 import hashlib
 import inspect
 import logging
+import math
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -102,7 +103,8 @@ def create_stream_spec(retention: str) -> ObjectSpec:
         Field(MAX_AGE_S, "number", "Messages older than this are removed; 0: no limit.",
               default=0.0, minimum=0),
         Field(DUPLICATE_WINDOW_S, "number", "How long a Nats-Msg-Id (the task id) is "
-              "remembered: a publish with the same id within it is stored once.",
+              "remembered: a publish with the same id within it is stored once (at most "
+              "max_age_s).",
               default=120.0, exclusive_minimum=0),
         Field(REPLICAS, "integer", "Copies of the stream in a cluster.", default=1,
               minimum=1, maximum=5),
@@ -396,7 +398,9 @@ async def ensure_stream(conn: Connection, stream: str, subject: str,
     config = api.StreamConfig(
         name=stream, subjects=stream_subjects(create, subject),
         retention=api.RetentionPolicy(create.retention), storage=api.StorageType(create.storage),
-        max_age=create.max_age_s or None, duplicate_window=create.duplicate_window_s,
+        max_age=create.max_age_s or None,
+        # The server refuses a window longer than max_age.
+        duplicate_window=min(create.duplicate_window_s, create.max_age_s or math.inf),
         num_replicas=create.replicas)
     try:
         await conn.js.add_stream(config)
