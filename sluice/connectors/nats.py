@@ -317,10 +317,11 @@ class NatsSource:
                 await nc.publish(self.conn, stream, config.base_subject, records,
                                  config.timeout_s, key_in_subject=config.key_in_subject)
         except DeliveryError as exc:
-            if not self._results_failing:
+            if not self._results_failing and not self.conn.in_outage(
+                    max(o.timeout_s for o in self._outputs.values())):
                 log.warning("%s: results not acknowledged (%s); their messages come back in "
                             "%gs, to publish them again", self.conn.what, exc, RESULT_RETRY_S)
-            self._results_failing = True
+                self._results_failing = True  # (an outage's are logged by the connection)
             await self.ack([d for d, outputs in items if not outputs])
             await self.retry_later([(d, RESULT_RETRY_S) for d, outputs in items if outputs])
             return

@@ -263,6 +263,7 @@ class Connection:
         self._js: JetStreamContext | None = None
         self._closing = False
         self._down_since: float | None = None
+        self._up_since = 0.0  # when the last outage ended
 
     @property
     def js(self) -> JetStreamContext:
@@ -276,6 +277,12 @@ class Connection:
     @property
     def closed(self) -> bool:
         return self._closing
+
+    def in_outage(self, after_s: float) -> bool:
+        """Whether the connection is down, or came back less than ``after_s`` ago (a request
+        sent before it went down fails that much later): its errors are the outage's, which
+        was logged once (rule 2)."""
+        return self._down_since is not None or time.monotonic() - self._up_since < after_s
 
     async def connect(self) -> None:
         """Rule 1: a bounded first connect, then reconnection forever."""
@@ -349,6 +356,7 @@ class Connection:
 
     async def _on_reconnected(self) -> None:
         since, self._down_since = self._down_since, None
+        self._up_since = time.monotonic()
         if since is not None:
             self.log.info("%s: connected to NATS at %s again after %.1fs", self.what,
                           shown(self.url), time.monotonic() - since)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import signal
 import subprocess
 import time
@@ -33,6 +34,7 @@ from tests.conftest import ROOT, sluice_cmd, subprocess_env
 from tests.helpers import nats as nt
 from tests.helpers.handlers import read_log
 from tests.helpers.server import running_server
+from tests.helpers.waiting import wait_until
 
 DEADLINE_S = 60.0
 
@@ -451,3 +453,26 @@ async def test_a_server_restart_loses_nothing_and_logs_two_lines(
         assert "Traceback" not in stderr
     finally:
         nt.delete_streams(f"{stream.name}_OUT", f"{stream.name}_DLQ")
+
+
+async def test_results_not_acknowledged_are_published_again(
+        stream: Stream, data_dir: Path, run_log: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "sluice.connectors.nats")
+    out = f"{stream.name}_OUT"
+    loop = build(parse_pipeline(pipeline(stream)), data_dir)
+    stop = asyncio.Event()
+    running = asyncio.create_task(run_pipelines([loop], stop))
+    try:
+        await wait_until(lambda: nt.stream_exists(out))  # made by the source at its start
+        nt.delete_streams(out)  # its results cannot be stored now
+        nt.publish(stream.subject, [nt.Out(b"{}", "once", key="k")])
+        await wait_until(lambda: "results not acknowledged" in caplog.text)
+        nt.create_stream(out, [out, f"{out}.>"])
+        await wait_until(lambda: len(nt.read_all(out, 0)) == 1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, DEADLINE_S)
+        nt.delete_streams(out, f"{stream.name}_DLQ")
+    assert "results published again" in caplog.text
+    assert [e[:2] for e in read_log(run_log)] == [("start", "once"), ("done", "once")]
+    assert nt.consumer_counts(stream.name, "sluice-nats-it") == (0, 0)
