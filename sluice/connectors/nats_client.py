@@ -222,9 +222,7 @@ def nats_error(what: str, exc: BaseException) -> SourceError:
     import nats.js.errors as jse
 
     text = str(exc) or type(exc).__name__
-    if isinstance(exc, (ne.AuthorizationError, ne.SecureConnRequiredError,
-                        ne.SecureConnWantedError, ne.SecureConnFailedError,
-                        ne.InvalidUserCredentialsError)):
+    if _is_refusal(exc):
         return Misconfigured(f"{what}: the server refused the connection ({text}): check the "
                              "credentials and TLS settings in url")
     if isinstance(exc, ne.Error) and "permissions violation" in text.lower():
@@ -239,6 +237,16 @@ def nats_error(what: str, exc: BaseException) -> SourceError:
     if _is_connection_error(exc) or isinstance(exc, jse.Error):
         return Unavailable(f"{what}: {text}")
     return Unavailable(f"{what}: {type(exc).__name__}: {text}")
+
+
+def _is_refusal(exc: BaseException) -> bool:
+    """The server refused the connection (credentials, TLS): retrying cannot help."""
+    import nats.errors as ne
+
+    return isinstance(exc, (ne.AuthorizationError, ne.SecureConnRequiredError,
+                            ne.SecureConnWantedError, ne.SecureConnFailedError,
+                            ne.InvalidUserCredentialsError)) or (
+        isinstance(exc, ne.Error) and "authorization violation" in str(exc).lower())
 
 
 def nats_errors() -> tuple[type[BaseException], ...]:
@@ -264,6 +272,7 @@ class Connection:
         self._closing = False
         self._down_since: float | None = None
         self._up_since = 0.0  # when the last outage ended
+        self._connect_error: BaseException | None = None  # the last, at the first connect
 
     @property
     def js(self) -> JetStreamContext:
@@ -317,7 +326,9 @@ class Connection:
         import nats.errors as ne
 
         where = f"{self.what}: cannot connect to NATS at {shown(self.url)}"
-        if isinstance(exc, ne.NoServersError) or _is_connection_error(exc):
+        if isinstance(exc, ne.NoServersError) and self._connect_error is not None:
+            exc = self._connect_error  # why the last attempt failed
+        if _is_connection_error(exc):
             return Unavailable(f"{where} (no server answered): start the server (e.g. "
                                "`nats-server -js`), or correct url")
         return nats_error(where, exc)
@@ -342,7 +353,11 @@ class Connection:
     # -- nats-py's callbacks (rule 2) ---------------------------------------------------------
 
     async def _on_error(self, exc: Exception) -> None:
-        if _is_connection_error(exc) or self._closing:
+        if self.nc is None:  # still at the first connect: its error says why (rule 1)
+            if self._connect_error is None or not _is_refusal(self._connect_error):
+                self._connect_error = exc
+            self.log.debug("%s: %s: %s", self.what, type(exc).__name__, exc)
+        elif _is_connection_error(exc) or self._closing:
             self.log.debug("%s: %s: %s", self.what, type(exc).__name__, exc)
         else:
             self.log.warning("%s: %s", self.what, exc)

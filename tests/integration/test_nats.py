@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import signal
 import subprocess
 import time
@@ -285,6 +286,27 @@ def test_errors_at_start_are_one_line(tmp_path: Path) -> None:
     ran = sluice("run", str(missing), "--data-dir", str(tmp_path / "d"))
     assert ran.returncode == 2 and "Traceback" not in ran.stderr, ran.stderr
     assert "error: nats stream 'SLUICE_NO_SUCH_STREAM' does not exist" in ran.stderr
+
+
+def test_refused_credentials_are_a_permanent_error(tmp_path: Path) -> None:
+    server = shutil.which("nats-server")
+    if server is None:
+        pytest.skip("no nats-server binary (scripts/services start nats installs it)")
+    port = closed_port()
+    proc = subprocess.Popen([server, "-a", "127.0.0.1", "-p", str(port), "--user", "alice",
+                             "--pass", "secret"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        file = write(tmp_path, SMALL.format(url=f"nats://alice:wrong-pw@127.0.0.1:{port}",
+                                            stream="S", subject="s"))
+        ran = sluice("run", str(file), "--data-dir", str(tmp_path / "d"))
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert ran.returncode == 2 and "Traceback" not in ran.stderr, ran.stderr
+    assert "the server refused the connection" in ran.stderr
+    assert "check the credentials" in ran.stderr and "wrong-pw" not in ran.stderr
 
 
 def test_a_typo_in_the_source_is_an_error_at_its_line(tmp_path: Path) -> None:
