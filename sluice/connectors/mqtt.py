@@ -332,7 +332,21 @@ class MqttSource:
         room, so an empty fetch after acknowledging everything means the session is empty.)"""
         if self.conn is not None:
             await self.conn.round_trip()
-        return len(self._held)
+        return len(self._held) + len(self._takeovers) + await asyncio.to_thread(
+            self._left_sessions)
+
+    def _left_sessions(self) -> int:
+        """Slots of stopped workers not yet taken over: their sessions may hold messages."""
+        own = self._slot[0] if self._slot else -1
+        left = 0
+        for n in mc.other_slots(self._dir, self.base):
+            if n == own or n in self._takeovers:
+                continue
+            fd = mc.try_lock(mc.slot_path(self._dir, self.base, n))
+            if fd is not None:
+                mc.release_slot(fd)
+                left += 1
+        return left
 
     async def close(self) -> None:
         self._closed = True
@@ -357,7 +371,6 @@ class MqttSource:
 
     async def _take_over_forever(self) -> None:
         while True:
-            await asyncio.sleep(TAKEOVER_INTERVAL_S)
             own = self._slot[0] if self._slot else -1
             for n in await asyncio.to_thread(mc.other_slots, self._dir, self.base):
                 if n == own or n in self._takeovers:
@@ -374,6 +387,7 @@ class MqttSource:
                     if taken is not None:
                         await taken.conn.close()
                     mc.release_slot(fd)
+            await asyncio.sleep(TAKEOVER_INTERVAL_S)
 
     async def _take_over(self, n: int, fd: int) -> None:
         client_id = f"{self.base}-{n}"

@@ -183,6 +183,9 @@ def worker_ids(source_config: dict[str, Any], pipeline: str, slots: int = 4) -> 
     return [f"{base}-{n}" for n in range(slots)]
 
 
+SESSIONS = 2  # the workers' sessions a conformance connector makes before a test publishes
+
+
 def new_topic(prefix: str = "sluice-test") -> str:
     return f"{prefix}/{uuid.uuid4().hex[:12]}"
 
@@ -194,14 +197,22 @@ class MqttConnector(Connector):
     service = "mqtt"
     observable_backpressure = True  # receive_maximum: the broker stops sending
 
-    def __init__(self) -> None:
+    def __init__(self, data_dir: Path) -> None:
         self.topic = new_topic("sluice-conf")
         self.group = f"conf-{uuid.uuid4().hex[:12]}"
         self.dlq = f"{self.topic}.dlq"
         self.reader = f"sluice-test-dlq-{uuid.uuid4().hex[:12]}"
         self.config = {"url": URL, "topic": self.topic, "group": self.group}
         self.ids = worker_ids(self.config, "jobs")
-        subscribe(self.ids[0], f"$share/{self.group}/{self.topic}")
+        # Two workers' sessions, as if two had run before: what is published before a worker
+        # starts is shared between them (the suites start one or two workers; one alone takes
+        # the other's session over, rule 4 of the source).
+        for n in range(SESSIONS):
+            subscribe(self.ids[n], f"$share/{self.group}/{self.topic}")
+            slot = mc.slot_path(mc.slot_dir(data_dir), SPEC.typed(self.config).client_base(
+                "jobs"), n)
+            slot.parent.mkdir(parents=True, exist_ok=True)
+            slot.touch()
         subscribe(self.reader, self.dlq)
 
     def source_yaml(self, *, lease_s: float = 2.0, max_buffered: int | None = None) -> str:
@@ -236,4 +247,4 @@ class MqttConnector(Connector):
 
 def connector(data_dir: Path) -> Connector:
     require_service(broker_problem())
-    return MqttConnector()
+    return MqttConnector(data_dir)
