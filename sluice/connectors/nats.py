@@ -174,6 +174,7 @@ class NatsSource:
         self._rate_per_s = 0.0
         self._outputs: dict[str, nats_sink.NatsSinkConfig] = {}  # by stream (rule 9)
         self._results_failing = False
+        self._expiring: asyncio.Task[None] | None = None  # _expire_extra (rule 2)
         self._closed = False
 
     async def start(self) -> None:
@@ -248,6 +249,8 @@ class NatsSource:
         if len(msgs) > max_n:
             now = time.monotonic()
             self._extra.extend((now, m) for m in msgs[max_n:])
+            if self._expiring is None or self._expiring.done():
+                self._expiring = asyncio.create_task(self._expire_extra())
             msgs = msgs[:max_n]
         return self._hand_out(msgs)
 
@@ -268,6 +271,15 @@ class NatsSource:
         ``PULL_AHEAD_S`` at its recent pace (none for a slow handler), at most
         ``MAX_PULL_AHEAD``."""
         return min(MAX_PULL_AHEAD, int(self._rate_per_s * PULL_AHEAD_S))
+
+    async def _expire_extra(self) -> None:
+        """Rule 2: send back what was pulled ahead and is not taken in time, also while the
+        loop fetches nothing (a paused pipeline)."""
+        while self._extra and not self._closed:
+            await asyncio.sleep(max(self._extra[0][0] + self.lease_s / 2 - time.monotonic(),
+                                    0.0) + 0.01)
+            with contextlib.suppress(SourceError):
+                await self._drop_stale_extra()
 
     async def _drop_stale_extra(self) -> None:
         """Rule 2: messages pulled ahead and not taken for half their lease go back (NAK)."""
@@ -353,6 +365,8 @@ class NatsSource:
         if self._closed:
             return
         self._closed = True
+        if self._expiring is not None:
+            self._expiring.cancel()
         if self._sub is not None and self._extra:  # rule 2: not the loop's: back at once
             with contextlib.suppress(SourceError):
                 await self._settle([m.nak for _, m in self._extra])

@@ -124,6 +124,39 @@ async def test_task_ids_keys_and_deliveries(stream: Stream, opened: list[NatsSou
     assert await src.pending() == 0
 
 
+async def test_pulls_ahead_only_at_the_loops_pace_and_sends_back_what_waits(
+        stream: Stream, opened: list[NatsSource]) -> None:
+    total = 3000
+    nt.publish(stream.subject, [nt.Out(b"{}", f"p{i:04d}") for i in range(total)])
+    src = await started(opened, source(stream, lease_s=4.0, consumer="c"))
+    # A first fetch, no pace known: the server hands out exactly what was asked for.
+    first = await src.fetch(3, 1.0)
+    assert len(first) == 3 and nt.consumer_counts(stream.name, "c")[1] == 3
+    await src.ack(first)
+    # A fast loop: it takes 10 at a time for a while; the source pulls ahead of it.
+    taken = 0
+    until = time.monotonic() + 0.5
+    while time.monotonic() < until:
+        got = await src.fetch(10, 1.0)
+        assert len(got) <= 10
+        taken += len(got)
+        await src.ack(got)
+        await asyncio.sleep(0.01)  # about 1,000 a second
+    held = nt.consumer_counts(stream.name, "c")[1]
+    assert 0 < held <= 500, held  # pulled ahead, bounded
+    # The loop stops fetching: within lease_s / 2 what was pulled ahead goes back (NAK), and
+    # another worker of the consumer gets it before its AckWait (lease_s) would have lapsed.
+    stopped = time.monotonic()
+    await asyncio.sleep(2.3)
+    other = await started(opened, source(stream, lease_s=4.0, consumer="c"))
+    rest: list[Delivery] = []
+    while len(rest) < total - 3 - taken and time.monotonic() < stopped + 3.8:
+        rest += await other.fetch(1000, 0.2)
+    await other.ack(rest)
+    assert len({d.task_id for d in rest}) == total - 3 - taken
+    assert sum(1 for d in rest if d.deliveries == 2) == held
+
+
 async def test_a_missing_stream_is_an_error_unless_it_is_created(
         opened: list[NatsSource]) -> None:
     nt.require_server()
