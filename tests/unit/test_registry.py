@@ -85,8 +85,12 @@ def test_built_in_sources_declare_their_capabilities() -> None:
     assert registry.get("source", "kafka").capabilities == {
         Capability.SUBMIT, Capability.OUTPUTS_WITH_ACK, Capability.UNTRACKED,
         Capability.EXACTLY_ONCE}
-    assert registry.with_capability("source", Capability.SUBMIT) == ["embedded", "kafka"]
-    assert registry.with_capability("source", Capability.DELAYED_REDELIVERY) == ["embedded"]
+    assert registry.with_capability("source", Capability.SUBMIT) == [
+        "embedded", "kafka", "mqtt", "nats", "rabbitmq", "redis"]
+    assert registry.with_capability("source", Capability.DELAYED_REDELIVERY) == [
+        "embedded", "mqtt", "rabbitmq"]
+    assert registry.with_capability("source", Capability.OUTPUTS_WITH_ACK) == [
+        "kafka", "nats", "redis"]
     for spec in registry.components("source"):
         if spec.can(Capability.SUBMIT):
             assert spec.submitter is not None, spec.name
@@ -104,7 +108,8 @@ def test_a_capability_without_its_hook_is_refused() -> None:
 def test_a_registry_object_starts_from_the_built_ins_and_keeps_its_own() -> None:
     reg = Registry(entry_point_group=None)
     reg.register(TOY)
-    assert reg.names("source") == ["embedded", "kafka", "toy"]
+    assert reg.names("source") == ["embedded", "kafka", "mqtt", "nats", "rabbitmq", "redis",
+                                   "toy"]
     assert reg.names("sink") == registry.names("sink")
     assert "toy" not in registry.names("source")  # the default registry is not touched
     schema = pipeline_schema(reg)

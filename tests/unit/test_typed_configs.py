@@ -28,6 +28,14 @@ EXAMPLES: dict[tuple[str, str], Any] = {
     ("handler", "python"): "pipelines.quickstart:handle",
     ("source", "kafka"): {"brokers": "b:1", "topic": "jobs"},
     ("sink", "kafka"): {"topic": "jobs.done", "create_topic": {"partitions": 3}},
+    ("source", "rabbitmq"): {"url": "amqp://guest:guest@mq:5672/", "queue": "jobs"},
+    ("sink", "rabbitmq"): {"queue": "jobs.done"},
+    ("source", "nats"): {"url": "nats://nats:4222", "stream": "JOBS"},
+    ("sink", "nats"): {"stream": "JOBS_DONE"},
+    ("source", "redis"): {"url": "redis://redis:6379/0", "stream": "jobs"},
+    ("sink", "redis"): {"stream": "jobs.done"},
+    ("source", "mqtt"): {"topic": "jobs"},
+    ("sink", "mqtt"): {"topic": "jobs/done"},
 }
 # Built-ins whose factories still take the mapping (the registry passes it as it is).
 UNTYPED: set[tuple[str, str]] = set()
