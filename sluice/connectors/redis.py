@@ -5,8 +5,10 @@ Invariants:
 
 1. A fetch hands out, in this order and up to ``max_n`` in all: retries whose delay ended, then
    (every ``lease_s / 4`` at most) entries whose lease lapsed, then new entries
-   (``XREADGROUP COUNT max_n - got BLOCK ...``). The source buffers nothing: it holds no more
-   than the consumer layer asked for (``shares_backlog``: the layer paces how much it takes).
+   (``XREADGROUP COUNT max_n - got``, in a script that packs the reply in one string; when
+   there is none, ``XREADGROUP ... BLOCK`` waits for the first). The source buffers nothing: it
+   holds no more than the consumer layer asked for (``shares_backlog``: the layer paces how
+   much it takes).
 2. Lease: a read entry is pending under this source's consumer (a name unique to the process
    and the source) until it is acknowledged (``XACK``). ``extend`` claims it again by the same
    consumer (``XCLAIM ... JUSTID``: its idle time restarts; no delivery counted), only if it is
@@ -36,6 +38,24 @@ Invariants:
 8. No key order across consumers: a group hands entries to its consumers as they ask. With
    ``consumer.ordering: key`` the consumer layer keeps each key's entries in order within one
    worker (its lanes), holding a key's lane for a retry.
+9. Results written with the acknowledgement (``OUTPUTS_WITH_ACK``, rule 9 of the consumer loop):
+   a Redis destination on the source's server and database (its ``url`` unset or the same),
+   unless it asks for the outbox (``outbox: true``), is written by the source itself. One
+   script (``ACK_WRITING``: atomic, like a MULTI/EXEC; replicated and logged as one) takes a
+   batch: for each entry, ``XACK``, and only if that acknowledged it (it was still pending in
+   the group), ``XADD`` of its results. So a result is in its stream exactly when its entry is
+   acknowledged: a crash or a lost connection before the script ran leaves neither (the entry
+   comes back after ``lease_s``, its task is final, and its result is made again from the task
+   store: rule 3 of :mod:`sluice.consumer.results`); a script sent again after its reply was
+   lost, or a worker settling an entry that another one, having read it again after its
+   lease lapsed, already acknowledged, writes nothing a second time. A result is written
+   twice only for an entry that becomes pending again after its acknowledgement (the group
+   moved back with ``XGROUP SETID``) or for two entries with one task id: each is then a
+   delivery of its own. ``ack_producing`` sends the script and returns; its reply is awaited
+   in the background, one batch at a time (the next call, ``pending`` and ``close`` wait for
+   it), so the consumer layer records the next batch meanwhile. With ``wait_replicas`` the
+   acknowledgement waits for the replicas (``WAIT``) after the script; too few by
+   ``wait_timeout_ms`` is logged, not undone.
 """
 
 from __future__ import annotations
@@ -49,13 +69,14 @@ from typing import TYPE_CHECKING, Any
 
 from sluice import registry
 from sluice.connectors import redis_client as rc
-from sluice.connectors.base import Delivery, SinkRecord
+from sluice.connectors.base import Delivery, Output, SinkRecord
 from sluice.errors import DeliveryError, Misconfigured, SourceError, Unavailable, Unsupported
+from sluice.sinks import redis as redis_sink
 from sluice.spec import REQUIRED, Field, ObjectSpec, Settings
 from sluice.tasks.store import NewTask, TaskRecord, TaskStore
 
 if TYPE_CHECKING:
-    from sluice.config.model import PipelineConfig
+    from sluice.config.model import ComponentConfig, PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +161,10 @@ class RedisSource:
         self._next_trim = 0.0
         self._next_due_s: float | None = None  # the delayed set's earliest due time (epoch s)
         self._held: set[str] = set()  # entry ids handed out here and not settled (rule 2)
+        self._outputs: list[str] = []  # the streams written with the acknowledgement (rule 9)
+        self._wait: tuple[int, int] = (0, 0)  # their largest wait_replicas, its timeout (ms)
+        self._replicas_short = False  # the last WAIT found too few replicas (logged once)
+        self._acking: asyncio.Task[None] | None = None  # the ack_producing under way
 
     async def start(self) -> None:
         if self._client is not None:
@@ -149,6 +174,7 @@ class RedisSource:
             with rc.map_redis_errors(f"cannot use {self.where}"):
                 await client.ping()
                 await self._ensure_group(client)
+                await self._check_outputs(client)
         except Unavailable as exc:
             await client.aclose()
             raise Unavailable(f"{exc}; start the server or correct url") from None
@@ -156,8 +182,9 @@ class RedisSource:
             await client.aclose()
             raise
         self._client = client
-        for name, body in (("take", rc.TAKE_DUE), ("delay", rc.DELAY), ("extend", rc.EXTEND),
-                           ("trim", rc.TRIM)):
+        for name, body in (("read", rc.READ_NEW), ("take", rc.TAKE_DUE), ("delay", rc.DELAY),
+                           ("extend", rc.EXTEND), ("trim", rc.TRIM),
+                           ("ack_writing", rc.ACK_WRITING)):
             self._scripts[name] = client.register_script(body)
         self._next_trim = time.monotonic() + self.cfg.trim_interval_s
         log.info("redis source: consuming %s as consumer %s", self.where, self.consumer)
@@ -184,6 +211,15 @@ class RedisSource:
         if not any(rc.text(g["name"]) == self.group for g in groups):
             raise Misconfigured(f"{self.where}: the group does not exist; create it (XGROUP "
                                 "CREATE), or set create: true")
+
+    async def _check_outputs(self, client: Any) -> None:
+        """Rule 9: a result stream that is a key of another type is an error at start (the
+        script would refuse every batch)."""
+        for out in self._outputs:
+            kind = rc.text(await client.type(out))
+            if kind not in ("stream", "none"):
+                raise Misconfigured(f"{self.where}: the result stream {out!r} is a {kind}, not "
+                                    "a stream: delete it or write the results elsewhere")
 
     # -- fetching ---------------------------------------------------------------------------
 
@@ -240,14 +276,23 @@ class RedisSource:
                 for entry_id, flat, count in out if rc.text(entry_id) not in self._held]
 
     async def _read_new(self, n: int, block_s: float) -> list[Delivery]:
+        """Up to ``n`` new entries: read by a script (one packed reply, rule 1); if there are
+        none, a read that blocks up to ``block_s`` for the first to come."""
+        packed = await self._scripts["read"](keys=[self.stream],
+                                             args=[self.group, self.consumer, n])
+        if packed:
+            return [self._delivery(entry_id, fields, 1)
+                    for entry_id, fields in rc.read_entries(packed)]
         block_ms = int(block_s * 1000)
+        if block_ms <= 0:
+            return []
         reply = await self._client.xreadgroup(self.group, self.consumer, {self.stream: ">"},
-                                              count=n, block=block_ms if block_ms > 0 else None)
+                                              count=n, block=block_ms)
         out: list[Delivery] = []
         for _stream, entries in reply or ():
             for entry_id, fields in entries:
                 if fields is not None:
-                    out.append(self._delivery(rc.text(entry_id), fields, 1))
+                    out.append(self._delivery(entry_id.decode(), fields, 1))
         return out
 
     def _delivery(self, entry_id: str, fields: Mapping[bytes, bytes], count: int) -> Delivery:
@@ -258,7 +303,7 @@ class RedisSource:
             task_id=headers.get(self.cfg.task_id_field) or entry_id,
             body=fields.get(rc.BODY, b""),
             content_type=headers.get("content-type", self.cfg.content_type),
-            key=None if key is None else rc.text(key),
+            key=None if key is None else key.decode(errors="replace"),
             headers=headers,
             enqueued_at=rc.id_time_s(entry_id),
             deliveries=max(count, 1),
@@ -289,6 +334,65 @@ class RedisSource:
             ids = [d.ref for d in deliveries]
             self._held.difference_update(ids)
             await self._settle("ack", lambda: self._client.xack(self.stream, self.group, *ids))
+
+    def produce_to(self, topics: Sequence[tuple[str, Any]]) -> None:
+        """Before :meth:`start`: the streams written with the acknowledgement (rule 9), each
+        with its sink's typed config (its ``wait_replicas`` is read)."""
+        for stream, sink in topics:
+            if stream not in self._outputs:
+                self._outputs.append(stream)
+            replicas = int(getattr(sink, "wait_replicas", 0) or 0)
+            if replicas > self._wait[0]:
+                self._wait = (replicas, int(sink.wait_timeout_ms))
+
+    async def ack_producing(self, items: Sequence[tuple[Delivery, Sequence[Output]]]) -> None:
+        """Rule 9: acknowledge each entry and add its outputs, in one script. Sent before this
+        returns, its reply awaited in the background (one batch at a time: the next call
+        waits for the reply of the one before; :meth:`pending` and :meth:`close` wait too)."""
+        if not items:
+            return
+        keys, batch, ids = rc.ack_batch(self.stream, items)
+        self._held.difference_update(ids)
+        await self._acked()
+        self._acking = asyncio.get_running_loop().create_task(self._ack_writing(keys, batch,
+                                                                                ids))
+
+    async def _ack_writing(self, keys: list[str], batch: bytes, ids: list[str]) -> None:
+        try:
+            if len(keys) == 1:  # no outputs at all (no destination for these states)
+                await self._settle("ack", lambda: self._client.xack(self.stream, self.group,
+                                                                    *ids))
+                return
+            await self._settle("ack", lambda: self._scripts["ack_writing"](
+                keys=keys, args=[self.group, batch]))
+            if self._wait[0]:
+                await self._settle("ack", self._wait_replicas, patience_s=0.0)
+        except SourceError as exc:  # not an outage (those are retried, then left pending)
+            log.error("%s: %d entries not acknowledged, nor their results written (they come "
+                      "back after lease_s): %s", self.where, len(ids), exc)
+
+    async def _acked(self) -> None:
+        """Wait for the reply to the acknowledgement under way, if any."""
+        acking = self._acking
+        if acking is None:
+            return
+        try:
+            await asyncio.shield(acking)  # a cancelled caller leaves it to run on
+        except asyncio.CancelledError:
+            if not acking.cancelled():
+                raise  # the caller was cancelled, not the acknowledgement
+        if self._acking is acking:
+            self._acking = None
+
+    async def _wait_replicas(self) -> None:
+        replicas, timeout_ms = self._wait
+        acked = int(await self._client.wait(replicas, timeout_ms))
+        if acked < replicas and not self._replicas_short:
+            log.warning("%s: %d of %d replica(s) acknowledged the results written in %d ms "
+                        "(they are not undone)", self.where, acked, replicas, timeout_ms)
+        elif acked >= replicas and self._replicas_short:
+            log.info("%s: %d replica(s) acknowledge the results again", self.where, replicas)
+        self._replicas_short = acked < replicas
 
     async def retry_later(self, deliveries: Sequence[tuple[Delivery, float]]) -> None:
         if not deliveries:
@@ -339,6 +443,7 @@ class RedisSource:
         by it yet (its lag)."""
         if self._client is None:
             raise SourceError(f"the redis source of {self.stream!r} is not started")
+        await self._acked()
         with rc.map_redis_errors(self.where):
             for g in await self._client.xinfo_groups(self.stream):
                 if rc.text(g["name"]) != self.group:
@@ -352,6 +457,8 @@ class RedisSource:
         return 0
 
     async def close(self) -> None:
+        if self._client is not None:
+            await self._acked()
         client, self._client = self._client, None
         if client is None:
             return
@@ -388,8 +495,6 @@ class RedisSubmitter:
     anything is added. No delay: a new entry cannot be held back in a stream."""
 
     def __init__(self, store: TaskStore, config: PipelineConfig) -> None:
-        from sluice.sinks import redis as redis_sink  # it imports this module
-
         source = SPEC.typed(config.source.config)
         if not config.consumer.track_tasks:
             raise Unsupported(f"pipeline {config.name!r} does not track its tasks "
@@ -430,16 +535,30 @@ def submitter(config: PipelineConfig, ctx: registry.SubmitContext) -> registry.S
     return RedisSubmitter(ctx.store.tasks, config)
 
 
+def outputs_with_ack(config: PipelineConfig, destination: ComponentConfig) -> bool:
+    """Rule 9: whether the source writes this result destination with its acknowledgement
+    instead of the outbox: a Redis stream on the source's server and database (its url unset
+    or naming the same), unless it asks for the outbox."""
+    if destination.type != redis_sink.NAME:
+        return False
+    out = redis_sink.SPEC.typed(destination.config)
+    return not out.outbox and (not out.url or rc.same_server(
+        out.url, SPEC.typed(config.source.config).url))
+
+
 SPEC = registry.register(registry.ComponentSpec(
     family="source",
     name=NAME,
     summary="A Redis stream, read by a consumer group (XREADGROUP); an entry is leased while "
-            "pending, retries are delayed in a sorted set, acknowledged entries are trimmed.",
+            "pending, retries are delayed in a sorted set, results to streams on its server "
+            "are added in one script with the acknowledgements, acknowledged entries are "
+            "trimmed.",
     config=CONFIG,
     factory=build_source,
     settings=RedisSourceConfig.from_mapping,
     extra="redis",
-    capabilities=frozenset({registry.Capability.SUBMIT}),
+    capabilities=frozenset({registry.Capability.SUBMIT, registry.Capability.OUTPUTS_WITH_ACK}),
     submitter=submitter,
+    outputs_with_ack=outputs_with_ack,
     default_dead_letter=lambda pipeline: {NAME: {STREAM: f"{pipeline}.dlq"}},
 ))

@@ -24,15 +24,16 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import struct
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
-from sluice.connectors.base import SinkRecord
+from sluice.connectors.base import Delivery, Output, SinkRecord
 from sluice.errors import Misconfigured, MissingDependency, SourceError, Unavailable
 
 log = logging.getLogger("sluice.redis")
@@ -77,6 +78,25 @@ def safe_url(url: str) -> str:
     user = parts.username or ""
     return urlunsplit((parts.scheme, f"{user}:***@{host}", parts.path, parts.query,
                        parts.fragment))
+
+
+def server_of(url: str) -> tuple[str, str, str, str]:
+    """What names one database of one server as one user: scheme, host:port (or the socket
+    path), db, user (the port and db defaulted as redis-py does; the password ignored)."""
+    parts = urlsplit(url)
+    db = parse_qs(parts.query).get("db", [""])[0]
+    if parts.scheme == "unix":
+        where = parts.path
+    else:
+        where = f"{(parts.hostname or 'localhost').lower()}:{parts.port or 6379}"
+        db = parts.path.strip("/") or db
+    return parts.scheme, where, str(int(db)) if db.isdigit() else db or "0", parts.username or ""
+
+
+def same_server(a: str, b: str) -> bool:
+    """Whether two urls name the same database of the same server, as the same user (one
+    script may then write to both)."""
+    return server_of(a) == server_of(b)
 
 
 def connect(url: str) -> Any:
@@ -186,7 +206,8 @@ def text(value: bytes | str) -> str:
 
 def headers_of(fields: Mapping[bytes, bytes]) -> dict[str, str]:
     """An entry's headers: every field but ``body`` and ``key``."""
-    return {text(k): text(v) for k, v in fields.items() if k not in (BODY, KEY)}
+    return {k.decode(errors="replace"): v.decode(errors="replace")
+            for k, v in fields.items() if k != BODY and k != KEY}
 
 
 def id_time_s(entry_id: str) -> float | None:
@@ -198,6 +219,51 @@ def id_time_s(entry_id: str) -> float | None:
 
 
 # -- Lua scripts (each atomic on the server) -------------------------------------------------
+
+# Read new entries for this consumer without blocking (XREADGROUP COUNT ARGV[3] ... >: the
+# same read, with the same effect on the group), the reply packed in one string: for each entry,
+# its id's length and its number of field and value strings (2 bytes each), its id, then each
+# string (4-byte length, then it); big-endian. One bulk string costs the client one read where
+# the command's own reply is a nested array of seven or more (see :func:`read_entries`).
+READ_NEW = """
+local got = redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', ARGV[3],
+                       'STREAMS', KEYS[1], '>')
+if not got then return '' end
+local parts = {}
+for _, entry in ipairs(got[1][2]) do
+  local id, fields = entry[1], entry[2]
+  parts[#parts + 1] = struct.pack('>I2I2', #id, #fields) .. id
+  for j = 1, #fields do
+    parts[#parts + 1] = struct.pack('>I4', #fields[j]) .. fields[j]
+  end
+end
+return table.concat(parts)
+"""
+
+
+def read_entries(packed: bytes) -> list[tuple[str, dict[bytes, bytes]]]:
+    """:data:`READ_NEW`'s reply: each entry's id and fields."""
+    out: list[tuple[str, dict[bytes, bytes]]] = []
+    at, end = 0, len(packed)
+    unpack_head, unpack_len = _HEAD.unpack_from, _LEN.unpack_from
+    while at < end:
+        id_len, strings = unpack_head(packed, at)
+        at += 4 + id_len
+        entry_id = packed[at - id_len:at].decode()
+        fields: dict[bytes, bytes] = {}
+        for _ in range(strings // 2):
+            (size,) = unpack_len(packed, at)
+            at += 4 + size
+            name = packed[at - size:at]
+            (size,) = unpack_len(packed, at)
+            at += 4 + size
+            fields[name] = packed[at - size:at]
+        out.append((entry_id, fields))
+    return out
+
+
+_HEAD, _LEN = struct.Struct(">HH"), struct.Struct(">I")
+
 
 # Hand out what is due to this consumer, before new entries: (1) retries whose delay ended
 # (members of the delayed set, scored by due time in ms; each still in the group's pending
@@ -285,3 +351,99 @@ end
 if keep == nil or keep == '0-0' then return 0 end
 return redis.call('XTRIM', KEYS[1], 'MINID', '~', keep)
 """
+
+# Acknowledge entries and write their outputs, in one script (atomic: Redis runs nothing else
+# meanwhile, and replicates and logs its writes as one MULTI/EXEC; a connection lost before it
+# ran leaves neither). KEYS[1] is the source stream, KEYS[2..] the output streams; ARGV[1] the
+# group, ARGV[2] the batch (:func:`ack_batch`): for each entry, its id and its outputs, each
+# with its stream's index in KEYS and its fields. An entry's outputs are added only if its
+# XACK acknowledged it (it was pending in the group): a script run again (its reply lost), or
+# an entry already acknowledged by another consumer that read it again, writes nothing a
+# second time. Checked before anything is written (a script's writes are not undone by a
+# later error): each output key is a stream or absent, the group exists (the first XACK); the
+# shebang makes a server out of memory refuse the script before it starts. Returns how many
+# entries were acknowledged here.
+ACK_WRITING = """#!lua
+for i = 2, #KEYS do
+  local t = redis.call('TYPE', KEYS[i])['ok']
+  if t ~= 'stream' and t ~= 'none' then
+    return redis.error_reply('WRONGTYPE the result stream ' .. KEYS[i] .. ' holds a ' .. t)
+  end
+end
+local stream, group, batch = KEYS[1], ARGV[1], ARGV[2]
+local pos, size, acked, first, formats = 1, #batch, 0, true, {}
+while pos <= size do
+  local id, k, took
+  id, k, pos = struct.unpack('>I2c0I2', batch, pos)
+  if first then
+    took = redis.pcall('XACK', stream, group, id)
+    if type(took) == 'table' and took['err'] then return took end
+    first = false
+  else
+    took = redis.call('XACK', stream, group, id)
+  end
+  if took == 1 then acked = acked + 1 end
+  for _ = 1, k do
+    local at, m
+    at, m, pos = struct.unpack('>I2I2', batch, pos)
+    local format = formats[m]
+    if not format then
+      format = '>' .. string.rep('I4c0', m)
+      formats[m] = format
+    end
+    local fields = {struct.unpack(format, batch, pos)}
+    pos = fields[m + 1]
+    if took == 1 then redis.call('XADD', KEYS[at], '*', unpack(fields, 1, m)) end
+  end
+end
+return acked
+"""
+
+
+def _field(value: str | bytes) -> bytes:
+    data = value.encode() if isinstance(value, str) else value
+    return len(data).to_bytes(4, "big") + data
+
+
+_CONTENT_TYPE, _TASK_ID, _BODY = _field(CONTENT_TYPE), _field(TASK_ID), _field(BODY)
+_RESULT_FIELDS = (6).to_bytes(2, "big")  # content-type, sluice-task-id, body: names and values
+
+
+def ack_batch(stream: str, items: Sequence[tuple[Delivery, Sequence[Output]]],
+              ) -> tuple[list[str], bytes, list[str]]:
+    """:data:`ACK_WRITING`'s keys and batch for these entries and their outputs, and the entry
+    ids. The batch is, for each entry: its id (2-byte length, then it), its number of outputs
+    (2 bytes), and for each output: its stream's index in the keys (2 bytes), its number of
+    field and value strings (2 bytes), each (4-byte length, then it); big-endian. The fields
+    are :func:`entry_fields`'s (one script argument per batch: thousands of arguments cost the
+    client more than the server)."""
+    keys = [stream]
+    index: dict[str, int] = {}
+    parts: list[bytes] = []
+    append = parts.append
+    ids: list[str] = []
+    for delivery, outputs in items:
+        entry_id: str = delivery.ref
+        ids.append(entry_id)
+        raw = entry_id.encode()
+        append(len(raw).to_bytes(2, "big") + raw + len(outputs).to_bytes(2, "big"))
+        for output in outputs:
+            at = index.get(output.topic)
+            if at is None:
+                keys.append(output.topic)
+                at = index[output.topic] = len(keys)  # KEYS is 1-based in Lua
+            record = output.record
+            if record.headers or record.key is not None:
+                fields = entry_fields(record)
+                append(at.to_bytes(2, "big") + (2 * len(fields)).to_bytes(2, "big"))
+                parts.extend(_field(x) for pair in fields.items() for x in pair)
+                continue
+            # A result record (no headers, no key): the hot path, in two parts.
+            ctype, task_id, body = record.content_type.encode(), record.task_id.encode(), \
+                record.body
+            append(b"".join((at.to_bytes(2, "big"), _RESULT_FIELDS, _CONTENT_TYPE,
+                             len(ctype).to_bytes(4, "big"), ctype, _TASK_ID,
+                             len(task_id).to_bytes(4, "big"), task_id, _BODY,
+                             len(body).to_bytes(4, "big"))))
+            append(body)
+    return keys, b"".join(parts), ids

@@ -17,6 +17,10 @@ Invariants:
    server is lost, one info line when it is back.
 5. Nothing is trimmed: the stream's readers trim what they acknowledged (a sluice source on it
    does, rule 6 of :mod:`sluice.connectors.redis`).
+6. Under ``on_success``/``on_failure`` of a pipeline whose source is Redis on the same server
+   and database, the results are not sent by this sink: the source adds them in one script
+   with its acknowledgements (rule 9 of :mod:`sluice.connectors.redis`), unless ``outbox:
+   true`` sends them through the pipeline's durable outbox (:mod:`sluice.sinks.delivery`).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from sluice.spec import REQUIRED, Field, ObjectSpec
 
 NAME = "redis"  # its component name (and the Redis source's)
 STREAM, URL = rc.STREAM, rc.URL
-WAIT_REPLICAS, WAIT_TIMEOUT_MS = "wait_replicas", "wait_timeout_ms"
+WAIT_REPLICAS, WAIT_TIMEOUT_MS, OUTBOX = "wait_replicas", "wait_timeout_ms", "outbox"
 
 CONFIG = ObjectSpec(
     Field(STREAM, "string", "Stream key to add records to (XADD; the first one creates it).",
@@ -48,6 +52,12 @@ CONFIG = ObjectSpec(
     Field(WAIT_TIMEOUT_MS, "integer", "With wait_replicas: how long WAIT waits; fewer replicas "
           "by then fail the send (it is retried, adding the records again).", default=1000,
           minimum=1),
+    Field(OUTBOX, "boolean", "Under on_success/on_failure of a pipeline whose source is Redis "
+          "on the same server and database (url unset or equal), results are added by the "
+          "source in one script with its acknowledgements (XACK, and XADD only of the entries "
+          "it acknowledged). true: through the durable outbox instead, with the retry keys "
+          "below, a dead letter after max_attempts and a delivery status per task.",
+          default=False),
     label_field(STREAM),
     *DELIVERY_FIELDS,  # used under on_success / on_failure (the outbox's retries)
 )
@@ -61,6 +71,7 @@ class RedisSinkConfig(SinkSettings):
     url: str | None
     wait_replicas: int
     wait_timeout_ms: int
+    outbox: bool
     label: str | None
     timeout_s: float
     max_attempts: int

@@ -1,8 +1,9 @@
 """The Redis Streams source, sink and submitter on the real server: task ids and delivery
 counts from the group, retries delayed in ``<stream>:delayed`` (kept pending meanwhile), lapsed
-leases claimed by another consumer, trimming of acknowledged entries only, the sink's layout and
-errors, submits by the CLI and the HTTP trigger, start errors, a server outage mid-run, and the
-example pipeline."""
+leases claimed by another consumer, trimming of acknowledged entries only, results written by
+the source in one script with its acknowledgements (all or nothing, never twice) unless the sink
+asks for the outbox, the sink's layout and errors, submits by the CLI and the HTTP trigger,
+start errors, a server outage mid-run, and the example pipeline."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from typing import Any
 import pytest
 
 from sluice.config.load import parse_pipeline
-from sluice.connectors.base import Delivery, SinkRecord
+from sluice.connectors.base import Delivery, Output, SinkRecord
 from sluice.connectors.redis import DELAYED_CONSUMER, SPEC, RedisSource
+from sluice.datadir import Database
 from sluice.errors import ConfigError, DeliveryError, Misconfigured, Unavailable
+from sluice.runtime import build, run_pipelines
 from sluice.sinks.redis import SPEC as SINK
 from sluice.sinks.redis import RedisSink
 from tests.conformance.conftest import Item, closed_port
@@ -47,9 +50,10 @@ def stream() -> Iterator[str]:
 async def sources(stream: str) -> AsyncIterator[Any]:
     opened: list[RedisSource] = []
 
-    async def make(**options: Any) -> RedisSource:
+    async def make(outputs: tuple[str, ...] = (), **options: Any) -> RedisSource:
         config = {"url": rt.URL, "stream": stream, "group": "g", "lease_s": 1.0, **options}
         src = SPEC.factory(SPEC.typed(config), _ctx())
+        src.produce_to([(out, None) for out in outputs])
         opened.append(src)
         await src.start()
         return src
@@ -160,6 +164,180 @@ async def test_an_unreachable_server_at_start_is_unavailable(stream: str) -> Non
     with pytest.raises(Unavailable, match=f"{url}.*start the server or correct url"):
         await src.start()
     await src.close()
+
+
+# -- results written with the acknowledgement --------------------------------------------------
+
+def result(delivery: Delivery, out: str) -> Output:
+    return Output(out, SinkRecord(delivery.task_id, b'{"for": "%s"}' % delivery.task_id.encode(),
+                                  "application/cloudevents+json", delivery.key))
+
+
+def pending_ids(stream: str) -> set[str]:
+    with rt.client() as c:
+        return {p["message_id"].decode() for p in c.xpending_range(stream, "g", "-", "+", 100)}
+
+
+async def test_results_and_acknowledgements_are_one_script_all_or_nothing_and_never_twice(
+        stream: str, sources: Any, caplog: pytest.LogCaptureFixture) -> None:
+    out, other = f"{stream}.out", f"{stream}.dlq"
+    rt.publish(stream, [Item(f"w{i}", {"n": i}, key="k" if i == 0 else None) for i in range(3)])
+    src = await sources((out, other))
+    got = await fetch_n(src, 3)
+    with rt.client() as c:  # the second result stream becomes a string after the start check
+        c.set(other, "not a stream")
+    await src.ack_producing([(d, (result(d, out), result(d, other))) for d in got])
+    await src.pending()  # waits for the script's reply
+    assert "WRONGTYPE" in caplog.text
+    # Refused as a whole: not the first result stream, not the acknowledgements.
+    assert rt.read_all(out) == [] and pending_ids(stream) == {d.ref for d in got}
+    rt.delete(other)
+    await src.ack_producing([(d, (result(d, out), result(d, other))) for d in got])
+    assert await src.pending() == 0
+    written = rt.read_all(out, 3)
+    assert [e.text["sluice-task-id"] for e in written] == ["w0", "w1", "w2"]
+    assert written[0].fields == {"content-type": b"application/cloudevents+json",
+                                 "sluice-task-id": b"w0", "key": b"k", "body": b'{"for": "w0"}'}
+    assert "key" not in written[1].fields and len(rt.read_all(other, 3)) == 3
+    # Settled again (the script's reply lost and sent again, or another worker settling them):
+    # its XACKs acknowledge nothing, so nothing is written a second time.
+    await src.ack_producing([(d, (result(d, out),)) for d in got])
+    await src.pending()
+    assert len(rt.read_all(out)) == 3
+
+
+async def test_a_worker_that_dies_before_its_script_ran_leaves_neither(
+        stream: str, sources: Any) -> None:
+    out = f"{stream}.out"
+    rt.publish(stream, [Item(f"d{i}", {}) for i in range(3)])
+    first = await sources((out,))
+    got = await fetch_n(first, 3)
+    with rt.client() as c:
+        c.client_pause(5000, all=False)  # writes (and write scripts) wait at the server
+        try:
+            await first.ack_producing([(d, (result(d, out),)) for d in got])  # sent
+            await asyncio.sleep(0.3)
+            assert not first._acking.done()  # the script waits at the server
+            # The worker dies: its connections close before the server ran the script.
+            first._acking.cancel()
+            await first._client.connection_pool.disconnect()
+            await asyncio.sleep(0.1)
+        finally:
+            c.client_unpause()
+    await asyncio.sleep(0.2)
+    assert rt.read_all(out) == [] and pending_ids(stream) == {d.ref for d in got}
+    # Another worker takes them once their lease lapsed and settles them: each result once.
+    await asyncio.sleep(1.0)
+    second = await sources((out,))
+    again = await fetch_n(second, 3)
+    assert sorted((d.task_id, d.deliveries) for d in again) == [("d0", 2), ("d1", 2), ("d2", 2)]
+    await second.ack_producing([(d, (result(d, out),)) for d in again])
+    assert await second.pending() == 0
+    assert sorted(e.text["sluice-task-id"] for e in rt.read_all(out, 3)) == ["d0", "d1", "d2"]
+
+
+async def test_results_wait_for_the_replicas_asked_for_and_a_shortfall_is_logged_once(
+        stream: str, sources: Any, caplog: pytest.LogCaptureFixture) -> None:
+    out = f"{stream}.out"
+    rt.publish(stream, [Item(f"v{i}", {}) for i in range(4)])
+    src = SPEC.factory(SPEC.typed({"url": rt.URL, "stream": stream, "group": "g"}), _ctx())
+    src.produce_to([(out, SINK.typed({"stream": out, "wait_replicas": 1,
+                                      "wait_timeout_ms": 50}))])
+    await src.start()
+    try:
+        for left in (2, 0):  # this server has no replica: WAIT 1 50 answers 0 after 50 ms
+            got = await fetch_n(src, 2)
+            asked = time.monotonic()
+            await src.ack_producing([(d, (result(d, out),)) for d in got])
+            assert await src.pending() == left
+            assert time.monotonic() - asked >= 0.05
+    finally:
+        await src.close()
+    assert len(rt.read_all(out, 4)) == 4  # written all the same (not undone)
+    assert caplog.text.count("0 of 1 replica(s) acknowledged") == 1
+
+
+RESULTS = """
+name: r-results
+source: {{redis: {{url: "{url}", stream: {stream}, group: g, lease_s: 1}}}}
+handler: {{python: "tests.helpers.handlers:echo"}}
+on_success: [{{redis: {{stream: {stream}.out{sink}}}}}]
+"""
+
+
+def outboxed(config_text: str, tmp_path: Path) -> bool:
+    return bool(build(parse_pipeline(config_text), tmp_path / "data").deliverers)
+
+
+def test_results_go_with_the_acknowledgement_only_to_the_same_server_and_database(
+        tmp_path: Path) -> None:
+    def with_sink(sink: str) -> str:
+        return RESULTS.format(url="redis://127.0.0.1:6379/0", stream="s", sink=sink)
+
+    assert not outboxed(with_sink(""), tmp_path)
+    assert not outboxed(with_sink(", url: 'redis://127.0.0.1'"), tmp_path)  # port, db: defaults
+    assert outboxed(with_sink(", outbox: true"), tmp_path)
+    assert outboxed(with_sink(", url: 'redis://127.0.0.1:6379/1'"), tmp_path)  # another db
+    assert outboxed(with_sink(", url: 'redis://127.0.0.1:6380/0'"), tmp_path)  # another server
+
+
+@pytest.mark.parametrize("outbox", [False, True], ids=["with_ack", "outbox"])
+async def test_results_to_a_redis_stream(tmp_path: Path, stream: str, run_log: str,
+                                         outbox: bool) -> None:
+    """By default the source writes the results with its acknowledgements (no outbox entry,
+    no delivery status); ``outbox: true`` sends them through the durable outbox."""
+    rt.publish(stream, [Item(f"r{i}", {"n": i}) for i in range(20)])
+    sink = ", outbox: true" if outbox else ""
+    loop = build(parse_pipeline(RESULTS.format(url=rt.URL, stream=stream, sink=sink)),
+                 tmp_path / "data")
+    assert bool(loop.deliverers) == outbox
+    await asyncio.wait_for(run_pipelines([loop], asyncio.Event(), drain=True), DEADLINE_S)
+    events = {e.text["sluice-task-id"]: json.loads(e.fields["body"])
+              for e in rt.read_all(f"{stream}.out", 20)}
+    assert set(events) == {f"r{i}" for i in range(20)}
+    assert events["r3"]["type"] == "sluice.task.succeeded"
+    assert events["r3"]["data"]["result"] == {"n": 3}
+    assert pending_ids(stream) == set()
+    task = await loop.store.get("r3", "r-results")
+    states = {name: d["state"] for name, d in (task.delivered or {}).items()}
+    assert states == ({f"on_success:redis:{stream}.out": "delivered"} if outbox else {})
+    outbox_rows = Database.open(tmp_path / "data").run_sync(lambda c: c.execute(
+        "SELECT COUNT(*) FROM messages WHERE queue LIKE 'sluice.outbox.%'").fetchone()[0])
+    assert outbox_rows == 0
+
+
+async def test_an_entry_read_again_after_its_task_finished_gets_its_result_from_the_store(
+        tmp_path: Path, stream: str, run_log: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker records its tasks' ends, then dies before its script (it never runs): the
+    entries come back after lease_s, their tasks are final, and each result is written once,
+    made from the task store, the handler not run again."""
+    rt.publish(stream, [Item(f"s{i}", {"n": i}) for i in range(5)])
+    text = RESULTS.format(url=rt.URL, stream=stream, sink="")
+    first = build(parse_pipeline(text), tmp_path / "data")
+    died: list[int] = []
+
+    async def dies(items: Any) -> None:
+        died.append(len(items))
+
+    monkeypatch.setattr(first.source, "ack_producing", dies)
+    monkeypatch.setattr(first.source, "pending", _nothing_pending)
+    await asyncio.wait_for(run_pipelines([first], asyncio.Event(), drain=True), DEADLINE_S)
+    assert sum(died) == 5 and rt.read_all(f"{stream}.out") == []
+    assert len(pending_ids(stream)) == 5
+    await asyncio.sleep(1.1)  # their lease lapses
+    second = build(parse_pipeline(text), tmp_path / "data")
+    await asyncio.wait_for(run_pipelines([second], asyncio.Event(), drain=True), DEADLINE_S)
+    assert second.stats.skipped == 5 and second.stats.succeeded == 0
+    events = [json.loads(e.fields["body"]) for e in rt.read_all(f"{stream}.out", 5)]
+    assert sorted(e["id"] for e in events) == [f"s{i}" for i in range(5)]
+    assert {e["data"]["result"]["n"] for e in events} == set(range(5))
+    assert sorted(task_id for _, task_id, _, _ in read_log(run_log)) == [
+        f"s{i}" for i in range(5)]  # each handler ran once, in the first worker
+    assert pending_ids(stream) == set()
+
+
+async def _nothing_pending() -> int:
+    return 0
 
 
 # -- the sink --------------------------------------------------------------------------------
@@ -359,9 +537,11 @@ def test_a_server_outage_mid_run_loses_nothing_and_runs_nothing_twice(
         while set(done()) != {i.task_id for i in sent}:
             assert time.monotonic() < deadline, f"{len(done())} of {len(sent)} done"
             time.sleep(0.2)
-        # Every result reaches the stream (the outbox retries what the outage refused).
-        while len(results := {e.text["sluice-task-id"] for e in rt.read_all(
-                f"{stream}.out", 0)}) < len(sent):
+        # Every result reaches the stream, once: written with the acknowledgements, a script
+        # whose reply the outage lost is sent again and writes nothing twice; one the outage
+        # refused leaves its entries pending, and their results come from the task store.
+        while len(results := Counter(e.text["sluice-task-id"] for e in rt.read_all(
+                f"{stream}.out", 0))) < len(sent):
             assert time.monotonic() < deadline, f"{len(results)} of {len(sent)} results"
             time.sleep(0.2)
     finally:
@@ -369,6 +549,7 @@ def test_a_server_outage_mid_run_loses_nothing_and_runs_nothing_twice(
         _, errs = worker.communicate(timeout=60)
     assert worker.returncode == 0, errs
     assert max(done().values()) == 1, [t for t, n in done().items() if n > 1]
+    assert max(results.values()) == 1, [t for t, n in results.items() if n > 1]
     lines = errs.splitlines()
     for component in (f"redis source of {stream!r}", f"redis sink to '{stream}.out'"):
         down = [ln for ln in lines if f"{component}: redis unavailable" in ln]
