@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import psutil
 import redis
@@ -55,7 +55,7 @@ POLL_S = 0.005
 def start_redis() -> str:
     """Start Redis with scripts/services (a running one is reused); its version."""
     subprocess.run([str(ROOT / "scripts" / "services"), "start", "redis"], check=True)
-    info = cast(dict[str, Any], client().info("server"))
+    info = client().info("server")
     return f"Redis {info['redis_version']} (scripts/services) at 127.0.0.1:6379, db {DB}"
 
 
@@ -65,14 +65,14 @@ def client() -> redis.Redis:
 
 def pending(system: str, r: redis.Redis) -> int:
     """Tasks enqueued and not finished yet, from the broker's own keys (a sync client's
-    replies are typed as maybe-awaitable: cast)."""
+    replies are typed by redis-py)."""
     if system == "dramatiq":
         from bench.peers.dramatiq_tasks import MESSAGES_KEY
 
-        return cast(int, r.hlen(MESSAGES_KEY))
+        return r.hlen(MESSAGES_KEY)
     from bench.peers.arq_tasks import QUEUE_KEY
 
-    return cast(int, r.zcard(QUEUE_KEY))
+    return r.zcard(QUEUE_KEY)
 
 
 def worker_cmd(system: str) -> list[str]:
@@ -117,7 +117,7 @@ def enqueuer(system: str, n: int) -> subprocess.Popen[bytes]:
 
 
 def redis_cpu_s(r: redis.Redis) -> float:
-    info = cast(dict[str, Any], r.info("cpu"))
+    info = r.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
