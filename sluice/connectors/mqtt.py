@@ -67,6 +67,7 @@ log = logging.getLogger(__name__)
 
 NAME = "mqtt"
 TAKEOVER_INTERVAL_S = 2.0  # how often a worker looks for sessions of workers that stopped
+PENDING_TAKEOVER_WAIT_S = 2.0  # pending() waits this long for a takeover's messages
 DRAIN_PREFIX = "sluice/_drain/"  # marker topics of a session being taken over (rule 4)
 
 URL, TOPIC, GROUP, SHARED, CLIENT_ID = "url", "topic", "group", "shared", "client_id"
@@ -157,6 +158,7 @@ class _Takeover:  # a stopped worker's session being taken over (rule 4)
     fd: int
     marker: str
     drained: asyncio.Event = field(default_factory=asyncio.Event)
+    finishing: asyncio.Task[None] | None = None
 
 
 class MqttSource:
@@ -182,6 +184,8 @@ class MqttSource:
         self._by_mid: dict[tuple[int, int], Delivery] = {}  # (id(conn), packet id) → it
         self._wakeup = asyncio.Event()
         self._takeovers: dict[int, _Takeover] = {}
+        self._scanning = asyncio.Lock()
+        self._acked = asyncio.Event()  # some delivery was acknowledged (a takeover waits)
         self._watcher: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -311,8 +315,7 @@ class MqttSource:
                     del self._by_mid[key]
             else:  # disconnected: acknowledged when the broker resends it (rule 5)
                 ref.finished = True
-        if self._takeovers:
-            self._wakeup.set()
+        self._acked.set()
 
     async def retry_later(self, deliveries: Sequence[tuple[Delivery, float]]) -> None:
         for d, delay_s in deliveries:
@@ -330,10 +333,16 @@ class MqttSource:
         whatever the broker had sent before this call has arrived. (What waits at the broker
         beyond ``receive_maximum`` cannot be counted: the broker sends it as soon as there is
         room, so an empty fetch after acknowledging everything means the session is empty.)"""
-        if self.conn is not None:
-            await self.conn.round_trip()
-        return len(self._held) + len(self._takeovers) + await asyncio.to_thread(
-            self._left_sessions)
+        if self.conn is None:
+            return len(self._held)
+        await self.conn.round_trip()
+        await self._take_over_free_slots()
+        waiting = [t.drained.wait() for t in self._takeovers.values()]
+        if waiting:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waiting), PENDING_TAKEOVER_WAIT_S)
+        undrained = sum(1 for t in self._takeovers.values() if not t.drained.is_set())
+        return len(self._held) + undrained + await asyncio.to_thread(self._left_sessions)
 
     def _left_sessions(self) -> int:
         """Slots of stopped workers not yet taken over: their sessions may hold messages."""
@@ -357,8 +366,13 @@ class MqttSource:
                 await self._watcher
             self._watcher = None
         for t in list(self._takeovers.values()):  # kept for the next look (rule 4)
+            if t.finishing is not None:
+                t.finishing.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t.finishing
             await t.conn.close()
-            mc.release_slot(t.fd)
+            if t.fd >= 0:
+                mc.release_slot(t.fd)
         self._takeovers.clear()
         if self.conn is not None:
             await self.conn.close()  # its session stays with the broker (rules 1, 4)
@@ -371,15 +385,21 @@ class MqttSource:
 
     async def _take_over_forever(self) -> None:
         while True:
+            await self._take_over_free_slots()
+            await asyncio.sleep(TAKEOVER_INTERVAL_S)
+
+    async def _take_over_free_slots(self) -> None:
+        """Begin to take over every slot whose worker has gone (its file is not locked)."""
+        async with self._scanning:
             own = self._slot[0] if self._slot else -1
             for n in await asyncio.to_thread(mc.other_slots, self._dir, self.base):
-                if n == own or n in self._takeovers:
+                if n == own or n in self._takeovers or self._closed:
                     continue
                 fd = await asyncio.to_thread(mc.try_lock, mc.slot_path(self._dir, self.base, n))
                 if fd is None:
                     continue  # its worker runs
                 try:
-                    await self._take_over(n, fd)
+                    await self._begin_takeover(n, fd)
                 except Exception as exc:  # tried again at the next look
                     log.warning("mqtt source %s: taking over the session %s-%d: %s",
                                 self.cfg.topic, self.base, n, exc)
@@ -387,16 +407,15 @@ class MqttSource:
                     if taken is not None:
                         await taken.conn.close()
                     mc.release_slot(fd)
-            await asyncio.sleep(TAKEOVER_INTERVAL_S)
 
-    async def _take_over(self, n: int, fd: int) -> None:
+    async def _begin_takeover(self, n: int, fd: int) -> None:
         client_id = f"{self.base}-{n}"
         conn = self._connection(client_id, f"mqtt source {self.cfg.topic!r} (taking over "
                                            f"{client_id})")
         takeover = _Takeover(conn, n, fd, f"{DRAIN_PREFIX}{client_id}")
         self._takeovers[n] = takeover
         await conn.open()
-        if not conn.session_present:
+        if not conn.session_present:  # nothing was left there
             await conn.close()
             await mc.wipe_session(self.address, client_id)
             del self._takeovers[n]
@@ -406,19 +425,34 @@ class MqttSource:
         await conn.subscribe(takeover.marker)
         assert self.conn is not None
         await self.conn.publish(takeover.marker, b"", None)  # queued behind what it holds
-        await takeover.drained.wait()
-        count = sum(1 for d in self._held.values() if d.ref.conn is conn)
-        log.info("mqtt source %s: took over the session %s of a stopped worker (%d message(s))",
-                 self.cfg.topic, client_id, count)
-        while any(d.ref.conn is conn for d in self._held.values()):
-            self._wakeup.clear()
-            await self._wakeup.wait()
-        await conn.close()
-        await mc.wipe_session(self.address, client_id)
-        for key in [k for k in self._by_mid if k[0] == id(conn)]:
-            del self._by_mid[key]
-        del self._takeovers[n]
-        mc.release_slot(fd, mc.slot_path(self._dir, self.base, n))
+        takeover.finishing = asyncio.create_task(self._finish_takeover(takeover))
+
+    async def _finish_takeover(self, takeover: _Takeover) -> None:
+        """Once the session's messages are all in (its marker came) and acknowledged here: end
+        the session and free its slot."""
+        conn, n = takeover.conn, takeover.slot
+        try:
+            await takeover.drained.wait()
+            count = sum(1 for d in self._held.values() if d.ref.conn is conn)
+            log.info("mqtt source %s: took over the session %s of a stopped worker (%d "
+                     "message(s))", self.cfg.topic, conn.client_id, count)
+            while any(d.ref.conn is conn for d in self._held.values()):
+                self._acked.clear()
+                await self._acked.wait()
+            await conn.close()
+            await mc.wipe_session(self.address, conn.client_id)
+            for key in [k for k in self._by_mid if k[0] == id(conn)]:
+                del self._by_mid[key]
+            fd, takeover.fd = takeover.fd, -1
+            mc.release_slot(fd, mc.slot_path(self._dir, self.base, n))
+        except Exception as exc:  # its slot file stays: tried again at the next look
+            log.warning("mqtt source %s: taking over the session %s: %s", self.cfg.topic,
+                        conn.client_id, exc)
+            await conn.close()
+            fd, takeover.fd = takeover.fd, -1
+            mc.release_slot(fd)
+        finally:
+            self._takeovers.pop(n, None)
 
 
 def _hashed_id(topic: str, body: bytes) -> str:
