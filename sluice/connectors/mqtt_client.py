@@ -196,7 +196,7 @@ def _client_class() -> Any:
         def _on_connect(self, client: Any, userdata: Any, flags: Any, reason_code: Any,
                         properties: Any = None) -> None:
             self.owner._connack(self, bool(getattr(flags, "session_present", False)),
-                                properties)
+                                properties, getattr(reason_code, "value", reason_code) == 0)
             super()._on_connect(client, userdata, flags, reason_code, properties)
 
         def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason_code: Any,
@@ -323,10 +323,12 @@ class Connection:
 
     # -- the client's hooks (on the event loop) -------------------------------------------------
 
-    def _connack(self, client: Any, session_present: bool, props: Any) -> None:
+    def _connack(self, client: Any, session_present: bool, props: Any, ok: bool) -> None:
         if client is not self._client:
             return
         self.session_present = session_present
+        if ok:  # the resent messages come right after: they may be acknowledged at once
+            self.connected.set()
         server_max = getattr(props, "ReceiveMaximum", None) if props is not None else None
         if server_max:  # paho does not follow the server's receive maximum by itself (nor
             # lets it be set once connected: nothing is in flight yet at the CONNACK)
