@@ -9,28 +9,26 @@ Invariants:
    ``acks=all``); a 202 means the task is in the topic.
 2. A task id already used in the pipeline is refused before anything is produced.
 3. If the produce fails, the tasks it created are removed again (still ``QUEUED``, never
-   seen by a worker), so the client may submit the same task id again. A crash between the
-   store write and the produce leaves a ``QUEUED`` task with no message: it is reported with
-   its state, and may be cancelled.
+   seen by a worker), so the client may submit the same task id again (the rules of every
+   broker's submitter: :mod:`sluice.connectors.publishing`).
 4. Kafka has no delayed visibility: a delay is refused (the HTTP API answers 400).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 from sluice.config.model import PipelineConfig
 from sluice.connectors import kafka_client as kc
-from sluice.connectors.base import SinkRecord
 from sluice.connectors.embedded import Submission
 from sluice.connectors.kafka import SPEC
-from sluice.errors import DeliveryError, Misconfigured, Unavailable, Unsupported
+from sluice.connectors.publishing import TASK_ID, check_submittable, create_then_publish
+from sluice.errors import Unsupported
 from sluice.sinks import kafka as kafka_sink
 from sluice.sinks.kafka import KafkaSink
-from sluice.tasks.store import NewTask, TaskRecord, TaskStore
+from sluice.tasks.store import TaskRecord, TaskStore
 
-HEADER = "sluice-task-id"
+HEADER = TASK_ID
 
 
 class KafkaSubmitter:
@@ -38,13 +36,8 @@ class KafkaSubmitter:
 
     def __init__(self, store: TaskStore, config: PipelineConfig) -> None:
         source = SPEC.typed(config.source.config)
-        if not config.consumer.track_tasks:
-            raise Unsupported(f"pipeline {config.name!r} does not track its tasks "
-                              "(consumer.track_tasks: false): produce to its topic instead")
-        if source.task_id_header != HEADER:
-            raise Misconfigured(f"pipeline {config.name!r}: submitting needs the source's "
-                                f"task_id_header to be {HEADER!r}, it is "
-                                f"{source.task_id_header!r}")
+        check_submittable(config, "task_id_header", source.task_id_header,
+                          "produce to its topic")
         self.store = store
         self.config = config
         self.sink = KafkaSink(kafka_sink.SPEC.typed({
@@ -59,21 +52,9 @@ class KafkaSubmitter:
         """The created tasks; ``None`` where the task id was already used."""
         if any(item.delay_s for item in items):
             raise Unsupported("a kafka source has no delayed delivery: submit without a delay")
-        created = await self.store.create(
-            self.config.name, self.config.tenant,
-            [NewTask(i.message.task_id, i.message.key, i.received_at) for i in items],
-            time.time())
-        records = [SinkRecord(i.message.task_id, i.message.body, i.message.content_type,
-                              i.message.key, dict(i.message.headers or {}))
-                   for i, rec in zip(items, created, strict=True) if rec is not None]
-        try:
-            await self.sink.send(records)
-        except DeliveryError as exc:
-            await self.store.forget_queued(self.config.name, [r.task_id for r in records])
-            refused = Misconfigured if exc.permanent else Unavailable
-            raise refused(f"kafka topic {self.sink.topic!r} on {self.sink.brokers}: "
-                          f"{exc}") from None
-        return created
+        return await create_then_publish(
+            self.store, self.config, items, lambda fresh: self.sink.send([r for _, r in fresh]),
+            f"kafka topic {self.sink.topic!r} on {self.sink.brokers}")
 
     async def close(self) -> None:
         await self.sink.close()

@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 from sluice import registry
 from sluice.connectors import nats_client as nc
 from sluice.connectors.base import Delivery, Output, SinkRecord
-from sluice.errors import DeliveryError, Misconfigured, SourceError, Unavailable, Unsupported
+from sluice.errors import DeliveryError, Misconfigured, SourceError
 from sluice.sinks import nats as nats_sink
 from sluice.spec import REQUIRED, Field, ObjectSpec
 
@@ -71,7 +71,6 @@ if TYPE_CHECKING:
     from nats.js import JetStreamContext
 
     from sluice.config.model import ComponentConfig, PipelineConfig
-    from sluice.tasks.store import TaskRecord, TaskStore
 
 log = logging.getLogger(__name__)
 
@@ -424,74 +423,9 @@ def build_source(config: NatsSourceConfig, ctx: registry.BuildContext) -> NatsSo
     return NatsSource(config, config.consumer_of(ctx.pipeline))
 
 
-# -- submitting ----------------------------------------------------------------------------------
-
-class NatsSubmitter:
-    """Submits to a pipeline whose source is a NATS stream (``sluice submit``, the HTTP
-    trigger).
-
-    1. The task is created in the store (``QUEUED``); a task id already used in the pipeline is
-       refused before anything is published.
-    2. Its message is published to the source's subject (``<subject>.<key>`` with a key) with
-       the task id in ``sluice-task-id`` and ``Nats-Msg-Id``; a submit succeeds once JetStream
-       acknowledged it (a 202 means the task is in the stream).
-    3. If the publish fails, the tasks it created are removed again, so the same task id may be
-       submitted again. A crash between the two leaves a ``QUEUED`` task with no message.
-    4. JetStream has no delayed publish: a delay is refused (the registry's capability).
-    """
-
-    def __init__(self, store: TaskStore, config: PipelineConfig) -> None:
-        source = SPEC.typed(config.source.config)
-        if not config.consumer.track_tasks:
-            raise Unsupported(f"pipeline {config.name!r} does not track its tasks "
-                              "(consumer.track_tasks: false): publish to its stream instead")
-        if source.task_id_header != nc.TASK_ID_HEADER:
-            raise Misconfigured(f"pipeline {config.name!r}: submitting needs the source's "
-                                f"task_id_header to be {nc.TASK_ID_HEADER!r}, it is "
-                                f"{source.task_id_header!r}")
-        self.store = store
-        self.config = config
-        self.source = source
-        self.conn = nc.Connection(source.url, f"nats submitter of stream {source.stream!r}",
-                                  connect_timeout_s=source.connect_timeout_s, logger=log)
-        self._ready = False
-
-    async def submit(self, items: Sequence[registry.Submission]) -> list[TaskRecord | None]:
-        from sluice.errors import DeliveryError
-        from sluice.tasks.store import NewTask
-
-        await self._start()
-        created = await self.store.create(
-            self.config.name, self.config.tenant,
-            [NewTask(i.message.task_id, i.message.key, i.received_at) for i in items],
-            time.time())
-        records = [SinkRecord(i.message.task_id, i.message.body, i.message.content_type,
-                              i.message.key, dict(i.message.headers or {}))
-                   for i, rec in zip(items, created, strict=True) if rec is not None]
-        try:
-            if records:
-                await nc.publish(self.conn, self.source.stream, self.source.base_subject,
-                                 records, nc.API_TIMEOUT_S)
-        except DeliveryError as exc:
-            await self.store.forget_queued(self.config.name, [r.task_id for r in records])
-            refused = Misconfigured if exc.permanent else Unavailable
-            raise refused(f"{exc}; nothing was submitted") from None
-        return created
-
-    async def _start(self) -> None:
-        if self._ready:
-            return
-        await self.conn.connect()
-        await nc.ensure_stream(self.conn, self.source.stream, self.source.base_subject, None,
-                               "create it first: a submit never creates streams (a worker "
-                               "whose source sets create_stream creates it when it starts)")
-        self._ready = True
-
-    async def close(self) -> None:
-        await self.conn.close()
-
-
 def submitter(config: PipelineConfig, ctx: registry.SubmitContext) -> registry.Submitter:
+    from sluice.connectors.nats_submit import NatsSubmitter  # its connection: only to submit
+
     return NatsSubmitter(ctx.store.tasks, config)
 
 

@@ -56,7 +56,8 @@ from typing import TYPE_CHECKING, Any
 from sluice import registry
 from sluice.connectors import rabbitmq_client as rc
 from sluice.connectors.base import Delivery, SinkRecord
-from sluice.errors import DeliveryError, Misconfigured, SourceError, Unavailable, Unsupported
+from sluice.connectors.publishing import check_submittable, create_then_publish
+from sluice.errors import Misconfigured, SourceError
 from sluice.sinks import rabbitmq as rabbit_sink
 from sluice.spec import REQUIRED, Field, ObjectSpec, Settings
 
@@ -434,9 +435,8 @@ class RabbitSubmitter:
 
     def __init__(self, config: PipelineConfig, ctx: registry.SubmitContext) -> None:
         source = SPEC.typed(config.source.config)
-        if not config.consumer.track_tasks:
-            raise Unsupported(f"pipeline {config.name!r} does not track its tasks "
-                              "(consumer.track_tasks: false): publish to its queue instead")
+        check_submittable(config, "task_id_header", source.task_id_header,
+                          "publish to its queue")
         if (source.task_id_header, source.key_header) != (rc.TASK_ID_HEADER, rc.KEY_HEADER):
             raise Misconfigured(f"pipeline {config.name!r}: submitting needs the source's "
                                 f"task_id_header {rc.TASK_ID_HEADER!r} and key_header "
@@ -450,27 +450,15 @@ class RabbitSubmitter:
         }), source.url, f"rabbitmq submitter to {source.queue!r}")
 
     async def submit(self, items: Sequence[registry.Submission]) -> list[TaskRecord | None]:
-        from sluice.tasks.store import NewTask
-
-        created = await self.store.create(
-            self.config.name, self.config.tenant,
-            [NewTask(i.message.task_id, i.message.key, i.received_at) for i in items],
-            time.time())
-        groups: dict[float, list[SinkRecord]] = {}
-        for item, rec in zip(items, created, strict=True):
-            if rec is not None:
-                m = item.message
-                groups.setdefault(item.delay_s, []).append(SinkRecord(
-                    m.task_id, m.body, m.content_type, m.key, dict(m.headers or {})))
-        try:
-            for delay_s, records in groups.items():
+        async def publish(fresh: Sequence[tuple[registry.Submission, SinkRecord]]) -> None:
+            by_delay: dict[float, list[SinkRecord]] = {}
+            for item, record in fresh:
+                by_delay.setdefault(item.delay_s, []).append(record)
+            for delay_s, records in by_delay.items():
                 await self.sink.publish(records, delay_s)
-        except DeliveryError as exc:
-            await self.store.forget_queued(self.config.name, [
-                r.task_id for records in groups.values() for r in records])
-            refused = Misconfigured if exc.permanent else Unavailable
-            raise refused(f"pipeline {self.config.name!r}: {exc}") from None
-        return created
+
+        return await create_then_publish(self.store, self.config, items, publish,
+                                         f"pipeline {self.config.name!r}")
 
     async def close(self) -> None:
         await self.sink.close()

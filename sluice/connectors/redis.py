@@ -69,11 +69,12 @@ from typing import TYPE_CHECKING, Any
 
 from sluice import registry
 from sluice.connectors import redis_client as rc
-from sluice.connectors.base import Delivery, Output, SinkRecord
-from sluice.errors import DeliveryError, Misconfigured, SourceError, Unavailable, Unsupported
+from sluice.connectors.base import Delivery, Output
+from sluice.connectors.publishing import check_submittable, create_then_publish
+from sluice.errors import Misconfigured, SourceError, Unavailable, Unsupported
 from sluice.sinks import redis as redis_sink
 from sluice.spec import REQUIRED, Field, ObjectSpec, Settings
-from sluice.tasks.store import NewTask, TaskRecord, TaskStore
+from sluice.tasks.store import TaskRecord, TaskStore
 
 if TYPE_CHECKING:
     from sluice.config.model import ComponentConfig, PipelineConfig
@@ -496,13 +497,7 @@ class RedisSubmitter:
 
     def __init__(self, store: TaskStore, config: PipelineConfig) -> None:
         source = SPEC.typed(config.source.config)
-        if not config.consumer.track_tasks:
-            raise Unsupported(f"pipeline {config.name!r} does not track its tasks "
-                              "(consumer.track_tasks: false): add to its stream instead")
-        if source.task_id_field != rc.TASK_ID:
-            raise Misconfigured(f"pipeline {config.name!r}: submitting needs the source's "
-                                f"task_id_field to be {rc.TASK_ID!r}, it is "
-                                f"{source.task_id_field!r}")
+        check_submittable(config, "task_id_field", source.task_id_field, "add to its stream")
         self.store = store
         self.config = config
         self.sink = redis_sink.RedisSink(redis_sink.SPEC.typed(
@@ -512,20 +507,9 @@ class RedisSubmitter:
         if any(item.delay_s for item in items):
             raise Unsupported("a redis source has no delayed delivery of new entries: submit "
                               "without a delay")
-        created = await self.store.create(
-            self.config.name, self.config.tenant,
-            [NewTask(i.message.task_id, i.message.key, i.received_at) for i in items],
-            time.time())
-        records = [SinkRecord(i.message.task_id, i.message.body, i.message.content_type,
-                              i.message.key, dict(i.message.headers or {}))
-                   for i, rec in zip(items, created, strict=True) if rec is not None]
-        try:
-            await self.sink.send(records)
-        except DeliveryError as exc:
-            await self.store.forget_queued(self.config.name, [r.task_id for r in records])
-            refused = Misconfigured if exc.permanent else Unavailable
-            raise refused(str(exc)) from None
-        return created
+        return await create_then_publish(
+            self.store, self.config, items, lambda fresh: self.sink.send([r for _, r in fresh]),
+            f"redis stream {self.sink.stream!r}")
 
     async def close(self) -> None:
         await self.sink.close()
