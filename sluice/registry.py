@@ -110,6 +110,20 @@ class BuildContext:
     exactly_once: bool = False  # consumer.exactly_once (the source then runs transactions)
     store_url: str | None = None  # the process's store (--store); None: data_dir's SQLite
 
+    def own_or_source_url(self, url: str | None, family_name: str, what: str,
+                          example: str) -> str:
+        """A sink's connection: its own ``url``, else the ``url`` of the pipeline's source when
+        that is the same broker (``family_name``), else :class:`~sluice.errors.Misconfigured`
+        naming ``what`` (the sink and its target) and an ``example`` url."""
+        if url:
+            return url
+        if self.source is not None and self.source.type == family_name:
+            return str(get("source", family_name).typed(self.source.config).url)
+        from sluice.errors import Misconfigured
+
+        raise Misconfigured(f"pipeline {self.pipeline!r}: {what} needs a url: the pipeline's "
+                            f"source is not {family_name}, so set url: {example}")
+
     @property
     def store(self) -> Store:
         """The process's store (:func:`sluice.stores.open_store`): where embedded queues,

@@ -35,7 +35,7 @@ from sluice import registry
 from sluice.config.destinations import SinkSettings, label_field
 from sluice.connectors import nats_client as nc
 from sluice.connectors.base import SinkRecord
-from sluice.errors import DeliveryError, Misconfigured, SourceError
+from sluice.errors import DeliveryError, SourceError
 from sluice.sinks.http import DELIVERY_FIELDS
 from sluice.spec import REQUIRED, Field, ObjectSpec
 
@@ -141,17 +141,9 @@ class NatsSink:
 
 
 def sink_url(config: NatsSinkConfig, ctx: registry.BuildContext) -> str:
-    """Its own ``url``, else that of the pipeline's NATS source."""
-    if config.url:
-        return config.url
-    source = ctx.source
-    if source is not None and source.type == NAME:
-        from sluice.connectors.nats import SPEC as SOURCE  # it does not import this module
-
-        return SOURCE.typed(source.config).url
-    raise Misconfigured(f"pipeline {ctx.pipeline!r}: the nats sink to stream "
-                        f"{config.stream!r} needs url: the pipeline's source is not nats, so "
-                        "set url: nats://host:4222")
+    """Its own ``url``, else that of the pipeline's nats source."""
+    return ctx.own_or_source_url(config.url, NAME, f"the nats sink to stream {config.stream!r}",
+                                 "nats://host:4222")
 
 
 def build_sink(config: NatsSinkConfig, ctx: registry.BuildContext) -> NatsSink:

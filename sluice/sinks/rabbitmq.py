@@ -31,7 +31,7 @@ from sluice import registry
 from sluice.config.destinations import SinkSettings, label_field
 from sluice.connectors import rabbitmq_client as rc
 from sluice.connectors.base import SinkRecord
-from sluice.errors import DeliveryError, Misconfigured, SourceError
+from sluice.errors import DeliveryError, SourceError
 from sluice.sinks.http import DELIVERY_FIELDS
 from sluice.spec import REQUIRED, Field, ObjectSpec
 
@@ -156,16 +156,8 @@ def _reason(exc: BaseException) -> str:
 
 def sink_url(config: RabbitSinkConfig, ctx: registry.BuildContext) -> str:
     """Its own ``url``, else that of the pipeline's rabbitmq source."""
-    if config.url:
-        return config.url
-    source = ctx.source
-    if source is not None and source.type == NAME:
-        from sluice.connectors.rabbitmq import SPEC as SOURCE  # it imports this module
-
-        return str(SOURCE.typed(source.config).url)
-    raise Misconfigured(f"pipeline {ctx.pipeline!r}: the rabbitmq sink to {config.queue!r} "
-                        "needs a url: the pipeline's source is not rabbitmq, so set url: "
-                        "amqp://user:password@host:5672/")
+    return ctx.own_or_source_url(config.url, NAME, f"the rabbitmq sink to {config.queue!r}",
+                                 "amqp://user:password@host:5672/")
 
 
 def build_sink(config: RabbitSinkConfig, ctx: registry.BuildContext) -> RabbitSink:

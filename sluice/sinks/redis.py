@@ -33,7 +33,7 @@ from sluice import registry
 from sluice.config.destinations import SinkSettings, label_field
 from sluice.connectors import redis_client as rc
 from sluice.connectors.base import SinkRecord
-from sluice.errors import DeliveryError, Misconfigured
+from sluice.errors import DeliveryError
 from sluice.sinks.http import DELIVERY_FIELDS
 from sluice.spec import REQUIRED, Field, ObjectSpec
 
@@ -138,17 +138,9 @@ class RedisSink:
 
 
 def sink_url(config: RedisSinkConfig, ctx: registry.BuildContext) -> str:
-    """Its own ``url``, else that of the pipeline's Redis source."""
-    if config.url:
-        return config.url
-    source = ctx.source
-    if source is not None and source.type == NAME:
-        from sluice.connectors.redis import SPEC as SOURCE  # it imports this module
-
-        return str(SOURCE.typed(source.config).url)
-    raise Misconfigured(f"pipeline {ctx.pipeline!r}: the redis sink to {config.stream!r} "
-                        "needs url: the pipeline's source is not redis, so set url: "
-                        "redis://host:port/db")
+    """Its own ``url``, else that of the pipeline's redis source."""
+    return ctx.own_or_source_url(config.url, NAME, f"the redis sink to {config.stream!r}",
+                                 "redis://host:port/db")
 
 
 def build_sink(config: RedisSinkConfig, ctx: registry.BuildContext) -> RedisSink:

@@ -380,7 +380,7 @@ def test_the_sink_defaults_to_the_source_url_and_needs_one_otherwise() -> None:
     assert isinstance(sink, RedisSink) and sink.url == "redis://127.0.0.1:6379/3"
     other = parse_pipeline(text.replace("{redis: {url: 'redis://127.0.0.1:6379/3', stream: s}}",
                                         "{embedded: {queue: q}}"))
-    with pytest.raises(Misconfigured, match="needs url"):
+    with pytest.raises(Misconfigured, match="needs a url"):
         SINK.build(other.dead_letter.config, context(other, None))
 
 
