@@ -11,6 +11,9 @@ operator. A :class:`OutageLog` per component turns them into two lines per outag
 3. While :attr:`OutageLog.quiet` (a component still starting), nothing is logged: a start that
    fails says so itself, once, in the error it raises (the CLI's ``error:`` line).
 4. It may be called from any thread (client callbacks run on the client's threads).
+5. A component that retries by itself asks :meth:`OutageLog.failed` how long to wait: capped
+   exponential backoff (``FIRST_BACKOFF_S`` doubling to ``MAX_BACKOFF_S``), from the start
+   again after each outage.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ import threading
 import time
 
 log = logging.getLogger("sluice.outage")
+
+FIRST_BACKOFF_S = 0.1
+MAX_BACKOFF_S = 5.0
 
 
 class OutageLog:
@@ -31,6 +37,7 @@ class OutageLog:
         self.quiet = False
         self.down_since: float | None = None
         self.errors = 0
+        self._backoff_s = FIRST_BACKOFF_S
         self._lock = threading.Lock()
 
     @property
@@ -48,6 +55,15 @@ class OutageLog:
         if not self.quiet:
             self.logger.warning("%s: broker unreachable, retrying until it is back: %s",
                                 self.what, reason)
+
+    def failed(self, reason: object) -> float:
+        """A failed try (rule 1); the seconds to wait before the next one (rule 5)."""
+        if self.down_since is None:
+            self._backoff_s = FIRST_BACKOFF_S
+        self.down(reason)
+        wait_s = self._backoff_s
+        self._backoff_s = min(self._backoff_s * 2, MAX_BACKOFF_S)
+        return wait_s
 
     def up(self) -> None:
         """The broker answered (rule 2)."""

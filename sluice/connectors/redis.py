@@ -70,6 +70,7 @@ from typing import TYPE_CHECKING, Any
 from sluice import registry
 from sluice.connectors import redis_client as rc
 from sluice.connectors.base import Delivery, Output
+from sluice.connectors.outage import OutageLog
 from sluice.connectors.publishing import check_submittable, create_then_publish
 from sluice.errors import Misconfigured, SourceError, Unavailable, Unsupported
 from sluice.sinks import redis as redis_sink
@@ -154,7 +155,7 @@ class RedisSource:
         self.consumer = rc.consumer_name()
         self.lease_s = float(config.lease_s)
         self.where = f"redis stream {self.stream!r} (group {group}) on {rc.safe_url(config.url)}"
-        self.outage = rc.Outage(f"redis source of {self.stream!r}")
+        self.outage = OutageLog(f"redis source of {self.stream!r}", log)
         self._client: Any = None
         self._scripts: dict[str, Any] = {}
         self._cursor = "-"
@@ -236,14 +237,14 @@ class RedisSource:
                     got += await self._read_new(max_n - len(got), 0.0 if got else
                                                 self._block_s(deadline))
                 await self._maybe_trim()
-                self.outage.ok()
+                self.outage.up()
             except (rx.RedisError, OSError) as exc:
                 if not rc.is_outage(exc):
                     if isinstance(exc, rx.ResponseError) and "NOGROUP" in str(exc):
                         await self._group_gone()
                         continue
                     raise rc.redis_error(self.where, exc) from None
-                pause = self.outage.failed(exc)
+                pause = self.outage.failed(rc.describe(exc))
                 await asyncio.sleep(max(min(pause, deadline - time.monotonic()), 0.0))
                 return []
             if got or time.monotonic() >= deadline:
@@ -429,14 +430,14 @@ class RedisSource:
             except (rx.RedisError, OSError) as exc:
                 if not rc.is_outage(exc):
                     raise rc.redis_error(f"{self.where}: {what}", exc) from None
-                pause = self.outage.failed(exc)
+                pause = self.outage.failed(rc.describe(exc))
                 if time.monotonic() + pause > give_up:
                     log.debug("%s: %s given up during the outage (the entries stay "
                               "pending)", self.where, what)
                     return
                 await asyncio.sleep(pause)
                 continue
-            self.outage.ok()
+            self.outage.up()
             return
 
     async def pending(self) -> int:

@@ -1,6 +1,6 @@
 """What the Redis Streams source, sink and submitter share: the lazy import of redis-py, the
 connection, the entry layout, the Lua scripts, the one place redis-py's errors become sluice's
-(:func:`map_redis_errors`) and the outage log (:class:`Outage`).
+(:func:`map_redis_errors`); outages are logged by :class:`~sluice.connectors.outage.OutageLog`.
 
 redis-py is an optional dependency (``pip install 'sluice[redis]'``): nothing here imports it at
 module import, so the schema and ``sluice connectors`` cover Redis on every install. (This
@@ -25,7 +25,6 @@ import logging
 import os
 import socket
 import struct
-import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -44,7 +43,6 @@ URL_PATTERN = r"^(redis|rediss|unix)://"
 STREAM_PATTERN = r"^[^\s]{1,256}$"
 CONNECT_TIMEOUT_S = 5.0
 SOCKET_TIMEOUT_S = 30.0  # a reply slower than this (a blocking read's block included) fails
-FIRST_BACKOFF_S, MAX_BACKOFF_S = 0.1, 5.0
 
 BODY, CONTENT_TYPE, KEY = b"body", b"content-type", b"key"
 TASK_ID = "sluice-task-id"
@@ -129,6 +127,11 @@ def redis_error(what: str, exc: BaseException) -> SourceError:
     return Unavailable(f"{what}: {text}")
 
 
+def describe(exc: BaseException) -> str:
+    """An error as an outage's reason."""
+    return f"{type(exc).__name__}: {exc}"
+
+
 def is_outage(exc: BaseException) -> bool:
     """Whether ``exc`` means the server is out of reach for now (retrying may cure it)."""
     rx = exceptions()
@@ -150,38 +153,6 @@ def map_redis_errors(what: str) -> Iterator[None]:
         yield
     except (rx.RedisError, OSError) as exc:
         raise redis_error(what, exc) from None
-
-
-class Outage:
-    """One component's view of the server's outages: one warning when one starts, one info
-    line when it ends, never a line per retry; and the backoff to wait between tries (capped,
-    exponential)."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.since: float | None = None
-        self._backoff_s = FIRST_BACKOFF_S
-
-    @property
-    def down(self) -> bool:
-        return self.since is not None
-
-    def failed(self, exc: BaseException) -> float:
-        """Note a failed try; the seconds to wait before the next one."""
-        if self.since is None:
-            self.since = time.monotonic()
-            self._backoff_s = FIRST_BACKOFF_S
-            log.warning("%s: redis unavailable, retrying until it is back: %s", self.what,
-                        f"{type(exc).__name__}: {exc}")
-        wait_s = self._backoff_s
-        self._backoff_s = min(self._backoff_s * 2, MAX_BACKOFF_S)
-        return wait_s
-
-    def ok(self) -> None:
-        if self.since is not None:
-            log.info("%s: redis available again after %.1fs", self.what,
-                     time.monotonic() - self.since)
-            self.since = None
 
 
 # -- the entry layout -----------------------------------------------------------------------

@@ -25,6 +25,7 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,9 +34,12 @@ from sluice import registry
 from sluice.config.destinations import SinkSettings, label_field
 from sluice.connectors import redis_client as rc
 from sluice.connectors.base import SinkRecord
+from sluice.connectors.outage import OutageLog
 from sluice.errors import DeliveryError
 from sluice.sinks.http import DELIVERY_FIELDS
 from sluice.spec import REQUIRED, Field, ObjectSpec
+
+log = logging.getLogger(__name__)
 
 NAME = "redis"  # its component name (and the Redis source's)
 STREAM, URL = rc.STREAM, rc.URL
@@ -95,7 +99,7 @@ class RedisSink:
         self.url = url
         self.stream = config.stream
         self.where = f"redis stream {self.stream!r} on {rc.safe_url(url)}"
-        self.outage = rc.Outage(f"redis sink to {self.stream!r}")
+        self.outage = OutageLog(f"redis sink to {self.stream!r}", log)
         self._client: Any = None
 
     async def send(self, records: Sequence[SinkRecord]) -> None:
@@ -119,17 +123,17 @@ class RedisSink:
                         f"acknowledged the writes in {self.cfg.wait_timeout_ms} ms")
         except (rx.RedisError, OSError) as exc:
             if rc.is_outage(exc):
-                self.outage.failed(exc)
+                self.outage.failed(rc.describe(exc))
             error = rc.redis_error(self.where, exc)
             raise DeliveryError(str(error), permanent=not error.retriable) from None
         if failed:
             errors = [rc.redis_error(self.where, f) for f in failed]
             if any(rc.is_outage(f) for f in failed):
-                self.outage.failed(failed[0])
+                self.outage.failed(rc.describe(failed[0]))
             raise DeliveryError(
                 f"{len(failed)} of {len(records)} record(s) not added: {errors[0]}",
                 permanent=all(not e.retriable for e in errors))
-        self.outage.ok()
+        self.outage.up()
 
     async def close(self) -> None:
         client, self._client = self._client, None

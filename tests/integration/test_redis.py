@@ -552,10 +552,10 @@ def test_a_server_outage_mid_run_loses_nothing_and_runs_nothing_twice(
     assert max(results.values()) == 1, [t for t, n in results.items() if n > 1]
     lines = errs.splitlines()
     for component in (f"redis source of {stream!r}", f"redis sink to '{stream}.out'"):
-        down = [ln for ln in lines if f"{component}: redis unavailable" in ln]
-        back = [ln for ln in lines if f"{component}: redis available again" in ln]
+        down = [ln for ln in lines if f"{component}: broker unreachable" in ln]
+        back = [ln for ln in lines if f"{component}: broker reachable again" in ln]
         assert len(down) <= 1 and len(back) == len(down), (component, down, back)
-    assert any("redis source" in ln and "unavailable" in ln for ln in lines), errs
+    assert any("redis source" in ln and "unreachable" in ln for ln in lines), errs
     assert "Traceback" not in errs, errs
 
 
