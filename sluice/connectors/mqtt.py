@@ -55,8 +55,9 @@ from typing import TYPE_CHECKING, Any
 
 from sluice import registry
 from sluice.connectors import mqtt_client as mc
-from sluice.connectors.base import Delivery
-from sluice.errors import Misconfigured, Unsupported
+from sluice.connectors.base import Delivery, SinkRecord
+from sluice.connectors.publishing import check_submittable, create_then_publish
+from sluice.errors import Unsupported
 from sluice.spec import REQUIRED, Field, ObjectSpec, Settings
 
 if TYPE_CHECKING:
@@ -486,12 +487,8 @@ class MqttSubmitter:
         if any(c in source.topic for c in "+#"):
             raise Unsupported(f"pipeline {config.name!r} reads the topic filter "
                               f"{source.topic!r}: submitting needs a topic without wildcards")
-        if not config.consumer.track_tasks:
-            raise Unsupported(f"pipeline {config.name!r} does not track its tasks: publish to "
-                              "its topic instead")
-        if source.task_id_property != mc.TASK_ID_PROPERTY:
-            raise Misconfigured(f"pipeline {config.name!r}: submitting needs the source's "
-                                f"task_id_property to be {mc.TASK_ID_PROPERTY!r}")
+        check_submittable(config, "task_id_property", source.task_id_property,
+                          "publish to its topic")
         from sluice.sinks import mqtt as mqtt_sink  # it imports this module
 
         self.config = config
@@ -500,24 +497,14 @@ class MqttSubmitter:
             mqtt_sink.TOPIC: source.topic, mqtt_sink.URL: source.url}), source.url)
 
     async def submit(self, items: Sequence[registry.Submission]) -> list[TaskRecord | None]:
-        from sluice.connectors.base import SinkRecord
-        from sluice.errors import DeliveryError, Unavailable
-        from sluice.tasks.store import NewTask
-
         now = time.time()
-        created = await self.store.create(
-            self.config.name, self.config.tenant,
-            [NewTask(i.message.task_id, i.message.key, i.received_at) for i in items], now)
-        records = [(SinkRecord(i.message.task_id, i.message.body, i.message.content_type,
-                               i.message.key, dict(i.message.headers or {})),
-                    now + i.delay_s if i.delay_s else None)
-                   for i, rec in zip(items, created, strict=True) if rec is not None]
-        try:
-            await self.sink.publish(records)
-        except DeliveryError as exc:
-            await self.store.forget_queued(self.config.name, [r.task_id for r, _ in records])
-            raise (Misconfigured if exc.permanent else Unavailable)(str(exc)) from None
-        return created
+
+        async def publish(fresh: Sequence[tuple[registry.Submission, SinkRecord]]) -> None:
+            await self.sink.publish([(record, now + item.delay_s if item.delay_s else None)
+                                     for item, record in fresh])
+
+        return await create_then_publish(self.store, self.config, items, publish,
+                                         f"mqtt topic {self.sink.topic!r}")
 
     async def close(self) -> None:
         await self.sink.close()

@@ -30,7 +30,7 @@ from sluice import registry
 from sluice.config.destinations import SinkSettings, label_field
 from sluice.connectors import mqtt_client as mc
 from sluice.connectors.base import SinkRecord
-from sluice.errors import DeliveryError, Misconfigured, SourceError
+from sluice.errors import DeliveryError, SourceError
 from sluice.sinks.http import DELIVERY_FIELDS
 from sluice.spec import REQUIRED, Field, ObjectSpec
 
@@ -143,15 +143,8 @@ class MqttSink:
 
 def sink_url(config: MqttSinkConfig, ctx: registry.BuildContext) -> str:
     """Its own ``url``, else that of the pipeline's MQTT source."""
-    if config.url:
-        return config.url
-    source = ctx.source
-    if source is not None and source.type == NAME:
-        from sluice.connectors.mqtt import SPEC as SOURCE  # it imports this module
-
-        return SOURCE.typed(source.config).url
-    raise Misconfigured(f"pipeline {ctx.pipeline!r}: the mqtt sink to {config.topic!r} needs "
-                        "a url: the pipeline's source is not mqtt, so set url: mqtt://host:port")
+    return ctx.own_or_source_url(config.url, NAME, f"the mqtt sink to {config.topic!r}",
+                                 "mqtt://host:port")
 
 
 def build_sink(config: MqttSinkConfig, ctx: registry.BuildContext) -> MqttSink:
