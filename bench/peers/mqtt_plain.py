@@ -63,8 +63,12 @@ async def _subscribe(identifier: str, topic_filter: str) -> None:
         await client.subscribe(topic_filter, qos=1)
 
 
+_counted: dict[str, int] = {}  # what count() has read of each output so far
+
+
 async def prepare(out: str) -> None:
     """The reader session of ``out`` (a broker drops what no session subscribes to)."""
+    _counted[out] = 0
     await delete(out)
     await _subscribe(_reader(out), out)
 
@@ -124,15 +128,16 @@ def pipeline_yaml(name: str, queue: str, out: str) -> str:
 
 
 async def count(out: str, quiet_s: float = 1.0) -> int:
-    """Messages published to ``out`` since :func:`prepare` (read, and acknowledged, from its
-    reader session until none comes for ``quiet_s``)."""
-    got = 0
+    """Messages published to ``out`` since :func:`prepare`: those read before, plus those
+    read (and acknowledged) now from its reader session until none comes for ``quiet_s``."""
+    got = _counted.get(out, 0)
     async with _client(_reader(out)) as client:
         messages = client.messages
         while True:
             try:
                 await asyncio.wait_for(anext(messages), quiet_s)
             except TimeoutError:
+                _counted[out] = got
                 return got
             got += 1
 
