@@ -114,6 +114,11 @@ async def test_unacknowledged_messages_come_back_to_the_restarted_worker_acknowl
     assert await second.pending() == 0
 
 
+def services(action: str) -> None:
+    subprocess.run([str(ROOT / "scripts" / "services"), action, "mqtt"], check=True,
+                   capture_output=True, timeout=120)
+
+
 async def test_after_a_reconnect_a_resent_message_is_not_handed_out_twice(
         topic: str, sources: Callable[..., Awaitable[MqttSource]]) -> None:
     src = await sources()
@@ -122,13 +127,16 @@ async def test_after_a_reconnect_a_resent_message_is_not_handed_out_twice(
     conn = src.conn
     assert conn is not None
     epoch = conn.epoch
-    # The connection breaks under the source (as when the network drops it).
-    conn._client._client.socket().shutdown(socket.SHUT_RDWR)
-    deadline = time.monotonic() + WAIT_S
-    while conn.connected.is_set():
-        assert time.monotonic() < deadline, "the broken connection was not noticed"
-        await asyncio.sleep(0.001)
-    await src.ack(held[:1])  # while it is down: acknowledged when the broker resends it
+    # The broker goes away under the source (its sessions are persisted) and comes back.
+    services("stop")
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while conn.connected.is_set():
+            assert time.monotonic() < deadline, "the lost connection was not noticed"
+            await asyncio.sleep(0.01)
+        await src.ack(held[:1])  # while it is down: acknowledged when the broker resends it
+    finally:
+        services("start")
     deadline = time.monotonic() + WAIT_S
     while conn.epoch == epoch or not conn.connected.is_set():
         assert time.monotonic() < deadline, "no reconnect"
