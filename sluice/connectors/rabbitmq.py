@@ -9,7 +9,10 @@ Invariants:
    the consumer layer asks for: deliveries handed out and not settled plus ``max_n``, at most
    ``max_prefetch`` (with ``shards``, split over the shard queues). So a worker never holds
    more than the layer wants (other workers on the queue get the rest), and a layer that stops
-   fetching stops the broker sending (backpressure).
+   fetching stops the broker sending (backpressure). Under ``consumer.ordering`` (key or
+   partition) the prefetch is ``max_prefetch`` from the start and the consumer is never
+   replaced: a replaced consumer's deliveries may arrive after its successor's, out of queue
+   order.
 3. A delivery is this worker's while it is unacknowledged and the connection lives: ``extend``
    has nothing to renew. The broker's own limit is its ``consumer_timeout`` (30 minutes by
    default): a delivery unacknowledged longer closes the channel; it is then opened again, the
@@ -256,10 +259,15 @@ class RabbitSource:
         if not await self.link.wait_up(wait_s):
             return []  # an outage: the loop goes on (rule 7)
         wanted = min(self.cfg.max_prefetch, self._out + len(self._delayed) + max(max_n, 1))
+        if self.ordering != "unordered":
+            # One consumer for good: a replaced consumer's deliveries may arrive after its
+            # successor's, out of queue order (rule 2).
+            wanted = self.cfg.max_prefetch
         self._wanted, self._wanted_consuming = wanted, True
         held = self._prefetch * len(self.queues) + self._old
         starving = wanted > held and not self._buffer  # the layer waits for more (a retry)
-        if not self._consuming or starving or not held * 3 // 4 <= wanted <= held * 5 // 4:
+        if not self._consuming or (self.ordering == "unordered" and (
+                starving or not held * 3 // 4 <= wanted <= held * 5 // 4)):
             try:
                 await self._consume(wanted)
             except Exception as exc:

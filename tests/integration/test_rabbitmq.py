@@ -121,7 +121,8 @@ async def test_wrong_credentials_are_misconfigured(opened: Open) -> None:
 
 
 async def test_prefetch_follows_the_fetch_budget(queue: str, opened: Open) -> None:
-    src = await opened(pipeline(queue))
+    # Without ordering (with it, the consumer is never replaced: its prefetch is max_prefetch).
+    src = await opened(pipeline(queue, consumer=", ordering: unordered"))
     await publish(queue, [rt.Out(b"{}", f"p{i}") for i in range(60)])
     first = await fetch_n(src, 5)
     await asyncio.sleep(0.5)  # what the broker would send beyond the prefetch, it would by now
