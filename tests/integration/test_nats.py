@@ -502,9 +502,12 @@ async def test_a_server_restart_loses_nothing_and_logs_two_lines(
                 and "again after" in line]
         assert len(lost) == 1 and "WARNING" in lost[0], stderr
         assert len(back) == 1 and "INFO" in back[0], stderr
+        # A result publish may fail a moment before the lost connection is noticed: that one
+        # line may come too (the results are published again), nothing per retry.
         noisy = [line for line in stderr.splitlines()
                  if ("WARNING" in line or "ERROR" in line) and line not in lost]
-        assert noisy == [], stderr
+        raced = [line for line in noisy if "results not acknowledged" in line]
+        assert len(raced) <= 1 and len(noisy) == len(raced), stderr
         assert "Traceback" not in stderr
     finally:
         nt.delete_streams(f"{stream.name}_OUT", f"{stream.name}_DLQ")
