@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import ClassVar, TypeVar
 
 from sluice.errors import Misconfigured, Unavailable
+from sluice.tenancy.routes import ROUTES_SCHEMA
 
 T = TypeVar("T")
 
@@ -116,9 +117,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     replayed_at  REAL,
     PRIMARY KEY (pipeline, task_id)
 );
-"""
+""" + ROUTES_SCHEMA
 
-VERSION = 1  # of the tables above with ADDED_COLUMNS; the PostgreSQL store counts the same way
+VERSION = 2  # of the tables above with ADDED_COLUMNS; the PostgreSQL store counts the same way
 SCHEMA_TABLE = ("CREATE TABLE IF NOT EXISTS sluice_schema (version INTEGER PRIMARY KEY,"
                 " description TEXT NOT NULL, applied_at REAL NOT NULL)")
 
@@ -243,8 +244,8 @@ class Database:
                                 f"{before}, newer than this sluice's {VERSION}: upgrade sluice")
         if before < VERSION:
             conn.execute("INSERT INTO sluice_schema (version, description, applied_at)"
-                         " VALUES (?, ?, ?)", (VERSION, "queues, tasks, pipelines, dead letters",
-                                               time.time()))
+                         " VALUES (?, ?, ?)",
+                         (VERSION, "queues, tasks, pipelines, dead letters, routes", time.time()))
         return before, VERSION
 
     def _checkpoint_forever(self, busy_ms: int) -> None:

@@ -144,6 +144,8 @@ class Submission:
     message: QueuedMessage
     delay_s: float = 0.0
     received_at: float | None = None
+    # A hosting pipeline's function (sluice.tenancy): its route may name a dedicated queue.
+    function: str | None = None
 
 
 class Submitter(Protocol):

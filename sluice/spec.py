@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeVar
 
-Kind = Literal["string", "integer", "number", "boolean", "object", "array"]
+Kind = Literal["string", "integer", "number", "boolean", "object", "array", "null"]
 # family → the JSON Schema of its one-key component slot (:meth:`sluice.registry.Registry.
 # family_schema`), for a spec with component slots.
 FamilySchemas = Callable[[str], dict[str, Any]]

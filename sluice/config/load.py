@@ -285,7 +285,10 @@ def _slot_items(doc: dict[str, Any]) -> Iterable[tuple[PathKey, str, str, Any]]:
 
 
 def _apply_defaults(doc: dict[str, Any]) -> dict[str, Any]:
+    hosting = doc.get("tenancy") is not None
     doc = PIPELINE_SPEC.apply_defaults(doc)
+    if not hosting:  # an absent tenancy stays absent: a one-function pipeline
+        doc["tenancy"] = None
     for path, family, name, config in list(_slot_items(doc)):
         filled = {name: registry.get(family, name).apply_defaults(config)}
         if len(path) == 1:

@@ -18,6 +18,7 @@ from typing import Any
 from sluice.config.yamlmarks import Marks, PathKey
 from sluice.errors import ConfigIssue
 from sluice.spec import REQUIRED, Field, ObjectSpec
+from sluice.tenancy.config import TenancyConfig, build_tenancy, tenancy_spec
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 
@@ -152,6 +153,11 @@ PIPELINE_SPEC = ObjectSpec(
           default=None, items=Field("sink", "object", "A sink.", family="sink")),
     Field("trigger", "object", "How tasks arrive besides the source itself.", default=None,
           fields=TRIGGER_SPEC),
+    Field("tenancy", "object", "Make this a hosting pipeline: many tenants' functions on "
+          "one source, with fair shares between tenants, a limiter per function, and a "
+          "function that hurts its neighbours moved to a dedicated queue automatically "
+          "(docs/tenancy.md). Absent: a one-function pipeline.", default=None,
+          fields=tenancy_spec(ADAPTIVE_SPEC)),
 )
 
 
@@ -213,6 +219,7 @@ class PipelineConfig:
     on_success: tuple[ComponentConfig, ...] = ()
     on_failure: tuple[ComponentConfig, ...] = ()
     batch: BatchConfig | None = None  # handler.batch
+    tenancy: TenancyConfig | None = None  # a hosting pipeline (sluice.tenancy)
     # Where each key and value is in the file, for errors found after loading.
     marks: Marks | None = field(default=None, compare=False, repr=False)
 
@@ -272,5 +279,6 @@ def build_model(doc: dict[str, Any], path: Path | None,
         schema=doc.get("schema"),  # the loader has read a schema file's mapping in
         on_success=tuple(_component(c) for c in doc.get("on_success") or ()),
         on_failure=tuple(_component(c) for c in doc.get("on_failure") or ()),
+        tenancy=build_tenancy(doc.get("tenancy")),
         marks=marks,
     )

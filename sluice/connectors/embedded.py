@@ -40,6 +40,7 @@ from sluice.spec import Field, ObjectSpec, Settings
 from sluice.tasks.queue import MessageQueue
 from sluice.tasks.sqlite import create_in
 from sluice.tasks.store import NewTask, TaskRecord
+from sluice.tenancy.routes import queue_in
 
 if TYPE_CHECKING:
     from sluice.config.model import PipelineConfig
@@ -85,6 +86,8 @@ def submit_in(conn: sqlite3.Connection, queue: str, items: Sequence[Submission],
 
     A task id already used in its pipeline (before, or earlier in ``items``) is not enqueued
     again: its slot in the returned list is ``None`` (the caller reports the existing task).
+    A hosted function's task goes to its dedicated queue if its route names one, read in this
+    transaction (sluice.tenancy.routes invariant 3).
     """
     out: list[TaskRecord | None] = []
     for item in items:
@@ -92,7 +95,10 @@ def submit_in(conn: sqlite3.Connection, queue: str, items: Sequence[Submission],
         (created,) = create_in(conn, item.pipeline, item.tenant,
                                [NewTask(m.task_id, m.key, item.received_at)], now)
         if created is not None:
-            put_in(conn, queue, [m], now, item.delay_s)
+            target = queue
+            if item.function is not None:
+                target = queue_in(conn, item.pipeline, item.tenant, item.function) or queue
+            put_in(conn, target, [m], now, item.delay_s)
         out.append(created)
     return out
 

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from sluice.datadir import QueuedMessage
     from sluice.registry import Submission
     from sluice.tasks.store import Outbox, OutboxEntry, TaskRecord, TaskStore
+    from sluice.tenancy.routes import RouteStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,11 @@ class Store(Protocol):
     @property
     def tasks(self) -> TaskStore:
         """The task records (:class:`~sluice.tasks.store.TaskStore`)."""
+        ...
+
+    @property
+    def routes(self) -> RouteStore:
+        """Where hosted functions' tasks go (:mod:`sluice.tenancy.routes`)."""
         ...
 
     def source(self, queue: str, lease_s: float, poll_interval_s: float,

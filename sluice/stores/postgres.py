@@ -6,8 +6,8 @@ Invariants (beside those of :mod:`sluice.stores.base`):
 1. Every time the store writes is the database's clock (postgres_schema invariant 2); only a
    store made with ``caller_clock`` (the conformance suite) writes the caller's times.
 2. :meth:`PostgresStore.submit` is one transaction: the tasks first, then the messages of those
-   created, so a task id already used (the unique constraint decides, across every process)
-   puts no message. Consecutive items of one pipeline and tenant are created in one statement,
+   created (each on the queue its function's route names, read in the transaction), so a task
+   id already used (the unique constraint decides, across every process) puts no message. Consecutive items of one pipeline and tenant are created in one statement,
    consecutive created ones with the same delay put in one, in the items' order.
 3. Control changes arrive through ``LISTEN`` on
    :data:`~sluice.stores.postgres_schema.CONTROL_CHANNEL`; a payload that is not a control
@@ -32,6 +32,7 @@ from sluice.stores.postgres_outbox import PgOutbox
 from sluice.stores.postgres_outbox import stranded as stranded_in
 from sluice.stores.postgres_queue import PgQueueSource
 from sluice.stores.postgres_queue import wake as wake_in
+from sluice.stores.postgres_routes import PgRoutes, queue_in
 from sluice.stores.postgres_schema import CONTROL_CHANNEL
 from sluice.tasks.store import NewTask
 
@@ -76,6 +77,7 @@ class PostgresStore:
         self.caller_clock = caller_clock
         self.patience_s = patience_s
         self._tasks = postgres_tasks.PostgresTaskStore(self.db, caller_clock=caller_clock)
+        self.routes = PgRoutes(self.db, self._now)
 
     @property
     def url(self) -> str:
@@ -119,8 +121,15 @@ class PostgresStore:
                 created.extend(await postgres_tasks.create_in(conn, pipeline, tenant, tasks,
                                                               now))
             fresh = [i for i, record in zip(items, created, strict=True) if record is not None]
-            for delay_s, same in itertools.groupby(fresh, key=lambda i: i.delay_s):
-                await put_in(conn, queue, [i.message for i in same], now, delay_s)
+            # A hosted function's route, read in this transaction (tenancy.routes invariant 3).
+            routed: dict[tuple[str, str, str], str] = {}
+            for i in fresh:
+                if i.function is not None and (i.pipeline, i.tenant, i.function) not in routed:
+                    routed[i.pipeline, i.tenant, i.function] = await queue_in(
+                        conn, i.pipeline, i.tenant, i.function) or queue
+            for (target, delay_s), same in itertools.groupby(fresh, key=lambda i: (
+                    routed.get((i.pipeline, i.tenant, i.function or ""), queue), i.delay_s)):
+                await put_in(conn, target, [i.message for i in same], now, delay_s)
         return created
 
     async def wake(self, queue: str, task_id: str) -> None:

@@ -96,6 +96,32 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     PRIMARY KEY (pipeline, task_id)
 );
 """),
+    (2, "routes of hosted functions (sluice.tenancy.routes)", """
+CREATE TABLE IF NOT EXISTS routes (
+    pipeline     TEXT             NOT NULL,
+    tenant       TEXT             NOT NULL,
+    function     TEXT             NOT NULL,
+    tier         TEXT             NOT NULL,
+    queue        TEXT,
+    pinned       BOOLEAN          NOT NULL DEFAULT FALSE,
+    reason       TEXT,
+    version      INTEGER          NOT NULL,
+    changed_at   DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (pipeline, tenant, function)
+);
+CREATE TABLE IF NOT EXISTS route_events (
+    id           BIGSERIAL PRIMARY KEY,
+    pipeline     TEXT             NOT NULL,
+    tenant       TEXT             NOT NULL,
+    function     TEXT             NOT NULL,
+    action       TEXT             NOT NULL,
+    tier         TEXT             NOT NULL,
+    reason       TEXT             NOT NULL,
+    moved        INTEGER          NOT NULL,
+    at           DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX IF NOT EXISTS route_events_by_pipeline ON route_events (pipeline, id);
+"""),
 )
 VERSION = MIGRATIONS[-1][0]
 

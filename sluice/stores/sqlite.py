@@ -18,6 +18,7 @@ from sluice.connectors.embedded import EmbeddedSource, put_in, submit_in, wake_i
 from sluice.datadir import Database
 from sluice.stores.base import ControlListener
 from sluice.stores.group_commit import SubmitBatcher
+from sluice.stores.sqlite_routes import SqliteRoutes
 from sluice.tasks.sqlite import SqliteTaskStore, put_outbox
 from sluice.tasks.sqlite_outbox import SqliteOutbox, stranded_in
 
@@ -37,6 +38,7 @@ class SqliteStore:
     def __init__(self, db: Database) -> None:
         self.db = db
         self._tasks = SqliteTaskStore(db)
+        self.routes = SqliteRoutes(db)
         self._batchers: dict[asyncio.AbstractEventLoop, SubmitBatcher] = {}
 
     @property
