@@ -61,15 +61,19 @@ class Message:
     else the bytes), on first read: a handler that reads only ``body`` never pays for the
     decoding. Reading the payload of a body that does not decode raises
     :class:`~sluice.errors.InvalidPayload` (a ``Reject``: the task fails without retries).
+
+    ``tenant`` and ``function`` name the tenant and the function of a hosting pipeline's task
+    (``tenancy:``); both are ``None`` for a one-function pipeline's task.
     """
 
-    __slots__ = ("_payload", "attempt", "body", "content_type", "headers", "key", "pipeline",
-                 "task_id")
+    __slots__ = ("_payload", "attempt", "body", "content_type", "function", "headers", "key",
+                 "pipeline", "task_id", "tenant")
 
     def __init__(self, task_id: str, pipeline: str, payload: Any = _UNDECODED,
                  body: bytes = b"", content_type: str = "application/json",
                  key: str | None = None, headers: Mapping[str, str] | None = None,
-                 attempt: int = 1) -> None:
+                 attempt: int = 1, tenant: str | None = None,
+                 function: str | None = None) -> None:
         self.task_id = task_id
         self.pipeline = pipeline
         self._payload = payload
@@ -78,6 +82,8 @@ class Message:
         self.key = key
         self.headers: Mapping[str, str] = headers if headers is not None else {}
         self.attempt = attempt  # 1 for the first attempt
+        self.tenant = tenant  # a hosting pipeline's task: its tenant, else None
+        self.function = function  # and its function, else None
 
     @property
     def payload(self) -> Any:
@@ -91,16 +97,18 @@ class Message:
         return self._payload
 
     def __repr__(self) -> str:
+        hosted = (f"tenant={self.tenant!r}, function={self.function!r}, "
+                  if self.tenant is not None or self.function is not None else "")
         return (f"Message(task_id={self.task_id!r}, pipeline={self.pipeline!r}, "
-                f"key={self.key!r}, attempt={self.attempt}, body={self.body[:60]!r})")
+                f"key={self.key!r}, attempt={self.attempt}, {hosted}body={self.body[:60]!r})")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Message):
             return NotImplemented
         return (self.task_id, self.pipeline, self.body, self.content_type, self.key,
-                dict(self.headers), self.attempt) == (
+                dict(self.headers), self.attempt, self.tenant, self.function) == (
             other.task_id, other.pipeline, other.body, other.content_type, other.key,
-            dict(other.headers), other.attempt)
+            dict(other.headers), other.attempt, other.tenant, other.function)
 
     __hash__ = None  # type: ignore[assignment]
 

@@ -22,6 +22,13 @@ function answers 2xx with a JSON array of one item per event, in any order::
 event missing from the answer is retried. A non-2xx answer to the whole request is every
 task's outcome.
 
+A hosting pipeline (``tenancy:``) may call one URL per function: the URL's path may use the
+placeholders ``{function}`` and ``{tenant}`` (``http://fns.internal/{function}``), filled per
+task with its function and tenant (``default`` when it has none), percent-encoded as a path
+segment; the events then carry the extensions ``sluicetenant`` and ``sluicefunction``. A batch
+is split by the URL its tasks make: one call per URL, the outcomes in the batch's order. A URL
+without a placeholder is used as it is, with no work per task.
+
 Redirects are not followed: a 3xx fails at once, its error naming the ``Location``. One pooled
 session with keep-alive per handler; the SSRF guard on every request and every connection.
 """
@@ -30,11 +37,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import aiohttp
 from cloudevents.core.bindings import http as ce_http
@@ -52,12 +61,16 @@ from sluice.sinks.ssrf import (
     url_problems,
 )
 from sluice.spec import REQUIRED, Field, ObjectSpec, Settings
+from sluice.tenancy.config import DEFAULT_FUNCTION
 
 URL, MODE, TIMEOUT_S, HEADERS = "url", "mode", "timeout_s", "headers"
 CE_TYPE, ALLOW_LINK_LOCAL = "ce_type", "allow_link_local"
 
 CONFIG = ObjectSpec(
-    Field(URL, "string", "The function's URL (http:// or https://).", default=REQUIRED),
+    Field(URL, "string", "The function's URL (http:// or https://). For a hosting pipeline "
+          "its path may use {function} and {tenant}: each task's call goes to the URL made "
+          "with its function and tenant ('default' when it has none; percent-encoded), and "
+          "a batch (handler.batch) makes one call per URL.", default=REQUIRED),
     Field(MODE, "string", "CloudEvents HTTP binding: binary (ce-* headers, the body as is) "
           "or structured (one JSON document).", default="binary",
           enum=("binary", "structured")),
@@ -83,9 +96,53 @@ class HttpHandlerConfig(Settings):
     allow_link_local: bool
 
 
+PLACEHOLDERS = ("function", "tenant")
+DEFAULT_TENANT = "default"  # the tenant of a task that names none
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+_MARK = "sluice-placeholder-"  # where a placeholder was, in the URL checked for its place
+_URLS_KEPT = 4096  # filled templates remembered (then forgotten all at once)
+
+
+def template_problems(url: str) -> list[str]:
+    """What is wrong with the placeholders of ``url`` (empty: nothing, or none there): only
+    ``{function}`` and ``{tenant}``, and only in the path."""
+    names = _PLACEHOLDER.findall(url)
+    unknown = [n for n in names if n not in PLACEHOLDERS]
+    if unknown:
+        return [f"unknown placeholder {{{unknown[0]}}} in the URL; a URL may use "
+                f"{' and '.join('{' + n + '}' for n in PLACEHOLDERS)}"]
+    marked = _PLACEHOLDER.sub(lambda m: _MARK + m.group(1), url)
+    if "{" in marked or "}" in marked:
+        return ["the URL has an unmatched { or }; a placeholder is {function} or {tenant}"]
+    if not names:
+        return []
+    try:
+        parts = urlsplit(marked)
+    except ValueError:
+        return []  # url_problems says what is wrong
+    if _MARK in parts.scheme + parts.netloc + parts.query + parts.fragment:
+        return ["a placeholder ({function}, {tenant}) may appear only in the URL's path, "
+                f"not in its scheme, host, port, query or fragment: {url!r}"]
+    return []
+
+
+def sample_url(url: str) -> str:
+    """``url`` with each placeholder replaced by a plain word (what the load-time check of a
+    templated URL checks)."""
+    return _PLACEHOLDER.sub(lambda m: m.group(1), url)
+
+
+def url_template_check(url: str, allow_link_local: bool) -> list[tuple[tuple[str, ...], str]]:
+    """The load-time check of a handler URL that may be a template."""
+    problems = template_problems(url)
+    if problems:
+        return [((URL,), p) for p in problems]
+    return url_check(sample_url(url), allow_link_local)
+
+
 def check(config: Any, file: object) -> list[tuple[tuple[str, ...], str]]:
     typed = HttpHandlerConfig.from_mapping(config)
-    return url_check(typed.url, typed.allow_link_local)
+    return url_template_check(typed.url, typed.allow_link_local)
 
 
 OVERLOAD_STATUSES = frozenset({429, 503})
@@ -97,10 +154,13 @@ class HttpHandler:
     def __init__(self, url: str, *, mode: str = "binary", timeout_s: float | None = None,
                  headers: dict[str, str] | None = None, ce_type: str = "sluice.task",
                  allow_link_local: bool = False) -> None:
-        problems = url_problems(url, allow_link_local=allow_link_local)
+        problems = template_problems(url) or url_problems(
+            sample_url(url), allow_link_local=allow_link_local)
         if problems:
             raise ValueError(problems[0])
-        self.url = url
+        self.url = url  # the configured URL: a template if it has placeholders
+        self.templated = _PLACEHOLDER.search(url) is not None
+        self._urls: dict[tuple[str, str], str] = {}  # (function, tenant) → its URL
         self.mode = mode
         self.timeout_s = timeout_s
         self.headers = dict(headers or {})
@@ -114,6 +174,25 @@ class HttpHandler:
                                             keepalive_timeout_s=30)
         return self._session
 
+    def url_for(self, message: Message) -> str:
+        """The URL of ``message``'s call: the configured one, or the template filled with the
+        message's function and tenant (``default`` for none), each percent-encoded as a path
+        segment. ``ValueError`` for a name that is ``.`` or ``..`` (it would leave the
+        path)."""
+        if not self.templated:
+            return self.url
+        key = (message.function or DEFAULT_FUNCTION, message.tenant or DEFAULT_TENANT)
+        url = self._urls.get(key)
+        if url is None:
+            function, tenant = (quote(name, safe="") for name in key)
+            for name in (function, tenant):
+                if name in (".", ".."):
+                    raise ValueError(f"{name!r} cannot name a function or tenant in a URL")
+            if len(self._urls) >= _URLS_KEPT:
+                self._urls.clear()
+            url = self._urls[key] = self.url.format(function=function, tenant=tenant)
+        return url
+
     def _event(self, message: Message, *, structured: bool) -> CloudEvent:
         attributes: dict[str, Any] = {
             "id": message.task_id, "source": message.pipeline, "type": self.ce_type,
@@ -122,6 +201,10 @@ class HttpHandler:
         }
         if message.key is not None:
             attributes["partitionkey"] = message.key
+        if message.tenant is not None:
+            attributes["sluicetenant"] = message.tenant
+        if message.function is not None:
+            attributes["sluicefunction"] = message.function
         data: Any = message.body
         if structured and is_json(message.content_type):
             data = message.payload
@@ -137,13 +220,17 @@ class HttpHandler:
 
     async def invoke(self, message: Message, timeout_s: float) -> Outcome:
         try:
+            url = self.url if not self.templated else self.url_for(message)
+        except ValueError as exc:
+            return Outcome("failure", error_type="InvalidName", error_message=str(exc))
+        try:
             headers, body = self.request(message)
         except InvalidPayload as exc:  # structured mode reads the payload
             return Outcome("failure", error_type="InvalidPayload", error_message=exc.reason)
-        answer = await self._post(headers, body, self.timeout_s or timeout_s)
+        answer = await self._post(url, headers, body, self.timeout_s or timeout_s)
         if isinstance(answer, Outcome):
             return answer
-        return self._outcome(answer)
+        return self._outcome(url, answer)
 
     def batch_request(self, messages: Sequence[Message]) -> tuple[dict[str, str], bytes]:
         """One ``application/cloudevents-batch+json`` request: a JSON array of the messages'
@@ -156,27 +243,50 @@ class HttpHandler:
                            timeout_s: float) -> list[Outcome]:
         """POST one CloudEvents batch; the 2xx answer is one item per event (see the module
         docstring). A non-2xx answer, or a transport error, is every message's outcome; an
-        event the answer leaves out (or a malformed item) is retried."""
+        event the answer leaves out (or a malformed item) is retried. With a templated URL,
+        one batch per URL (all at once), the outcomes in the order of ``messages``."""
+        if not self.templated:
+            return await self._invoke_batch(self.url, messages, timeout_s)
+        outcomes: list[Outcome | None] = [None] * len(messages)
+        groups: dict[str, list[int]] = {}
+        for i, message in enumerate(messages):
+            try:
+                groups.setdefault(self.url_for(message), []).append(i)
+            except ValueError as exc:
+                outcomes[i] = Outcome("failure", error_type="InvalidName",
+                                      error_message=str(exc))
+        answers = await asyncio.gather(*(
+            self._invoke_batch(url, [messages[i] for i in group], timeout_s)
+            for url, group in groups.items()))
+        for group, group_outcomes in zip(groups.values(), answers, strict=True):
+            for i, outcome in zip(group, group_outcomes, strict=True):
+                outcomes[i] = outcome
+        return [o for o in outcomes if o is not None]
+
+    async def _invoke_batch(self, url: str, messages: Sequence[Message],
+                            timeout_s: float) -> list[Outcome]:
+        """One CloudEvents batch of ``messages`` to ``url``."""
         # A message whose JSON body does not decode is not sent: it fails alone.
         outcomes: list[Outcome | None] = [_undecodable(m) for m in messages]
         sent = [m for m, o in zip(messages, outcomes, strict=True) if o is None]
         if sent:
             headers, body = self.batch_request(sent)
-            answer = await self._post(headers, body, self.timeout_s or timeout_s)
+            answer = await self._post(url, headers, body, self.timeout_s or timeout_s)
             answers = ([answer] * len(sent) if isinstance(answer, Outcome) else
-                       [self._outcome(answer)] * len(sent) if not 200 <= answer.status < 300
-                       else _batch_outcomes(self.url, sent, answer))
+                       [self._outcome(url, answer)] * len(sent)
+                       if not 200 <= answer.status < 300
+                       else _batch_outcomes(url, sent, answer))
             slots = iter(answers)
             outcomes = [o if o is not None else next(slots) for o in outcomes]
         return [o for o in outcomes if o is not None]
 
-    async def _post(self, headers: dict[str, str], body: bytes,
+    async def _post(self, url: str, headers: dict[str, str], body: bytes,
                     limit_s: float) -> _Answer | Outcome:
-        """The function's answer, or the outcome of a call that got none."""
+        """The function's answer from ``url``, or the outcome of a call that got none."""
         started = time.perf_counter()
         try:
             async with self._client().post(
-                    self.url, data=body, headers=headers, allow_redirects=False,
+                    url, data=body, headers=headers, allow_redirects=False,
                     timeout=aiohttp.ClientTimeout(total=limit_s)) as resp:
                 payload = await resp.read()
                 return _Answer(
@@ -186,27 +296,27 @@ class HttpHandler:
                     resp.headers.get("Location"), time.perf_counter() - started)
         except TimeoutError:
             return Outcome("retry", error_type="Timeout", overload=True,
-                           error_message=f"{self.url} did not answer within {limit_s:g}s",
+                           error_message=f"{url} did not answer within {limit_s:g}s",
                            duration_s=time.perf_counter() - started)
         except RefusedAddress as exc:
             return Outcome("failure", error_type="RefusedAddress",
-                           error_message=f"{self.url}: {exc}",
+                           error_message=f"{url}: {exc}",
                            duration_s=time.perf_counter() - started)
         except (aiohttp.ClientError, OSError) as exc:
             return Outcome("retry", error_type="ConnectionError",
-                           error_message=f"{self.url}: {type(exc).__name__}: {exc}",
+                           error_message=f"{url}: {type(exc).__name__}: {exc}",
                            duration_s=time.perf_counter() - started)
 
-    def _outcome(self, answer: _Answer) -> Outcome:
-        """The outcome an HTTP status means (the module docstring's table)."""
+    def _outcome(self, url: str, answer: _Answer) -> Outcome:
+        """The outcome of ``url``'s answer (the module docstring's table)."""
         status, duration = answer.status, answer.duration_s
         if 200 <= status < 300:
             return _success(answer.payload, answer.content_type, duration)
         if 300 <= status < 400:
             return Outcome("failure", error_type=f"HTTP{status}", duration_s=duration,
-                           error_message=redirect_refused(self.url, status, answer.location))
+                           error_message=redirect_refused(url, status, answer.location))
         detail = answer.payload[:200].decode("utf-8", errors="replace")
-        error = f"{self.url} answered HTTP {status}: {detail}".rstrip(": ")
+        error = f"{url} answered HTTP {status}: {detail}".rstrip(": ")
         return _error_outcome(status, error, duration, answer.retry_after_s)
 
     async def close(self) -> None:

@@ -10,6 +10,16 @@ Timeouts (``consumer.timeout_s``) hold for both: an async attempt is cancelled; 
 thread cannot be stopped, so it runs on in the background while its outcome is discarded and
 the task is retried (keep sync handlers bounded, or make them async).
 
+A hosting pipeline (``tenancy:``) runs many functions: the target may name a mapping of
+function names to callables (``FUNCTIONS = {"resize": resize, "thumb": thumb}``), and each
+message goes to the callable of its function (``message.function``; one that names none: the
+function ``default``). Each callable is sync or async on its own, with the timeouts above. A
+message naming a function the mapping lacks fails at once (``UnknownFunction``, no retry). The
+mapping is read once, when the module is imported. A mapping takes no ``handler.batch`` (a
+batch call is one call of one function): its build is refused where the build context says
+``batch`` (an ``ImportError``, reported at the handler's line); given a batch anyway, it runs
+each message as an attempt of its own.
+
 When the module is imported: by ``sluice validate`` (a module that does not import is an error
 at the ``handler.python`` line of the file) and by a worker when it builds the handler
 (``sluice run``, ``sluice serve`` with workers: the same error, exit 2, before any task runs).
@@ -25,7 +35,7 @@ import importlib
 import inspect
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +46,17 @@ from sluice.errors import InvalidPayload, Overloaded, Reject, Retry
 from sluice.handlers.deadlines import Deadlines
 from sluice.message import Message, Outcome, encode_result, format_traceback
 from sluice.spec import REQUIRED, Field
+from sluice.tenancy.config import DEFAULT_FUNCTION
 
 TARGET_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.]*:[A-Za-z_][A-Za-z0-9_.]*$"
 
 CONFIG = Field(
     "python", "string", "An importable function, as package.module:function; imported from the "
     "current directory, else from the pipeline file's package root (its directory, or the "
-    "first directory above it without an __init__.py).", default=REQUIRED,
+    "first directory above it without an __init__.py). For a hosting pipeline it may name a "
+    "mapping of function names to functions (package.module:FUNCTIONS): each task runs the "
+    "function it names ('default' when it names none); a name the mapping lacks fails the "
+    "task (UnknownFunction); a mapping takes no handler.batch.", default=REQUIRED,
     pattern=TARGET_PATTERN,
 )
 
@@ -81,7 +95,10 @@ def import_roots(pipeline_file: Path | None) -> tuple[Path, ...]:
 
 
 def import_target(target: str, extra_paths: tuple[Path, ...] = ()) -> Callable[..., Any]:
-    """Import ``package.module:attr.path``; raise ``ImportError`` with a one-line reason."""
+    """Import ``package.module:attr.path``; raise ``ImportError`` with a one-line reason.
+
+    The target is a callable, or a mapping of function names to callables, returned as a
+    :class:`Functions` table."""
     module_name, _, attr_path = target.partition(":")
     for path in (Path.cwd(), *extra_paths):
         if str(path) not in sys.path:
@@ -96,6 +113,8 @@ def import_target(target: str, extra_paths: tuple[Path, ...] = ()) -> Callable[.
             obj = getattr(obj, part)
         except AttributeError:
             raise ImportError(f"module {module_name!r} has no attribute {attr_path!r}") from None
+    if isinstance(obj, Mapping):
+        return Functions.of(target, obj)
     if not callable(obj):
         raise ImportError(f"{target!r} is not callable")
     return obj  # type: ignore[no-any-return]
@@ -107,20 +126,102 @@ def _is_async(fn: Callable[..., Any]) -> bool:
     )
 
 
+NAMES_SHOWN = 10  # an unknown function's error lists at most this many known ones
+
+
+class Functions(Mapping[str, Callable[..., Any]]):
+    """A target that is a mapping of function names to callables (a hosting pipeline's
+    functions), as read when its module was imported. Calling it with a message calls the
+    message's function (``default`` when it names none; :class:`~sluice.errors.Reject` for a
+    name it lacks)."""
+
+    __slots__ = ("_async", "_functions", "target")
+
+    def __init__(self, target: str, functions: Mapping[str, Callable[..., Any]]) -> None:
+        self.target = target
+        self._functions = dict(functions)
+        self._async = {name: _is_async(fn) for name, fn in self._functions.items()}
+
+    @classmethod
+    def of(cls, target: str, mapping: Mapping[Any, Any]) -> Functions:
+        """The table of an imported mapping; ``ImportError`` naming a key that is not a
+        string or whose value is not callable."""
+        if not mapping:
+            raise ImportError(f"{target!r} is an empty mapping: name at least one function")
+        for name, fn in mapping.items():
+            if not isinstance(name, str):
+                raise ImportError(f"{target!r}: the key {name!r} is not a string (the keys "
+                                  "are function names)")
+            if not callable(fn):
+                raise ImportError(f"{target!r}: the value of {name!r} is not callable "
+                                  f"({type(fn).__name__})")
+        return cls(target, mapping)
+
+    def __getitem__(self, name: str) -> Callable[..., Any]:
+        return self._functions[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._functions)
+
+    def __len__(self) -> int:
+        return len(self._functions)
+
+    def __repr__(self) -> str:
+        return f"Functions({self.target!r}, {sorted(self._functions)!r})"
+
+    @property
+    def any_sync(self) -> bool:
+        """Whether one of the callables is a plain function (it needs the thread pool)."""
+        return not all(self._async.values())
+
+    def resolve(self, name: str) -> tuple[Callable[..., Any], bool] | None:
+        """The callable named ``name`` and whether it is async; None if there is none."""
+        fn = self._functions.get(name)
+        return None if fn is None else (fn, self._async[name])
+
+    def unknown(self, name: str) -> str:
+        """The error of a message naming a function the mapping lacks."""
+        names = sorted(self._functions)
+        shown = ", ".join(names[:NAMES_SHOWN])
+        if len(names) > NAMES_SHOWN:
+            shown += f", ... ({len(names) - NAMES_SHOWN} more)"
+        return f"no function {name!r} in {self.target}; its functions: {shown}"
+
+    def __call__(self, message: Message) -> Any:
+        name = message.function or DEFAULT_FUNCTION
+        found = self._functions.get(name)
+        if found is None:
+            raise Reject(self.unknown(name))
+        return found(message)
+
+
 class PythonHandler:
+    """Calls one function, or for a :class:`Functions` target each message's function."""
+
     def __init__(self, fn: Callable[..., Any], max_threads: int = 8) -> None:
         self.fn = fn
+        self.functions = fn if isinstance(fn, Functions) else None
         self.is_async = _is_async(fn)
+        needs_threads = (self.functions.any_sync if self.functions is not None
+                         else not self.is_async)
         self._deadlines = Deadlines()  # consumer.timeout_s of every attempt
         self._executor = (
-            None if self.is_async
-            else ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="sluice-handler")
+            ThreadPoolExecutor(max_workers=max_threads, thread_name_prefix="sluice-handler")
+            if needs_threads else None
         )
 
     async def invoke(self, message: Message, timeout_s: float) -> Outcome:
         started = time.perf_counter()
+        fn, is_async = self.fn, self.is_async
+        if self.functions is not None:
+            name = message.function or DEFAULT_FUNCTION
+            found = self.functions.resolve(name)
+            if found is None:
+                return Outcome("failure", error_type="UnknownFunction",
+                               error_message=self.functions.unknown(name))
+            fn, is_async = found
         try:
-            value = await self._call(message, timeout_s)
+            value = await self._call(fn, is_async, message, timeout_s)
         except _TimedOut:
             return _timed_out(timeout_s, time.perf_counter() - started)
         except Exception as exc:
@@ -134,10 +235,15 @@ class PythonHandler:
         exception raised by the call, a timeout, or a result that is not a list of one item
         per message is every message's error (the whole batch is retried; ``Reject`` raised
         by the call fails them all). A message whose payload the call read and that does not
-        decode fails alone (InvalidPayload); the call is made again without it."""
+        decode fails alone (InvalidPayload); the call is made again without it.
+
+        A :class:`Functions` target takes no batches (its build is refused with
+        ``handler.batch``); called anyway, each message is an attempt of its own."""
+        if self.functions is not None:
+            return list(await asyncio.gather(*(self.invoke(m, timeout_s) for m in messages)))
         started = time.perf_counter()
         try:
-            values = await self._call(list(messages), timeout_s)
+            values = await self._call(self.fn, self.is_async, list(messages), timeout_s)
             if not isinstance(values, list | tuple) or len(values) != len(messages):
                 got = (f"{len(values)} items" if isinstance(values, list | tuple)
                        else type(values).__name__)
@@ -169,18 +275,19 @@ class PythonHandler:
         again = iter(await self.invoke_batch(good, timeout_s) if good else [])
         return [bad[i] if i in bad else next(again) for i in range(len(messages))]
 
-    async def _call(self, arg: Any, timeout_s: float) -> Any:
-        """The function's return value; raises what it raised, or ``_TimedOut``."""
+    async def _call(self, fn: Callable[..., Any], is_async: bool, arg: Any,
+                    timeout_s: float) -> Any:
+        """``fn``'s return value; raises what it raised, or ``_TimedOut``."""
         task = asyncio.current_task()
         if task is None:
             raise RuntimeError("PythonHandler.invoke must run in an asyncio task")
         cancelling = task.cancelling()
         self._deadlines.add(task, timeout_s)
         try:
-            if self.is_async:
-                return await self.fn(arg)
+            if is_async:
+                return await fn(arg)
             return await asyncio.get_running_loop().run_in_executor(
-                self._executor, functools.partial(self.fn, arg))
+                self._executor, functools.partial(fn, arg))
         except asyncio.CancelledError:
             if not self._deadlines.expired(task, cancelling):
                 raise
@@ -245,8 +352,13 @@ def check_import(config: Any, file: Path | None) -> list[tuple[tuple[str, ...], 
 
 
 def build_handler(config: PythonHandlerConfig, ctx: registry.BuildContext) -> PythonHandler:
-    return PythonHandler(import_target(config.target, import_roots(ctx.pipeline_file)),
-                         max_threads=ctx.concurrency)
+    fn = import_target(config.target, import_roots(ctx.pipeline_file))
+    # handler.batch, where the context carries it (an ImportError: the runtime reports it at
+    # the handler's line, as a module that does not import).
+    if isinstance(fn, Functions) and getattr(ctx, "batch", None):
+        raise ImportError(f"{config.target!r} is a mapping of functions, which takes no batch: "
+                          "remove handler.batch")
+    return PythonHandler(fn, max_threads=ctx.concurrency)
 
 
 registry.register(registry.ComponentSpec(
