@@ -33,3 +33,20 @@ FILTERED = Counter(
     "tasks end FILTERED).", ["pipeline"], registry=REGISTRY)  # exposed as sluice_filtered_total
 PAUSED = Gauge("sluice_pipeline_paused", "1 while a pipeline is paused.", ["pipeline"],
                registry=REGISTRY)
+
+# Hosting pipelines (sluice.tenancy): per tenant and function, the function label bounded by
+# tenancy.metrics_functions (the rest are "other").
+FUNCTION_ATTEMPTS = Counter(
+    "sluice_function_attempts", "Attempts of hosted functions, by outcome (success, overload, "
+    "error).", ["pipeline", "tenant", "function", "outcome"], registry=REGISTRY)
+FUNCTION_LIMIT = Gauge("sluice_function_concurrency_limit", "A hosted function's own "
+                       "concurrency limit in this process.", ["pipeline", "tenant", "function"],
+                       registry=REGISTRY)
+FUNCTION_IN_FLIGHT = Gauge("sluice_function_in_flight", "A hosted function's tasks running in "
+                           "this process.", ["pipeline", "tenant", "function"], registry=REGISTRY)
+FUNCTION_BACKLOG = Gauge("sluice_function_backlog", "A hosted function's tasks waiting in its "
+                         "queue (the shared one or its dedicated one).",
+                         ["pipeline", "tenant", "function"], registry=REGISTRY)
+ROUTE_CHANGES = Counter("sluice_route_changes", "Hosted functions moved to a dedicated queue "
+                        "(isolated), back to the shared one (reclaimed), or pinned by hand.",
+                        ["pipeline", "tenant", "function", "action"], registry=REGISTRY)

@@ -109,6 +109,7 @@ class BuildContext:
     source: Any = None  # the pipeline's source ComponentConfig (a sink may default to its broker)
     exactly_once: bool = False  # consumer.exactly_once (the source then runs transactions)
     store_url: str | None = None  # the process's store (--store); None: data_dir's SQLite
+    opened: Store | None = None  # that store, already open (else opened from store_url)
 
     def own_or_source_url(self, url: str | None, family_name: str, what: str,
                           example: str) -> str:
@@ -128,6 +129,8 @@ class BuildContext:
     def store(self) -> Store:
         """The process's store (:func:`sluice.stores.open_store`): where embedded queues,
         tasks and outboxes live."""
+        if self.opened is not None:
+            return self.opened
         from sluice.stores import open_store
 
         return open_store(self.store_url, self.data_dir)
@@ -210,6 +213,9 @@ class ComponentSpec(Generic[C, P]):
     outputs_with_ack: OutputsWithAck | None = None  # with Capability.OUTPUTS_WITH_ACK
     # The dead letter of a pipeline that names none (one component provides the default).
     default_dead_letter: DefaultDeadLetter | None = None
+    # A source's dedicated queues for a hosting pipeline's functions (sluice.tenancy.queues):
+    # (typed config, context) -> QueueOps. None: functions share the source's queue only.
+    hosting: Callable[[Any, BuildContext], Any] | None = None
     # The validated, defaulted config → its typed form (rule 5): e.g. a Settings dataclass's
     # ``from_mapping``, which takes an instance of its own class back as it is.
     settings: Callable[[Any], C] = as_given

@@ -33,6 +33,9 @@ from sluice.stores.base import ControlEvent, Store
 from sluice.stores.patient import PatientOutbox, PatientTaskStore
 from sluice.tasks.store import TaskStore
 from sluice.tasks.untracked import UntrackedStore
+from sluice.tenancy.hosting import Hosting
+from sluice.tenancy.queues import QueueOps
+from sluice.tenancy.source import RoutedSource
 
 log = logging.getLogger(__name__)
 
@@ -75,13 +78,22 @@ def build(config: PipelineConfig, data_dir: Path | None,
         store = PatientTaskStore(store, state.patience_s, f"the store {state.url}")
     dead_letter = _sink(config.dead_letter, ctx)
     source = _source(config.source, ctx)
+    routed: RoutedSource | None = None
+    queues: QueueOps | None = None
+    if config.tenancy is not None:  # a hosting pipeline: its functions' queues as one source
+        spec = registry.get("source", config.source.type)
+        if spec.hosting is not None:
+            queues = spec.hosting(spec.typed(config.source.config), ctx)
+        routed = RoutedSource(config.tenancy, config.tenant, source,
+                              queues.shared if queues is not None else config.name, queues)
+        source = routed
     deliverers: list[Deliverer] = []
     outboxed: list[Destination] = []
     with_ack: list[tuple[Destination, str]] = []  # (destination, its target: a topic)
     for destination in destinations(config):
         component = destination.component
         target = destination.target
-        if writes_with_offsets(config, component) and target is not None:
+        if writes_with_offsets(config, component) and target is not None and routed is None:
             # Written by the source with its commits (rule 9 of the consumer loop).
             with_ack.append((destination, target))
             continue
@@ -99,7 +111,7 @@ def build(config: PipelineConfig, data_dir: Path | None,
                             "has no produce_to")
         # Each target with its sink's typed config (the source reads what it needs of it).
         source.produce_to([(t, d.settings) for d, t in with_ack])
-    return ConsumerLoop(
+    loop = ConsumerLoop(
         config,
         source=source,
         store=store if config.consumer.track_tasks else UntrackedStore(store, state.put_outbox),
@@ -109,6 +121,13 @@ def build(config: PipelineConfig, data_dir: Path | None,
         deliverers=deliverers,
         results=ResultRouter(config, outboxed, with_ack),
     )
+    if routed is not None:
+        fair = loop.fair_shares
+        assert fair is not None
+        routed.fair = fair
+        routed.capacity = loop.capacity
+        loop.hosting = Hosting(config, state, routed, fair, queues)
+    return loop
 
 
 def writes_with_offsets(config: PipelineConfig, destination: ComponentConfig) -> bool:

@@ -320,6 +320,7 @@ def _pipeline_checks(doc: dict[str, Any], marks: Marks) -> Iterable[ConfigIssue]
     ((source_type, _),) = doc["source"].items()
     spec = registry.get("source", source_type)
     consumer = doc["consumer"]
+    yield from _tenancy_checks(doc, marks, spec)
     if consumer.get("exactly_once") and not spec.can(registry.Capability.EXACTLY_ONCE):
         yield marks.issue(("consumer", "exactly_once"), f"exactly_once needs a "
                           f"{_sources_with(registry.Capability.EXACTLY_ONCE)} source (its "
@@ -338,6 +339,36 @@ def _pipeline_checks(doc: dict[str, Any], marks: Marks) -> Iterable[ConfigIssue]
     if (doc.get("trigger") or {}).get("http"):
         yield marks.issue(("trigger", "http"), "a pipeline with track_tasks: false has no task to "
                           "submit to: remove trigger, or track tasks")
+
+
+def _tenancy_checks(doc: dict[str, Any], marks: Marks,
+                    spec: registry.ComponentSpec[Any, Any]) -> Iterable[ConfigIssue]:
+    """What a hosting pipeline (``tenancy``) asks of the rest of the file."""
+    tenancy = doc.get("tenancy")
+    if tenancy is None:
+        return
+    if doc["handler"].get("batch") is not None:
+        yield marks.issue(("handler", "batch"), "a hosting pipeline (tenancy) calls its "
+                          "handler with one task at a time: remove handler.batch")
+    if not doc["consumer"].get("track_tasks", True):
+        yield marks.issue(("consumer", "track_tasks"), "a hosting pipeline (tenancy) keeps "
+                          "each task's tenant in the task store: remove track_tasks: false")
+    if doc["consumer"].get("exactly_once"):
+        yield marks.issue(("consumer", "exactly_once"), "a hosting pipeline (tenancy) writes "
+                          "results through the outbox: remove exactly_once")
+    if tenancy["isolation"]["enabled"] and spec.hosting is None:
+        hosts = " or ".join(n for n in registry.names("source")
+                            if registry.get("source", n).hosting is not None)
+        yield marks.issue(("tenancy", "isolation", "enabled"), f"dedicated queues need a "
+                          f"{hosts} source; this source is {spec.name}: set "
+                          "tenancy.isolation.enabled: false to host every function on the "
+                          "shared queue")
+    seen: set[str] = set()
+    for i, tenant in enumerate(tenancy.get("tenants") or ()):
+        if tenant["name"] in seen:
+            yield marks.issue(("tenancy", "tenants", i, "name"), f"tenant {tenant['name']!r} "
+                              "is listed twice")
+        seen.add(tenant["name"])
 
 
 def _sources_with(capability: registry.Capability) -> str:

@@ -25,6 +25,9 @@ class Delivery:
     deliveries: int = 1  # how many times the source has handed it out, this one included
     ref: Any = None  # the source's own handle: a row id and lease token, a partition/offset …
     partition: int | None = None  # for ordering: partition; None for an unpartitioned queue
+    # A hosting pipeline's (sluice.tenancy.source sets them): whose task, which function.
+    tenant: str | None = None
+    function: str | None = None
 
 
 class Source(Protocol):

@@ -40,6 +40,7 @@ from sluice.spec import Field, ObjectSpec, Settings
 from sluice.tasks.queue import MessageQueue
 from sluice.tasks.sqlite import create_in
 from sluice.tasks.store import NewTask, TaskRecord
+from sluice.tenancy.queues import StoreQueues
 from sluice.tenancy.routes import queue_in
 
 if TYPE_CHECKING:
@@ -276,6 +277,12 @@ def build_source(config: EmbeddedSourceConfig, ctx: registry.BuildContext) -> So
                             float(config.poll_interval_s), ordered_keys=ctx.ordering == "key")
 
 
+def hosting(config: EmbeddedSourceConfig, ctx: registry.BuildContext) -> StoreQueues:
+    """A hosting pipeline's dedicated queues: other queues of the same store."""
+    return StoreQueues(ctx.store, config.queue_of(ctx.pipeline), float(config.lease_s),
+                       float(config.poll_interval_s), ordered_keys=ctx.ordering == "key")
+
+
 SPEC = registry.register(registry.ComponentSpec(
     family="source",
     name="embedded",
@@ -288,6 +295,7 @@ SPEC = registry.register(registry.ComponentSpec(
                             registry.Capability.KEY_ORDER}),
     submitter=EmbeddedSubmitter,
     wake=wake,
+    hosting=hosting,
     # Every pipeline's default dead letter, whatever its source: the queue '<name>.dlq'.
     default_dead_letter=lambda pipeline: {"embedded": {QUEUE: f"{pipeline}.dlq"}},
 ))

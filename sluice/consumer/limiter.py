@@ -78,6 +78,7 @@ import math
 import time
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from sluice import metrics
 
@@ -101,7 +102,7 @@ class Limiter:
     algorithm = "static"
 
     def __init__(self, name: str, initial: int, minimum: int = 1, maximum: int = 10000,
-                 backoff_ratio: float = 0.5) -> None:
+                 backoff_ratio: float = 0.5, *, exported: bool = True) -> None:
         self.name = name
         self.min = max(1, minimum)
         self.max = max(self.min, maximum)
@@ -112,9 +113,13 @@ class Limiter:
         self.generation = 0
         self.decreases = 0
         # Gauges read when scraped, not set per attempt (two metric writes fewer per task).
-        metrics.LIMIT.labels(name).set_function(lambda: self.limit)
-        metrics.IN_FLIGHT.labels(name).set_function(lambda: self.in_flight)
-        self._signals = {s: metrics.LIMIT_SIGNALS.labels(name, str(s)) for s in Signal}
+        # A hosted function's limiter is not exported under its own name (sluice.tenancy
+        # exports per-function series with bounded labels).
+        self._signals: dict[Signal, Any] = {}
+        if exported:
+            metrics.LIMIT.labels(name).set_function(lambda: self.limit)
+            metrics.IN_FLIGHT.labels(name).set_function(lambda: self.in_flight)
+            self._signals = {s: metrics.LIMIT_SIGNALS.labels(name, str(s)) for s in Signal}
         self.signal_counts = dict.fromkeys(Signal, 0)
 
     def available(self) -> int:
@@ -141,7 +146,9 @@ class Limiter:
     def give_back(self, permit: Permit, signal: Signal, retry_after_s: float | None = None,
                   latency_s: float | None = None) -> None:
         self.in_flight -= 1
-        self._signals[signal].inc()
+        counter = self._signals.get(signal)
+        if counter is not None:
+            counter.inc()
         self.signal_counts[signal] += 1
         if retry_after_s:
             self.hold_until = max(self.hold_until, time.monotonic() + retry_after_s)
@@ -277,12 +284,13 @@ def _ema(current: float | None, sample: float, window: int) -> float:
     return current + (sample - current) * (2.0 / (window + 1))
 
 
-def make_limiter(name: str, config: int | dict[str, object]) -> Limiter:
+def make_limiter(name: str, config: int | dict[str, object], *,
+                 exported: bool = True) -> Limiter:
     """``consumer.concurrency``: an integer is a static limit; a mapping is adaptive."""
     if isinstance(config, int):
-        return Limiter(name, config, config, config)
+        return Limiter(name, config, config, config, exported=exported)
     algorithm = str(config.get("algorithm", "proportional"))
     cls = {"aimd": AimdLimiter, "proportional": ProportionalLimiter,
            "gradient": GradientLimiter}[algorithm]
     return cls(name, int(str(config["initial"])), int(str(config["min"])),
-               int(str(config["max"])), float(str(config["backoff_ratio"])))
+               int(str(config["max"])), float(str(config["backoff_ratio"])), exported=exported)

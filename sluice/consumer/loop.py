@@ -95,9 +95,9 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sluice import metrics
 from sluice.config.model import BatchConfig, PipelineConfig
@@ -111,6 +111,7 @@ from sluice.errors import Unavailable
 from sluice.handlers.base import BatchHandler, Handler
 from sluice.message import Message, Outcome
 from sluice.tasks.state import TaskState
+from sluice.tenancy.scheduler import FairReady
 from sluice.tasks.store import (
     Claim,
     ClaimResult,
@@ -122,6 +123,7 @@ from sluice.tasks.store import (
 
 if TYPE_CHECKING:
     from sluice.sinks.delivery import Deliverer
+    from sluice.tenancy.hosting import Hosting
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +151,29 @@ REFILL_FRACTION = 4
 # lane, one finished and waiting for its group commit.
 DUPLICATE_DELAY_S = 1.0  # a second delivery of a task held here comes back after this (rule 17)
 HELD_PER_SLOT = 3
+
+
+Item = tuple[Delivery, ClaimResult]
+
+
+class _Ready(Protocol):
+    """Tasks whose lanes are theirs, waiting for a permit: a deque, or a hosting pipeline's
+    :class:`~sluice.tenancy.scheduler.FairReady`."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Item]: ...
+
+    def append(self, item: Item, /) -> None: ...
+
+    def popleft(self) -> Item: ...
+
+    def clear(self) -> None: ...
+
+
+def _function_key(item: Item) -> tuple[str, str]:
+    delivery = item[0]
+    return delivery.tenant or "default", delivery.function or "default"
 
 
 def _traceback_tail(outcome: Outcome) -> str:
@@ -218,7 +243,13 @@ class ConsumerLoop:
         self.dispatcher: Dispatcher[tuple[Delivery, ClaimResult]] = Dispatcher(
             config.consumer.ordering,
             source_orders_keys=bool(getattr(source, "orders_keys", False)))
-        self._ready: deque[tuple[Delivery, ClaimResult]] = deque()  # lane is theirs; no permit
+        # A hosting pipeline's fair shares (sluice.tenancy.scheduler) and its routes and
+        # rules (sluice.tenancy.hosting: the runtime sets it).
+        self._fair: FairReady[Item] | None = None
+        if config.tenancy is not None:
+            self._fair = FairReady(config.name, config.tenancy, self.limiter, _function_key)
+        self.hosting: Hosting | None = None
+        self._ready: _Ready = self._fair if self._fair is not None else deque()
         # Reserved tasks their lanes admitted, whose starts the flusher writes (rule 12); and
         # those of the start write under way (the heartbeat keeps their leases too).
         self._to_start: list[tuple[Delivery, ClaimResult]] = []
@@ -263,6 +294,8 @@ class ConsumerLoop:
         deliver_stop, upstream_done = asyncio.Event(), asyncio.Event()
         delivering = [asyncio.create_task(d.run(deliver_stop, upstream_done))
                       for d in self.deliverers]
+        if self.hosting is not None:
+            delivering.append(asyncio.create_task(self.hosting.run(deliver_stop)))
         try:
             await self._fetch_until(stop, drain)
             await self._finish_in_flight()
@@ -298,6 +331,15 @@ class ConsumerLoop:
         # Room for every retry that holds its lane and is due, whatever waits behind it
         # (rule 4 of the dispatcher): sources hand out due redeliveries before new messages.
         return max(free, self.dispatcher.due_retries())
+
+    @property
+    def fair_shares(self) -> FairReady[Item] | None:
+        """A hosting pipeline's ready tasks (sluice.tenancy.scheduler); None otherwise."""
+        return self._fair
+
+    def capacity(self) -> int:
+        """How many deliveries this worker may hold now (rule 1)."""
+        return self._capacity()
 
     def _capacity(self) -> int:
         """How many deliveries may be held (rule 1): ``consumer.prefetch`` (on a shared
@@ -452,14 +494,31 @@ class ConsumerLoop:
         free = self.dispatcher.would_run([(self._lane(d), d.task_id) for d in deliveries])
         claims = [Claim(d.task_id, d.key, d.enqueued_at, d.deliveries, start)
                   for d, start in zip(deliveries, free, strict=True)]
-        results = await self.store.claim(self.config.name, self.config.tenant, claims, self.owner,
-                                         self.source.lease_s, time.time())
+        results = await self._claim(deliveries, claims)
         for delivery, claim in zip(deliveries, results, strict=True):
             if claim.status != ClaimStatus.RUN:
                 await self._not_run(delivery, claim)
             elif self.gate is None or await self._passes_gate(delivery, claim):
                 self._offer(delivery, claim)
         self._start_ready()
+
+    async def _claim(self, deliveries: list[Delivery], claims: list[Claim]) -> list[ClaimResult]:
+        """One claim write per tenant (a hosting pipeline's tasks belong to their tenants; a
+        task a broker brought is created under its delivery's tenant)."""
+        tenants = {d.tenant or self.config.tenant for d in deliveries}
+        if len(tenants) <= 1:
+            return await self.store.claim(self.config.name, tenants.pop() if tenants
+                                          else self.config.tenant, claims, self.owner,
+                                          self.source.lease_s, time.time())
+        out: list[ClaimResult | None] = [None] * len(claims)
+        for tenant in sorted(tenants):
+            idx = [i for i, d in enumerate(deliveries) if (d.tenant or self.config.tenant)
+                   == tenant]
+            got = await self.store.claim(self.config.name, tenant, [claims[i] for i in idx],
+                                         self.owner, self.source.lease_s, time.time())
+            for i, result in zip(idx, got, strict=True):
+                out[i] = result
+        return [r for r in out if r is not None]
 
     async def _passes_gate(self, delivery: Delivery, claim: ClaimResult) -> bool:
         """Rule 14: whether a claimed message goes on to its handler; one its filter drops is
@@ -509,6 +568,13 @@ class ConsumerLoop:
         """Start ready tasks while the limiter has permits (none once stopping: rule 8)."""
         if self.batch is not None:
             self._start_batches(self.batch)
+        elif self._fair is not None and self._fair and not self._stopping:
+            start = asyncio.get_running_loop().create_task
+            while (taken := self._fair.take()) is not None:
+                (delivery, claim), fair_permit = taken
+                task = start(self._run_attempts(delivery, claim, fair_permit))
+                self._running[task] = (delivery,)
+                task.add_done_callback(self._attempt_done)
         elif self._ready and not self._stopping:
             # Each take() lowers available() by one: count once (it reads the clock).
             start = asyncio.get_running_loop().create_task  # no name: asyncio.create_task's
@@ -535,12 +601,29 @@ class ConsumerLoop:
             if done % YIELD_EVERY == 0:
                 self._running[task] = ()  # between attempts: nothing here to cancel
                 await asyncio.sleep(0)
-            if self._stopping or not self._ready or self.limiter.available() <= 0:
+            if self._stopping or not self._ready:
                 break
-            delivery, claim = self._ready.popleft()
-            permit = self.limiter.take()
+            taken = self._next_ready()
+            if taken is None:
+                break
+            (delivery, claim), permit = taken
             self._running[task] = (delivery,)
         self._start_ready()
+
+    def _next_ready(self) -> tuple[Item, Permit] | None:
+        """The next ready task that may start now, with its permit (rule 16)."""
+        if self._fair is not None:
+            return self._fair.take()
+        if self.limiter.available() <= 0:
+            return None
+        return self._ready.popleft(), self.limiter.take()
+
+    def _give_back(self, permit: Permit, signal: Signal, retry_after_s: float | None,
+                   latency_s: float | None) -> None:
+        if self._fair is not None:
+            self._fair.give_back(permit, signal, retry_after_s, latency_s)
+        else:
+            self.limiter.give_back(permit, signal, retry_after_s, latency_s)
 
     def _start_batches(self, batch: BatchConfig) -> None:
         """Start batch calls (rule 13): one per permit, each with up to ``max_size`` ready
@@ -590,7 +673,7 @@ class ConsumerLoop:
                 latency_s, retry_after_s = outcome.duration_s, outcome.retry_after_s
                 signal = _signal((outcome,))
         finally:
-            self.limiter.give_back(permit, signal, retry_after_s, latency_s)
+            self._give_back(permit, signal, retry_after_s, latency_s)
             self._lane_done(delivery, retrying, retry_in_s)
 
     def _lane_finished(self, lane: Hashable, task_id: str, retrying: bool,
@@ -722,7 +805,8 @@ class ConsumerLoop:
         """What the handler gets (its payload decoded when the handler first reads it)."""
         return Message(delivery.task_id, self.config.name, body=delivery.body,
                        content_type=delivery.content_type, key=delivery.key,
-                       headers=delivery.headers, attempt=attempts)
+                       headers=delivery.headers, attempt=attempts, tenant=delivery.tenant,
+                       function=delivery.function)
 
     async def _invoke(self, delivery: Delivery, attempts: int) -> Outcome:
         return await self.handler.invoke(self._message(delivery, attempts),
@@ -896,7 +980,10 @@ class ConsumerLoop:
         for task_id in lost:
             self.cancel_attempt(task_id)
         admitted = [d for d, _ in self._ready if d.task_id in lost]
-        self._ready = deque(item for item in self._ready if item[0].task_id not in lost)
+        if self._fair is not None:
+            self._fair.remove_where(lambda item: item[0].task_id in lost)
+        else:
+            self._ready = deque(item for item in self._ready if item[0].task_id not in lost)
         admitted += [d for d, _ in self._to_start if d.task_id in lost]
         self._to_start = [item for item in self._to_start if item[0].task_id not in lost]
         unstarted = admitted + [d for d, _ in self.dispatcher.remove_waiting(

@@ -19,9 +19,8 @@ INSERT = (f"INSERT INTO routes ({ROUTE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6,
 UPDATE = ("UPDATE routes SET tier = $4, queue = $5, pinned = $6, reason = $7,"
           f" version = version + 1, changed_at = {now_sql('$8')} WHERE pipeline = $1 AND"
           f" tenant = $2 AND function = $3 AND version = $9 RETURNING {ROUTE_COLUMNS}")
-MOVE = (f"WITH moved AS (UPDATE messages SET queue = $2, lease_token = NULL WHERE queue = $1"
-        f" AND {TENANT_OF} = $3 AND {FUNCTION_OF} = $4 AND (lease_token IS NULL OR visible_at"
-        f" <= {now_sql('$5')}) RETURNING 1) SELECT count(*),"
+MOVE = (f"WITH moved AS (UPDATE messages SET queue = $2 WHERE queue = $1 AND {TENANT_OF} = $3"
+        f" AND {FUNCTION_OF} = $4 RETURNING 1) SELECT count(*),"
         f" {notify_sql(repr(QUEUE_CHANNEL), '$2')} FROM moved")
 EVENT = ("INSERT INTO route_events (pipeline, tenant, function, action, tier, reason, moved, at)"
          f" VALUES ($1, $2, $3, $4, $5, $6, $7, {now_sql('$8')})")
@@ -57,8 +56,9 @@ class PgRoutes:
                 return None
             moved = 0
             if c.move_from is not None and c.move_to is not None:
-                moved = int((await conn.fetchrow(MOVE, c.move_from, c.move_to, c.tenant,
-                                                 c.function, now))[0])
+                record = await conn.fetchrow(MOVE, c.move_from, c.move_to, c.tenant,
+                                             c.function)
+                moved = int(record[0]) if record is not None else 0
             await conn.execute(EVENT, c.pipeline, c.tenant, c.function, c.action, c.tier,
                                c.reason, moved, now)
         return _route(row), moved

@@ -10,9 +10,10 @@ Invariants:
    insert that fails if one exists), so of two workers that decide to move one function at
    once exactly one moves it; the other reads the winner's row.
 2. On the embedded queue a move is one transaction with the route change: the function's
-   waiting messages (not leased, or leased and lapsed) change queue with it, keeping their
-   task ids, attempts and timelines, so a crash (kill -9) leaves them all on one side. A leased
-   message stays where it is; its worker settles it by its row id wherever it is.
+   messages change queue with it, keeping their rows (task ids, delivery counts, delays) and
+   their tasks (attempts, timelines), so a crash (kill -9) leaves them all on one side. A
+   message in flight keeps its lease: its worker settles it by row id and lease token, which
+   do not change; if the lease lapses it is visible on its new queue.
 3. An embedded submit reads the route in its own transaction (:func:`queue_in`), so a submit
    and a move are ordered: a task is on the side its route named when it was committed.
 4. Every change writes a :class:`RouteEvent`: what happened, why, how many tasks moved.
@@ -134,9 +135,10 @@ class RouteStore(Protocol):
         ...
 
 
-def dedicated_queue(shared: str, tenant: str, function: str) -> str:
-    """The name of a function's dedicated queue (or topic) beside the shared ``shared``."""
-    return f"{shared}.fn.{tenant}.{function}"
+def dedicated_queue(pipeline: str, tenant: str, function: str) -> str:
+    """The name of a function's dedicated queue (or topic): pipeline names are unique in a
+    deployment, tenant and function names are ``[A-Za-z0-9][A-Za-z0-9_.-]*``."""
+    return f"{pipeline}.fn.{tenant}.{function}"
 
 
 # -- SQLite (the store's database; in the caller's transaction) ------------------------------
@@ -183,9 +185,8 @@ def change_in(conn: sqlite3.Connection, change: Change, now: float) -> tuple[Rou
     moved = 0
     if c.move_from is not None and c.move_to is not None:
         moved = conn.execute(
-            f"UPDATE messages SET queue = ?, lease_token = NULL WHERE queue = ? AND"
-            f" {TENANT_OF} = ? AND {FUNCTION_OF} = ? AND (lease_token IS NULL OR visible_at <= ?)",
-            (c.move_to, c.move_from, c.tenant, c.function, now)).rowcount
+            f"UPDATE messages SET queue = ? WHERE queue = ? AND {TENANT_OF} = ? AND"
+            f" {FUNCTION_OF} = ?", (c.move_to, c.move_from, c.tenant, c.function)).rowcount
     conn.execute("INSERT INTO route_events (pipeline, tenant, function, action, tier, reason,"
                  " moved, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                  (c.pipeline, c.tenant, c.function, c.action, c.tier, c.reason, moved, now))
