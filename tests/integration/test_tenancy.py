@@ -99,7 +99,7 @@ async def states(store: Store) -> dict[str, TaskState]:
     out: dict[str, TaskState] = {}
     cursor = None
     while True:
-        page = await store.tasks.list("fns", limit=1000, after=cursor)
+        page = await store.tasks.list("fns", limit=1000, before_seq=cursor)
         if not page:
             return out
         out.update({t.task_id: t.state for t in page})
@@ -125,3 +125,85 @@ def test_fair_shares_follow_weights(store_url: str, tmp_path: Path) -> None:
     assert total > 200, done
     for tenant, share in (("a", 0.25), ("b", 0.25), ("c", 0.5)):
         assert abs(done[tenant] / total - share) <= 0.1 * share, (done, total)
+
+
+def test_an_overloaded_function_slows_only_itself(store_url: str, tmp_path: Path) -> None:
+    """A function whose backend answers Overloaded (as a 429) has its own limit cut; a
+    neighbour's on the same worker keeps its own."""
+    text = pipeline("""  function_concurrency: {initial: 8, min: 1, max: 64}
+  isolation: {enabled: false}""")
+
+    async def main() -> tuple[float, float, int]:
+        store = open_store(store_url)
+        OVERLOADED.add("busy")
+        await submit(store, [(t, f) for _ in range(300) for t, f in (("x", "busy"),
+                                                                        ("y", "calm"))])
+        loop = build(text, store_url, tmp_path)
+        await run_for(loop, 2.0)
+        fair = loop.fair_shares
+        assert fair is not None
+        busy, calm = fair.function("x", "busy"), fair.function("y", "calm")
+        await store.close()
+        return busy.limiter.limit, calm.limiter.limit, calm.finished
+
+    busy_limit, calm_limit, calm_done = asyncio.run(main())
+    assert busy_limit <= 2, busy_limit
+    assert calm_limit >= 8, calm_limit
+    assert calm_done >= 100
+
+
+def test_a_failing_function_is_isolated_then_reclaimed(store_url: str, tmp_path: Path) -> None:
+    """A function that starts failing is moved to a queue of its own within the window, with
+    its waiting tasks (their ids and attempts kept), while its neighbour runs on; once fixed,
+    every task runs to success exactly once, and the idle queue is reclaimed."""
+    text = pipeline("""  isolation: {window_s: 5, min_tasks: 10, error_share: 0.5, backlog: null,
+              p99_s: null, reclaim_after_s: 1.5, check_interval_s: 0.2}""")
+
+    async def main() -> None:
+        store = open_store(store_url)
+        FAILING.add("bad")
+        ids = await submit(store, [(t, f) for _ in range(150) for t, f in (("x", "bad"),
+                                                                              ("y", "good"))])
+        loop = build(text, store_url, tmp_path)
+        stop = asyncio.Event()
+        runner = asyncio.create_task(runtime.run_pipelines([loop], stop))
+        try:
+            deadline = time.monotonic() + 20
+            route = None
+            while time.monotonic() < deadline:
+                routes = {(r.tenant, r.function): r for r in await store.routes.routes("fns")}
+                route = routes.get(("x", "bad"))
+                if route is not None and route.tier == "dedicated":
+                    break
+                await asyncio.sleep(0.1)
+            assert route is not None and route.tier == "dedicated", route
+            assert route.queue == "fns.fn.x.bad"
+            assert ("y", "good") not in routes
+            events = await store.routes.events("fns")
+            assert events[0].action == "isolated" and "failed" in events[0].reason, events
+            assert events[0].moved > 0
+            FAILING.clear()  # fixed: everything runs to success now
+            while time.monotonic() < deadline + 20:
+                found = await states(store)
+                if all(found.get(i) == TaskState.SUCCEEDED for i in ids):
+                    break
+                await asyncio.sleep(0.2)
+            while time.monotonic() < deadline + 30:
+                routes = {(r.tenant, r.function): r for r in await store.routes.routes("fns")}
+                if routes[("x", "bad")].tier == "shared":
+                    break
+                await asyncio.sleep(0.2)
+        finally:
+            stop.set()
+            await runner
+        found = await states(store)
+        assert Counter(found.values()) == {TaskState.SUCCEEDED: 300}
+        assert set(RUNS) == set(ids) and set(RUNS.values()) == {1}  # none lost, none twice
+        routes = {(r.tenant, r.function): r for r in await store.routes.routes("fns")}
+        assert routes[("x", "bad")].tier == "shared"
+        actions = [e.action for e in reversed(await store.routes.events("fns"))]
+        assert actions == ["isolated", "reclaimed"], actions
+        assert await store.routes.backlog("fns.fn.x.bad") == {}
+        await store.close()
+
+    asyncio.run(main())
