@@ -58,6 +58,7 @@ from sluice.spec import REQUIRED, Field, ObjectSpec
 
 if TYPE_CHECKING:
     from sluice.config.model import ComponentConfig, PipelineConfig
+    from sluice.tenancy.queues import QueueOps
 
 log = logging.getLogger(__name__)
 
@@ -588,6 +589,13 @@ def submitter(config: PipelineConfig, ctx: registry.SubmitContext) -> registry.S
     return KafkaSubmitter(ctx.store.tasks, config)
 
 
+def hosting(config: KafkaSourceConfig, ctx: registry.BuildContext) -> QueueOps:
+    """A hosting pipeline's dedicated queues: topics of their own (kafka_hosting)."""
+    from sluice.connectors.kafka_hosting import KafkaQueues
+
+    return KafkaQueues(config, ctx)
+
+
 SPEC = registry.register(registry.ComponentSpec(
     family="source",
     name=NAME,
@@ -602,4 +610,5 @@ SPEC = registry.register(registry.ComponentSpec(
     pipeline_check=pipeline_check,
     submitter=submitter,
     outputs_with_ack=outputs_with_ack,
+    hosting=hosting,
 ))

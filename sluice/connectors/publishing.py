@@ -56,9 +56,14 @@ async def create_then_publish(store: TaskStore, config: PipelineConfig,
                               items: Sequence[Submission], publish: Publish,
                               where: str) -> list[TaskRecord | None]:
     """Rules 1-3; ``where`` names the broker's queue or topic in an error."""
-    created = await store.create(
-        config.name, config.tenant,
-        [NewTask(i.message.task_id, i.message.key, i.received_at) for i in items], time.time())
+    created: list[TaskRecord | None] = [None] * len(items)
+    for tenant in dict.fromkeys(i.tenant for i in items):  # a hosting pipeline's: several
+        idx = [n for n, i in enumerate(items) if i.tenant == tenant]
+        made = await store.create(
+            config.name, tenant, [NewTask(items[n].message.task_id, items[n].message.key,
+                                          items[n].received_at) for n in idx], time.time())
+        for n, record in zip(idx, made, strict=True):
+            created[n] = record
     fresh = [(item, record_of(item)) for item, rec in zip(items, created, strict=True)
              if rec is not None]
     if not fresh:

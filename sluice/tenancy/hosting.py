@@ -11,7 +11,9 @@ Invariants:
 2. A function is isolated when, while it is on the shared queue and not pinned, one rule
    holds: ``backlog`` tasks of it wait in the shared queue; or, over the last ``window_s``
    with at least ``min_tasks`` attempts ended in this worker, its share of failed or timed-out
-   attempts reaches ``error_share``, or its p99 attempt duration reaches ``p99_s``.
+   attempts reaches ``error_share``, or its p99 attempt duration reaches ``p99_s``. Its window
+   starts again whenever its route changes: what it did on its dedicated queue does not send
+   it back there once reclaimed.
 3. Its dedicated queue is made first (a topic with the shared one's partitions), then the
    route changes, with its waiting tasks moved in the same transaction where the queues are
    the store's; on a broker, the shared queue's consumers forward them as they come
@@ -31,6 +33,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from sluice import metrics
@@ -73,15 +76,23 @@ class Hosting:
         self.backlog: dict[tuple[str, str], int] = {}  # waiting, by function, where it is
         self._idle_since: dict[tuple[str, str], float] = {}
         self._to_delete: dict[str, float] = {}  # reclaimed queue → when to delete it
+        self._versions: dict[tuple[str, str], int] = {}  # each route's version last seen
 
     async def run(self, stop: asyncio.Event) -> None:
         """Look every ``check_interval_s`` until ``stop``."""
+        failing: str | None = None
         while not stop.is_set():
             try:
                 await self.check()
+                if failing is not None:
+                    log.info("pipeline %r: the hosted functions' routes are looked after "
+                             "again", self.config.name)
+                failing = None
             except Exception as exc:  # a store or broker outage: look again next time
-                log.warning("pipeline %r: looking at the hosted functions' routes failed: "
-                            "%s; will look again", self.config.name, exc)
+                if str(exc) != failing:  # one line per failure, not one per look
+                    log.warning("pipeline %r: looking after the hosted functions' routes "
+                                "failed: %s; will look again", self.config.name, exc)
+                failing = str(exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.rules.check_interval_s)
 
@@ -98,6 +109,10 @@ class Hosting:
     async def refresh(self) -> None:
         routes = await self.store.routes.routes(self.config.name)
         self.routes = {(r.tenant, r.function): r for r in routes}
+        for key, route in self.routes.items():  # rule 2: a window per stay on a queue
+            if self._versions.get(key, route.version) != route.version:
+                self.fair.function(*key).window.clear()
+            self._versions[key] = route.version
         await self.source.set_routes(routes)
         self.backlog = await self._backlog()
         for key, count in self.backlog.items():
@@ -108,15 +123,16 @@ class Hosting:
     async def _backlog(self) -> dict[tuple[str, str], int]:
         """Tasks waiting by function, each on its queue (rule 5 of sluice.tenancy.queues: the
         worker's own holdings where the broker cannot tell)."""
+        seen, self.source.deferred_by = self.source.deferred_by, Counter()
         if self.queues is None:
-            return dict(self.source.held)
+            return dict(self.source.held + seen)
         out: dict[tuple[str, str], int] = {}
         queues = {self.queues.shared} | {r.queue for r in self.routes.values()
                                          if r.tier == DEDICATED and r.queue}
         for queue in sorted(queues):
             counts = await self.queues.backlog(queue)
             if counts is None:
-                return dict(self.source.held)
+                return dict(self.source.held + seen)
             for key, n in counts.items():
                 route = self.routes.get(key)
                 on_own = route is not None and route.tier == DEDICATED and route.queue == queue

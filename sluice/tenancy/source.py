@@ -96,6 +96,9 @@ class RoutedSource:
         self.held: Counter[tuple[str, str]] = Counter()
         self.held_by_tenant: Counter[str] = Counter()
         self.deferred = 0
+        # Deferred since the hosting controller last looked, by function: where the broker
+        # cannot count a queue by function, what waits beyond a tenant's share shows here.
+        self.deferred_by: Counter[tuple[str, str]] = Counter()
         self.forwarded = 0
         self._from: dict[int, Source] = {}  # id(delivery) → the member it came from
         self._tenant_of = reader(tenancy.tenant_from)
@@ -116,9 +119,10 @@ class RoutedSource:
             member = self.queues.member(queue)
             await member.start()
             self.members[queue] = member
-        for queue in set(self.members) - wanted:
+        for queue in set(self.members) - wanted:  # routed away: read until drained
             member = self.members[queue]
-            if not any(src is member for src in self._from.values()):
+            if not any(src is member for src in self._from.values()) \
+                    and await member.pending() == 0:
                 del self.members[queue]
                 await member.close()
 
@@ -196,6 +200,7 @@ class RoutedSource:
             await self._forward(queue, items)
         if defer:
             self.deferred += len(defer)
+            self.deferred_by.update((d.tenant or "", d.function or "") for d in defer)
             await self._settle_retry([(d, DEFER_S) for d in defer])
         return keep
 
