@@ -37,6 +37,7 @@ from sluice.cli_keys import keys as keys_group
 from sluice.cli_pipelines import pipelines
 from sluice.cli_store import store as store_group
 from sluice.cli_tasks import submit, tasks
+from sluice.cli_tenants import tenants
 from sluice.config.load import duplicate_names, load_pipeline, schema_text
 from sluice.errors import ConfigError, SluiceError
 from sluice.spec import REQUIRED, Field, ObjectSpec
@@ -255,6 +256,7 @@ cli.add_command(tasks)
 cli.add_command(pipelines)
 cli.add_command(dead_letters)
 cli.add_command(store_group)
+cli.add_command(tenants)
 
 
 def main() -> None:

@@ -35,6 +35,7 @@ from sluice.cli_common import (
     table,
     timestamp,
 )
+from sluice.client import ApiResponse, Client
 from sluice.config.model import PipelineConfig
 from sluice.errors import SluiceError, TaskNotFound
 from sluice.tasks.state import TaskState
@@ -75,11 +76,17 @@ def _read_data(value: str, number: int, count: int) -> bytes:
 @click.option("--key", default=None, help="Message key (ordering).")
 @click.option("--delay-s", type=click.FloatRange(min=0), default=0.0,
               help="Run no sooner than this many seconds from now.")
+@click.option("--function", default=None,
+              help="A hosting pipeline's (one with a tenancy key) function to run the task "
+              "(default: the function 'default').")
+@click.option("--tenant", default=None,
+              help="A hosting pipeline's tenant the task is for (default: the pipeline's; "
+              "with --url, the token's, and only an admin token may name another).")
 @data_dir_option
 @remote_options
 def submit(pipeline: str, files: Sequence[Path], datas: Sequence[str], task_id: str | None,
-           key: str | None, delay_s: float, data_dir: Path, url: str | None,
-           token: str | None) -> None:
+           key: str | None, delay_s: float, function: str | None, tenant: str | None,
+           data_dir: Path, url: str | None, token: str | None) -> None:
     """Submit task(s) to PIPELINE; print each task id."""
     if task_id is not None and len(datas) > 1:
         fail("--task-id names one task; give one --data with it")
@@ -90,6 +97,9 @@ def submit(pipeline: str, files: Sequence[Path], datas: Sequence[str], task_id: 
         for body in bodies:
             send = functools.partial(client.submit, pipeline, body, task_id=task_id, key=key,
                                      delay_s=delay_s)
+            if function is not None or tenant is not None:
+                send = functools.partial(_submit_function, client, pipeline, body, task_id,
+                                         key, delay_s, function, tenant)
             resp = guarded(send)
             if resp.status == 409:
                 refused = True
@@ -100,11 +110,32 @@ def submit(pipeline: str, files: Sequence[Path], datas: Sequence[str], task_id: 
         sys.exit(2 if refused else 0)
     if not files:
         fail("give -f FILE (the pipeline file), or --url to submit through a server")
-    _submit_local(pipeline, files, bodies, task_id, key, delay_s, data_dir)
+    _submit_local(pipeline, files, bodies, task_id, key, delay_s, data_dir, function, tenant)
+
+
+def _submit_function(client: Client, pipeline: str, body: bytes, task_id: str | None,
+                     key: str | None, delay_s: float, function: str | None,
+                     tenant: str | None) -> ApiResponse:
+    """A submit to a hosting pipeline's function (the server answers 404 for a pipeline
+    that hosts none, naming it)."""
+    from urllib.parse import quote
+
+    from sluice.tenancy.config import DEFAULT_FUNCTION
+
+    headers = {"Content-Type": "application/json"}
+    for name, value in (("Task-Id", task_id), ("Task-Key", key), ("Tenant", tenant)):
+        if value:
+            headers[name] = value
+    if delay_s:
+        headers["Delay-S"] = repr(delay_s)
+    path = (f"/v1/pipelines/{quote(pipeline, safe='')}/functions/"
+            f"{quote(function or DEFAULT_FUNCTION, safe='')}/tasks")
+    return client.request("POST", path, body, headers)
 
 
 def _submit_local(pipeline: str, files: Sequence[Path], bodies: list[bytes],
-                  task_id: str | None, key: str | None, delay_s: float, data_dir: Path) -> None:
+                  task_id: str | None, key: str | None, delay_s: float, data_dir: Path,
+                  function: str | None = None, tenant: str | None = None) -> None:
     from sluice import intake
     from sluice.datadir import QueuedMessage
 
@@ -119,10 +150,21 @@ def _submit_local(pipeline: str, files: Sequence[Path], bodies: list[bytes],
              f"{' and '.join(intake.submittable_sources())}")
     if delay_s and not intake.delays(config):
         fail(f"--delay-s: a {kind} source has no delayed delivery; submit without it")
+    if (function is not None or tenant is not None) and config.tenancy is None:
+        fail(f"--function/--tenant: pipeline {config.name!r} hosts no functions (it has no "
+             "tenancy key); submit without them")
+    if tenant is not None and not intake.TENANT_RE.fullmatch(tenant):
+        fail(f"--tenant {tenant[:64]!r}: expected 1-63 lowercase letters, digits and ._- "
+             "starting with a letter or digit")
     messages = [QueuedMessage(task_id or intake.new_task_id(), body, key=key) for body in bodies]
+    try:  # a function's name is checked here, before anything is written
+        intake.submissions(config, messages, delay_s, None, tenant, function)
+    except ValueError as exc:
+        fail(f"--function: {exc}")
     where = local_state(data_dir, create=True)
     created = guarded(lambda: run_local(intake.submit(where, config, messages,
-                                                      delay_s=delay_s)), code=1)
+                                                      delay_s=delay_s, tenant=tenant,
+                                                      function=function)), code=1)
     refused = False
     for message, record in zip(messages, created, strict=True):
         if record is None:

@@ -14,12 +14,20 @@ Rules:
    already used in the pipeline (nothing was submitted for it).
 4. A resumed task is woken by its source's ``wake`` hook, if it has one (a message held back
    while the task was paused becomes visible at once).
+5. A hosting pipeline's (one with ``tenancy``) every message carries its tenant and function
+   in the headers ``sluice-tenant`` and ``sluice-function``, and its submission names both (the
+   function's route may send it to a dedicated queue). The tenant is the one asked for, else
+   the message's own header (a dead letter replayed keeps its tenant), else the pipeline's;
+   the function likewise, else ``default``. A pipeline without tenancy takes neither
+   (``ValueError``), and its messages are left as they are.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 
 from sluice import registry
 from sluice.config.model import PipelineConfig
@@ -28,6 +36,18 @@ from sluice.errors import Unsupported
 from sluice.registry import Capability, Submission
 from sluice.stores.base import Store
 from sluice.tasks.store import TaskRecord
+from sluice.tenancy.config import (
+    DEFAULT_FUNCTION,
+    FUNCTION_HEADER,
+    FUNCTION_PATTERN,
+    TENANT_HEADER,
+    TENANT_SPEC,
+)
+
+_FUNCTION_RE = re.compile(FUNCTION_PATTERN)
+# A tenant's name as a hosting pipeline's tenancy.tenants names it (the gateway's Tenant header,
+# the CLI's --tenant); a tenant key's own tenant is taken as the keys file spells it.
+TENANT_RE = re.compile(next(f.pattern for f in TENANT_SPEC.fields_ if f.name == "name") or "")
 
 
 def new_task_id() -> str:
@@ -57,12 +77,14 @@ class Intake:
         self._submitters: dict[str, registry.Submitter] = {}
 
     async def submit(self, config: PipelineConfig, messages: Sequence[QueuedMessage], *,
-                     delay_s: float = 0.0,
-                     received_at: float | None = None) -> list[TaskRecord | None]:
-        """Create the tasks and queue their messages on the pipeline's source (rules 1-3)."""
+                     delay_s: float = 0.0, received_at: float | None = None,
+                     tenant: str | None = None,
+                     function: str | None = None) -> list[TaskRecord | None]:
+        """Create the tasks and queue their messages on the pipeline's source (rules 1-3);
+        ``tenant`` and ``function``: a hosting pipeline's (rule 5)."""
+        items = submissions(config, messages, delay_s, received_at, tenant, function)
         submitter = self._submitter(config, delay_s)
-        return await submitter.submit([Submission(config.name, config.tenant, m, delay_s,
-                                                  received_at) for m in messages])
+        return await submitter.submit(items)
 
     async def wake(self, config: PipelineConfig, task_id: str) -> None:
         """A resumed task: its message, if its source held it back, is visible now (rule 4)."""
@@ -90,11 +112,39 @@ class Intake:
         return submitter
 
 
+def submissions(config: PipelineConfig, messages: Sequence[QueuedMessage], delay_s: float,
+                received_at: float | None, tenant: str | None = None,
+                function: str | None = None) -> list[Submission]:
+    """The submissions of ``messages``: a hosting pipeline's with their tenant and function in
+    the headers and the submission (rule 5); ``ValueError`` for a tenant or function asked of
+    a pipeline without tenancy, or a function name that is not one."""
+    if config.tenancy is None:
+        if tenant is not None or function is not None:
+            raise ValueError(f"pipeline {config.name!r} hosts no functions (it has no tenancy "
+                             "key): submit without a tenant or function")
+        return [Submission(config.name, config.tenant, m, delay_s, received_at)
+                for m in messages]
+    if function is not None and not _FUNCTION_RE.fullmatch(function):
+        raise ValueError(f"function {function[:80]!r}: expected 1-63 letters, digits and ._- "
+                         "starting with a letter or digit")
+    out = []
+    for m in messages:
+        own = m.headers or {}
+        who = tenant or own.get(TENANT_HEADER) or config.tenant
+        what = function or own.get(FUNCTION_HEADER) or DEFAULT_FUNCTION
+        headers = {**own, TENANT_HEADER: who, FUNCTION_HEADER: what}
+        out.append(Submission(config.name, who, replace(m, headers=headers), delay_s,
+                              received_at, function=what))
+    return out
+
+
 async def submit(store: Store, config: PipelineConfig, messages: Sequence[QueuedMessage],
-                 *, delay_s: float = 0.0) -> list[TaskRecord | None]:
+                 *, delay_s: float = 0.0, tenant: str | None = None,
+                 function: str | None = None) -> list[TaskRecord | None]:
     """Submit once, from this process (the CLI's local submit)."""
     intake = Intake(store)
     try:
-        return await intake.submit(config, messages, delay_s=delay_s)
+        return await intake.submit(config, messages, delay_s=delay_s, tenant=tenant,
+                                   function=function)
     finally:
         await intake.close()

@@ -3,10 +3,15 @@
 Rules every handler keeps:
 
 1. A caller sees only its tenant's pipelines and tasks; anything else is a 404 that reads the
-   same as a missing one (admins see all).
+   same as a missing one (admins see all). A hosting pipeline (one with ``tenancy``) is seen
+   by every tenant, but of its tasks each tenant sees only its own (:meth:`Gateway.sees_task`);
+   only an admin pauses it (a tenant's key: 403). Its routes are in :mod:`.tenants`.
 2. A submit answers 202 only after the task and its message are committed together; a store
    that cannot be written answers 503 with Retry-After, and nothing of that submit is kept.
 3. Every error is ``application/problem+json`` (RFC 9457) naming what was wrong.
+4. A submit to a hosting pipeline is for a tenant (the key's; an admin's ``Tenant`` header, else
+   the pipeline's) and a function (the URL's, else ``default``), and passes that tenant's
+   quotas first (:mod:`sluice.tenancy.quotas`): beyond them 429 with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -31,13 +36,15 @@ from sluice.config.model import PipelineConfig
 from sluice.consumer.loop import ConsumerLoop
 from sluice.datadir import QueuedMessage
 from sluice.errors import IllegalTransition, Misconfigured, SourceError, TaskNotFound
-from sluice.gateway import dead_letters, problems
+from sluice.gateway import problems, tenants
 from sluice.gateway.auth import ADMIN, KeyRing, Principal
 from sluice.intake import Intake
 from sluice.message import is_json
 from sluice.stores.base import Store
 from sluice.tasks.state import TaskState
 from sluice.tasks.store import TaskRecord, TaskStore
+from sluice.tenancy.config import DEFAULT_FUNCTION
+from sluice.tenancy.quotas import SubmitQuotas
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +70,34 @@ class Gateway:
     max_body_bytes: int = 1 << 20
     store: TaskStore = field(init=False)  # the state's task records
     intake: Intake = field(init=False)  # the submit service
+    quotas: dict[str, SubmitQuotas] = field(init=False)  # of each hosting pipeline (rule 4)
 
     def __post_init__(self) -> None:
         self.store = self.state.tasks
         self.intake = Intake(self.state)
+        self.quotas = {name: SubmitQuotas(name, c.tenancy, self.state.routes)
+                       for name, c in self.pipelines.items() if c.tenancy is not None}
 
     async def close(self) -> None:
         await self.intake.close()
 
     def visible(self, who: Principal, name: str) -> PipelineConfig | None:
+        """The pipeline if ``who`` may see it: its tenant's, or a hosting one (rule 1)."""
         config = self.pipelines.get(name)
-        return config if config is not None and who.sees(config.tenant) else None
+        if config is None or not (config.tenancy is not None or who.sees(config.tenant)):
+            return None
+        return config
 
     def visible_names(self, who: Principal) -> list[str]:
-        return [n for n, c in self.pipelines.items() if who.sees(c.tenant)]
+        return [n for n in self.pipelines if self.visible(who, n) is not None]
+
+    def sees_task(self, who: Principal, record: TaskRecord) -> bool:
+        """Whether ``who`` may see and control a task: of a hosting pipeline only its own
+        tenant's (rule 1)."""
+        config = self.visible(who, record.pipeline)
+        if config is None:
+            return False
+        return who.admin or config.tenancy is None or record.tenant == who.tenant
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
@@ -165,10 +186,26 @@ async def submit_task(request: web.Request, pipeline: str | None = None) -> web.
     config = gw.visible(principal(request), name)
     if config is None:
         return problems.not_found(f"no pipeline named {name!r}")
+    return await submit_to(request, config)
+
+
+async def submit_to(request: web.Request, config: PipelineConfig,
+                    function: str | None = None) -> web.Response:
+    """Submit the request's task to ``config`` (a hosting pipeline's: for ``function``, else
+    ``default``; rules 2 and 4). The caller has checked that the pipeline is visible."""
+    gw = request.app[GATEWAY]
+    name = config.name
     if not intake.submittable(config):
         return problems.problem(501, "not-implemented", "Not implemented",
                                 f"submitting to a {config.source.type!r} source over HTTP is "
                                 "not supported yet")
+    tenant = None
+    if config.tenancy is not None:  # rule 4: whose task, and within its quotas
+        function = function or DEFAULT_FUNCTION
+        admitted = await tenants.admit(request, gw.quotas[name], config)
+        if isinstance(admitted, web.Response):
+            return admitted
+        tenant = admitted
     task_id = request.headers.get("Task-Id")
     if task_id is not None and not TASK_ID_RE.fullmatch(task_id):
         metrics.SUBMITS.labels(name, "invalid").inc()
@@ -203,7 +240,8 @@ async def submit_task(request: web.Request, pipeline: str | None = None) -> web.
     message = QueuedMessage(tid, body, content_type, request.headers.get("Task-Key"))
     try:
         (created,) = await gw.intake.submit(config, [message], delay_s=delay_s,
-                                            received_at=time.time())
+                                            received_at=time.time(), tenant=tenant,
+                                            function=function)
     except SourceError as exc:
         if not exc.retriable:  # refused for good (e.g. a pipeline that tracks no tasks): a 4xx
             metrics.SUBMITS.labels(name, "refused").inc()
@@ -215,15 +253,19 @@ async def submit_task(request: web.Request, pipeline: str | None = None) -> web.
         metrics.SUBMITS.labels(name, "duplicate").inc()
         try:
             existing = await gw.store.get(tid, config.name)
-            state = str(existing.state)
+            # Another tenant's task in a hosting pipeline: its state is not the caller's to see.
+            state = (str(existing.state) if gw.sees_task(principal(request), existing)
+                     else "UNKNOWN")
         except TaskNotFound:
             state = "UNKNOWN"
         return problems.problem(409, "duplicate-task", "Task id already used",
                                 f"task id {tid!r} is already used in pipeline {config.name!r}",
                                 task_id=tid, state=state, status_url=url)
     metrics.SUBMITS.labels(name, "accepted").inc()
-    return json_response({"task_id": tid, "pipeline": config.name, "state": "QUEUED",
-                              "status_url": url}, status=202, headers={"Location": url})
+    accepted = {"task_id": tid, "pipeline": config.name, "state": "QUEUED", "status_url": url}
+    if tenant is not None:
+        accepted.update(tenant=tenant, function=function or DEFAULT_FUNCTION)
+    return json_response(accepted, status=202, headers={"Location": url})
 
 
 def alias_handler(pipeline: str) -> Handler:
@@ -237,9 +279,9 @@ def alias_handler(pipeline: str) -> Handler:
 async def find_task(request: web.Request) -> TaskRecord | web.Response:
     gw = request.app[GATEWAY]
     task_id = request.match_info["task_id"]
-    visible = gw.visible_names(principal(request))
+    who = principal(request)
     wanted = request.query.get("pipeline")
-    found = [r for r in await gw.store.find(task_id) if r.pipeline in visible]
+    found = [r for r in await gw.store.find(task_id) if gw.sees_task(who, r)]
     if wanted is not None:
         found = [r for r in found if r.pipeline == wanted]
     if not found:
@@ -262,7 +304,8 @@ async def get_task(request: web.Request) -> web.Response:
 
 async def list_tasks(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
-    visible = gw.visible_names(principal(request))
+    who = principal(request)
+    visible = gw.visible_names(who)
     q = request.query
     pipeline = q.get("pipeline")
     if pipeline is not None and pipeline not in visible:
@@ -286,8 +329,14 @@ async def list_tasks(request: web.Request) -> web.Response:
             return problems.bad_request("query cursor: expected the next_cursor of a previous "
                                         f"page (1-18 digits), got {q['cursor'][:40]!r}")
         cursor = int(q["cursor"])
-    records = await gw.store.list(pipeline, state, limit, cursor, pipelines=visible)
-    next_cursor = str(records[-1].seq) if len(records) == limit and records else None
+    hosting = [n for n in ([pipeline] if pipeline else visible)
+               if gw.pipelines[n].tenancy is not None]
+    if hosting and not who.admin:  # only the caller's tasks of a hosting pipeline (rule 1)
+        records, next_cursor = await tenants.own_tasks(gw, who, pipeline, state, limit, cursor,
+                                                       visible)
+    else:
+        records = await gw.store.list(pipeline, state, limit, cursor, pipelines=visible)
+        next_cursor = str(records[-1].seq) if len(records) == limit and records else None
     return json_response({"tasks": [task_json(r) for r in records],
                               "next_cursor": next_cursor})
 
@@ -325,12 +374,15 @@ async def list_pipelines(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     out = []
     counts = await gw.store.counts()
-    for name in gw.visible_names(principal(request)):
+    who = principal(request)
+    for name in gw.visible_names(who):
         config = gw.pipelines[name]
+        # A hosting pipeline's counts are every tenant's: a tenant's key is not shown them.
+        shown = who.admin or config.tenancy is None
         out.append({"name": name, "tenant": config.tenant, "source": config.source.type,
                     "paused": await gw.store.is_paused(name),
                     "counts": {str(state): counts[name, str(state)] for state in TaskState
-                               if counts.get((name, str(state)))},
+                               if shown and counts.get((name, str(state)))},
                     "submit_url": f"/v1/pipelines/{name}/tasks",
                     "trigger_path": config.trigger_path})
     return json_response({"pipelines": out})
@@ -339,8 +391,14 @@ async def list_pipelines(request: web.Request) -> web.Response:
 async def control_pipeline(request: web.Request) -> web.Response:
     gw = request.app[GATEWAY]
     name = request.match_info["pipeline"]
-    if gw.visible(principal(request), name) is None:
+    who = principal(request)
+    config = gw.visible(who, name)
+    if config is None:
         return problems.not_found(f"no pipeline named {name!r}")
+    if config.tenancy is not None and not who.admin:
+        return problems.problem(403, "forbidden", "Forbidden",
+                                f"pipeline {name!r} hosts many tenants' functions: only an "
+                                "admin key pauses or resumes it")
     paused = request.match_info["action"] == "pause"
     await gw.store.set_paused(name, paused, time.time())
     loop = gw.loops.get(name)
@@ -401,7 +459,7 @@ def make_app(gateway: Gateway) -> web.Application:
     r.add_get("/v1/pipelines", list_pipelines)
     r.add_post("/v1/pipelines/{pipeline}/tasks", submit_task)
     r.add_post("/v1/pipelines/{pipeline}/{action:pause|resume}", control_pipeline)
-    dead_letters.add_routes(r)
+    tenants.add_routes(r)  # functions, routes and events; dead letters (one tenant's, rule 1)
     r.add_get("/v1/tasks", list_tasks)
     # A task id is one path segment ('/' inside it travels as %2F, as status_url writes it):
     # /v1/tasks/{id}/cancel is then never also a GET of a task named "{id}/cancel", and a
