@@ -77,10 +77,12 @@ class Hosting:
         self._idle_since: dict[tuple[str, str], float] = {}
         self._to_delete: dict[str, float] = {}  # reclaimed queue → when to delete it
         self._versions: dict[tuple[str, str], int] = {}  # each route's version last seen
+        self.running = False  # run() under way (a loop built to serve the API only is not)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Look every ``check_interval_s`` until ``stop``."""
         failing: str | None = None
+        self.running = True
         while not stop.is_set():
             try:
                 await self.check()

@@ -39,10 +39,12 @@ async def functions(store: Store, config: PipelineConfig, tenant: str,
     """One row per function of ``tenant`` in the hosting pipeline ``config``."""
     routes = {(r.tenant, r.function): r for r in await store.routes.routes(config.name)
               if r.tenant == tenant}
-    if hosting is not None:
+    if hosting is not None and hosting.running:
         backlog = {k: n for k, n in hosting.backlog.items() if k[0] == tenant}
     else:
-        backlog = await _backlog(store, config, routes)
+        backlog = {k: n for k, n in (await _backlog(store, config, routes)).items()
+                   if k[0] == tenant}
+        hosting = None  # a process that serves the API only: its loops do not run
     seen = {fn.name: fn for fn in (hosting.fair.functions() if hosting else [])
             if fn.tenant == tenant}
     names = sorted(set(seen) | {f for _, f in routes} | {f for _, f in backlog})
