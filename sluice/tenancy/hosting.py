@@ -117,6 +117,7 @@ class Hosting:
             self._versions[key] = route.version
         await self.source.set_routes(routes)
         self.backlog = await self._backlog()
+        self.source.waiting_tenants = {t for (t, _), n in self.backlog.items() if n}
         for key, count in self.backlog.items():
             fn = self.fair.function(*key)
             if fn.labels[1] != "other":

@@ -11,7 +11,8 @@ Invariants:
    its limit, less what this worker holds of it. So a slow function's queue waits on the
    broker, not in the worker, and never takes room the shared queue's tasks need.
 3. A delivery from the shared queue of a tenant that already holds its share of the worker
-   (what the worker may hold, split by weight among the tenants holding some) is handed back
+   (what the worker may hold, split by weight among the tenants holding some or with tasks
+   waiting) is handed back
    unclaimed for ``DEFER_S`` (on the embedded queue it then sorts behind what came meanwhile),
    so one tenant's backlog ahead in the shared queue does not fill the worker while its
    neighbours' tasks wait behind it. Nothing is claimed or counted as an attempt.
@@ -94,6 +95,7 @@ class RoutedSource:
         self.fair: FairReady[Any] | None = None  # the loop's (rules 2, 3)
         self.capacity: Callable[[], int] = lambda: 1000  # the loop's (rule 3)
         self.held: Counter[tuple[str, str]] = Counter()
+        self.waiting_tenants: set[str] = set()  # with tasks waiting (the controller's count)
         self.held_by_tenant: Counter[str] = Counter()
         self.deferred = 0
         # Deferred since the hosting controller last looked, by function: where the broker
@@ -221,8 +223,11 @@ class RoutedSource:
         return max(MIN_HELD, HELD_PER_SLOT * math.floor(limit))
 
     def _share_of_tenant(self, tenant: str) -> int:
-        """Its weighted share of what the worker may hold, among the tenants holding some."""
-        weights = {t: self.tenancy.tenant(t).weight for t, n in self.held_by_tenant.items() if n}
+        """Its weighted share of what the worker may hold, among the tenants holding some or
+        with tasks waiting (as the hosting controller last counted them)."""
+        weights = {t: self.tenancy.tenant(t).weight
+                   for t in {*self.waiting_tenants, *(t for t, n in self.held_by_tenant.items()
+                                                      if n)}}
         weights[tenant] = self.tenancy.tenant(tenant).weight
         return max(MIN_HELD, math.floor(self.capacity() * weights[tenant]
                                         / sum(weights.values())))

@@ -207,3 +207,66 @@ def test_a_failing_function_is_isolated_then_reclaimed(store_url: str, tmp_path:
         await store.close()
 
     asyncio.run(main())
+
+
+def test_a_small_tenant_is_not_stuck_behind_a_large_one(store_url: str, tmp_path: Path) -> None:
+    """5,000 tasks of one tenant queued ahead of 10 of another on the shared queue, isolation
+    off: the small tenant's tasks finish within seconds (its share of the worker), long before
+    the large tenant's backlog is done."""
+    text = pipeline("""  isolation: {enabled: false, check_interval_s: 0.2}""")
+
+    async def main() -> None:
+        store = open_store(store_url)
+        await submit(store, [("big", "f")] * 5000, prefix="a")
+        small = await submit(store, [("small", "f")] * 10, prefix="b")
+        loop = build(text, store_url, tmp_path)
+        stop = asyncio.Event()
+        runner = asyncio.create_task(runtime.run_pipelines([loop], stop))
+        try:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not all(RUNS[i] for i in small):
+                await asyncio.sleep(0.05)
+            done_big = sum(1 for i in RUNS if "-big-" in i)
+        finally:
+            stop.set()
+            await runner
+        assert all(RUNS[i] == 1 for i in small), [RUNS[i] for i in small]
+        assert done_big < 2500, done_big  # the small tenant did not wait for the big backlog
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_two_workers_isolate_once_and_agree(store_url: str, tmp_path: Path) -> None:
+    """Two workers on one store see one function fail: it is isolated once (one route change,
+    one event), both then fetch its tasks from its dedicated queue, and each task runs once."""
+    text = pipeline("""  isolation: {window_s: 5, min_tasks: 5, error_share: 0.5, backlog: null,
+              p99_s: null, check_interval_s: 0.1}""")
+
+    async def main() -> None:
+        store = open_store(store_url)
+        FAILING.add("bad")
+        ids = await submit(store, [(t, f) for _ in range(200) for t, f in (("x", "bad"),
+                                                                              ("y", "good"))])
+        loops = [build(text, store_url, tmp_path / f"w{n}") for n in range(2)]
+        stop = asyncio.Event()
+        runner = asyncio.create_task(runtime.run_pipelines(loops, stop))
+        try:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and not all(
+                    lp.hosting and ("x", "bad") in lp.hosting.source.routes for lp in loops):
+                await asyncio.sleep(0.1)
+            queues = {lp.hosting.source.queue_of("x", "bad") for lp in loops if lp.hosting}
+            assert queues == {"fns.fn.x.bad"}, queues
+            FAILING.clear()
+            while time.monotonic() < deadline + 20 and set(RUNS) != set(ids):
+                await asyncio.sleep(0.1)
+        finally:
+            stop.set()
+            await runner
+        assert set(RUNS) == set(ids) and set(RUNS.values()) == {1}
+        events = await store.routes.events("fns")
+        assert [(e.tenant, e.function, e.action) for e in events] == [("x", "bad", "isolated")]
+        await store.close()
+
+    asyncio.run(main())
