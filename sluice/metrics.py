@@ -12,7 +12,8 @@ REGISTRY = CollectorRegistry(auto_describe=True)
 
 SUBMITS = Counter(
     "sluice_submits", "Task submissions over HTTP, by outcome "
-    "(accepted, duplicate, invalid, refused, unavailable).", ["pipeline", "status"],
+    "(accepted, duplicate, invalid, refused, throttled (a tenant quota), unavailable).",
+    ["pipeline", "status"],
     registry=REGISTRY)
 TASKS = Gauge("sluice_tasks", "Tasks in the store, by state.", ["pipeline", "state"],
               registry=REGISTRY)

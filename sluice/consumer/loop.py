@@ -95,7 +95,7 @@ import math
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -111,7 +111,6 @@ from sluice.errors import Unavailable
 from sluice.handlers.base import BatchHandler, Handler
 from sluice.message import Message, Outcome
 from sluice.tasks.state import TaskState
-from sluice.tenancy.scheduler import FairReady
 from sluice.tasks.store import (
     Claim,
     ClaimResult,
@@ -120,6 +119,7 @@ from sluice.tasks.store import (
     DeadLetter,
     TaskStore,
 )
+from sluice.tenancy.scheduler import FairReady
 
 if TYPE_CHECKING:
     from sluice.sinks.delivery import Deliverer

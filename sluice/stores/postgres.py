@@ -7,8 +7,9 @@ Invariants (beside those of :mod:`sluice.stores.base`):
    store made with ``caller_clock`` (the conformance suite) writes the caller's times.
 2. :meth:`PostgresStore.submit` is one transaction: the tasks first, then the messages of those
    created (each on the queue its function's route names, read in the transaction), so a task
-   id already used (the unique constraint decides, across every process) puts no message. Consecutive items of one pipeline and tenant are created in one statement,
-   consecutive created ones with the same delay put in one, in the items' order.
+   id already used (the unique constraint decides, across every process) puts no message.
+   Consecutive items of one pipeline and tenant are created in one statement, consecutive
+   created ones with the same queue and delay put in one, in the items' order.
 3. Control changes arrive through ``LISTEN`` on
    :data:`~sluice.stores.postgres_schema.CONTROL_CHANNEL`; a payload that is not a control
    change's JSON is logged and dropped, never raised into the listener.

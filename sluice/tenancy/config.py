@@ -34,17 +34,18 @@ TENANT_SPEC = ObjectSpec(
     Field("weight", "number", "Its share of the worker's concurrency against other tenants "
           "with work waiting (deficit round robin); idle share goes to whoever has work.",
           default=1.0, minimum=0.1, maximum=1000),
-    Field("max_concurrency", ("integer", "null"), "Most of its tasks running at once in one worker "
-          "(null: no cap beyond its share).", default=None, minimum=1, maximum=100_000),
-    Field("max_queued", ("integer", "null"), "Most of its tasks waiting (QUEUED) in the pipeline; a "
-          "submit beyond it is answered 429 with Retry-After (null: no cap).", default=None,
-          minimum=1),
-    Field("submit_rate_per_s", ("number", "null"), "Submits per second it may make (a token bucket, "
-          "per gateway process); beyond it 429 with Retry-After (null: no cap).",
+    Field("max_concurrency", ("integer", "null"), "Most of its tasks running at once in "
+          "one worker (null: no cap beyond its share).", default=None, minimum=1,
+          maximum=100_000),
+    Field("max_queued", ("integer", "null"), "Most of its tasks waiting (QUEUED) in the "
+          "pipeline; a submit beyond it is answered 429 with Retry-After (null: no cap).",
+          default=None, minimum=1),
+    Field("submit_rate_per_s", ("number", "null"), "Submits per second it may make (a "
+          "token bucket, per gateway process); beyond it 429 with Retry-After (null: no cap).",
           default=None, exclusive_minimum=0),
-    Field("submit_burst", ("integer", "null"), "The token bucket's size: submits it may make at once "
-          "(default: one second's worth of submit_rate_per_s, at least 1).", default=None,
-          minimum=1),
+    Field("submit_burst", ("integer", "null"), "The token bucket's size: submits it may "
+          "make at once (default: one second's worth of submit_rate_per_s, at least 1).",
+          default=None, minimum=1),
 )
 
 ISOLATION_SPEC = ObjectSpec(
@@ -55,11 +56,11 @@ ISOLATION_SPEC = ObjectSpec(
           "last window_s seconds.", default=30.0, exclusive_minimum=0, maximum=3600),
     Field("min_tasks", "integer", "Attempts a function must have ended in the window before "
           "error_share or p99_s can isolate it.", default=20, minimum=1),
-    Field("error_share", ("number", "null"), "Isolate a function whose share of failed or timed-out "
-          "attempts in the window reaches this (null: off).", default=0.5,
+    Field("error_share", ("number", "null"), "Isolate a function whose share of failed "
+          "or timed-out attempts in the window reaches this (null: off).", default=0.5,
           exclusive_minimum=0, maximum=1),
-    Field("p99_s", ("number", "null"), "Isolate a function whose 99th percentile attempt duration in "
-          "the window reaches this many seconds (null: off).", default=10.0,
+    Field("p99_s", ("number", "null"), "Isolate a function whose 99th percentile attempt "
+          "duration in the window reaches this many seconds (null: off).", default=10.0,
           exclusive_minimum=0),
     Field("backlog", ("integer", "null"), "Isolate a function with this many tasks waiting in the "
           "shared queue (null: off).", default=1000, minimum=1),

@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from sluice import runtime
 from sluice.stores import open_store
 from sluice.tasks.state import TaskState
 from tests.conftest import ROOT, subprocess_env
@@ -23,6 +24,7 @@ from tests.integration.test_tenancy import store_url  # noqa: F401  (a fixture)
 # commit (SQLite: in Database._transaction; PostgreSQL: its event insert is a long sleep).
 CHILD = """
 import asyncio, sys, time
+from sluice import runtime
 from sluice.stores import open_store
 from sluice.tenancy.routes import Change, change_in
 url = sys.argv[1]
@@ -79,7 +81,7 @@ def test_a_kill_in_the_middle_of_a_move_loses_and_repeats_nothing(
         assert await store.routes.backlog("fns.fn.x.flood") == {}
         loop = hosted.build(text, store_url, tmp_path)
         stop = asyncio.Event()
-        runner = asyncio.create_task(hosted.runtime.run_pipelines([loop], stop))
+        runner = asyncio.create_task(runtime.run_pipelines([loop], stop))
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and len(hosted.RUNS) < len(ids):
             await asyncio.sleep(0.2)
