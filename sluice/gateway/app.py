@@ -299,7 +299,14 @@ async def get_task(request: web.Request) -> web.Response:
     found = await find_task(request)
     if isinstance(found, web.Response):
         return found
-    return json_response(task_json(found))
+    data = task_json(found)
+    config = request.app[GATEWAY].pipelines.get(found.pipeline)
+    if config is not None and config.tenancy is not None:  # a hosted task's moves, noted
+        notes = await request.app[GATEWAY].state.routes.notes(found.pipeline, found.task_id)
+        data["timeline"] = sorted(
+            [*data["timeline"], *({"stage": "note", "at": at, "note": note}
+                                  for at, note in notes)], key=lambda e: e["at"] or 0)
+    return json_response(data)
 
 
 async def list_tasks(request: web.Request) -> web.Response:

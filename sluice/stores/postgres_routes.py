@@ -5,12 +5,20 @@ transaction: the compare-and-set of the route, the move of the function's waitin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sluice.stores.postgres_db import PgDatabase
 from sluice.stores.postgres_schema import QUEUE_CHANNEL, notify_sql, now_sql
 from sluice.tenancy.config import FUNCTION_HEADER, TENANT_HEADER
-from sluice.tenancy.routes import DEDICATED, ROUTE_COLUMNS, Change, Route, RouteEvent
+from sluice.tenancy.routes import (
+    DEDICATED,
+    ROUTE_COLUMNS,
+    Change,
+    Route,
+    RouteEvent,
+    note_text,
+)
 
 TENANT_OF = f"(headers::jsonb ->> '{TENANT_HEADER}')"
 FUNCTION_OF = f"(headers::jsonb ->> '{FUNCTION_HEADER}')"
@@ -24,6 +32,11 @@ MOVE = (f"WITH moved AS (UPDATE messages SET queue = $2 WHERE queue = $1 AND {TE
         f" {notify_sql(repr(QUEUE_CHANNEL), '$2')} FROM moved")
 EVENT = ("INSERT INTO route_events (pipeline, tenant, function, action, tier, reason, moved, at)"
          f" VALUES ($1, $2, $3, $4, $5, $6, $7, {now_sql('$8')})")
+
+
+NOTE_MOVED = ("INSERT INTO task_notes (pipeline, task_id, at, note) SELECT $1, task_id,"
+              f" {now_sql('$6')}, $2 FROM messages WHERE queue = $3 AND {TENANT_OF} = $4"
+              f" AND {FUNCTION_OF} = $5")
 
 
 def _route(row: Any) -> Route:
@@ -56,6 +69,8 @@ class PgRoutes:
                 return None
             moved = 0
             if c.move_from is not None and c.move_to is not None:
+                await conn.execute(NOTE_MOVED, c.pipeline, note_text(c), c.move_from, c.tenant,
+                                   c.function, now)
                 record = await conn.fetchrow(MOVE, c.move_from, c.move_to, c.tenant,
                                              c.function)
                 moved = int(record[0]) if record is not None else 0
@@ -83,6 +98,21 @@ class PgRoutes:
                                     " ORDER BY id DESC LIMIT $2", pipeline, limit)
         return [RouteEvent(r[0], r[1], r[2], r[3], r[4], r[5], int(r[6]), float(r[7]))
                 for r in rows]
+
+
+    async def note(self, pipeline: str, task_ids: Sequence[str], note: str) -> None:
+        if not task_ids:
+            return
+        async with self.db.transaction() as conn:
+            await conn.execute("INSERT INTO task_notes (pipeline, task_id, at, note) SELECT $1,"
+                               f" t, {now_sql('$4')}, $3 FROM unnest($2::text[]) AS t",
+                               pipeline, list(task_ids), note, self._now())
+
+    async def notes(self, pipeline: str, task_id: str) -> list[tuple[float, str]]:
+        async with self.db.connection() as conn:
+            rows = await conn.fetch("SELECT at, note FROM task_notes WHERE pipeline = $1 AND"
+                                    " task_id = $2 ORDER BY at", pipeline, task_id)
+        return [(float(r[0]), str(r[1])) for r in rows]
 
 
 ROUTE_SQL = ("SELECT queue FROM routes WHERE pipeline = $1 AND tenant = $2 AND function = $3"

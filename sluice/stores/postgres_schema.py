@@ -121,6 +121,13 @@ CREATE TABLE IF NOT EXISTS route_events (
     at           DOUBLE PRECISION NOT NULL
 );
 CREATE INDEX IF NOT EXISTS route_events_by_pipeline ON route_events (pipeline, id);
+CREATE TABLE IF NOT EXISTS task_notes (
+    pipeline     TEXT             NOT NULL,
+    task_id      TEXT             NOT NULL,
+    at           DOUBLE PRECISION NOT NULL,
+    note         TEXT             NOT NULL
+);
+CREATE INDEX IF NOT EXISTS task_notes_by_task ON task_notes (pipeline, task_id);
 """),
 )
 VERSION = MIGRATIONS[-1][0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 from sluice.datadir import Database
 from sluice.tenancy.routes import (
@@ -12,6 +13,8 @@ from sluice.tenancy.routes import (
     backlog_in,
     change_in,
     events_in,
+    note_in,
+    notes_in,
     queued_in,
     routes_in,
 )
@@ -37,3 +40,10 @@ class SqliteRoutes:
 
     async def events(self, pipeline: str, limit: int = 100) -> list[RouteEvent]:
         return await self.db.read(lambda c: events_in(c, pipeline, limit))
+
+    async def note(self, pipeline: str, task_ids: Sequence[str], note: str) -> None:
+        if task_ids:
+            await self.db.run(lambda c: note_in(c, pipeline, task_ids, note, time.time()))
+
+    async def notes(self, pipeline: str, task_id: str) -> list[tuple[float, str]]:
+        return await self.db.read(lambda c: notes_in(c, pipeline, task_id))

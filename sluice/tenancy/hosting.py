@@ -23,7 +23,8 @@ Invariants:
    shared (any message that arrived meanwhile moved back with it), then the queue is deleted
    once every worker has had time to stop reading it (``DELETE_AFTER_CHECKS`` looks).
 5. Each change is logged (one line, saying why), counted in ``sluice_route_changes_total``,
-   and kept as a route event (``GET /v1/tenants/{t}/events``).
+   and kept as a route event (``GET /v1/tenants/{t}/events``); each task it moves (or that is
+   forwarded) gets a note on its timeline (``GET /v1/tasks/{id}``).
 6. A pinned route (by hand: API or CLI) is left alone by the rules.
 """
 
@@ -78,6 +79,7 @@ class Hosting:
         self._to_delete: dict[str, float] = {}  # reclaimed queue → when to delete it
         self._versions: dict[tuple[str, str], int] = {}  # each route's version last seen
         self.running = False  # run() under way (a loop built to serve the API only is not)
+        source.on_forward = self._forwarded
 
     async def run(self, stop: asyncio.Event) -> None:
         """Look every ``check_interval_s`` until ``stop``."""
@@ -238,6 +240,13 @@ class Hosting:
         metrics.ROUTE_CHANGES.labels(*fn.labels, change.action).inc()
         await self.refresh()
         return route
+
+    async def _forwarded(self, task_ids: list[str], queue: str) -> None:
+        """Forwarded tasks (source rule 4) get a note on their timelines (rule 5)."""
+        route = next((r for r in self.routes.values() if r.queue == queue), None)
+        why = f" ({route.reason})" if route is not None and route.reason else ""
+        await self.store.routes.note(self.config.name, task_ids,
+                                     f"forwarded to its function's own queue {queue}{why}")
 
     async def _delete_due(self) -> None:
         now = time.monotonic()

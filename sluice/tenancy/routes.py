@@ -16,13 +16,15 @@ Invariants:
    do not change; if the lease lapses it is visible on its new queue.
 3. An embedded submit reads the route in its own transaction (:func:`queue_in`), so a submit
    and a move are ordered: a task is on the side its route named when it was committed.
-4. Every change writes a :class:`RouteEvent`: what happened, why, how many tasks moved.
+4. Every change writes a :class:`RouteEvent`: what happened, why, how many tasks moved; and
+   each task it moves gets a note on its timeline (:func:`note_text`), in the same
+   transaction.
 """
 
 from __future__ import annotations
 
-import json
 import sqlite3
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -56,6 +58,13 @@ CREATE TABLE IF NOT EXISTS route_events (
     at           REAL    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS route_events_by_pipeline ON route_events (pipeline, id);
+CREATE TABLE IF NOT EXISTS task_notes (
+    pipeline     TEXT    NOT NULL,
+    task_id      TEXT    NOT NULL,
+    at           REAL    NOT NULL,
+    note         TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS task_notes_by_task ON task_notes (pipeline, task_id);
 """
 
 
@@ -134,6 +143,21 @@ class RouteStore(Protocol):
         """The latest route changes, newest first."""
         ...
 
+    async def note(self, pipeline: str, task_ids: Sequence[str], note: str) -> None:
+        """Add a note to these tasks' timelines (a forwarded task: invariant 4)."""
+        ...
+
+    async def notes(self, pipeline: str, task_id: str) -> list[tuple[float, str]]:
+        """A task's notes, oldest first: (when, what)."""
+        ...
+
+
+def note_text(change: Change) -> str:
+    """The note a moved task gets (invariant 4)."""
+    where = f"to its function's own queue {change.queue}" if change.tier == DEDICATED else \
+        "back to the shared queue"
+    return f"{change.action}: moved {where} ({change.reason})"
+
 
 def dedicated_queue(pipeline: str, tenant: str, function: str) -> str:
     """The name of a function's dedicated queue (or topic): pipeline names are unique in a
@@ -184,6 +208,9 @@ def change_in(conn: sqlite3.Connection, change: Change, now: float) -> tuple[Rou
         return None
     moved = 0
     if c.move_from is not None and c.move_to is not None:
+        conn.execute(f"INSERT INTO task_notes (pipeline, task_id, at, note) SELECT ?, task_id, ?,"
+                     f" ? FROM messages WHERE queue = ? AND {TENANT_OF} = ? AND {FUNCTION_OF} = ?",
+                     (c.pipeline, now, note_text(c), c.move_from, c.tenant, c.function))
         moved = conn.execute(
             f"UPDATE messages SET queue = ? WHERE queue = ? AND {TENANT_OF} = ? AND"
             f" {FUNCTION_OF} = ?", (c.move_to, c.move_from, c.tenant, c.function)).rowcount
@@ -215,6 +242,13 @@ def events_in(conn: sqlite3.Connection, pipeline: str, limit: int) -> list[Route
             for r in rows]
 
 
-def headers_json(tenant: str, function: str, headers: dict[str, str] | None) -> str:
-    """A hosted message's headers, with its tenant and function."""
-    return json.dumps({**(headers or {}), TENANT_HEADER: tenant, FUNCTION_HEADER: function})
+def note_in(conn: sqlite3.Connection, pipeline: str, task_ids: Sequence[str], note: str,
+            now: float) -> None:
+    conn.executemany("INSERT INTO task_notes (pipeline, task_id, at, note) VALUES (?, ?, ?, ?)",
+                     [(pipeline, t, now, note) for t in task_ids])
+
+
+def notes_in(conn: sqlite3.Connection, pipeline: str, task_id: str) -> list[tuple[float, str]]:
+    rows = conn.execute("SELECT at, note FROM task_notes WHERE pipeline = ? AND task_id = ?"
+                        " ORDER BY at", (pipeline, task_id)).fetchall()
+    return [(float(a), str(n)) for a, n in rows]

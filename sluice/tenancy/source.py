@@ -31,7 +31,7 @@ import math
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from sluice.connectors.base import Delivery, Source
@@ -93,6 +93,8 @@ class RoutedSource:
         self.members: dict[str, Source] = {}  # dedicated queue → its source
         self.routes: dict[tuple[str, str], Route] = {}  # dedicated routes by (tenant, function)
         self.fair: FairReady[Any] | None = None  # the loop's (rules 2, 3)
+        # Told of each forward (the hosting controller notes it on the tasks' timelines).
+        self.on_forward: Callable[[list[str], str], Awaitable[None]] | None = None
         self.capacity: Callable[[], int] = lambda: 1000  # the loop's (rule 3)
         self.held: Counter[tuple[str, str]] = Counter()
         self.waiting_tenants: set[str] = set()  # with tasks waiting (the controller's count)
@@ -215,6 +217,8 @@ class RoutedSource:
         for d in deliveries:
             self._from.pop(id(d), None)
         self.forwarded += len(deliveries)
+        if self.on_forward is not None:
+            await self.on_forward([d.task_id for d in deliveries], queue)
 
     def _share_of_function(self, key: tuple[str, str]) -> int:
         if self.fair is None:

@@ -182,6 +182,9 @@ def test_a_failing_function_is_isolated_then_reclaimed(store_url: str, tmp_path:
             events = await store.routes.events("fns")
             assert events[0].action == "isolated" and "failed" in events[0].reason, events
             assert events[0].moved > 0
+            noted = [await store.routes.notes("fns", i) for i in ids if "-x-bad" in i]
+            assert any(n and n[0][1].startswith("isolated: moved to its function's own queue "
+                                                "fns.fn.x.bad (") for n in noted), noted[:3]
             FAILING.clear()  # fixed: everything runs to success now
             while time.monotonic() < deadline + 20:
                 found = await states(store)

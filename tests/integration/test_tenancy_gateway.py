@@ -232,6 +232,10 @@ async def test_pin_dedicated_then_a_submit_goes_to_the_dedicated_queue(
                                   json={"tier": "shared", "pipeline": "host"})
     assert (status, route["tier"], route["queue"]) == (200, "shared", None)
     assert message(server, "to-dedicated")[0] == "host"
+    # The move is a note on the task's timeline.
+    timeline = (await call(http, server, "GET", "/v1/tasks/to-dedicated"))[1]["timeline"]
+    notes = [e["note"] for e in timeline if e["stage"] == "note"]
+    assert notes == ["pinned: moved back to the shared queue (pinned shared by hand)"], timeline
 
 
 async def test_a_bad_function_name_is_400_and_a_plain_pipeline_hosts_none(

@@ -83,6 +83,9 @@ tenancy:
         assert set(hosted.RUNS) == set(ids), len(set(ids) - set(hosted.RUNS))
         assert set(hosted.RUNS.values()) == {1}  # none twice
         assert loop.hosting is not None and loop.hosting.source.forwarded > 0
+        noted = [await store.routes.notes(name, i) for i in ids if i.endswith("-x")]
+        assert any(n and n[0][1].startswith(f"forwarded to its function's own queue {dedicated}")
+                   for n in noted), noted[:3]
         events = [e.action for e in reversed(await store.routes.events(name))]
         assert events == ["isolated", "reclaimed"], events
         assert dedicated not in topics()

@@ -5,6 +5,7 @@ process's submits, read at most once a second; a refusal takes nothing; tenants 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import pytest
 
@@ -44,6 +45,12 @@ class Routes:
         raise NotImplementedError
 
     async def events(self, pipeline: str, limit: int = 100) -> list[RouteEvent]:
+        raise NotImplementedError
+
+    async def note(self, pipeline: str, task_ids: Sequence[str], note: str) -> None:
+        raise NotImplementedError
+
+    async def notes(self, pipeline: str, task_id: str) -> list[tuple[float, str]]:
         raise NotImplementedError
 
 
