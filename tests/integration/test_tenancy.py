@@ -273,3 +273,60 @@ def test_two_workers_isolate_once_and_agree(store_url: str, tmp_path: Path) -> N
         await store.close()
 
     asyncio.run(main())
+
+
+def test_the_route_store_counts_what_waits(store_url: str) -> None:
+    """What the quotas (max_queued) and the backlog rule read, on either store."""
+
+    async def main() -> None:
+        store = open_store(store_url)
+        await submit(store, [("a", "f")] * 3 + [("a", "g")] * 2 + [("b", "f")])
+        assert await store.routes.queued("fns") == {"a": 5, "b": 1}
+        assert await store.routes.backlog("fns") == {("a", "f"): 3, ("a", "g"): 2,
+                                                     ("b", "f"): 1}
+        await store.close()
+
+    asyncio.run(main())
+
+
+def test_a_429ing_http_function_slows_only_itself(tmp_path: Path) -> None:
+    """Through the HTTP handler (its URL names the function): the backend answers 429 for
+    one function and 200 for another; only the first one's limit falls."""
+    from aiohttp import web
+
+    url = f"sqlite:///{tmp_path / 'sluice.db'}"
+
+    async def fn(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.005)
+        if request.match_info["name"] == "busy":
+            return web.Response(status=429, text="slow down")
+        return web.json_response({"ok": True})
+
+    async def main() -> tuple[float, float]:
+        app = web.Application()
+        app.router.add_post("/fn/{name}", fn)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        text = pipeline("""  function_concurrency: {initial: 8, min: 1, max: 64}
+  isolation: {enabled: false}""").replace(
+            '{python: "tests.integration.test_tenancy:handle"}',
+            f'{{http: {{url: "http://127.0.0.1:{port}/fn/{{function}}"}}}}')
+        store = open_store(url)
+        await submit(store, [(t, f) for _ in range(300) for t, f in (("x", "busy"),
+                                                                        ("y", "calm"))])
+        loop = build(text, url, tmp_path)
+        await run_for(loop, 2.0)
+        fair = loop.fair_shares
+        assert fair is not None
+        busy, calm = fair.function("x", "busy"), fair.function("y", "calm")
+        await store.close()
+        await runner.cleanup()
+        assert calm.finished >= 100
+        return busy.limiter.limit, calm.limiter.limit
+
+    busy_limit, calm_limit = asyncio.run(main())
+    assert busy_limit <= 2, busy_limit
+    assert calm_limit >= 8, calm_limit
