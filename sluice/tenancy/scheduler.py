@@ -9,6 +9,12 @@ Invariants:
    ``weight``; a tenant whose caps hold it back keeps at most one quantum of credit; a tenant
    with nothing ready leaves the round and its credit is reset, so idle share goes to those
    with work (work-conserving).
+2a. Headroom: a tenant running its weighted share of the worker's limit or more (the share
+   among the active tenants: with tasks ready or running, or one that ended in the last
+   ``ACTIVE_S``) takes another slot only while the slots left free cover, for every other
+   active tenant, up to ``RESERVE_SLOTS`` slots of its share it is not using. Slots run for
+   as long as their attempts do: without this, a slow function would take every slot as
+   they free and its neighbours' next tasks would wait for its attempts to end.
 3. Within a tenant: round robin over its functions with tasks ready.
 4. An attempt's load signal goes to its function's limiter (so a 429-ing backend slows only
    its own function); the worker's limiter sees no overloads from hosted functions, only
@@ -32,6 +38,8 @@ from sluice.tenancy.config import TenancyConfig
 
 T = TypeVar("T")
 OTHER = "other"  # the metric label of functions past tenancy.metrics_functions
+ACTIVE_S = 5.0  # rule 2a: a tenant whose attempt ended this recently is active
+RESERVE_SLOTS = 2  # rule 2a: slots kept free for each other active tenant (within its share)
 
 
 @dataclass(slots=True)
@@ -80,6 +88,7 @@ class _Tenant(Generic[T]):
     ring: deque[FunctionState[T]] = field(default_factory=deque)  # with tasks ready
     in_flight: int = 0
     deficit: float = 0.0
+    last_active: float = 0.0  # time.monotonic() of its last attempt's end (rule 2a)
 
     def runnable(self) -> FunctionState[T] | None:
         """The next of its functions that may start a task now (rule 3), at the ring's front."""
@@ -176,6 +185,8 @@ class FairReady(Generic[T]):
         for _ in range(len(self._ring) * 11 + 1):  # weights >= 0.1: a quantum in 10 visits
             tenant = self._ring[0]
             fn = tenant.runnable() if permits else tenant.ring[0]
+            if fn is not None and permits and not self._headroom(tenant):
+                fn = None
             if fn is None:
                 tenant.deficit = min(tenant.deficit, tenant.weight)
                 self._ring.rotate(-1)
@@ -198,6 +209,23 @@ class FairReady(Generic[T]):
             return item, self._permit(tenant, fn, permits)
         return None
 
+    def _headroom(self, tenant: _Tenant[T]) -> bool:
+        """Rule 2a: whether ``tenant`` may take one more slot."""
+        now = time.monotonic()
+        active = [t for t in self._tenants.values()
+                  if t.ring or t.in_flight or now - t.last_active < ACTIVE_S or t is tenant]
+        total = sum(t.weight for t in active)
+        limit = math.floor(self.limiter.limit)
+
+        def share(t: _Tenant[T]) -> int:
+            return max(1, math.floor(limit * t.weight / total))
+
+        if tenant.in_flight < share(tenant):
+            return True
+        reserve = sum(max(0, min(share(t), RESERVE_SLOTS) - t.in_flight)
+                      for t in active if t is not tenant)
+        return self.limiter.available() - 1 >= reserve
+
     def _permit(self, tenant: _Tenant[T], fn: FunctionState[T], permits: bool) -> FairPermit:
         if not permits:
             return FairPermit(0, 0, time.monotonic())
@@ -217,8 +245,10 @@ class FairReady(Generic[T]):
         fn = permit.function
         assert permit.function_permit is not None
         fn.limiter.give_back(permit.function_permit, signal, retry_after_s, latency_s)
-        self._tenants[fn.tenant].in_flight -= 1
+        owner = self._tenants[fn.tenant]
+        owner.in_flight -= 1
         now = time.monotonic()
+        owner.last_active = now
         fn.last_active = now
         fn.finished += 1
         fn.window.append(Ended(now, latency_s or 0.0, signal))
