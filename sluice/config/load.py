@@ -357,10 +357,10 @@ def _tenancy_checks(doc: dict[str, Any], marks: Marks,
         yield marks.issue(("consumer", "exactly_once"), "a hosting pipeline (tenancy) writes "
                           "results through the outbox: remove exactly_once")
     if tenancy["isolation"]["enabled"] and spec.hosting is None:
-        hosts = " or ".join(n for n in registry.names("source")
+        hosts = ", ".join(n for n in registry.names("source")
                             if registry.get("source", n).hosting is not None)
-        yield marks.issue(("tenancy", "isolation", "enabled"), f"dedicated queues need a "
-                          f"{hosts} source; this source is {spec.name}: set "
+        yield marks.issue(("tenancy", "isolation", "enabled"), f"dedicated queues need one "
+                          f"of these sources: {hosts}; this source is {spec.name}: set "
                           "tenancy.isolation.enabled: false to host every function on the "
                           "shared queue")
     seen: set[str] = set()
