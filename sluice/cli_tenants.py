@@ -33,8 +33,7 @@ from sluice.cli_common import (
     timestamp,
 )
 from sluice.config.model import PipelineConfig
-
-TIERS = ("dedicated", "shared", "auto")
+from sluice.tenancy.routes import TIERS
 
 
 class _TenantGroup(click.Group):

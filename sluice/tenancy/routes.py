@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from sluice.tenancy.config import FUNCTION_HEADER, TENANT_HEADER
 
 DEDICATED, SHARED = "dedicated", "shared"
+TIERS = (DEDICATED, SHARED, "auto")  # what a pin may ask for ("auto": back to the rules)
 ISOLATED, RECLAIMED, PINNED = "isolated", "reclaimed", "pinned"
 
 ROUTES_SCHEMA = """

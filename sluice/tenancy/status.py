@@ -11,15 +11,21 @@ from typing import TYPE_CHECKING, Any
 from sluice import metrics, registry
 from sluice.errors import Unsupported
 from sluice.tenancy.config import FUNCTION_PATTERN
-from sluice.tenancy.routes import DEDICATED, PINNED, SHARED, Change, Route, dedicated_queue
+from sluice.tenancy.routes import (
+    DEDICATED,
+    PINNED,
+    SHARED,
+    TIERS,
+    Change,
+    Route,
+    dedicated_queue,
+)
 
 if TYPE_CHECKING:
     from sluice.config.model import PipelineConfig
     from sluice.stores.base import Store
     from sluice.tenancy.hosting import Hosting
     from sluice.tenancy.queues import QueueOps
-
-TIERS = ("dedicated", "shared", "auto")
 
 
 def queues_of(store: Store, config: PipelineConfig) -> QueueOps | None:
