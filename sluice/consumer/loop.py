@@ -84,6 +84,12 @@ Invariants, in the order they happen to a message:
     store's claim would let this loop, the task's owner, run it a second time beside the
     first. It is handed back with a delay of ``DUPLICATE_DELAY_S`` and comes back once the
     attempt under way has ended, when its claim settles it (rule 2).
+18. A hosting pipeline's (``tenancy``) ready tasks start in fair order, each with a permit of
+    the worker's limiter and one of its function's own (:mod:`sluice.tenancy.scheduler`), and
+    its attempt's load signal goes to its function's limiter; a task first seen at the
+    consumer is created under its delivery's tenant. Its source is the shared queue and its
+    functions' dedicated ones (:mod:`sluice.tenancy.source`), whose routes its hosting
+    controller looks after while the loop runs (:mod:`sluice.tenancy.hosting`).
 """
 
 from __future__ import annotations
@@ -492,33 +498,16 @@ class ConsumerLoop:
     async def _dispatch(self, deliveries: list[Delivery]) -> None:
         # Rule 2: start with the claim only what its lane would run now; reserve the rest.
         free = self.dispatcher.would_run([(self._lane(d), d.task_id) for d in deliveries])
-        claims = [Claim(d.task_id, d.key, d.enqueued_at, d.deliveries, start)
+        claims = [Claim(d.task_id, d.key, d.enqueued_at, d.deliveries, start, d.tenant)
                   for d, start in zip(deliveries, free, strict=True)]
-        results = await self._claim(deliveries, claims)
+        results = await self.store.claim(self.config.name, self.config.tenant, claims, self.owner,
+                                         self.source.lease_s, time.time())
         for delivery, claim in zip(deliveries, results, strict=True):
             if claim.status != ClaimStatus.RUN:
                 await self._not_run(delivery, claim)
             elif self.gate is None or await self._passes_gate(delivery, claim):
                 self._offer(delivery, claim)
         self._start_ready()
-
-    async def _claim(self, deliveries: list[Delivery], claims: list[Claim]) -> list[ClaimResult]:
-        """One claim write per tenant (a hosting pipeline's tasks belong to their tenants; a
-        task a broker brought is created under its delivery's tenant)."""
-        tenants = {d.tenant or self.config.tenant for d in deliveries}
-        if len(tenants) <= 1:
-            return await self.store.claim(self.config.name, tenants.pop() if tenants
-                                          else self.config.tenant, claims, self.owner,
-                                          self.source.lease_s, time.time())
-        out: list[ClaimResult | None] = [None] * len(claims)
-        for tenant in sorted(tenants):
-            idx = [i for i, d in enumerate(deliveries) if (d.tenant or self.config.tenant)
-                   == tenant]
-            got = await self.store.claim(self.config.name, tenant, [claims[i] for i in idx],
-                                         self.owner, self.source.lease_s, time.time())
-            for i, result in zip(idx, got, strict=True):
-                out[i] = result
-        return [r for r in out if r is not None]
 
     async def _passes_gate(self, delivery: Delivery, claim: ClaimResult) -> bool:
         """Rule 14: whether a claimed message goes on to its handler; one its filter drops is

@@ -158,7 +158,7 @@ async def _claim(conn: Conn, pipeline: str, tenant: str, claims: Sequence[Claim]
     ids = [c.task_id for c in new]
     head = await conn.fetchrow(sql.CLAIM_INSERT, pipeline, tenant, owner, lease_s, ids,
                                [c.key for c in new], [c.received_at for c in new],
-                               [c.start for c in new], now)
+                               [c.start for c in new], now, [c.tenant for c in new])
     assert head is not None  # one row, always
     at: float = head[0]
     inserted: set[str] = set(head[1])

@@ -48,12 +48,13 @@ CREATE = (
 CLAIM_INSERT = (
     f"WITH n AS (SELECT {now_sql('$9')} AS now),"
     " v AS (SELECT u.*, nextval(pg_get_serial_sequence('tasks', 'seq')) AS seq"
-    " FROM unnest($5::text[], $6::text[], $7::float8[], $8::bool[]) WITH ORDINALITY"
-    " AS u(task_id, key, received_at, start, ord) WHERE NOT EXISTS"
+    " FROM unnest($5::text[], $6::text[], $7::float8[], $8::bool[], $10::text[])"
+    " WITH ORDINALITY AS u(task_id, key, received_at, start, tenant, ord) WHERE NOT EXISTS"
     " (SELECT 1 FROM tasks t WHERE t.pipeline = $1 AND t.task_id = u.task_id)),"
     " ins AS (INSERT INTO tasks (seq, pipeline, task_id, tenant, state, attempts, key,"
     " received_at, queued_at, started_at, updated_at, lease_owner, lease_until)"
-    " SELECT v.seq, $1, v.task_id, $2, 'RUNNING', CASE WHEN v.start THEN 1 ELSE 0 END, v.key,"
+    " SELECT v.seq, $1, v.task_id, COALESCE(v.tenant, $2), 'RUNNING',"
+    " CASE WHEN v.start THEN 1 ELSE 0 END, v.key,"
     " COALESCE(v.received_at, n.now), COALESCE(v.received_at, n.now),"
     " CASE WHEN v.start THEN n.now END, n.now, $3, n.now + $4::float8 FROM v, n"
     ' ORDER BY v.task_id COLLATE "C" ON CONFLICT (pipeline, task_id) DO NOTHING'

@@ -193,7 +193,8 @@ class SqliteTaskStore:
                 received: float | None = (
                     claim.received_at if claim.received_at is not None else now)
                 first, first_start = (1, now) if claim.start else (0, None)
-                inserts.append((pipeline, claim.task_id, tenant, "RUNNING", first, claim.key,
+                inserts.append((pipeline, claim.task_id, claim.tenant or tenant, "RUNNING",
+                                first, claim.key,
                                 received, received, first_start, now, owner, lease_until))
                 current[claim.task_id] = ("RUNNING", first, lease_until, owner, received,
                                           received, first_start)

@@ -115,6 +115,9 @@ class Claim:
     # False: only reserve the task (RUNNING under the claimer's lease, attempts and start
     # unchanged) until :meth:`TaskStore.start` (rule 3 of :mod:`sluice.tasks.state`).
     start: bool = True
+    # The tenant of a task first seen at the consumer (a hosting pipeline's message names
+    # it); None: the tenant the claim is made for.
+    tenant: str | None = None
 
 
 @dataclass(slots=True)  # never changed once made (frozen: a 5x slower init, per message)
