@@ -15,7 +15,7 @@ from sluice import registry
 
 ROOT = Path(__file__).resolve().parents[2]
 SLUICE = ROOT / "sluice"
-GENERIC = ("runtime.py", "config/*.py", "gateway/*.py", "cli*.py", "consumer/*.py",
+GENERIC = ("runtime.py", "config/*.py", "gateway/*.py", "cli*.py", "consumer/*.py", "tenancy/*.py",
            "intake.py", "dead_letters.py")
 # The connector seam itself (the Source and Sink protocols) is generic.
 GENERIC_CONNECTOR_MODULES = {"base"}
