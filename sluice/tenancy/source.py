@@ -20,11 +20,16 @@ Invariants:
    raced the route change, or a broker queue whose backlog is moved this way) is published to
    the dedicated queue, then acknowledged (:mod:`sluice.tenancy.queues` rule 3).
 5. Routes come from the store (:meth:`set_routes`); a dedicated queue's member is made when
-   its route appears and closed when its route is gone and it holds nothing here.
+   its route appears and closed when its route is gone, it holds nothing here and its queue
+   is empty.
+6. A fetch takes from every queue in turn, each at most its part of what the worker asks for
+   (the shared queue one part, each dedicated queue one): a dedicated queue draining a large
+   backlog never takes the whole fetch while the shared queue's tasks wait.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -140,8 +145,9 @@ class RoutedSource:
         await self.shared.start()
 
     async def fetch(self, max_n: int, wait_s: float) -> list[Delivery]:
-        """A round over the dedicated queues and the shared one; while all are empty, the
-        next rounds wait on the shared queue up to ``POLL_S`` each, until ``wait_s``."""
+        """A round over the shared queue and the dedicated ones; while all are empty, another
+        every ``POLL_S`` until ``wait_s`` (with the shared queue alone, its own fetch waits:
+        a broker's long poll)."""
         deadline = time.monotonic() + wait_s
         shared_wait_s = 0.0
         while True:
@@ -150,23 +156,29 @@ class RoutedSource:
             if got or remaining_s <= 0:
                 return got
             shared_wait_s = min(POLL_S, remaining_s)
+            if self.members:
+                await asyncio.sleep(shared_wait_s)
 
     async def _round(self, max_n: int, shared_wait_s: float) -> list[Delivery]:
+        """One fetch from each queue (rule 6): the shared one and each dedicated one with
+        room, taking turns at going first, each at most its part of ``max_n``."""
         out: list[Delivery] = []
-        members = list(self.members.items())
-        if members:
-            self._turn = (self._turn + 1) % len(members)
-            members = members[self._turn:] + members[:self._turn]
-        for queue, member in members:
+        queues: list[tuple[str | None, Source]] = [(None, self.shared),
+                                                   *self.members.items()]
+        self._turn = (self._turn + 1) % len(queues)
+        queues = queues[self._turn:] + queues[:self._turn]
+        part = max(MIN_HELD, -(-max_n // len(queues)))
+        for queue, member in queues:
             if len(out) >= max_n:
                 break
-            budget = min(max_n - len(out), self._room_of_queue(queue))
+            if queue is None:
+                wait_s = 0.0 if out or self.members else shared_wait_s
+                fetched = await self.shared.fetch(min(max_n - len(out), part), wait_s)
+                out.extend(await self._sorted_out(self._mark(fetched, self.shared)))
+                continue
+            budget = min(max_n - len(out), part, self._room_of_queue(queue))
             if budget > 0:
-                fetched = await member.fetch(budget, 0.0)
-                out.extend(self._mark(fetched, member))
-        if len(out) < max_n:
-            fetched = await self.shared.fetch(max_n - len(out), 0.0 if out else shared_wait_s)
-            out.extend(await self._sorted_out(self._mark(fetched, self.shared)))
+                out.extend(self._mark(await member.fetch(budget, 0.0), member))
         for d in out:
             self._hold(d)
         return out
