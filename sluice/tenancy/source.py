@@ -54,6 +54,9 @@ HELD_PER_SLOT = 3  # as the consumer loop's: running, ready, finished and not ye
 MIN_HELD = 4  # a function may hold this many whatever its limit
 DEFER_S = 1.0  # rule 3
 POLL_S = 0.02  # between rounds over the queues while all are empty
+# Most a dedicated queue gives one fetch (rule 6): a function draining a large backlog comes
+# in batches small enough that its claims and records do not hold up the shared queue's.
+DEDICATED_PART = 128
 NAME = re.compile(FUNCTION_PATTERN)
 
 
@@ -176,7 +179,7 @@ class RoutedSource:
                 fetched = await self.shared.fetch(min(max_n - len(out), part), wait_s)
                 out.extend(await self._sorted_out(self._mark(fetched, self.shared)))
                 continue
-            budget = min(max_n - len(out), part, self._room_of_queue(queue))
+            budget = min(max_n - len(out), part, DEDICATED_PART, self._room_of_queue(queue))
             if budget > 0:
                 out.extend(self._mark(await member.fetch(budget, 0.0), member))
         for d in out:
