@@ -236,12 +236,20 @@ def setup_logging(level: str, fmt: str) -> None:
     root.setLevel(level.upper())
 
 
+# A log line's fields, when its call gave them (``extra=``): written as keys of its JSON.
+LOG_FIELDS = ("pipeline", "task_id", "attempt", "tenant", "function", "trace_id")
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
             "ts": round(record.created, 6), "level": record.levelname.lower(),
             "logger": record.name, "msg": record.getMessage(),
         }
+        for name in LOG_FIELDS:
+            value = getattr(record, name, None)
+            if value is not None:
+                line[name] = value
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return json.dumps(line)

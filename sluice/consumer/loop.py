@@ -742,7 +742,8 @@ class ConsumerLoop:
                 current = asyncio.current_task()
                 if current is not None:
                     current.uncancel()  # the asyncio task goes on to its next attempt (rule 16)
-                log.info("task %s: running attempt cancelled", delivery.task_id)
+                log.info("task %s: running attempt cancelled", delivery.task_id,
+                         extra=self._fields(delivery, claim.attempts))
                 # The store refuses this completion (the task is CANCELLED, final) and reports
                 # the final state, so the message is settled (rule 4).
                 self._settle(_Settle(delivery, Completion(delivery.task_id, TaskState.FAILED,
@@ -770,7 +771,8 @@ class ConsumerLoop:
                 self.stats.retried += 1
                 log.info("task %s attempt %d failed (%s: %s); retry in %.2fs%s",
                          delivery.task_id, attempts, outcome.error_type, outcome.error_message,
-                         decision.delay_s, _traceback_tail(outcome))
+                         decision.delay_s, _traceback_tail(outcome),
+                         extra=self._fields(delivery, attempts))
                 self._settle(_Settle(
                     delivery,
                     Completion(delivery.task_id, TaskState.RETRYING,
@@ -782,6 +784,11 @@ class ConsumerLoop:
             reason = decision.reason
         retrying = await self._fail(delivery, claim, outcome, reason)
         return retrying, DEAD_LETTER_RETRY_S
+
+    def _fields(self, delivery: Delivery, attempt: int) -> dict[str, Any]:
+        """A task's log line's fields (``--log-format json`` writes them as keys)."""
+        return {"pipeline": self.config.name, "task_id": delivery.task_id, "attempt": attempt,
+                "tenant": delivery.tenant or self.config.tenant, "function": delivery.function}
 
     def _observe(self, status: str, duration_s: float) -> None:
         child = self._histograms.get(status)
@@ -810,7 +817,8 @@ class ConsumerLoop:
             await self.dead_letter.send([letter])
         except Exception as exc:
             log.error("task %s: the dead letter is unavailable (%s); retrying in %gs",
-                      delivery.task_id, exc, DEAD_LETTER_RETRY_S)
+                      delivery.task_id, exc, DEAD_LETTER_RETRY_S,
+                      extra=self._fields(delivery, claim.attempts))
             self._settle(_Settle(delivery, Completion(
                 delivery.task_id, TaskState.RETRYING, error_type=outcome.error_type,
                 error_message=outcome.error_message, error_traceback=outcome.traceback),
@@ -820,7 +828,8 @@ class ConsumerLoop:
         log.warning("task %s failed for good: %s: %s (%s); sent to the dead letter%s",
                     delivery.task_id, outcome.error_type, outcome.error_message,
                     reason or ("payload refused" if outcome.error_type == "InvalidPayload"
-                               else "rejected by the handler"), _traceback_tail(outcome))
+                               else "rejected by the handler"), _traceback_tail(outcome),
+                    extra=self._fields(delivery, claim.attempts))
         message = f"{outcome.error_message} ({reason})" if reason else outcome.error_message
         outbox, outputs = self.results.route(delivery, claim, TaskState.FAILED, outcome, message)
         self._settle(_Settle(delivery, Completion(

@@ -330,3 +330,30 @@ def test_a_429ing_http_function_slows_only_itself(tmp_path: Path) -> None:
     busy_limit, calm_limit = asyncio.run(main())
     assert busy_limit <= 2, busy_limit
     assert calm_limit >= 8, calm_limit
+
+
+def test_json_log_lines_carry_the_task_fields(tmp_path: Path,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    """``--log-format json``: a task's log line has its pipeline, task id, attempt, tenant and
+    function as keys, not only in the message."""
+    from sluice.cli_common import _JsonFormatter
+
+    url = f"sqlite:///{tmp_path / 'sluice.db'}"
+    text = pipeline("""  isolation: {enabled: false}""").replace("max_attempts: 50",
+                                                                "max_attempts: 1")
+    FAILING.add("bad")
+
+    async def main() -> None:
+        store = open_store(url)
+        await submit(store, [("x", "bad")])
+        await run_for(build(text, url, tmp_path), 1.0)
+        await store.close()
+
+    with caplog.at_level("WARNING", logger="sluice.consumer.loop"):
+        asyncio.run(main())
+    FAILING.clear()
+    (record,) = [r for r in caplog.records if "failed for good" in r.getMessage()]
+    line = json.loads(_JsonFormatter().format(record))
+    assert {k: line[k] for k in ("pipeline", "task_id", "attempt", "tenant", "function")} == {
+        "pipeline": "fns", "task_id": "t00000-x-bad", "attempt": 1, "tenant": "x",
+        "function": "bad"}
