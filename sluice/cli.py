@@ -40,6 +40,7 @@ from sluice.cli_tasks import submit, tasks
 from sluice.cli_tenants import tenants
 from sluice.config.load import duplicate_names, load_pipeline, schema_text
 from sluice.errors import ConfigError, SluiceError
+from sluice.pipeline_tests import pipeline_test
 from sluice.spec import REQUIRED, Field, ObjectSpec
 
 
@@ -257,6 +258,7 @@ cli.add_command(pipelines)
 cli.add_command(dead_letters)
 cli.add_command(store_group)
 cli.add_command(tenants)
+cli.add_command(pipeline_test)
 
 
 def main() -> None:
