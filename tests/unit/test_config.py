@@ -170,7 +170,8 @@ def test_committed_schema_is_current() -> None:
 
 
 def test_every_example_pipeline_validates() -> None:
-    files = sorted((ROOT / "pipelines").glob("*.yaml"))
+    files = sorted(f for f in (ROOT / "pipelines").glob("*.yaml")
+                   if not f.name.endswith(".tests.yaml"))  # a pipeline's cases (sluice test)
     assert files
     for file in files:
         load_pipeline(file)
