@@ -42,6 +42,7 @@ from sluice.config.load import duplicate_names, load_pipeline, schema_text
 from sluice.errors import ConfigError, SluiceError
 from sluice.pipeline_tests import pipeline_test
 from sluice.spec import REQUIRED, Field, ObjectSpec
+from sluice.tracing import setup as setup_tracing
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -92,13 +93,18 @@ def validate(files: Sequence[Path]) -> None:
               "Env: SLUICE_METRICS_PORT.")
 @click.option("--metrics-host", default="0.0.0.0", show_default=True,
               help="Address of --metrics-port (read-only counters and gauges).")
+@click.option("--tracing", type=click.Choice(["otlp", "console", "none"]), default=None,
+              help="Trace submits, attempts and deliveries with OpenTelemetry (docs/tracing.md)."
+              " Default: OTEL_TRACES_EXPORTER (otlp or console), else off.")
 def run(files: Sequence[Path], data_dir: Path, concurrency: int | None, drain: bool,
-        log_level: str, log_format: str, metrics_port: int | None, metrics_host: str) -> None:
+        log_level: str, log_format: str, metrics_port: int | None, metrics_host: str,
+        tracing: str | None) -> None:
     """Run the pipelines' workers until SIGINT/SIGTERM (or, with --drain, until done)."""
     from sluice import metrics_server, runtime
     from sluice.stores import open_store
 
     setup_logging(log_level, log_format)
+    guarded(lambda: setup_tracing(tracing))  # --tracing, else OTEL_TRACES_EXPORTER
     configs = guarded(lambda: load_all(files))
     if concurrency is not None:
         configs = [c.with_concurrency(concurrency) for c in configs]
@@ -229,15 +235,19 @@ def reference() -> None:
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", default="text", show_default=True,
               type=click.Choice(["text", "json"]))
+@click.option("--tracing", type=click.Choice(["otlp", "console", "none"]), default=None,
+              help="Trace submits, attempts and deliveries with OpenTelemetry (docs/tracing.md)."
+              " Default: OTEL_TRACES_EXPORTER (otlp or console), else off.")
 def serve(files: Sequence[Path], host: str, port: int, data_dir: Path, workers: bool,
           auth_file: Path | None, insecure: bool, max_body_bytes: int, concurrency: int | None,
-          log_level: str, log_format: str) -> None:
+          log_level: str, log_format: str, tracing: str | None) -> None:
     """Serve the HTTP API (trigger URLs, task API, /metrics) and run the workers."""
     from sluice.gateway.auth import KeyRing
     from sluice.gateway.server import check_bind
     from sluice.gateway.server import serve as serve_forever
 
     setup_logging(log_level, log_format)
+    guarded(lambda: setup_tracing(tracing))  # --tracing, else OTEL_TRACES_EXPORTER
     configs = guarded(lambda: load_all(files, check_code=workers))
     if concurrency is not None:
         configs = [c.with_concurrency(concurrency) for c in configs]

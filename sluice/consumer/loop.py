@@ -105,7 +105,7 @@ from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sluice import metrics
+from sluice import metrics, tracing
 from sluice.config.model import BatchConfig, PipelineConfig
 from sluice.connectors.base import Delivery, Output, ProducingSource, Sink, Source
 from sluice.consumer.dispatcher import Dispatcher
@@ -731,26 +731,35 @@ class ConsumerLoop:
         """Run and record one attempt: (its outcome, whether it will be retried, in how long).
         """
         outcome = self._precheck(delivery, claim)
-        if outcome is None:
-            try:
-                outcome = await self._invoke(delivery, claim.attempts)
-                self._observe(outcome.status, outcome.duration_s)
-            except asyncio.CancelledError:
-                if delivery.task_id not in self._cancelled:
-                    raise  # shutdown: the stop path hands the delivery back
-                self._cancelled.discard(delivery.task_id)
-                current = asyncio.current_task()
-                if current is not None:
-                    current.uncancel()  # the asyncio task goes on to its next attempt (rule 16)
-                log.info("task %s: running attempt cancelled", delivery.task_id,
-                         extra=self._fields(delivery, claim.attempts))
-                # The store refuses this completion (the task is CANCELLED, final) and reports
-                # the final state, so the message is settled (rule 4).
-                self._settle(_Settle(delivery, Completion(delivery.task_id, TaskState.FAILED,
-                                                          error_type="Cancelled")))
-                return None, False, 0.0
-        retrying, retry_in_s = await self._conclude(delivery, claim, outcome)
-        return outcome, retrying, retry_in_s
+        # Tracing (issue 17 item 3, sluice.tracing): when on, the attempt runs in its span (a
+        # child of the message's traceparent), current while the handler runs and its outcome
+        # is recorded (the result records carry it). Off: this check and the `finally`'s.
+        span = (tracing.attempt_span(delivery.headers, self._fields(delivery, claim.attempts))
+                if tracing.ENABLED else None)
+        try:
+            if outcome is None:
+                try:
+                    outcome = await self._invoke(delivery, claim.attempts)
+                    self._observe(outcome.status, outcome.duration_s)
+                except asyncio.CancelledError:
+                    if delivery.task_id not in self._cancelled:
+                        raise  # shutdown: the stop path hands the delivery back
+                    self._cancelled.discard(delivery.task_id)
+                    current = asyncio.current_task()
+                    if current is not None:
+                        current.uncancel()  # the asyncio task goes on to its next (rule 16)
+                    log.info("task %s: running attempt cancelled", delivery.task_id,
+                             extra=self._fields(delivery, claim.attempts))
+                    # The store refuses this completion (the task is CANCELLED, final) and
+                    # reports the final state, so the message is settled (rule 4).
+                    self._settle(_Settle(delivery, Completion(
+                        delivery.task_id, TaskState.FAILED, error_type="Cancelled")))
+                    return None, False, 0.0
+            retrying, retry_in_s = await self._conclude(delivery, claim, outcome)
+            return outcome, retrying, retry_in_s
+        finally:
+            if span is not None:  # tracing: the attempt's span ends (an error raised: noted)
+                span.end(outcome)
 
     async def _conclude(self, delivery: Delivery, claim: ClaimResult,
                         outcome: Outcome) -> tuple[bool, float]:
@@ -799,9 +808,12 @@ class ConsumerLoop:
 
     def _message(self, delivery: Delivery, attempts: int) -> Message:
         """What the handler gets (its payload decoded when the handler first reads it)."""
+        headers = delivery.headers
+        if tracing.ENABLED:  # tracing (issue 17 item 3): the attempt span's traceparent
+            headers = tracing.handler_headers(headers)
         return Message(delivery.task_id, self.config.name, body=delivery.body,
                        content_type=delivery.content_type, key=delivery.key,
-                       headers=delivery.headers, attempt=attempts, tenant=delivery.tenant,
+                       headers=headers, attempt=attempts, tenant=delivery.tenant,
                        function=delivery.function)
 
     async def _invoke(self, delivery: Delivery, attempts: int) -> Outcome:

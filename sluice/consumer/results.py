@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
+from sluice import tracing
 from sluice.config.destinations import Destination
 from sluice.config.model import PipelineConfig
 from sluice.connectors.base import Delivery, Output, SinkRecord
@@ -64,8 +65,10 @@ class ResultRouter:
             delivery.key, delivery.body, delivery.content_type, outcome.result,
             outcome.result_type, outcome.error_type, error_message or outcome.error_message,
             claim.received_at, claim.queued_at, claim.started_at, time.time()))
+        # Tracing (issue 17 item 3): the record's headers carry the attempt span's context
+        # (tracing off: the message's traceparent/tracestate copied; none: no headers).
         sink_record = SinkRecord(delivery.task_id, body, record.CONTENT_TYPE, delivery.key,
-                                 NO_HEADERS)
+                                 tracing.record_headers(delivery.headers))
         labels, topics = self._labels[state], self._topics[state]
         return (tuple([OutboxEntry(self.pipeline, label, sink_record) for label in labels])
                 if labels else (),
@@ -81,8 +84,9 @@ class ResultRouter:
             delivery.key, delivery.body, delivery.content_type, task.result, task.result_type,
             task.error_type, task.error_message, task.received_at, task.queued_at,
             task.started_at, task.finished_at or task.updated_at or time.time()))
+        # Tracing (issue 17 item 3): no attempt here: the message's trace context, if any.
         sink_record = SinkRecord(delivery.task_id, body, record.CONTENT_TYPE, delivery.key,
-                                 NO_HEADERS)
+                                 tracing.record_headers(delivery.headers))
         return tuple([Output(topic, sink_record) for topic in self._topics[state]])
 
     def dead_letter(self, delivery: Delivery, outcome: Outcome, attempts: int,

@@ -31,7 +31,7 @@ import yaml
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from sluice import intake, metrics, metrics_server
+from sluice import intake, metrics, metrics_server, tracing
 from sluice.config.model import PipelineConfig
 from sluice.consumer.loop import ConsumerLoop
 from sluice.datadir import QueuedMessage
@@ -237,35 +237,44 @@ async def submit_to(request: web.Request, config: PipelineConfig,
             return problems.bad_request(f"the body is declared {content_type} but is not valid "
                                         f"JSON: {exc}")
     tid = task_id or intake.new_task_id()
-    message = QueuedMessage(tid, body, content_type, request.headers.get("Task-Key"))
-    try:
-        (created,) = await gw.intake.submit(config, [message], delay_s=delay_s,
-                                            received_at=time.time(), tenant=tenant,
-                                            function=function)
-    except SourceError as exc:
-        if not exc.retriable:  # refused for good (e.g. a pipeline that tracks no tasks): a 4xx
-            metrics.SUBMITS.labels(name, "refused").inc()
-            return source_problem(exc)
-        metrics.SUBMITS.labels(name, "unavailable").inc()
-        return problems.unavailable(f"the queue is unavailable; nothing was submitted: {exc}")
-    url = status_url(config.name, tid)
-    if created is None:
-        metrics.SUBMITS.labels(name, "duplicate").inc()
+    # Tracing (issue 17 item 3, sluice.tracing): the message carries the trace context in its
+    # headers traceparent/tracestate: with tracing on, the submit span's (a child of the
+    # request's traceparent, else a new trace's root); off (NO_SPAN), a copy of the request's.
+    with (tracing.submit_span(request.headers, name, tid, tenant, function) if tracing.ENABLED
+          else tracing.NO_SPAN) as span:
+        message = QueuedMessage(tid, body, content_type, request.headers.get("Task-Key"),
+                                span.carry(request.headers))
         try:
-            existing = await gw.store.get(tid, config.name)
-            # Another tenant's task in a hosting pipeline: its state is not the caller's to see.
-            state = (str(existing.state) if gw.sees_task(principal(request), existing)
-                     else "UNKNOWN")
-        except TaskNotFound:
-            state = "UNKNOWN"
-        return problems.problem(409, "duplicate-task", "Task id already used",
-                                f"task id {tid!r} is already used in pipeline {config.name!r}",
-                                task_id=tid, state=state, status_url=url)
-    metrics.SUBMITS.labels(name, "accepted").inc()
-    accepted = {"task_id": tid, "pipeline": config.name, "state": "QUEUED", "status_url": url}
-    if tenant is not None:
-        accepted.update(tenant=tenant, function=function or DEFAULT_FUNCTION)
-    return json_response(accepted, status=202, headers={"Location": url})
+            (created,) = await gw.intake.submit(config, [message], delay_s=delay_s,
+                                                received_at=time.time(), tenant=tenant,
+                                                function=function)
+        except SourceError as exc:
+            if not exc.retriable:  # refused for good (e.g. a pipeline that tracks no tasks)
+                metrics.SUBMITS.labels(name, "refused").inc()
+                return span.answered(source_problem(exc))
+            metrics.SUBMITS.labels(name, "unavailable").inc()
+            return span.answered(problems.unavailable(
+                f"the queue is unavailable; nothing was submitted: {exc}"))
+        url = status_url(config.name, tid)
+        if created is None:
+            metrics.SUBMITS.labels(name, "duplicate").inc()
+            try:
+                existing = await gw.store.get(tid, config.name)
+                # Another tenant's task in a hosting pipeline: not the caller's to see.
+                state = (str(existing.state) if gw.sees_task(principal(request), existing)
+                         else "UNKNOWN")
+            except TaskNotFound:
+                state = "UNKNOWN"
+            return span.answered(problems.problem(
+                409, "duplicate-task", "Task id already used",
+                f"task id {tid!r} is already used in pipeline {config.name!r}",
+                task_id=tid, state=state, status_url=url))
+        metrics.SUBMITS.labels(name, "accepted").inc()
+        accepted = {"task_id": tid, "pipeline": config.name, "state": "QUEUED",
+                    "status_url": url}
+        if tenant is not None:
+            accepted.update(tenant=tenant, function=function or DEFAULT_FUNCTION)
+        return span.answered(json_response(accepted, status=202, headers={"Location": url}))
 
 
 def alias_handler(pipeline: str) -> Handler:

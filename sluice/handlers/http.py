@@ -50,7 +50,7 @@ from cloudevents.core.bindings import http as ce_http
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
-from sluice import registry
+from sluice import registry, tracing
 from sluice.errors import InvalidPayload
 from sluice.message import Message, Outcome, is_json
 from sluice.sinks.http import retry_after_s, url_check
@@ -205,6 +205,14 @@ class HttpHandler:
             attributes["sluicetenant"] = message.tenant
         if message.function is not None:
             attributes["sluicefunction"] = message.function
+        # Tracing (issue 17 item 3): the CloudEvents distributed tracing extension, from the
+        # message's trace context (the attempt span's when tracing is on; ce-traceparent in
+        # binary mode). No traceparent: one lookup.
+        context = tracing.context_of(message.headers)
+        if context is not None:
+            attributes["traceparent"] = context[0]
+            if context[1]:
+                attributes["tracestate"] = context[1]
         data: Any = message.body
         if structured and is_json(message.content_type):
             data = message.payload
@@ -216,6 +224,12 @@ class HttpHandler:
         http_message = (ce_http.to_structured_event(event) if self.mode == "structured"
                         else ce_http.to_binary_event(event))
         headers = {**http_message.headers, **self.headers, "Idempotency-Key": message.task_id}
+        context = event.get_extension("traceparent")  # tracing: also the plain W3C headers
+        if context is not None:
+            headers["traceparent"] = str(context)
+            state = event.get_extension("tracestate")
+            if state is not None:
+                headers["tracestate"] = str(state)
         return headers, http_message.body
 
     async def invoke(self, message: Message, timeout_s: float) -> Outcome:

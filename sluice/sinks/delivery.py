@@ -36,6 +36,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from sluice import tracing
 from sluice.config.destinations import Destination as Destination  # re-exported: the runtime's
 from sluice.config.model import RetryConfig
 from sluice.connectors.base import Sink, SinkRecord
@@ -120,7 +121,12 @@ class Deliverer:
 
     async def _deliver(self, item: OutboxItem) -> None:
         try:
-            await asyncio.wait_for(self.sink.send([item.record]), self.timeout_s)
+            if tracing.ENABLED:  # tracing (issue 17 item 3): the send in its delivery span
+                with tracing.delivery_span(self.pipeline, self.destination.label,
+                                           [item.record], item.attempts):
+                    await asyncio.wait_for(self.sink.send([item.record]), self.timeout_s)
+            else:
+                await asyncio.wait_for(self.sink.send([item.record]), self.timeout_s)
         except (DeliveryError, TimeoutError, OSError) as exc:
             await self._failed(item, exc)
             return
@@ -135,8 +141,13 @@ class Deliverer:
         then their removal and delivery status in one transaction. If the send fails, each
         record is tried on its own (rule 2: per-record retries; what the failed batch did
         deliver may be delivered twice, as any retry may)."""
+        records = [i.record for i in items]
         try:
-            await asyncio.wait_for(self.sink.send([i.record for i in items]), self.timeout_s)
+            if tracing.ENABLED:  # tracing (issue 17 item 3): a delivery span per record
+                with tracing.delivery_span(self.pipeline, self.destination.label, records):
+                    await asyncio.wait_for(self.sink.send(records), self.timeout_s)
+            else:
+                await asyncio.wait_for(self.sink.send(records), self.timeout_s)
         except Exception:
             await asyncio.gather(*(self._deliver(item) for item in items))
             return
