@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from sluice.datadir import VERSION
+from sluice.stores.postgres_schema import VERSION as PG_VERSION
 from tests.conftest import ROOT, sluice_cmd, subprocess_env
 from tests.helpers.postgres import URL, pg_url  # noqa: F401  (a fixture)
 from tests.helpers.server import free_port
@@ -37,11 +39,46 @@ def one_line_error(result: subprocess.CompletedProcess[str], code: int) -> str:
 def test_migrate_is_idempotent_and_the_env_names_the_store(pg_url: str) -> None:  # noqa: F811
     first = sluice("store", "migrate", "--store", pg_url)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.strip().endswith("schema version 0 -> 1")
+    assert first.stdout.strip().endswith(f"schema version 0 -> {VERSION}")
     assert "sluice:***@" in first.stdout  # the password is never printed
     again = sluice("store", "migrate", SLUICE_STORE=pg_url)
     assert again.returncode == 0, again.stderr
-    assert again.stdout.strip().endswith("schema version 1, up to date")
+    assert again.stdout.strip().endswith(f"schema version {VERSION}, up to date")
+
+
+def test_a_store_of_the_previous_version_is_brought_up_to_date(
+        pg_url: str, tmp_path: Path) -> None:  # noqa: F811
+    """A version 1 store (before hosting pipelines' route tables) migrates to version 2, on
+    PostgreSQL (migration 2) and on SQLite (its tables made when opened)."""
+    assert VERSION == PG_VERSION == 2
+    assert sluice("store", "migrate", "--store", pg_url).returncode == 0
+    schema = pg_url.rsplit("schema=", 1)[1]
+
+    async def back_to_1() -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(URL)
+        try:
+            await conn.execute(f"DROP TABLE {schema}.routes, {schema}.route_events,"
+                               f" {schema}.task_notes; DELETE FROM {schema}.sluice_schema"
+                               " WHERE version = 2")
+        finally:
+            await conn.close()
+
+    asyncio.run(back_to_1())
+    up = sluice("store", "migrate", "--store", pg_url)
+    assert up.returncode == 0 and up.stdout.strip().endswith("schema version 1 -> 2"), up
+    data = tmp_path / "data"
+    assert sluice("store", "migrate", "--data-dir", str(data)).returncode == 0
+    with sqlite3.connect(data / "sluice.db") as conn:
+        conn.executescript("DROP TABLE routes; DROP TABLE route_events; DROP TABLE task_notes;"
+                           " DELETE FROM sluice_schema WHERE version = 2;")
+    # (SQLite brings a database up to date as it opens it, before the command looks)
+    assert sluice("store", "migrate", "--data-dir", str(data)).returncode == 0
+    with sqlite3.connect(data / "sluice.db") as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        (version,) = conn.execute("SELECT MAX(version) FROM sluice_schema").fetchone()
+    assert {"routes", "route_events", "task_notes"} <= tables and version == 2
 
 
 def test_a_store_of_a_newer_sluice_is_refused(pg_url: str, tmp_path: Path) -> None:  # noqa: F811
@@ -60,14 +97,14 @@ def test_a_store_of_a_newer_sluice_is_refused(pg_url: str, tmp_path: Path) -> No
 
     asyncio.run(from_the_future())
     line = one_line_error(sluice("store", "migrate", "--store", pg_url), 2)
-    assert "has schema version 99, newer than this sluice's 1: upgrade sluice" in line
+    assert f"has schema version 99, newer than this sluice's {VERSION}: upgrade sluice" in line
 
     data = tmp_path / "data"
     assert sluice("store", "migrate", "--data-dir", str(data)).returncode == 0
     with sqlite3.connect(data / "sluice.db") as conn:
         conn.execute("INSERT INTO sluice_schema VALUES (99, 'later', 0)")
     line = one_line_error(sluice("tasks", "list", "--data-dir", str(data)), 2)
-    assert "has schema version 99, newer than this sluice's 1: upgrade sluice" in line
+    assert f"has schema version 99, newer than this sluice's {VERSION}: upgrade sluice" in line
 
 
 @pytest.mark.parametrize(("url", "code", "says"), [
