@@ -8,6 +8,7 @@ and the command exits 2; it never prints a traceback. Exit codes: 0 ok, 1 the wo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -140,11 +141,17 @@ def run(files: Sequence[Path], data_dir: Path, concurrency: int | None, drain: b
             except OSError as exc:
                 raise SluiceError(f"--metrics-port: cannot serve on {metrics_host}:"
                                   f"{metrics_port}: {exc.strerror or exc}") from None
-        progress = asyncio.create_task(_progress(loops, log))
+        from sluice import live_status
+
+        progress = asyncio.create_task(
+            live_status.LiveStatus(loops).run() if live_status.wanted(log_format)
+            else _progress(loops, log))
         try:
             await runtime.run_pipelines(loops, stop, drain=drain, store=store)
         finally:
             progress.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await progress  # the live status is cleared before the summary lines
             if served is not None:
                 await served.cleanup()
             await store.close()

@@ -796,8 +796,10 @@ class ConsumerLoop:
 
     def _fields(self, delivery: Delivery, attempt: int) -> dict[str, Any]:
         """A task's log line's fields (``--log-format json`` writes them as keys)."""
+        traceparent = delivery.headers.get("traceparent") or ""  # W3C: 00-<trace id>-...
         return {"pipeline": self.config.name, "task_id": delivery.task_id, "attempt": attempt,
-                "tenant": delivery.tenant or self.config.tenant, "function": delivery.function}
+                "tenant": delivery.tenant or self.config.tenant, "function": delivery.function,
+                "trace_id": traceparent[3:35] if len(traceparent) >= 55 else None}
 
     def _observe(self, status: str, duration_s: float) -> None:
         child = self._histograms.get(status)

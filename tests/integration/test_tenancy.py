@@ -345,7 +345,10 @@ def test_json_log_lines_carry_the_task_fields(tmp_path: Path,
 
     async def main() -> None:
         store = open_store(url)
-        await submit(store, [("x", "bad")])
+        traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        await store.submit("fns", [Submission("fns", "x", QueuedMessage(
+            "t00000-x-bad", b"{}", headers={TENANT_HEADER: "x", FUNCTION_HEADER: "bad",
+                                            "traceparent": traceparent}), function="bad")])
         await run_for(build(text, url, tmp_path), 1.0)
         await store.close()
 
@@ -354,6 +357,7 @@ def test_json_log_lines_carry_the_task_fields(tmp_path: Path,
     FAILING.clear()
     (record,) = [r for r in caplog.records if "failed for good" in r.getMessage()]
     line = json.loads(_JsonFormatter().format(record))
-    assert {k: line[k] for k in ("pipeline", "task_id", "attempt", "tenant", "function")} == {
+    fields = ("pipeline", "task_id", "attempt", "tenant", "function", "trace_id")
+    assert {k: line[k] for k in fields} == {
         "pipeline": "fns", "task_id": "t00000-x-bad", "attempt": 1, "tenant": "x",
-        "function": "bad"}
+        "function": "bad", "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736"}
