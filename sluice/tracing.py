@@ -374,8 +374,9 @@ class AttemptSpan:
 
 def attempt_span(headers: Mapping[str, str], fields: Mapping[str, Any]) -> AttemptSpan:
     """(Tracing on.) Start an attempt's span as a child of the message ``headers``' context,
-    with ``fields`` (pipeline, task_id, attempt, tenant, function) as its attributes."""
-    return AttemptSpan(headers, fields)
+    with ``fields`` (pipeline, task_id, attempt, tenant, function) as its attributes (a log
+    line's ``trace_id`` is the span's own, not an attribute)."""
+    return AttemptSpan(headers, {k: v for k, v in fields.items() if k != "trace_id"})
 
 
 @contextmanager
