@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import ClassVar, TypeVar
 
 from sluice.errors import Misconfigured, Unavailable
-from sluice.tenancy.routes import ROUTES_SCHEMA
 
 T = TypeVar("T")
 
@@ -117,7 +116,41 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     replayed_at  REAL,
     PRIMARY KEY (pipeline, task_id)
 );
-""" + ROUTES_SCHEMA
+""" + """
+-- The routes of hosting pipelines' functions (sluice.tenancy.routes), their changes, and the
+-- notes those changes leave on tasks' timelines.
+CREATE TABLE IF NOT EXISTS routes (
+    pipeline     TEXT    NOT NULL,
+    tenant       TEXT    NOT NULL,
+    function     TEXT    NOT NULL,
+    tier         TEXT    NOT NULL,
+    queue        TEXT,
+    pinned       INTEGER NOT NULL DEFAULT 0,
+    reason       TEXT,
+    version      INTEGER NOT NULL,
+    changed_at   REAL    NOT NULL,
+    PRIMARY KEY (pipeline, tenant, function)
+);
+CREATE TABLE IF NOT EXISTS route_events (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    pipeline     TEXT    NOT NULL,
+    tenant       TEXT    NOT NULL,
+    function     TEXT    NOT NULL,
+    action       TEXT    NOT NULL,
+    tier         TEXT    NOT NULL,
+    reason       TEXT    NOT NULL,
+    moved        INTEGER NOT NULL,
+    at           REAL    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS route_events_by_pipeline ON route_events (pipeline, id);
+CREATE TABLE IF NOT EXISTS task_notes (
+    pipeline     TEXT    NOT NULL,
+    task_id      TEXT    NOT NULL,
+    at           REAL    NOT NULL,
+    note         TEXT    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS task_notes_by_task ON task_notes (pipeline, task_id);
+"""
 
 VERSION = 2  # of the tables above with ADDED_COLUMNS; the PostgreSQL store counts the same way
 SCHEMA_TABLE = ("CREATE TABLE IF NOT EXISTS sluice_schema (version INTEGER PRIMARY KEY,"

@@ -37,11 +37,11 @@ from sluice.datadir import Database
 from sluice.datadir import QueuedMessage as QueuedMessage  # re-exported: the queue API
 from sluice.datadir import put_in as put_in
 from sluice.spec import Field, ObjectSpec, Settings
+from sluice.stores.sqlite_routes import queue_in
 from sluice.tasks.queue import MessageQueue
 from sluice.tasks.sqlite import create_in
 from sluice.tasks.store import NewTask, TaskRecord
 from sluice.tenancy.queues import StoreQueues
-from sluice.tenancy.routes import queue_in
 
 if TYPE_CHECKING:
     from sluice.config.model import PipelineConfig

@@ -13,13 +13,13 @@ from sluice.stores.postgres_schema import QUEUE_CHANNEL, notify_sql, now_sql
 from sluice.tenancy.config import FUNCTION_HEADER, TENANT_HEADER
 from sluice.tenancy.routes import (
     DEDICATED,
-    ROUTE_COLUMNS,
     Change,
     Route,
     RouteEvent,
     note_text,
 )
 
+ROUTE_COLUMNS = "pipeline, tenant, function, tier, queue, pinned, reason, version, changed_at"
 TENANT_OF = f"(headers::jsonb ->> '{TENANT_HEADER}')"
 FUNCTION_OF = f"(headers::jsonb ->> '{FUNCTION_HEADER}')"
 INSERT = (f"INSERT INTO routes ({ROUTE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, 1, "

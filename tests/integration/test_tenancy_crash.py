@@ -26,7 +26,8 @@ CHILD = """
 import asyncio, sys, time
 from sluice import runtime
 from sluice.stores import open_store
-from sluice.tenancy.routes import Change, change_in
+from sluice.stores.sqlite_routes import change_in
+from sluice.tenancy.routes import Change
 url = sys.argv[1]
 change = Change("fns", "x", "flood", "dedicated", "fns.fn.x.flood", "isolated", "test", 0,
                 move_from="fns", move_to="fns.fn.x.flood")
