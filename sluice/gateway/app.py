@@ -31,12 +31,12 @@ import yaml
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from sluice import intake, metrics, metrics_server, tracing
+from sluice import console, intake, metrics, metrics_server, tracing
 from sluice.config.model import PipelineConfig
 from sluice.consumer.loop import ConsumerLoop
 from sluice.datadir import QueuedMessage
 from sluice.errors import IllegalTransition, Misconfigured, SourceError, TaskNotFound
-from sluice.gateway import problems, tenants
+from sluice.gateway import definitions, problems, tenants
 from sluice.gateway.auth import ADMIN, KeyRing, Principal
 from sluice.intake import Intake
 from sluice.message import is_json
@@ -162,6 +162,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if gw.keys is None or request.path in PUBLIC_PATHS:
         request[PRINCIPAL] = ADMIN
         return await handler(request)
+    if console.is_console_path(request.path):
+        return await handler(request)  # the console's own login (a session, not a header)
     who = gw.keys.principal(request.headers.get("Authorization"))
     if who is None:
         return problems.problem(401, "unauthorized", "Unauthorized",
@@ -482,6 +484,8 @@ def make_app(gateway: Gateway) -> web.Application:
     # 405 there allows exactly POST.
     r.add_post("/v1/tasks/{task_id:[^/]+}/{action:cancel|pause|resume}", control_task)
     r.add_get("/v1/tasks/{task_id:[^/]+}", get_task)
+    definitions.add_routes(r)  # PUT/GET/DELETE /v1/pipelines/{name}
+    console.add_routes(app)  # /ui
     for name, config in gateway.pipelines.items():
         if config.trigger_path:
             r.add_post(config.trigger_path, alias_handler(name))
