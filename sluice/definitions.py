@@ -63,7 +63,7 @@ class DefinitionStore(Protocol):
         """The live definition of ``name`` (``None``: none, or deleted)."""
         ...
 
-    async def list(self) -> list[Definition]:
+    async def live(self) -> list[Definition]:
         """Every live definition, by name."""
         ...
 
