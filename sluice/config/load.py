@@ -115,14 +115,18 @@ def duplicate_names(configs: Sequence[PipelineConfig]) -> list[ConfigIssue]:
     return issues
 
 
-def parse_pipeline(text: str, file: str = "<string>", *,
-                   check_code: bool = True) -> PipelineConfig:
+def parse_pipeline(text: str, file: str = "<string>", *, check_code: bool = True,
+                   trusted: bool = True) -> PipelineConfig:
+    """``trusted=False``, for a definition put with a tenant's key (``sluice.definitions``
+    invariant 3), reads nothing of the server's: ``${NAME}`` is refused (a
+    ``${NAME:-default}`` gives its default), so the environment's secrets cannot be written
+    into a pipeline the tenant controls, and ``schema`` must be inline, not a file's path."""
     doc, marks, issues = load_marked(text, file, expected=PIPELINE_FILE)
     if issues:
         raise ConfigError(issues)
     if not isinstance(doc, dict):
         raise ConfigError([marks.issue((), f"expected {PIPELINE_FILE}, got {_show(doc)}")])
-    doc = _interpolate(doc, (), marks, issues)
+    doc = _interpolate(doc, (), marks, issues, trusted)
     env_paths = {i.path for i in issues}  # a value left empty by an unset variable: said once
     issues.extend(i for i in _schema_issues(doc, marks) if i.path not in env_paths)
     issues.extend(_handler_types(doc, marks))
@@ -134,6 +138,10 @@ def parse_pipeline(text: str, file: str = "<string>", *,
     issues.extend(_pipeline_checks(doc, marks))
     issues.extend(duplicate_labels(doc, marks))
     issues.extend(payload_rules.filter_issues(doc, marks))
+    if not trusted and isinstance(doc.get("schema"), str):
+        issues.append(marks.issue(("schema",), "a pipeline put with a tenant's key cannot "
+                                  "read the server's files: give the schema inline"))
+        doc.pop("schema")
     doc["schema"], schema_issues = payload_rules.load_schema(doc, marks, path)  # a file: read
     issues.extend(schema_issues)
     if issues:
@@ -141,11 +149,14 @@ def parse_pipeline(text: str, file: str = "<string>", *,
     return build_model(doc, path, marks)
 
 
-def _interpolate(value: Any, path: PathKey, marks: Marks, issues: list[ConfigIssue]) -> Any:
+def _interpolate(value: Any, path: PathKey, marks: Marks, issues: list[ConfigIssue],
+                 environment: bool = True) -> Any:
     if isinstance(value, dict):
-        return {k: _interpolate(v, (*path, k), marks, issues) for k, v in value.items()}
+        return {k: _interpolate(v, (*path, k), marks, issues, environment)
+                for k, v in value.items()}
     if isinstance(value, list):
-        return [_interpolate(v, (*path, i), marks, issues) for i, v in enumerate(value)]
+        return [_interpolate(v, (*path, i), marks, issues, environment)
+                for i, v in enumerate(value)]
     if not isinstance(value, str) or "$" not in value:
         return value
 
@@ -153,6 +164,13 @@ def _interpolate(value: Any, path: PathKey, marks: Marks, issues: list[ConfigIss
         if match.group(0) == "$${":
             return "${"
         name, default = match.group(1), match.group(2)
+        if not environment:
+            if default is not None:
+                return default
+            issues.append(marks.issue(
+                path, f"${{{name}}}: a pipeline put with a tenant's key cannot read the "
+                "server's environment; write the value itself"))
+            return ""
         found = os.environ.get(name)
         if found is None:
             if default is not None:
