@@ -369,21 +369,30 @@ async def control_task(request: web.Request) -> web.Response:
     if isinstance(found, web.Response):
         return found
     action = request.match_info["action"]
-    wanted = CONTROL[action]
     try:
-        record = await gw.store.transition(found.pipeline, found.task_id, wanted, time.time())
+        record = await control(gw, found, action)
     except IllegalTransition as exc:
         return problems.problem(409, "illegal-transition", "Illegal transition",
                                 f"task {found.task_id!r} is {exc.current}; it cannot be "
                                 f"{DONE_WORDS[action]}",
                                 state=exc.current, task_id=found.task_id)
+    return json_response(task_json(record))
+
+
+async def control(gw: Gateway, found: TaskRecord, action: str) -> TaskRecord:
+    """Cancel, pause or resume (``action``, a key of :data:`CONTROL`) the task ``found``, which
+    the caller may see: the store's transition (:class:`IllegalTransition` when its state has
+    none), then this process's running attempt cancelled, or a resumed task's message woken.
+    The API and the console (:mod:`sluice.console`) both control tasks through this."""
+    record = await gw.store.transition(found.pipeline, found.task_id, CONTROL[action],
+                                       time.time())
     if action == "cancel" and found.state == TaskState.RUNNING:
         loop = gw.loops.get(found.pipeline)
         if loop is not None:
             loop.cancel_attempt(found.task_id)
     if action == "resume":
         await gw.intake.wake(gw.pipelines[found.pipeline], found.task_id)
-    return json_response(task_json(record))
+    return record
 
 
 # -- pipelines ------------------------------------------------------------------------------
@@ -418,11 +427,18 @@ async def control_pipeline(request: web.Request) -> web.Response:
                                 f"pipeline {name!r} hosts many tenants' functions: only an "
                                 "admin key pauses or resumes it")
     paused = request.match_info["action"] == "pause"
+    await set_paused(gw, name, paused)
+    return json_response({"name": name, "paused": paused})
+
+
+async def set_paused(gw: Gateway, name: str, paused: bool) -> None:
+    """Pause or resume the pipeline ``name`` (the caller checked that it may, rule 1) in the
+    store; this process's workers hold it from their next fetch (the loop's rule 7). The API
+    and the console (:mod:`sluice.console`) both pause and resume through this."""
     await gw.store.set_paused(name, paused, time.time())
     loop = gw.loops.get(name)
-    if loop is not None:  # this process's workers hold it from their next fetch (rule 7)
+    if loop is not None:
         loop.set_paused(paused)
-    return json_response({"name": name, "paused": paused})
 
 
 # -- operations -----------------------------------------------------------------------------
