@@ -182,8 +182,8 @@ async def list_dead_letters(request: web.Request) -> web.Response:
     if not 1 <= limit <= dead_letters.MAX_LIMIT:
         return problems.bad_request(f"query limit: expected an integer from 1 to "
                                     f"{dead_letters.MAX_LIMIT}, got {raw[:40]!r}")
-    mine = await _own_letters(gw, who, config)
-    return _json({"items": [d.to_json() for d in mine[:limit]]})
+    mine = await own_letters(gw, who, config, limit)
+    return _json({"items": [d.to_json() for d in mine]})
 
 
 async def replay_dead_letters(request: web.Request) -> web.Response:
@@ -199,17 +199,31 @@ async def replay_dead_letters(request: web.Request) -> web.Response:
     if isinstance(asked, str):
         return problems.bad_request(asked)
     task_ids, again = asked
+    done = await replay_own(gw, who, config, task_ids, again)
+    return _json({"items": [{"task_id": r.task_id, "replay_id": r.replay_id,
+                             "skipped": r.skipped} for r in done]})
+
+
+async def replay_own(gw: Gateway, who: Principal, config: PipelineConfig,
+                     task_ids: Sequence[str] | None, again: bool) -> list[replays.Replayed]:
+    """Replay a tenant's own dead letters of the hosting pipeline ``config``: ``task_ids``
+    (another tenant's: skipped as if missing), else all of its own not yet replayed. The API
+    and the console (:mod:`sluice.console`) both replay a tenant's dead letters through this."""
     asked_ids = None if task_ids is None else list(dict.fromkeys(task_ids))
     mine = [d.task_id for d in await _own_letters(gw, who, config, asked_ids,
                                                   replayed=task_ids is not None)]
     done = {r.task_id: r for r in (await replays.replay(gw.store, gw.intake, config, mine,
                                                         again=again) if mine else [])}
-    items = []
-    for task_id in mine if asked_ids is None else asked_ids:  # another's: as if missing
-        r = done.get(task_id) or replays.Replayed(task_id, None, "no dead letter with this "
+    return [done.get(task_id) or replays.Replayed(task_id, None, "no dead letter with this "
                                                   "task id")
-        items.append({"task_id": r.task_id, "replay_id": r.replay_id, "skipped": r.skipped})
-    return _json({"items": items})
+            for task_id in (mine if asked_ids is None else asked_ids)]
+
+
+async def own_letters(gw: Gateway, who: Principal, config: PipelineConfig,
+                      limit: int) -> list[DeadLetterRecord]:
+    """A tenant's own dead letters of the hosting pipeline ``config``, newest first (what
+    ``GET .../dead-letters`` shows its key), at most ``limit``."""
+    return (await _own_letters(gw, who, config))[:limit]
 
 
 # -- functions, pins, events ----------------------------------------------------------------
