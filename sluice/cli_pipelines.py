@@ -1,4 +1,4 @@
-"""``sluice pipelines list|pause|resume``.
+"""``sluice pipelines list|pause|resume|apply|get|delete``.
 
 Each talks to a sluice server when given ``--url`` (or ``SLUICE_URL``), else to the local data
 directory. Locally, the known pipelines are those of the ``-f`` files and those the data
@@ -8,10 +8,11 @@ directory holds tasks or a pause setting of; any other name is an error.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -23,12 +24,16 @@ from sluice.cli_common import (
     fail,
     guarded,
     load_all,
+    local_state,
     local_store,
     print_wide,
     remote_options,
     run_local,
     table,
 )
+
+if TYPE_CHECKING:
+    from sluice.client import Client
 
 LOCAL_HELP = ("Locally, the pipelines of the -f files and those the data directory has tasks or "
               "a pause setting of are known; another name is an error.")
@@ -43,7 +48,7 @@ def files_option(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.group()
 def pipelines() -> None:
-    """List, pause and resume whole pipelines."""
+    """List, pause and resume whole pipelines; apply, get and delete pipelines at runtime."""
 
 
 def local_pipelines(files: Sequence[Path], data_dir: Path) -> list[dict[str, Any]]:
@@ -144,3 +149,136 @@ def _pipeline_command(action: str, doc: str) -> click.Command:
 pipelines.add_command(_pipeline_command(
     "pause", "Stop taking new work (in-flight tasks finish; queued tasks wait)."))
 pipelines.add_command(_pipeline_command("resume", "Take new work again."))
+
+
+# -- definitions: apply, get, delete (sluice.definitions) ----------------------------------
+
+def _definition_file(path: Path) -> tuple[str, str, str]:
+    """``(name, text, content type)`` of a pipeline file to apply; exits on a file that cannot
+    be read or names no pipeline (the server validates the rest)."""
+    import yaml
+
+    from sluice.config.readfile import read_yaml_file
+
+    text = guarded(lambda: read_yaml_file(path))
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        fail(f"{path}: not valid YAML: {exc}")
+    name = doc.get("name") if isinstance(doc, dict) else None
+    if not isinstance(name, str) or not name:
+        fail(f"{path}: the file names no pipeline (a top-level 'name: ...' is needed)")
+    json_suffix = path.suffix.lower() == ".json"
+    return name, text, "application/json" if json_suffix else "application/yaml"
+
+
+def _remote_issues(path: Path, body: Any) -> None:
+    """Print the issues of a refused definition at the file's own ``file:line:col``."""
+    errors = body.get("errors") if isinstance(body, dict) else None
+    if not isinstance(errors, list) or not errors:
+        return
+    for issue in errors:
+        if not isinstance(issue, dict):
+            continue
+        where = f"{path}:{issue.get('line', 1)}:{issue.get('col', 1)}"
+        key = issue.get("path")
+        message = issue.get("message") or issue.get("detail") or issue
+        click.echo(f"{where}: {key}: {message}" if key else f"{where}: {message}", err=True)
+    sys.exit(2)
+
+
+@pipelines.command("apply")
+@click.option("-f", "--file", "files", multiple=True, required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A pipeline file (YAML or JSON) to create or replace; repeatable.")
+@data_dir_option
+@remote_options
+def pipelines_apply(files: Sequence[Path], data_dir: Path, url: str | None,
+                    token: str | None) -> None:
+    """Create or replace pipelines from files, while workers run: each is validated as a file
+    is, stored, and picked up by every worker of the store within about a second (a running
+    pipeline of that name is swapped: what it holds in flight finishes first, nothing is lost
+    or run twice).
+
+    With --url: PUT to the server (a tenant's key puts its own tenant's pipelines). Without:
+    into the local store (--store, else the data directory)."""
+    for path in files:
+        name, text, content_type = _definition_file(path)
+        if url:
+            body, created = _apply_remote(api(url, token), path, name, text, content_type)
+        else:
+            body, created = _apply_local(path, name, text, content_type, data_dir)
+        click.echo(f"{name}: {'created' if created else 'replaced'} "
+                   f"(version {body.get('version')})")
+
+
+def _apply_remote(client: Client, path: Path, name: str, text: str,
+                  content_type: str) -> tuple[dict[str, Any], bool]:
+    resp = guarded(lambda: client.put_pipeline(name, text.encode(), content_type))
+    if not resp.ok:
+        _remote_issues(path, resp.body)
+    return checked(resp), resp.status == 201
+
+
+def _apply_local(path: Path, name: str, text: str, content_type: str,
+                 data_dir: Path) -> tuple[dict[str, Any], bool]:
+    """Validated as the file it is (its handler's code is checked by the workers that run
+    it), then stored as the operator's own (not restricted)."""
+    from sluice.config.load import parse_pipeline
+    from sluice.definitions import JSON, YAML
+
+    config = guarded(lambda: parse_pipeline(text, str(path), check_code=False))
+    state = local_state(data_dir, create=True)
+    fmt = JSON if content_type == "application/json" else YAML
+
+    async def put() -> tuple[dict[str, Any], bool]:
+        before = await state.definitions.get(name)
+        stored = await state.definitions.put(name, config.tenant, text, fmt, put_by="admin",
+                                             restricted=False)
+        return stored.to_json(), before is None
+
+    return guarded(lambda: run_local(put()))
+
+
+@pipelines.command("get")
+@click.argument("pipeline")
+@click.option("--json", "as_json", is_flag=True,
+              help="The definition's record (version, who put it) with its text, as JSON.")
+@data_dir_option
+@remote_options
+def pipelines_get(pipeline: str, as_json: bool, data_dir: Path, url: str | None,
+                  token: str | None) -> None:
+    """Print a pipeline's definition as it was applied (a file pipeline's server answers with
+    its file's text)."""
+    if url:
+        body = checked(guarded(lambda: api(url, token).get_pipeline(pipeline,
+                                                                    as_json=as_json)))
+        click.echo(json.dumps(body) if as_json else str(body).rstrip("\n"))
+        return
+    state = local_state(data_dir)
+    found = guarded(lambda: run_local(state.definitions.get(pipeline)))
+    if found is None:
+        fail(f"no pipeline definition named {pipeline!r} in the store (a pipeline of a file "
+             "is its file)")
+    if as_json:
+        click.echo(json.dumps({**found.to_json(), "body": found.body}))
+    else:
+        click.echo(found.body.rstrip("\n"))
+
+
+@pipelines.command("delete")
+@click.argument("pipeline")
+@data_dir_option
+@remote_options
+def pipelines_delete(pipeline: str, data_dir: Path, url: str | None,
+                     token: str | None) -> None:
+    """Delete a pipeline applied at runtime: its workers stop fetching and finish what they
+    hold in flight; its tasks are kept (their records stay readable). A pipeline of a file is
+    removed by removing the file and restarting."""
+    if url:
+        checked(guarded(lambda: api(url, token).delete_pipeline(pipeline)))
+    else:
+        state = local_state(data_dir)
+        if guarded(lambda: run_local(state.definitions.delete(pipeline))) is None:
+            fail(f"no pipeline definition named {pipeline!r} in the store")
+    click.echo(f"{pipeline}: deleted (its tasks are kept)")

@@ -81,6 +81,17 @@ class Client:
     def control_pipeline(self, pipeline: str, action: str) -> ApiResponse:
         return self.request("POST", f"/v1/pipelines/{_q(pipeline)}/{action}")
 
+    def put_pipeline(self, pipeline: str, body: bytes, content_type: str) -> ApiResponse:
+        return self.request("PUT", f"/v1/pipelines/{_q(pipeline)}", body,
+                            {"Content-Type": content_type})
+
+    def get_pipeline(self, pipeline: str, *, as_json: bool = False) -> ApiResponse:
+        accept = "application/json" if as_json else "application/yaml"
+        return self.request("GET", f"/v1/pipelines/{_q(pipeline)}", headers={"Accept": accept})
+
+    def delete_pipeline(self, pipeline: str) -> ApiResponse:
+        return self.request("DELETE", f"/v1/pipelines/{_q(pipeline)}")
+
 
 def _q(part: str) -> str:
     return urllib.parse.quote(part, safe="")
