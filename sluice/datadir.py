@@ -150,9 +150,24 @@ CREATE TABLE IF NOT EXISTS task_notes (
     note         TEXT    NOT NULL
 );
 CREATE INDEX IF NOT EXISTS task_notes_by_task ON task_notes (pipeline, task_id);
+""" + """
+-- Pipelines defined at runtime (sluice.definitions): one row per name, a tombstone once
+-- deleted; version: one sequence over the table.
+CREATE TABLE IF NOT EXISTS definitions (
+    name         TEXT PRIMARY KEY,
+    tenant       TEXT    NOT NULL,
+    body         TEXT    NOT NULL,
+    format       TEXT    NOT NULL,
+    put_by       TEXT    NOT NULL,
+    restricted   INTEGER NOT NULL,
+    version      INTEGER NOT NULL,
+    updated_at   REAL    NOT NULL,
+    deleted      INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS definitions_by_version ON definitions (version);
 """
 
-VERSION = 2  # of the tables above with ADDED_COLUMNS; the PostgreSQL store counts the same way
+VERSION = 3  # of the tables above with ADDED_COLUMNS; the PostgreSQL store counts the same way
 SCHEMA_TABLE = ("CREATE TABLE IF NOT EXISTS sluice_schema (version INTEGER PRIMARY KEY,"
                 " description TEXT NOT NULL, applied_at REAL NOT NULL)")
 
@@ -278,7 +293,8 @@ class Database:
         if before < VERSION:
             conn.execute("INSERT INTO sluice_schema (version, description, applied_at)"
                          " VALUES (?, ?, ?)",
-                         (VERSION, "queues, tasks, pipelines, dead letters, routes", time.time()))
+                         (VERSION, "queues, tasks, pipelines, dead letters, routes,"
+                          " definitions", time.time()))
         return before, VERSION
 
     def _checkpoint_forever(self, busy_ms: int) -> None:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from sluice.connectors.base import Source
     from sluice.datadir import QueuedMessage
+    from sluice.definitions import DefinitionStore
     from sluice.registry import Submission
     from sluice.tasks.store import Outbox, OutboxEntry, TaskRecord, TaskStore
     from sluice.tenancy.routes import RouteStore
@@ -83,6 +84,11 @@ class Store(Protocol):
     @property
     def routes(self) -> RouteStore:
         """Where hosted functions' tasks go (:mod:`sluice.tenancy.routes`)."""
+        ...
+
+    @property
+    def definitions(self) -> DefinitionStore:
+        """The pipelines defined at runtime (:mod:`sluice.definitions`)."""
         ...
 
     def source(self, queue: str, lease_s: float, poll_interval_s: float,

@@ -28,6 +28,7 @@ from sluice.stores import postgres_tasks
 from sluice.stores.base import ControlEvent, ControlListener
 from sluice.stores.patient import PatientSource
 from sluice.stores.postgres_db import CONNECTED, DISCONNECTED, PgDatabase
+from sluice.stores.postgres_definitions import PgDefinitions
 from sluice.stores.postgres_messages import put_in
 from sluice.stores.postgres_outbox import PgOutbox
 from sluice.stores.postgres_outbox import stranded as stranded_in
@@ -79,6 +80,7 @@ class PostgresStore:
         self.patience_s = patience_s
         self._tasks = postgres_tasks.PostgresTaskStore(self.db, caller_clock=caller_clock)
         self.routes = PgRoutes(self.db, self._now)
+        self.definitions = PgDefinitions(self.db, self._now)
 
     @property
     def url(self) -> str:

@@ -129,6 +129,20 @@ CREATE TABLE IF NOT EXISTS task_notes (
 );
 CREATE INDEX IF NOT EXISTS task_notes_by_task ON task_notes (pipeline, task_id);
 """),
+    (3, "pipeline definitions (sluice.definitions)", """
+CREATE TABLE IF NOT EXISTS definitions (
+    name         TEXT PRIMARY KEY,
+    tenant       TEXT             NOT NULL,
+    body         TEXT             NOT NULL,
+    format       TEXT             NOT NULL,
+    put_by       TEXT             NOT NULL,
+    restricted   BOOLEAN          NOT NULL,
+    version      BIGINT           NOT NULL,
+    updated_at   DOUBLE PRECISION NOT NULL,
+    deleted      BOOLEAN          NOT NULL DEFAULT FALSE
+);
+CREATE INDEX IF NOT EXISTS definitions_by_version ON definitions (version);
+"""),
 )
 VERSION = MIGRATIONS[-1][0]
 

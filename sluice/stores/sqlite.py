@@ -18,6 +18,7 @@ from sluice.connectors.embedded import EmbeddedSource, put_in, submit_in, wake_i
 from sluice.datadir import Database
 from sluice.stores.base import ControlListener
 from sluice.stores.group_commit import SubmitBatcher
+from sluice.stores.sqlite_definitions import SqliteDefinitions
 from sluice.stores.sqlite_routes import SqliteRoutes
 from sluice.tasks.sqlite import SqliteTaskStore, put_outbox
 from sluice.tasks.sqlite_outbox import SqliteOutbox, stranded_in
@@ -39,6 +40,7 @@ class SqliteStore:
         self.db = db
         self._tasks = SqliteTaskStore(db)
         self.routes = SqliteRoutes(db)
+        self.definitions = SqliteDefinitions(db)
         self._batchers: dict[asyncio.AbstractEventLoop, SubmitBatcher] = {}
 
     @property

@@ -48,9 +48,10 @@ def test_migrate_is_idempotent_and_the_env_names_the_store(pg_url: str) -> None:
 
 def test_a_store_of_the_previous_version_is_brought_up_to_date(
         pg_url: str, tmp_path: Path) -> None:  # noqa: F811
-    """A version 1 store (before hosting pipelines' route tables) migrates to version 2, on
-    PostgreSQL (migration 2) and on SQLite (its tables made when opened)."""
-    assert VERSION == PG_VERSION == 2
+    """A version 1 store (before hosting pipelines' route tables and the pipeline definitions)
+    migrates to version 3, on PostgreSQL (migrations 2 and 3) and on SQLite (its tables made
+    when opened)."""
+    assert VERSION == PG_VERSION == 3
     assert sluice("store", "migrate", "--store", pg_url).returncode == 0
     schema = pg_url.rsplit("schema=", 1)[1]
 
@@ -60,25 +61,26 @@ def test_a_store_of_the_previous_version_is_brought_up_to_date(
         conn = await asyncpg.connect(URL)
         try:
             await conn.execute(f"DROP TABLE {schema}.routes, {schema}.route_events,"
-                               f" {schema}.task_notes; DELETE FROM {schema}.sluice_schema"
-                               " WHERE version = 2")
+                               f" {schema}.task_notes, {schema}.definitions;"
+                               f" DELETE FROM {schema}.sluice_schema WHERE version >= 2")
         finally:
             await conn.close()
 
     asyncio.run(back_to_1())
     up = sluice("store", "migrate", "--store", pg_url)
-    assert up.returncode == 0 and up.stdout.strip().endswith("schema version 1 -> 2"), up
+    assert up.returncode == 0 and up.stdout.strip().endswith("schema version 1 -> 3"), up
     data = tmp_path / "data"
     assert sluice("store", "migrate", "--data-dir", str(data)).returncode == 0
     with sqlite3.connect(data / "sluice.db") as conn:
         conn.executescript("DROP TABLE routes; DROP TABLE route_events; DROP TABLE task_notes;"
-                           " DELETE FROM sluice_schema WHERE version = 2;")
+                           " DROP TABLE definitions; DELETE FROM sluice_schema"
+                           " WHERE version >= 2;")
     # (SQLite brings a database up to date as it opens it, before the command looks)
     assert sluice("store", "migrate", "--data-dir", str(data)).returncode == 0
     with sqlite3.connect(data / "sluice.db") as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
         (version,) = conn.execute("SELECT MAX(version) FROM sluice_schema").fetchone()
-    assert {"routes", "route_events", "task_notes"} <= tables and version == 2
+    assert {"routes", "route_events", "task_notes", "definitions"} <= tables and version == 3
 
 
 def test_a_store_of_a_newer_sluice_is_refused(pg_url: str, tmp_path: Path) -> None:  # noqa: F811
