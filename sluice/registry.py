@@ -32,6 +32,10 @@ Rules:
    build`, and its factory takes that ``C``. A spec without a converter (a third party's) gets
    the mapping itself. The family getters (:meth:`Registry.source`, ``sink``, ``handler``) say
    what the product is, so the runtime needs no cast.
+6. A component that connects somewhere says where (:attr:`ComponentSpec.endpoints`: by default
+   its ``url`` key), and one that runs the operator's code on the worker says so
+   (``runs_operator_code``): the network policy of a restricted pipeline
+   (:mod:`sluice.netpolicy`) checks a pipeline with them, never by its component types.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ if TYPE_CHECKING:
     from sluice.connectors.base import Sink, Source
     from sluice.datadir import QueuedMessage
     from sluice.handlers.base import Handler
+    from sluice.netpolicy import NetworkPolicy
     from sluice.stores.base import Store
     from sluice.tasks.store import TaskRecord
 
@@ -110,6 +115,9 @@ class BuildContext:
     exactly_once: bool = False  # consumer.exactly_once (the source then runs transactions)
     store_url: str | None = None  # the process's store (--store); None: data_dir's SQLite
     opened: Store | None = None  # that store, already open (else opened from store_url)
+    # A restricted pipeline's network policy (sluice.netpolicy): components that connect
+    # refuse what it refuses, at connect time too. None: the operator's pipeline.
+    network: NetworkPolicy | None = None
 
     def own_or_source_url(self, url: str | None, family_name: str, what: str,
                           example: str) -> str:
@@ -180,6 +188,9 @@ Wake = Callable[["PipelineConfig", str, SubmitContext], Awaitable[None]]
 OutputsWithAck = Callable[["PipelineConfig", "ComponentConfig"], bool]
 # pipeline name → the dead letter's sink config, {type: config}.
 DefaultDeadLetter = Callable[[str], dict[str, Any]]
+# typed config → (key path under the component, a URL or host[:port]) for each address it
+# connects to (rule 6).
+Endpoints = Callable[[Any], list[tuple[tuple[str, ...], str]]]
 
 _NEEDS_HOOK = {Capability.SUBMIT: "submitter", Capability.OUTPUTS_WITH_ACK: "outputs_with_ack"}
 
@@ -187,6 +198,17 @@ _NEEDS_HOOK = {Capability.SUBMIT: "submitter", Capability.OUTPUTS_WITH_ACK: "out
 def as_given(value: Any) -> Any:
     """The converter of a spec that declares no typed config: its factory gets the mapping."""
     return value
+
+
+URL_KEY = "url"
+
+
+def url_endpoints(config: Any) -> list[tuple[tuple[str, ...], str]]:
+    """The default :attr:`ComponentSpec.endpoints` (rule 6): the ``url`` key of a typed config
+    (an attribute) or of a mapping, when it is set."""
+    value = config.get(URL_KEY) if isinstance(config, Mapping) else getattr(config, URL_KEY,
+                                                                            None)
+    return [((URL_KEY,), value)] if isinstance(value, str) and value else []
 
 
 @dataclass(frozen=True)
@@ -219,6 +241,11 @@ class ComponentSpec(Generic[C, P]):
     # The validated, defaulted config → its typed form (rule 5): e.g. a Settings dataclass's
     # ``from_mapping``, which takes an instance of its own class back as it is.
     settings: Callable[[Any], C] = as_given
+    # Where it connects (rule 6): typed config → (key path, URL or host[:port]) per address.
+    endpoints: Endpoints = url_endpoints
+    # It runs the operator's code in the worker (a Python handler): refused in a restricted
+    # pipeline (rule 6).
+    runs_operator_code: bool = False
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

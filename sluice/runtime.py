@@ -28,6 +28,7 @@ from sluice.consumer.results import ResultRouter
 from sluice.errors import ConfigError, ConfigIssue
 from sluice.handlers.base import BatchHandler, Handler
 from sluice.message import Message, Outcome
+from sluice.netpolicy import NetworkPolicy
 from sluice.sinks.delivery import Deliverer, Destination, outbox_lease_s
 from sluice.stores.base import ControlEvent, Store
 from sluice.stores.patient import PatientOutbox, PatientTaskStore
@@ -41,8 +42,12 @@ log = logging.getLogger(__name__)
 
 
 def context(config: PipelineConfig, data_dir: Path | None,
-            store_url: str | None = None) -> registry.BuildContext:
+            store_url: str | None = None, *,
+            network: NetworkPolicy | None = None) -> registry.BuildContext:
+    """What the pipeline's factories get; ``network``: a restricted pipeline's policy
+    (:mod:`sluice.netpolicy`), ``None`` for the operator's own."""
     return registry.BuildContext(
+        network=network,
         store_url=store_url,
         pipeline=config.name,
         tenant=config.tenant,
@@ -64,14 +69,17 @@ def _sink(component: ComponentConfig, ctx: registry.BuildContext) -> Sink:
 
 
 def build_source(config: PipelineConfig, data_dir: Path | None, *,
-                 store_url: str | None = None) -> Source:
-    return _source(config.source, context(config, data_dir, store_url))
+                 store_url: str | None = None, network: NetworkPolicy | None = None) -> Source:
+    return _source(config.source, context(config, data_dir, store_url, network=network))
 
 
 def build(config: PipelineConfig, data_dir: Path | None,
-          worker_id: str | None = None, *, store_url: str | None = None) -> ConsumerLoop:
-    """The pipeline's loop over the store ``store_url`` (``None``: ``data_dir``'s SQLite)."""
-    ctx = context(config, data_dir, store_url)
+          worker_id: str | None = None, *, store_url: str | None = None,
+          network: NetworkPolicy | None = None) -> ConsumerLoop:
+    """The pipeline's loop over the store ``store_url`` (``None``: ``data_dir``'s SQLite).
+    ``network``: a restricted pipeline's policy (its components refuse what it refuses, at
+    connect time too; :mod:`sluice.netpolicy`); ``None``: the operator's pipeline."""
+    ctx = context(config, data_dir, store_url, network=network)
     state = ctx.store
     store: TaskStore = state.tasks
     if state.patience_s:

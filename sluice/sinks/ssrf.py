@@ -10,6 +10,9 @@ to, a link-local or cloud-metadata address is refused unless the component allow
 4. Redirects are never followed (the sessions made here are used with
    ``allow_redirects=False``): a 3xx is the destination's answer, and its ``Location`` is not
    visited, so a redirect cannot walk a request past 1-3.
+5. What 1-3 refuse is a :class:`Guard`'s predicate: :data:`LINK_LOCAL` (:func:`forbidden`) for
+   every component, or a stricter one, e.g. a restricted pipeline's network policy
+   (:meth:`sluice.netpolicy.NetworkPolicy.guard`), which refuses the whole operator network.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import errno
 import ipaddress
 import socket
+from collections.abc import Callable
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -32,6 +37,7 @@ METADATA = frozenset(ipaddress.ip_address(a) for a in (
 # loopback address here to stand in for a metadata service they cannot reach.
 EXTRA_FORBIDDEN: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
+ALLOW_LINK_LOCAL = "allow_link_local"  # the key of every component that has the guard
 REFUSED_HINT = "set allow_link_local: true to allow it"
 
 
@@ -68,20 +74,52 @@ def url_problems(url: str, *, allow_link_local: bool) -> list[str]:
     return []
 
 
-class GuardedResolver(AbstractResolver):
-    """Resolves like aiohttp's default resolver, then refuses forbidden addresses."""
+@dataclass(frozen=True)
+class Guard:
+    """What the connect-time guard refuses (rules 2-3): ``refuses`` an IP address (text; a
+    name is never refused by it, it is resolved), described as ``what`` in the error, with
+    ``hint`` saying how to allow it."""
 
-    def __init__(self) -> None:
+    refuses: Callable[[str], bool]
+    what: str
+    hint: str
+
+    def refusal(self, host: str, addresses: list[str] | None = None) -> str:
+        """The error text of a refused literal (``addresses`` None) or name."""
+        if addresses is None:
+            return f"refused: {host} is {self.what}; {self.hint}"
+        return (f"refused: {host} resolves to {self.what} ({', '.join(addresses)}); "
+                f"{self.hint}")
+
+    async def middleware(self, request: aiohttp.ClientRequest,
+                         handler: ClientHandlerType) -> aiohttp.ClientResponse:
+        """Client middleware: refuse a request whose URL names a refused address literally
+        (rule 2)."""
+        host = request.url.host or ""
+        if self.refuses(host):
+            raise RefusedAddress(self.refusal(host))
+        return await handler(request)
+
+
+LINK_LOCAL = Guard(lambda address: forbidden(address), "a link-local or metadata address",
+                   REFUSED_HINT)
+
+
+class GuardedResolver(AbstractResolver):
+    """Resolves like aiohttp's default resolver, then refuses what ``guard`` refuses (by
+    default, link-local and metadata addresses)."""
+
+    def __init__(self, guard: Guard = LINK_LOCAL) -> None:
         self._inner = DefaultResolver()
+        self.guard = guard
 
     async def resolve(self, host: str, port: int = 0,
                       family: socket.AddressFamily = socket.AF_INET) -> list[ResolveResult]:
         results = await self._inner.resolve(host, port, family)
-        bad = [r["host"] for r in results if forbidden(r["host"])]
+        bad = [r["host"] for r in results if self.guard.refuses(r["host"])]
         if bad:
             # With an errno, aiohttp's connector error shows this text as the reason.
-            raise OSError(errno.EACCES, f"refused: {host} resolves to a link-local or metadata "
-                                        f"address ({', '.join(bad)}); {REFUSED_HINT}")
+            raise OSError(errno.EACCES, self.guard.refusal(host, bad))
         return results
 
     async def close(self) -> None:
@@ -91,21 +129,20 @@ class GuardedResolver(AbstractResolver):
 async def refuse_forbidden_literal(request: aiohttp.ClientRequest,
                                    handler: ClientHandlerType) -> aiohttp.ClientResponse:
     """Client middleware: refuse a request whose URL names a forbidden address literally."""
-    host = request.url.host or ""
-    if forbidden(host):
-        raise RefusedAddress(f"refused: {host} is a link-local or metadata address; "
-                             f"{REFUSED_HINT}")
-    return await handler(request)
+    return await LINK_LOCAL.middleware(request, handler)
 
 
-def guarded_session(*, allow_link_local: bool,
+def guarded_session(*, allow_link_local: bool, guard: Guard | None = None,
                     timeout: aiohttp.ClientTimeout = DEFAULT_TIMEOUT, limit: int = 100,
                     keepalive_timeout_s: float = 15.0) -> aiohttp.ClientSession:
-    """A pooled session with the guard on every request and every resolution (none when
-    ``allow_link_local``). Send with ``allow_redirects=False``."""
+    """A pooled session with a guard on every request and every resolution: ``guard`` when
+    given (``allow_link_local`` then changes nothing), else :data:`LINK_LOCAL` unless
+    ``allow_link_local``. Send with ``allow_redirects=False``."""
+    if guard is None and not allow_link_local:
+        guard = LINK_LOCAL
     connector = aiohttp.TCPConnector(limit=limit, keepalive_timeout=keepalive_timeout_s,
-                                     resolver=None if allow_link_local else GuardedResolver())
-    middlewares = () if allow_link_local else (refuse_forbidden_literal,)
+                                     resolver=None if guard is None else GuardedResolver(guard))
+    middlewares = () if guard is None else (guard.middleware,)
     return aiohttp.ClientSession(connector=connector, timeout=timeout, middlewares=middlewares)
 
 
