@@ -18,7 +18,9 @@ Rules:
    address, or when it does not resolve within :data:`RESOLVE_TIMEOUT_S` (it cannot be
    checked). A URL without a host (a local socket) is refused.
 3. Also refused at validate time: a component that runs the operator's code on the worker
-   (``runs_operator_code``: a Python handler), and ``allow_link_local: true`` anywhere.
+   (``runs_operator_code``: a Python handler), ``allow_link_local: true`` anywhere, and what a
+   component's ``restricted_check`` refuses (e.g. a client's raw settings that name local
+   files or libraries).
 4. At connect time, the HTTP handler and the http and webhook sinks of a restricted pipeline
    (built with :attr:`sluice.registry.BuildContext.network`) check every resolution and every
    literal host with :meth:`NetworkPolicy.guard`, and follow no redirect (:mod:`sluice.sinks.
@@ -246,7 +248,11 @@ async def pipeline_refusals(config: PipelineConfig, policy: NetworkPolicy, *,
             issues.append(config.issue((*path, ssrf.ALLOW_LINK_LOCAL),
                                        "a pipeline put with a tenant's key may not allow "
                                        "link-local or metadata addresses"))
-        for key, endpoint in spec.endpoints(spec.typed(component.config)):
+        typed = spec.typed(component.config)
+        if spec.restricted_check is not None:
+            issues.extend(config.issue((*path, *key), message)
+                          for key, message in spec.restricted_check(typed))
+        for key, endpoint in spec.endpoints(typed):
             host, problem = host_of(endpoint)
             if problem is not None:
                 issues.append(config.issue((*path, *key), problem))

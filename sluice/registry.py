@@ -34,7 +34,8 @@ Rules:
    what the product is, so the runtime needs no cast.
 6. A component that connects somewhere says where (:attr:`ComponentSpec.endpoints`: by default
    its ``url`` key), and one that runs the operator's code on the worker says so
-   (``runs_operator_code``): the network policy of a restricted pipeline
+   (``runs_operator_code``), and what else a restricted pipeline may not set
+   (``restricted_check``): the network policy of a restricted pipeline
    (:mod:`sluice.netpolicy`) checks a pipeline with them, never by its component types.
 """
 
@@ -246,6 +247,9 @@ class ComponentSpec(Generic[C, P]):
     # It runs the operator's code in the worker (a Python handler): refused in a restricted
     # pipeline (rule 6).
     runs_operator_code: bool = False
+    # What a restricted pipeline may not set in its config besides addresses (e.g. a client's
+    # raw settings naming local files): typed config → (key path, message) per problem.
+    restricted_check: Callable[[Any], list[tuple[tuple[str, ...], str]]] | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:

@@ -611,4 +611,6 @@ SPEC = registry.register(registry.ComponentSpec(
     submitter=submitter,
     outputs_with_ack=outputs_with_ack,
     hosting=hosting,
+    endpoints=lambda config: kc.endpoints(config.brokers, config.config),
+    restricted_check=lambda config: kc.restricted_check(config.config),
 ))

@@ -25,6 +25,7 @@ log = logging.getLogger("sluice.kafka")
 METADATA_TIMEOUT_S = 10.0
 
 CREATE_TOPIC, EXTRA_CONFIG = "create_topic", "config"  # keys of both the source and the sink
+BROKERS = "brokers"
 PARTITIONS, REPLICATION_FACTOR = "partitions", "replication_factor"
 
 CREATE_TOPIC_SPEC = ObjectSpec(
@@ -92,6 +93,37 @@ def create_topic_field(what: str) -> Field:
 def extra_config_field() -> Field:
     return Field(EXTRA_CONFIG, "object", "Extra librdkafka properties (e.g. security.protocol, "
                  "sasl.mechanisms); they override sluice's own settings.", default=None)
+
+
+# The librdkafka properties a restricted pipeline may set in ``config`` (sluice.netpolicy): the
+# rest may name local files, libraries or other hosts (plugin.library.paths, ssl.*.location,
+# bootstrap.servers, sasl.oauthbearer.token.endpoint.url, ...).
+TENANT_PROPERTIES = frozenset({
+    "security.protocol", "sasl.mechanism", "sasl.mechanisms", "sasl.username", "sasl.password",
+    "client.id", "compression.type", "compression.codec", "acks", "batch.size",
+    "batch.num.messages", "message.max.bytes", "fetch.min.bytes", "fetch.max.bytes",
+    "fetch.wait.max.ms", "max.partition.fetch.bytes", "queued.max.messages.kbytes"})
+
+
+def endpoints(brokers: str | None,
+              extra: Mapping[str, Any] | None) -> list[tuple[tuple[str, ...], str]]:
+    """The registry's ``endpoints`` hook of a Kafka component: each bootstrap broker, and a
+    ``bootstrap.servers`` of ``config`` (it overrides them)."""
+    found: list[tuple[tuple[str, ...], str]] = [
+        ((BROKERS,), b.strip()) for b in (brokers or "").split(",") if b.strip()]
+    override = (extra or {}).get("bootstrap.servers")
+    if isinstance(override, str):
+        found.extend(((EXTRA_CONFIG, "bootstrap.servers"), b.strip())
+                     for b in override.split(",") if b.strip())
+    return found
+
+
+def restricted_check(extra: Mapping[str, Any] | None) -> list[tuple[tuple[str, ...], str]]:
+    """The registry's ``restricted_check`` hook of a Kafka component: a restricted pipeline
+    may set only :data:`TENANT_PROPERTIES` in ``config``."""
+    return [((EXTRA_CONFIG, key), f"a pipeline put with a tenant's key may not set the "
+             f"librdkafka property {key!r} (allowed: {', '.join(sorted(TENANT_PROPERTIES))})")
+            for key in (extra or {}) if key not in TENANT_PROPERTIES]
 
 
 def same_brokers(a: str, b: str) -> bool:

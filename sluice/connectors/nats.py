@@ -461,4 +461,5 @@ SPEC = registry.register(registry.ComponentSpec(
     submitter=submitter,
     outputs_with_ack=outputs_with_ack,
     default_dead_letter=default_dead_letter,
+    endpoints=lambda config: nc.endpoints(config.url),
 ))

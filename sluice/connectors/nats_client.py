@@ -192,6 +192,11 @@ def servers_of(url: str) -> list[str]:
     return [u.strip() for u in url.split(",") if u.strip()]
 
 
+def endpoints(url: str | None) -> list[tuple[tuple[str, ...], str]]:
+    """The registry's ``endpoints`` hook of a NATS component: each server of its ``url``."""
+    return [((URL,), server) for server in servers_of(url or "")]
+
+
 def shown(url: str) -> str:
     """``url`` without its credentials (for messages and logs)."""
     out = []

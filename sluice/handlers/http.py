@@ -30,7 +30,8 @@ is split by the URL its tasks make: one call per URL, the outcomes in the batch'
 without a placeholder is used as it is, with no work per task.
 
 Redirects are not followed: a 3xx fails at once, its error naming the ``Location``. One pooled
-session with keep-alive per handler; the SSRF guard on every request and every connection.
+session with keep-alive per handler; the SSRF guard on every request and every connection (in
+a restricted pipeline, the network policy's guard: :mod:`sluice.netpolicy`, rule 4).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from sluice.errors import InvalidPayload
 from sluice.message import Message, Outcome, is_json
 from sluice.sinks.http import retry_after_s, url_check
 from sluice.sinks.ssrf import (
+    Guard,
     RefusedAddress,
     guarded_session,
     redirect_refused,
@@ -145,6 +147,12 @@ def check(config: Any, file: object) -> list[tuple[tuple[str, ...], str]]:
     return url_template_check(typed.url, typed.allow_link_local)
 
 
+def endpoints(config: HttpHandlerConfig) -> list[tuple[tuple[str, ...], str]]:
+    """Where the handler connects (its URL, a template's host being the same for every task):
+    the registry's ``endpoints`` hook (:mod:`sluice.netpolicy`)."""
+    return [((URL,), sample_url(config.url))]
+
+
 OVERLOAD_STATUSES = frozenset({429, 503})
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 _JSON_FORMAT = JSONFormat()
@@ -153,7 +161,7 @@ _JSON_FORMAT = JSONFormat()
 class HttpHandler:
     def __init__(self, url: str, *, mode: str = "binary", timeout_s: float | None = None,
                  headers: dict[str, str] | None = None, ce_type: str = "sluice.task",
-                 allow_link_local: bool = False) -> None:
+                 allow_link_local: bool = False, guard: Guard | None = None) -> None:
         problems = template_problems(url) or url_problems(
             sample_url(url), allow_link_local=allow_link_local)
         if problems:
@@ -166,12 +174,13 @@ class HttpHandler:
         self.headers = dict(headers or {})
         self.ce_type = ce_type
         self.allow_link_local = allow_link_local
+        self.guard = guard  # None: the SSRF guard (allow_link_local decides)
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = guarded_session(allow_link_local=self.allow_link_local, limit=0,
-                                            keepalive_timeout_s=30)
+            self._session = guarded_session(allow_link_local=self.allow_link_local,
+                                            guard=self.guard, limit=0, keepalive_timeout_s=30)
         return self._session
 
     def url_for(self, message: Message) -> str:
@@ -438,7 +447,8 @@ def build_handler(config: HttpHandlerConfig, ctx: registry.BuildContext) -> Http
     return HttpHandler(config.url, mode=config.mode,
                        timeout_s=float(timeout) if timeout else None,
                        headers=config.headers, ce_type=config.ce_type,
-                       allow_link_local=config.allow_link_local)
+                       allow_link_local=config.allow_link_local,
+                       guard=None if ctx.network is None else ctx.network.guard())
 
 
 registry.register(registry.ComponentSpec(
@@ -449,4 +459,5 @@ registry.register(registry.ComponentSpec(
     factory=build_handler,
     settings=HttpHandlerConfig.from_mapping,
     check=check,
+    endpoints=endpoints,
 ))

@@ -369,4 +369,5 @@ registry.register(registry.ComponentSpec(
     factory=build_handler,
     settings=PythonHandlerConfig.of,
     check_code=check_import,
+    runs_operator_code=True,
 ))

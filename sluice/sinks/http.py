@@ -4,7 +4,8 @@
 ``Retry-After`` is honoured); any other 4xx is permanent (the record goes to the dead letter at
 once). Redirects are not followed (as webhook senders do not): a 3xx is permanent, and its
 error names the ``Location``. One pooled session with keep-alive per destination; the SSRF
-guard of :mod:`sluice.sinks.ssrf` on every request and every connection.
+guard of :mod:`sluice.sinks.ssrf` on every request and every connection (in a restricted
+pipeline, the network policy's guard: :mod:`sluice.netpolicy`, rule 4).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sluice.config.destinations import SinkSettings, label_field
 from sluice.connectors.base import SinkRecord
 from sluice.errors import DeliveryError
 from sluice.sinks.ssrf import (
+    Guard,
     RefusedAddress,
     guarded_session,
     redirect_refused,
@@ -125,6 +127,12 @@ def check(config: Any, file: object) -> list[tuple[tuple[str, ...], str]]:
     return url_check(typed.url, typed.allow_link_local)
 
 
+def network_guard(ctx: registry.BuildContext) -> Guard | None:
+    """The guard of a restricted pipeline's HTTP component (its network policy's), else
+    ``None`` (the SSRF guard)."""
+    return None if ctx.network is None else ctx.network.guard()
+
+
 def retry_after_s(value: str | None) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
     if not value:
@@ -142,7 +150,8 @@ def retry_after_s(value: str | None) -> float | None:
 
 class HttpSink:
     def __init__(self, url: str, headers: Mapping[str, str] | None = None, *,
-                 timeout_s: float = 10.0, allow_link_local: bool = False) -> None:
+                 timeout_s: float = 10.0, allow_link_local: bool = False,
+                 guard: Guard | None = None) -> None:
         problems = url_problems(url, allow_link_local=allow_link_local)
         if problems:
             raise ValueError(problems[0])
@@ -150,12 +159,13 @@ class HttpSink:
         self.headers = dict(headers or {})
         self.timeout_s = timeout_s
         self.allow_link_local = allow_link_local
+        self.guard = guard  # None: the SSRF guard (allow_link_local decides)
         self._session: aiohttp.ClientSession | None = None
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = guarded_session(
-                allow_link_local=self.allow_link_local,
+                allow_link_local=self.allow_link_local, guard=self.guard,
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s))
         return self._session
 
@@ -193,7 +203,7 @@ class HttpSink:
 
 def build_sink(config: HttpSinkConfig, ctx: registry.BuildContext) -> HttpSink:
     return HttpSink(config.url, config.headers, timeout_s=float(config.timeout_s),
-                    allow_link_local=config.allow_link_local)
+                    allow_link_local=config.allow_link_local, guard=network_guard(ctx))
 
 
 registry.register(registry.ComponentSpec(

@@ -242,4 +242,6 @@ SPEC = registry.register(registry.ComponentSpec(
     factory=build_sink,
     settings=KafkaSinkConfig.from_mapping,
     extra="kafka",
+    endpoints=lambda config: kc.endpoints(config.brokers, config.config),
+    restricted_check=lambda config: kc.restricted_check(config.config),
 ))

@@ -160,4 +160,5 @@ SPEC = registry.register(registry.ComponentSpec(
     factory=build_sink,
     settings=NatsSinkConfig.from_mapping,
     extra="nats",
+    endpoints=lambda config: nc.endpoints(config.url),
 ))

@@ -23,8 +23,10 @@ from sluice.sinks.http import (
     URL_FIELDS,
     HttpSink,
     HttpSinkConfig,
+    network_guard,
     url_check,
 )
+from sluice.sinks.ssrf import Guard
 from sluice.spec import REQUIRED, Field, ObjectSpec
 
 SECRET_ENV = "secret_env"
@@ -48,8 +50,10 @@ class WebhookSinkConfig(HttpSinkConfig):
 
 class WebhookSink(HttpSink):
     def __init__(self, url: str, secret: str, headers: dict[str, str] | None = None, *,
-                 timeout_s: float = 10.0, allow_link_local: bool = False) -> None:
-        super().__init__(url, headers, timeout_s=timeout_s, allow_link_local=allow_link_local)
+                 timeout_s: float = 10.0, allow_link_local: bool = False,
+                 guard: Guard | None = None) -> None:
+        super().__init__(url, headers, timeout_s=timeout_s, allow_link_local=allow_link_local,
+                         guard=guard)
         self._signer = Webhook(secret)
 
     def request_headers(self, record: SinkRecord) -> dict[str, str]:
@@ -73,7 +77,7 @@ def check(config: Any, file: object) -> list[tuple[tuple[str, ...], str]]:
 def build_sink(config: WebhookSinkConfig, ctx: registry.BuildContext) -> WebhookSink:
     return WebhookSink(config.url, os.environ[config.secret_env], config.headers,
                        timeout_s=float(config.timeout_s),
-                       allow_link_local=config.allow_link_local)
+                       allow_link_local=config.allow_link_local, guard=network_guard(ctx))
 
 
 registry.register(registry.ComponentSpec(
