@@ -42,8 +42,9 @@ What is traced (span names; attributes are ``sluice.*``):
 Off, the only work is copying a valid ``traceparent`` (and its ``tracestate``) that is already
 there: from a submit's request onto its message, from the message to an HTTP function and onto
 its result records. Nothing else is allocated; each hook is one check of :data:`ENABLED`.
-Batch handler calls (``handler.batch``) get no attempt span: each event carries its message's
-own trace context.
+A batch handler call (``handler.batch``) gives each of its messages an attempt span of its
+own (a child of that message's ``traceparent``); none is current during the call, which is one
+for all, and each message of the call carries its own span's ``traceparent``.
 """
 
 from __future__ import annotations
@@ -335,9 +336,10 @@ class AttemptSpan:
     """The span of one handler attempt, current from its start until :meth:`end` (see the
     module docstring, 2)."""
 
-    __slots__ = ("_span", "_token")
+    __slots__ = ("_context", "_span", "_token")
 
-    def __init__(self, headers: Mapping[str, str], fields: Mapping[str, Any]) -> None:
+    def __init__(self, headers: Mapping[str, str], fields: Mapping[str, Any], *,
+                 current: bool = True) -> None:
         from opentelemetry import context, trace
         from opentelemetry.trace import SpanKind
 
@@ -346,7 +348,19 @@ class AttemptSpan:
         self._span: Span = _tracer.start_span(
             f"attempt {fields.get('pipeline')}", context=parent, kind=SpanKind.CONSUMER,
             attributes=_attributes(fields))
-        self._token = context.attach(trace.set_span_in_context(self._span, parent))
+        self._context = trace.set_span_in_context(self._span, parent)
+        self._token = context.attach(self._context) if current else None
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """This span current in the ``with`` block (a batch's span: not current otherwise)."""
+        from opentelemetry import context
+
+        token = context.attach(self._context)
+        try:
+            yield
+        finally:
+            context.detach(token)
 
     def end(self, outcome: Outcome | None) -> None:
         """End the span with the attempt's ``outcome`` (``None``: cancelled); an exception
@@ -368,15 +382,19 @@ class AttemptSpan:
         else:
             span.set_attribute("sluice.outcome", "error")
             _failed(span, error)
-        context.detach(self._token)
+        if self._token is not None:
+            context.detach(self._token)
         span.end()
 
 
-def attempt_span(headers: Mapping[str, str], fields: Mapping[str, Any]) -> AttemptSpan:
+def attempt_span(headers: Mapping[str, str], fields: Mapping[str, Any], *,
+                 current: bool = True) -> AttemptSpan:
     """(Tracing on.) Start an attempt's span as a child of the message ``headers``' context,
     with ``fields`` (pipeline, task_id, attempt, tenant, function) as its attributes (a log
-    line's ``trace_id`` is the span's own, not an attribute)."""
-    return AttemptSpan(headers, {k: v for k, v in fields.items() if k != "trace_id"})
+    line's ``trace_id`` is the span's own, not an attribute). ``current=False`` (a batch's
+    spans): current only inside :meth:`AttemptSpan.active`."""
+    return AttemptSpan(headers, {k: v for k, v in fields.items() if k != "trace_id"},
+                       current=current)
 
 
 @contextmanager

@@ -679,12 +679,18 @@ class ConsumerLoop:
         back with the batch's load signal; each lane moved on."""
         signal, retry_after_s, latency_s = Signal.ERROR, None, None
         ends: list[tuple[Delivery, bool, float]] = []
+        outcomes: list[Outcome | None] = [None] * len(items)
+        # Tracing (sluice.tracing): an attempt span per message, current only while its own
+        # message is made and its outcome recorded.
+        spans = ([tracing.attempt_span(d.headers, self._fields(d, c.attempts), current=False)
+                  for d, c in items] if tracing.ENABLED else None)
         try:
-            outcomes: list[Outcome | None] = [self._precheck(d, c) for d, c in items]
+            outcomes = [self._precheck(d, c) for d, c in items]
             calls = [(i, d, c) for i, ((d, c), o) in enumerate(zip(items, outcomes, strict=True))
                      if o is None]
             if calls:
-                messages = [self._message(d, c.attempts) for _, d, c in calls]
+                messages = [self._message(d, c.attempts, spans[i] if spans else None)
+                            for i, d, c in calls]
                 assert isinstance(self.handler, BatchHandler)
                 answers = await self.handler.invoke_batch(messages,
                                                           self.config.consumer.timeout_s)
@@ -695,11 +701,14 @@ class ConsumerLoop:
                 signal = _signal(answers)
                 retry_after_s = max((a.retry_after_s or 0.0 for a in answers if a.overload),
                                     default=0.0) or None
-            for (delivery, claim), outcome in zip(items, outcomes, strict=True):
+            for i, ((delivery, claim), outcome) in enumerate(zip(items, outcomes, strict=True)):
                 assert outcome is not None
-                retrying, retry_in_s = await self._conclude(delivery, claim, outcome)
+                with spans[i].active() if spans else contextlib.nullcontext():
+                    retrying, retry_in_s = await self._conclude(delivery, claim, outcome)
                 ends.append((delivery, retrying, retry_in_s))
         finally:
+            for span, outcome in zip(spans or (), outcomes, strict=False):
+                span.end(outcome)
             self.limiter.give_back(permit, signal, retry_after_s, latency_s)
             ended = {id(d) for d, _, _ in ends}
             # Ended without a record (shutdown): their lanes move on as a handed-back one's.
@@ -808,11 +817,17 @@ class ConsumerLoop:
                 self.config.name, status)
         child.observe(duration_s)
 
-    def _message(self, delivery: Delivery, attempts: int) -> Message:
-        """What the handler gets (its payload decoded when the handler first reads it)."""
+    def _message(self, delivery: Delivery, attempts: int,
+                 span: tracing.AttemptSpan | None = None) -> Message:
+        """What the handler gets (its payload decoded when the handler first reads it).
+        ``span``: a batch message's attempt span (else the current one is the attempt's)."""
         headers = delivery.headers
         if tracing.ENABLED:  # tracing (issue 17 item 3): the attempt span's traceparent
-            headers = tracing.handler_headers(headers)
+            if span is not None:
+                with span.active():
+                    headers = tracing.handler_headers(headers)
+            else:
+                headers = tracing.handler_headers(headers)
         return Message(delivery.task_id, self.config.name, body=delivery.body,
                        content_type=delivery.content_type, key=delivery.key,
                        headers=headers, attempt=attempts, tenant=delivery.tenant,

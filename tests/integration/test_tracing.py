@@ -217,6 +217,38 @@ async def test_a_broker_message_with_a_traceparent_is_continued(
     assert parts(records["m1"].headers["traceparent"]) == (TRACE_ID, span_id)
 
 
+async def seen_batch(messages: list[Message]) -> list[dict[str, str]]:
+    """A batch handler that answers, per message, the headers it had."""
+    return [dict(m.headers) for m in messages]
+
+
+async def test_each_message_of_a_batch_call_gets_its_own_attempt_span(
+        spans: InMemorySpanExporter, data_dir: Path) -> None:
+    config = pipeline("{python: tests.integration.test_tracing:seen_batch, "
+                      "batch: {max_size: 10, max_wait_ms: 200}}", name="batched")
+    other_trace, other_span = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    embedded.submit(Database.open(data_dir), "batched", "default", "batched", [
+        QueuedMessage("b1", b"{}", headers={"traceparent": TRACEPARENT}),
+        QueuedMessage("b2", b"{}", headers={"traceparent": f"00-{other_trace}-{other_span}-01"}),
+        QueuedMessage("b3", b"{}")])
+    await drain(config, data_dir)
+    attempts = {s.attributes["sluice.task_id"]: s for s in spans.get_finished_spans()
+                if s.name == "attempt batched" and s.attributes is not None}
+    assert set(attempts) == {"b1", "b2", "b3"}
+    assert {a.attributes["sluice.outcome"] for a in attempts.values()
+            if a.attributes is not None} == {"success"}
+    b1, b2, b3 = (hex_ids(attempts[t]) for t in ("b1", "b2", "b3"))
+    assert (b1[0], b1[2]) == (TRACE_ID, PRODUCER_SPAN)
+    assert (b2[0], b2[2]) == (other_trace, other_span)
+    assert b3[2] is None and b3[0] not in (TRACE_ID, other_trace)  # none: a new trace
+    store = SqliteTaskStore(Database.open(data_dir))
+    records = {r.task_id: r for r in results(data_dir, "batched.results")}
+    for task_id, (trace_id, span_id, _) in (("b1", b1), ("b2", b2), ("b3", b3)):
+        saw = json.loads((await store.get(task_id, "batched")).result or b"")
+        assert parts(saw["traceparent"]) == (trace_id, span_id)  # its own span, in the call
+        assert parts(records[task_id].headers["traceparent"]) == (trace_id, span_id)
+
+
 def test_the_exporters_asked_for() -> None:
     assert tracing.exporters_asked(None, {}) == []
     assert tracing.exporters_asked(None, {"OTEL_TRACES_EXPORTER": "none"}) == []
