@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from jsonschema import Draft202012Validator
 
-from sluice.config.load import _describe, _leaves, _show  # the loader's wording of schema errors
+from sluice.config.load import describe_error, leaf_errors, show_value  # the loader's wording
 from sluice.config.model import PipelineConfig
 from sluice.config.readfile import read_yaml_file
 from sluice.config.yamlmarks import Marks, PathKey, load_marked
@@ -109,7 +109,7 @@ def load_cases(path: Path, config: PipelineConfig) -> list[Case]:
     if issues:
         raise ConfigError(issues)
     if not isinstance(doc, dict):
-        raise ConfigError([marks.issue((), f"expected {TESTS_FILE}, got {_show(doc)}")])
+        raise ConfigError([marks.issue((), f"expected {TESTS_FILE}, got {show_value(doc)}")])
     issues = _schema_issues(doc, marks)
     if not issues and not doc["cases"]:
         issues.append(marks.issue(("cases",), "expected at least one case, got none"))
@@ -135,7 +135,8 @@ def load_cases(path: Path, config: PipelineConfig) -> list[Case]:
 def _schema_issues(doc: dict[str, Any], marks: Marks) -> list[ConfigIssue]:
     validator = Draft202012Validator(TESTS_SPEC.json_schema())
     errors = sorted(validator.iter_errors(doc), key=lambda e: [str(p) for p in e.path])
-    issues = {str(issue): issue for issue in (_describe(e, marks) for e in _leaves(errors))}
+    described = (describe_error(e, marks) for e in leaf_errors(errors))
+    issues = {str(issue): issue for issue in described}
     return sorted(issues.values(), key=lambda i: (i.line, i.col))
 
 
@@ -168,10 +169,10 @@ def _case_issues(raw: Mapping[str, Any], at: PathKey, marks: Marks,
     if "payload" in raw and not is_json(content_type) and not isinstance(raw["payload"], str):
         yield marks.issue((*at, "payload"), f"under content_type {content_type!r} (not JSON) "
                           f"the payload is sent as text: expected a string, got "
-                          f"{_show(raw['payload'])}")
+                          f"{show_value(raw['payload'])}")
     for name, value in (raw.get("headers") or {}).items():
         if not isinstance(value, str):
-            yield marks.issue((*at, "headers", name), f"expected a string, got {_show(value)} "
+            yield marks.issue((*at, "headers", name), f"expected a string, got {show_value(value)} "
                               "(header values are text: quote it)")
     for key in sorted(given & {"payload", "result", "result_contains"}):
         try:

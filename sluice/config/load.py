@@ -125,7 +125,7 @@ def parse_pipeline(text: str, file: str = "<string>", *, check_code: bool = True
     if issues:
         raise ConfigError(issues)
     if not isinstance(doc, dict):
-        raise ConfigError([marks.issue((), f"expected {PIPELINE_FILE}, got {_show(doc)}")])
+        raise ConfigError([marks.issue((), f"expected {PIPELINE_FILE}, got {show_value(doc)}")])
     doc = _interpolate(doc, (), marks, issues, trusted)
     env_paths = {i.path for i in issues}  # a value left empty by an unset variable: said once
     issues.extend(i for i in _schema_issues(doc, marks) if i.path not in env_paths)
@@ -187,14 +187,15 @@ def _interpolate(value: Any, path: PathKey, marks: Marks, issues: list[ConfigIss
 def _schema_issues(doc: dict[str, Any], marks: Marks) -> Iterable[ConfigIssue]:
     errors = sorted(_validator().iter_errors(doc), key=lambda e: [str(p) for p in e.path])
     seen: set[str] = set()
-    for error in _leaves(errors):
-        issue = _describe(error, marks)
+    for error in leaf_errors(errors):
+        issue = describe_error(error, marks)
         if str(issue) not in seen:
             seen.add(str(issue))
             yield issue
 
 
-def _leaves(errors: Iterable[ValidationError]) -> Iterable[ValidationError]:
+def leaf_errors(errors: Iterable[ValidationError]) -> Iterable[ValidationError]:
+    """The schema errors worth saying (an ``anyOf``'s: the alternative of the value's kind)."""
     for error in errors:
         if error.validator == "anyOf":
             # Follow the alternative of the value's own kind, if one; else say what fits.
@@ -206,23 +207,24 @@ def _leaves(errors: Iterable[ValidationError]) -> Iterable[ValidationError]:
             sub = [e for e in error.context or () if e.schema_path
                    and e.schema_path[0] == index] if index is not None else []
             if sub:
-                yield from _leaves(sub)
+                yield from leaf_errors(sub)
             else:
                 yield error
         elif error.context:
-            yield from _leaves(error.context)
+            yield from leaf_errors(error.context)
         else:
             yield error
 
 
-def _describe(error: ValidationError, marks: Marks) -> ConfigIssue:
+def describe_error(error: ValidationError, marks: Marks) -> ConfigIssue:
+    """A schema error in the loader's words, at its ``file:line:col``."""
     path: PathKey = tuple(error.absolute_path)
     schema: Mapping[str, Any] = error.schema if isinstance(error.schema, Mapping) else {}
     kind = error.validator
     if kind == "anyOf":
         return marks.issue(path, "expected " + " or ".join(
             describe_expected(o) for o in error.validator_value) +
-            f", got {_show(error.instance)}")
+            f", got {show_value(error.instance)}")
     if kind == "additionalProperties":
         known = sorted(schema.get("properties", {}))
         extra = sorted(set(error.instance) - set(known))
@@ -248,11 +250,12 @@ def _describe(error: ValidationError, marks: Marks) -> ConfigIssue:
     if kind == "type" and schema.get("x-sluice-family"):
         types = ", ".join(sorted(schema.get("properties", {})))
         return marks.issue(path, f"expected a mapping naming one {schema['x-sluice-family']} "
-                                 f"type ({types}), got {_show(error.instance)}")
+                                 f"type ({types}), got {show_value(error.instance)}")
     if kind == "anyOf":
         words = " or ".join(describe_expected(o) for o in schema.get("anyOf", []))
-        return marks.issue(path, f"expected {words}, got {_show(error.instance)}")
-    return marks.issue(path, f"expected {describe_expected(schema)}, got {_show(error.instance)}")
+        return marks.issue(path, f"expected {words}, got {show_value(error.instance)}")
+    return marks.issue(path, f"expected {describe_expected(schema)}, "
+                             f"got {show_value(error.instance)}")
 
 
 def _handler_types(doc: dict[str, Any], marks: Marks) -> Iterable[ConfigIssue]:
@@ -271,7 +274,8 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _show(value: Any) -> str:
+def show_value(value: Any) -> str:
+    """A value as an error message shows it (a mapping, a list, or its repr, shortened)."""
     if isinstance(value, dict):
         return "a mapping"
     if isinstance(value, list):
