@@ -136,7 +136,7 @@ class NetworkPolicy:
         why = kind(judged)
         if why is None or self.is_allowed(judged) or self.is_allowed(ip):
             return None
-        return why if judged == ip else f"{why} ({judged}) inside {ip}"
+        return why if judged == ip else f"{why} ({judged})"
 
     def refuses(self, address: str) -> bool:
         """Whether ``address`` (an IP address as text) is refused (rule 1); a name is not."""
@@ -265,4 +265,4 @@ async def pipeline_refusals(config: PipelineConfig, policy: NetworkPolicy, *,
         why = refusals[host]
         if why is not None:
             issues.append(config.issue(path, why))
-    return issues
+    return sorted(issues, key=lambda i: (i.line, i.col))
