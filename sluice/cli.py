@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from sluice.cli_store import store as store_group
 from sluice.cli_tasks import submit, tasks
 from sluice.cli_tenants import tenants
 from sluice.config.load import duplicate_names, load_pipeline, schema_text
-from sluice.errors import ConfigError, SluiceError
+from sluice.errors import ConfigError, Misconfigured, SluiceError
 from sluice.pipeline_tests import pipeline_test
 from sluice.spec import REQUIRED, Field, ObjectSpec
 from sluice.tracing import setup as setup_tracing
@@ -77,11 +77,29 @@ def validate(files: Sequence[Path]) -> None:
 
 # -- run --------------------------------------------------------------------------------------
 
+ALLOW_NETWORK_HELP = (
+    "A private, loopback or link-local range (CIDR, e.g. 10.0.0.0/8; one address: "
+    "127.0.0.1) that pipelines put with a tenant's key may reach; repeatable. Without it they "
+    "reach public addresses only (docs/runtime-pipelines.md). Pipelines of files and of admin "
+    "keys are not restricted.")
+
+
+def _network(cidrs: Sequence[str]) -> Any:
+    from sluice.netpolicy import NetworkPolicy
+
+    try:
+        return NetworkPolicy.parse(cidrs)
+    except ValueError as exc:
+        fail(f"--allow-network: {exc}")
+
+
 @cli.command()
-@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("files", nargs=-1, type=click.Path(path_type=Path))
 @data_dir_option
 @click.option("--concurrency", type=click.IntRange(1, 10000), default=None,
               help="Override consumer.concurrency of every pipeline.")
+@click.option("--allow-network", "allow_network", multiple=True, metavar="CIDR",
+              help=ALLOW_NETWORK_HELP)
 @click.option("--drain", is_flag=True,
               help="Exit once the pipelines' queues are empty (delayed retries included).")
 @click.option("--log-level", default="info", show_default=True,
@@ -97,24 +115,38 @@ def validate(files: Sequence[Path]) -> None:
 @click.option("--tracing", type=click.Choice(["otlp", "console", "none"]), default=None,
               help="Trace submits, attempts and deliveries with OpenTelemetry (docs/tracing.md)."
               " Default: OTEL_TRACES_EXPORTER (otlp or console), else off.")
-def run(files: Sequence[Path], data_dir: Path, concurrency: int | None, drain: bool,
-        log_level: str, log_format: str, metrics_port: int | None, metrics_host: str,
-        tracing: str | None) -> None:
-    """Run the pipelines' workers until SIGINT/SIGTERM (or, with --drain, until done)."""
-    from sluice import metrics_server, runtime
+def run(files: Sequence[Path], data_dir: Path, concurrency: int | None,
+        allow_network: Sequence[str], drain: bool, log_level: str, log_format: str,
+        metrics_port: int | None, metrics_host: str, tracing: str | None) -> None:
+    """Run the pipelines' workers until SIGINT/SIGTERM (or, with --drain, until done).
+
+    The pipelines are the FILES' and the store's definitions (put with `PUT
+    /v1/pipelines/NAME` or `sluice pipelines apply`), followed as they change (a file wins
+    over a definition of its name). Without FILES the store's definitions only: the store
+    must have one when the command starts. With --drain, the pipelines there at the start,
+    until their queues are empty."""
     from sluice.stores import open_store
+    from sluice.supervisor import Supervisor
 
     setup_logging(log_level, log_format)
     guarded(lambda: setup_tracing(tracing))  # --tracing, else OTEL_TRACES_EXPORTER
-    configs = guarded(lambda: load_all(files))
-    if concurrency is not None:
-        configs = [c.with_concurrency(concurrency) for c in configs]
+    configs = guarded(lambda: load_all(files)) if files else []
+    network = _network(allow_network)
     store_url = chosen_store_url()
     store = guarded(lambda: open_store(store_url, data_dir))
-    loops = guarded(lambda: [runtime.build(c, data_dir, store_url=store_url) for c in configs])
     log = logging.getLogger("sluice.run")
+    supervisor = Supervisor(store, data_dir, store_url=store_url, network=network,
+                            concurrency=concurrency)
+    supervisor.drain = drain
 
     async def main() -> None:
+        await supervisor.start(configs)
+        if not supervisor.running:
+            await store.close()
+            raise Misconfigured(f"nothing to run: give pipeline files, or put pipeline "
+                                f"definitions in the store {store.url} first (sluice "
+                                "pipelines apply)")
+        loops = list(supervisor.loops.values())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         signals = {"count": 0}
@@ -131,23 +163,28 @@ def run(files: Sequence[Path], data_dir: Path, concurrency: int | None, drain: b
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig)
-        log.info("running %s (store %s)", ", ".join(c.name for c in configs), store.url)
+        log.info("running %s (store %s)", ", ".join(supervisor.running), store.url)
+        from sluice import metrics_server
+
         served = None
         if metrics_port is not None:
             try:
                 served = await metrics_server.start(
-                    metrics_host, metrics_port, store.tasks,
-                    {lp.config.name: lp for lp in loops})
+                    metrics_host, metrics_port, store.tasks, supervisor.live_loops())
             except OSError as exc:
                 raise SluiceError(f"--metrics-port: cannot serve on {metrics_host}:"
                                   f"{metrics_port}: {exc.strerror or exc}") from None
         from sluice import live_status
 
-        progress = asyncio.create_task(
-            live_status.LiveStatus(loops).run() if live_status.wanted(log_format)
-            else _progress(loops, log))
+        if live_status.wanted(log_format):
+            status = live_status.LiveStatus(loops)
+            supervisor.on_change.append(
+                lambda: setattr(status, "loops", list(supervisor.loops.values())))
+            progress = asyncio.create_task(status.run())
+        else:
+            progress = asyncio.create_task(_progress(supervisor.live_loops(), log))
         try:
-            await runtime.run_pipelines(loops, stop, drain=drain, store=store)
+            await supervisor.run(stop)
         finally:
             progress.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -155,7 +192,7 @@ def run(files: Sequence[Path], data_dir: Path, concurrency: int | None, drain: b
             if served is not None:
                 await served.cleanup()
             await store.close()
-        for lp in loops:
+        for lp in supervisor.ran:
             s = lp.stats
             log.info("%s: %d succeeded, %d failed, %d retried, %d skipped as already done",
                      lp.config.name, s.succeeded, s.failed, s.retried, s.skipped)
@@ -163,10 +200,11 @@ def run(files: Sequence[Path], data_dir: Path, concurrency: int | None, drain: b
     guarded(lambda: run_async(main()), code=1)
 
 
-async def _progress(loops: Sequence[Any], log: logging.Logger, every_s: float = 10.0) -> None:
+async def _progress(loops: Mapping[str, Any], log: logging.Logger,
+                    every_s: float = 10.0) -> None:
     while True:
         await asyncio.sleep(every_s)
-        for lp in loops:
+        for lp in loops.values():
             s = lp.stats
             log.info("%s: %s; succeeded %d, failed %d, retried %d", lp.config.name,
                      lp.limiter.status(), s.succeeded, s.failed, s.retried)
@@ -223,7 +261,7 @@ def reference() -> None:
 # -- serve ---------------------------------------------------------------------------------
 
 @cli.command()
-@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("files", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
 @data_dir_option
@@ -238,6 +276,12 @@ def reference() -> None:
               help="Largest task payload accepted (larger: 413).")
 @click.option("--concurrency", type=click.IntRange(1, 10000), default=None,
               help="Override consumer.concurrency of every pipeline.")
+@click.option("--allow-network", "allow_network", multiple=True, metavar="CIDR",
+              help=ALLOW_NETWORK_HELP)
+@click.option("--watch", is_flag=True,
+              help="Reload the FILES when they change: a file that loads is applied (its "
+              "pipeline's loop swapped, nothing lost or run twice), one that does not is "
+              "logged and the running pipeline kept.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--log-format", default="text", show_default=True,
@@ -247,23 +291,33 @@ def reference() -> None:
               " Default: OTEL_TRACES_EXPORTER (otlp or console), else off.")
 def serve(files: Sequence[Path], host: str, port: int, data_dir: Path, workers: bool,
           auth_file: Path | None, insecure: bool, max_body_bytes: int, concurrency: int | None,
-          log_level: str, log_format: str, tracing: str | None) -> None:
-    """Serve the HTTP API (trigger URLs, task API, /metrics) and run the workers."""
+          allow_network: Sequence[str], watch: bool, log_level: str, log_format: str,
+          tracing: str | None) -> None:
+    """Serve the HTTP API (trigger URLs, task API, /metrics, PUT /v1/pipelines/NAME) and run
+    the workers.
+
+    The pipelines are the FILES' (none is fine) and the store's definitions, followed as they
+    are put and deleted (docs/runtime-pipelines.md); a file wins over a definition of its
+    name."""
     from sluice.gateway.auth import KeyRing
     from sluice.gateway.server import check_bind
     from sluice.gateway.server import serve as serve_forever
 
     setup_logging(log_level, log_format)
     guarded(lambda: setup_tracing(tracing))  # --tracing, else OTEL_TRACES_EXPORTER
-    configs = guarded(lambda: load_all(files, check_code=workers))
+    configs = guarded(lambda: load_all(files, check_code=workers)) if files else []
     if concurrency is not None:
         configs = [c.with_concurrency(concurrency) for c in configs]
+    if watch and not files:
+        fail("--watch reloads the pipeline FILES given: give some")
+    network = _network(allow_network)
     keys = guarded(lambda: KeyRing.load(auth_file)) if auth_file else None
     guarded(lambda: check_bind(host, keys, insecure))
     try:
         guarded(lambda: run_async(serve_forever(
             configs, data_dir, host=host, port=port, keys=keys, workers=workers,
-            max_body_bytes=max_body_bytes, store_url=chosen_store_url())), code=1)
+            max_body_bytes=max_body_bytes, store_url=chosen_store_url(), network=network,
+            watch=files if watch else ())), code=1)
     except OSError as exc:
         fail(f"cannot serve on {host}:{port}: {exc.strerror or exc}")
 

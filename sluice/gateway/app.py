@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import yaml
@@ -40,11 +40,15 @@ from sluice.gateway import definitions, problems, tenants
 from sluice.gateway.auth import ADMIN, KeyRing, Principal
 from sluice.intake import Intake
 from sluice.message import is_json
+from sluice.netpolicy import NetworkPolicy
 from sluice.stores.base import Store
 from sluice.tasks.state import TaskState
 from sluice.tasks.store import TaskRecord, TaskStore
 from sluice.tenancy.config import DEFAULT_FUNCTION
 from sluice.tenancy.quotas import SubmitQuotas
+
+if TYPE_CHECKING:
+    from sluice.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,12 @@ class Gateway:
     keys: KeyRing | None = None
     loops: dict[str, ConsumerLoop] = field(default_factory=dict)
     max_body_bytes: int = 1 << 20
+    # What a tenant's pipelines (PUT with a tenant's key) may reach (sluice.netpolicy).
+    network: NetworkPolicy = field(default_factory=NetworkPolicy)
+    # The process's running loops (sluice.supervisor): told of each PUT and DELETE.
+    supervisor: Supervisor | None = None
+    # Deleted definitions: name -> tenant, so that their tasks stay readable (rule 1).
+    retired: dict[str, str] = field(default_factory=dict)
     store: TaskStore = field(init=False)  # the state's task records
     intake: Intake = field(init=False)  # the submit service
     quotas: dict[str, SubmitQuotas] = field(init=False)  # of each hosting pipeline (rule 4)
@@ -95,8 +105,10 @@ class Gateway:
         """Whether ``who`` may see and control a task: of a hosting pipeline only its own
         tenant's (rule 1)."""
         config = self.visible(who, record.pipeline)
-        if config is None:
-            return False
+        if config is None:  # a deleted definition's tasks: its tenant's, still (rule 1)
+            tenant = self.retired.get(record.pipeline)
+            return tenant is not None and record.pipeline not in self.pipelines and \
+                who.sees(tenant)
         return who.admin or config.tenancy is None or record.tenant == who.tenant
 
 
@@ -279,10 +291,17 @@ async def submit_to(request: web.Request, config: PipelineConfig,
         return span.answered(json_response(accepted, status=202, headers={"Location": url}))
 
 
-def alias_handler(pipeline: str) -> Handler:
-    async def handler(request: web.Request) -> web.StreamResponse:
-        return await submit_task(request, pipeline)
-    return handler
+@web.middleware
+async def alias_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A POST to a pipeline's ``trigger.http.path`` that no route takes: a submit to that
+    pipeline. The aliases are those of the pipelines served now (pipelines defined at runtime
+    come and go), so they are looked up per request, never added as routes."""
+    if request.method == "POST" and request.match_info.http_exception is not None:
+        gw = request.app[GATEWAY]
+        for name, config in gw.pipelines.items():
+            if config.trigger_path == request.path:
+                return await submit_task(request, name)
+    return await handler(request)
 
 
 # -- tasks ----------------------------------------------------------------------------------
@@ -482,7 +501,7 @@ async def openapi(request: web.Request) -> web.Response:
 # -- the app --------------------------------------------------------------------------------
 
 def make_app(gateway: Gateway) -> web.Application:
-    app = web.Application(middlewares=[errors_middleware, auth_middleware],
+    app = web.Application(middlewares=[errors_middleware, auth_middleware, alias_middleware],
                           client_max_size=gateway.max_body_bytes)
     app[GATEWAY] = gateway
     r = app.router
@@ -502,9 +521,7 @@ def make_app(gateway: Gateway) -> web.Application:
     r.add_get("/v1/tasks/{task_id:[^/]+}", get_task)
     definitions.add_routes(r)  # PUT/GET/DELETE /v1/pipelines/{name}
     console.add_routes(app)  # /ui
-    for name, config in gateway.pipelines.items():
-        if config.trigger_path:
-            r.add_post(config.trigger_path, alias_handler(name))
+    # Trigger aliases (trigger.http.path): alias_middleware, as pipelines come and go.
     return app
 
 

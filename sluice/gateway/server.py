@@ -1,5 +1,9 @@
 """``sluice serve``: the HTTP API and, unless ``--no-workers``, the pipelines' workers, in one
-process. SIGINT/SIGTERM: stop accepting requests, let the workers finish in-flight tasks, exit."""
+process. SIGINT/SIGTERM: stop accepting requests, let the workers finish in-flight tasks, exit.
+
+The pipelines are the files' and the store's definitions (:mod:`sluice.supervisor`, which keeps
+the gateway's pipelines and loops in step as definitions come and go); with ``watch``, the
+files are reloaded when they change (:mod:`sluice.watch`)."""
 
 from __future__ import annotations
 
@@ -13,13 +17,14 @@ from pathlib import Path
 
 from aiohttp import web
 
-from sluice import runtime
 from sluice.config.model import PipelineConfig
 from sluice.errors import SluiceError
 from sluice.gateway.app import Gateway, alias_conflicts, make_app
 from sluice.gateway.auth import KeyRing
+from sluice.netpolicy import NetworkPolicy
 from sluice.stores import open_store
 from sluice.stores.base import Store
+from sluice.supervisor import POLL_S, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +57,19 @@ def build_gateway(configs: Sequence[PipelineConfig], store: Store, keys: KeyRing
 
 async def serve(configs: Sequence[PipelineConfig], data_dir: Path, *, host: str, port: int,
                 keys: KeyRing | None, workers: bool, max_body_bytes: int,
-                stop: asyncio.Event | None = None, store_url: str | None = None) -> None:
+                stop: asyncio.Event | None = None, store_url: str | None = None,
+                network: NetworkPolicy | None = None, watch: Sequence[Path] = (),
+                poll_s: float = POLL_S) -> None:
+    """Serve until ``stop`` (else SIGINT/SIGTERM). ``network``: what tenants' pipelines may
+    reach; ``watch``: the files to reload when they change; ``poll_s``: how often the store's
+    definitions are looked at."""
     store = open_store(store_url, data_dir)
     gateway = build_gateway(configs, store, keys, max_body_bytes)
-    loops = [runtime.build(c, data_dir, store_url=store_url) for c in configs]
-    gateway.loops = {lp.config.name: lp for lp in loops}
+    gateway.network = network or NetworkPolicy()
+    supervisor = Supervisor(store, data_dir, store_url=store_url, gateway=gateway,
+                            workers=workers, network=gateway.network, poll_s=poll_s)
+    gateway.supervisor = supervisor
+    await supervisor.start(configs)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -66,15 +79,25 @@ async def serve(configs: Sequence[PipelineConfig], data_dir: Path, *, host: str,
     site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
     log.info("serving %s on http://%s:%d (auth %s, workers %s)",
-             ", ".join(c.name for c in configs), host, port,
+             ", ".join(gateway.pipelines) or "no pipeline yet", host, port,
              "on" if keys else "off", "on" if workers else "off")
     # Everything built so far lives as long as the process: keep it out of the collector's
     # full passes, which otherwise pause every request while they walk it.
     gc.collect()
     gc.freeze()
     worker_stop = asyncio.Event()
-    running = (asyncio.create_task(runtime.run_pipelines(loops, worker_stop, store=store))
-               if workers else None)
+    running = asyncio.create_task(supervisor.run(worker_stop))
+    watching = None
+    if watch:
+        from sluice.watch import watch_files
+
+        async def reload(config: PipelineConfig) -> None:
+            await supervisor.apply(config)
+
+        async def forget(name: str) -> None:
+            await supervisor.remove(name)
+
+        watching = asyncio.create_task(watch_files(watch, reload, forget, worker_stop))
     try:
         await stop.wait()
         log.info("stopping: no new requests; finishing tasks in flight")
@@ -82,6 +105,7 @@ async def serve(configs: Sequence[PipelineConfig], data_dir: Path, *, host: str,
         await runner.cleanup()  # stops accepting, waits for requests in progress
         await gateway.close()
         worker_stop.set()
-        if running is not None:
-            await running
+        if watching is not None:
+            await asyncio.gather(watching, return_exceptions=True)
+        await running
         await store.close()
