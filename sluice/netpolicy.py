@@ -188,7 +188,7 @@ async def _resolve(host: str, timeout_s: float) -> tuple[list[str], str | None]:
             loop.getaddrinfo(host, None, type=socket.SOCK_STREAM), timeout_s)
     except TimeoutError:
         return [], f"did not resolve within {timeout_s:g}s"
-    except (OSError, UnicodeError) as exc:
+    except (OSError, ValueError) as exc:  # UnicodeError: a name IDNA cannot encode
         return [], f"does not resolve ({exc})"
     return sorted({str(info[4][0]) for info in infos}), None
 
