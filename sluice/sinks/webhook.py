@@ -74,6 +74,14 @@ def check(config: Any, file: object) -> list[tuple[tuple[str, ...], str]]:
     return problems
 
 
+def restricted_check(config: WebhookSinkConfig) -> list[tuple[tuple[str, ...], str]]:
+    """A restricted pipeline (a tenant's) may not sign with a secret of the server's
+    environment: it would choose which of the server's secrets signs what it sends."""
+    return [((SECRET_ENV,), "a pipeline put with a tenant's key cannot use the server's "
+             "environment variables; a tenant's pipeline cannot use the webhook sink (use an "
+             "http destination with its own headers)")]
+
+
 def build_sink(config: WebhookSinkConfig, ctx: registry.BuildContext) -> WebhookSink:
     return WebhookSink(config.url, os.environ[config.secret_env], config.headers,
                        timeout_s=float(config.timeout_s),
@@ -88,4 +96,5 @@ registry.register(registry.ComponentSpec(
     factory=build_sink,
     settings=WebhookSinkConfig.from_mapping,
     check=check,
+    restricted_check=restricted_check,
 ))

@@ -224,3 +224,13 @@ async def test_a_third_party_component_is_checked_by_its_url_key() -> None:
         (issue,) = await pipeline_refusals(config, NONE)
     assert issue.path == "on_success[0].acme.url"
     assert issue.message.startswith("10.9.8.7 is a private address")
+
+
+async def test_a_webhook_signing_with_a_server_secret_is_refused(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+    config = pipeline("on_success: [{webhook: {url: 'https://1.1.1.1/h', "
+                      "secret_env: HOOK_SECRET}}]")
+    (issue,) = await pipeline_refusals(config, NONE)
+    assert issue.path == "on_success[0].webhook.secret_env"
+    assert "cannot use the server's environment variables" in issue.message
