@@ -5,7 +5,9 @@
 once). Redirects are not followed (as webhook senders do not): a 3xx is permanent, and its
 error names the ``Location``. One pooled session with keep-alive per destination; the SSRF
 guard of :mod:`sluice.sinks.ssrf` on every request and every connection (in a restricted
-pipeline, the network policy's guard: :mod:`sluice.netpolicy`, rule 4).
+pipeline, the network policy's guard: :mod:`sluice.netpolicy`, rule 4). A record's W3C trace
+context (``traceparent``/``tracestate``, the attempt's that made it: :mod:`sluice.tracing`)
+goes with its request, so the receiver joins the task's trace.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import aiohttp
 
-from sluice import registry
+from sluice import registry, tracing
 from sluice.config.destinations import SinkSettings, label_field
 from sluice.connectors.base import SinkRecord
 from sluice.errors import DeliveryError
@@ -170,6 +172,9 @@ class HttpSink:
         return self._session
 
     def request_headers(self, record: SinkRecord) -> dict[str, str]:
+        if tracing.TRACEPARENT in record.headers:
+            trace = tracing.carried(record.headers) or {}
+            return {"Content-Type": record.content_type, **trace, **self.headers}
         return {"Content-Type": record.content_type, **self.headers}
 
     async def send(self, records: Sequence[SinkRecord]) -> None:

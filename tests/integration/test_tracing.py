@@ -249,6 +249,31 @@ async def test_each_message_of_a_batch_call_gets_its_own_attempt_span(
         assert parts(records[task_id].headers["traceparent"]) == (trace_id, span_id)
 
 
+async def test_an_http_destination_gets_the_records_trace_context(
+        spans: InMemorySpanExporter, function: tuple[list[dict[str, str]], str],
+        data_dir: Path) -> None:
+    calls, url = function
+    config = parse_pipeline(textwrap.dedent(f"""
+        name: hooked
+        source: {{embedded: {{queue: hooked}}}}
+        handler: {{python: tests.integration.test_tracing:seen}}
+        on_success: [{{http: {{url: "{url}"}}}}]
+        """))
+    embedded.submit(Database.open(data_dir), "hooked", "default", "hooked", [
+        QueuedMessage("h1", b"{}", headers={"traceparent": TRACEPARENT,
+                                            "tracestate": TRACESTATE})])
+    await drain(config, data_dir)
+    for _ in range(100):  # the outbox delivers after the task is recorded
+        if calls:
+            break
+        await asyncio.sleep(0.05)
+    (attempt,) = [s for s in spans.get_finished_spans() if s.name == "attempt hooked"]
+    _, attempt_id, _ = hex_ids(attempt)
+    (call,) = calls
+    assert parts(call["traceparent"]) == (TRACE_ID, attempt_id)
+    assert call["tracestate"] == TRACESTATE
+
+
 def test_the_exporters_asked_for() -> None:
     assert tracing.exporters_asked(None, {}) == []
     assert tracing.exporters_asked(None, {"OTEL_TRACES_EXPORTER": "none"}) == []
