@@ -17,9 +17,12 @@ Rules:
    ``histogram_quantile`` does: approximate, never finer than the buckets. No attempt ended
    in the window: no figure (None).
 4. The backlog is the source's own count, asked with a timeout of :data:`BACKLOG_TIMEOUT_S`;
-   a source that cannot answer gives None, and the sampler goes on. A pipeline with no loop in
-   this process (``sluice serve --no-workers``) has only its pause flag; its other figures
-   are None.
+   a source that cannot answer gives None, and the sampler goes on. It and the pause flag (a
+   store read) are asked only while someone watches: an event stream is open, or a page was
+   shown in the last :data:`WATCHED_S`; otherwise the backlog is None and the pause flag the
+   last one read, so an unwatched console costs the sources and the store nothing. A
+   pipeline with no loop in this process (``sluice serve --no-workers``) has only its pause
+   flag; its other figures are None.
 5. A subscriber that does not keep up misses ticks (its queue holds :data:`QUEUE_TICKS`);
    it never holds up the sampler or the other subscribers. Stopping the sampler ends every
    subscription (a server that stops is not held by open event streams).
@@ -50,6 +53,7 @@ ERROR_WINDOW_S = 10.0
 LATENCY_WINDOW_S = 30.0
 BACKLOG_TIMEOUT_S = 0.8
 QUEUE_TICKS = 8
+WATCHED_S = 60.0  # after a page was shown, the backlog is read this long (rule 4)
 
 Buckets = list[tuple[float, float]]  # (upper bound in seconds, cumulative count), ascending
 
@@ -131,6 +135,15 @@ class Sampler:
         self._history_points = history_points
         self._subscribers: set[asyncio.Queue[dict[str, Point] | None]] = set()
         self._task: asyncio.Task[None] | None = None
+        self._watched_until = 0.0  # monotonic
+
+    def watched(self) -> None:
+        """A page was shown: read the backlog for the next :data:`WATCHED_S` (rule 4)."""
+        self._watched_until = time.monotonic() + WATCHED_S
+
+    @property
+    def watching(self) -> bool:
+        return bool(self._subscribers) or time.monotonic() < self._watched_until
 
     # -- running ------------------------------------------------------------------------------
 
@@ -181,11 +194,13 @@ class Sampler:
         buckets = handler_buckets()
         now, at = time.time(), time.monotonic()
         tick: dict[str, Point] = {}
+        watching = self.watching
         for name in names:
-            try:
-                paused = await gw.store.is_paused(name)
-            except Exception:
-                paused = False
+            history = self.history.get(name)
+            paused = history[-1].paused if history else False
+            if watching:
+                with contextlib.suppress(Exception):  # a store outage: the last flag read
+                    paused = await gw.store.is_paused(name)
             loop = gw.loops.get(name)
             if loop is None:  # rule 4
                 point = Point(now, None, None, None, None, None, None, None, paused)
@@ -196,9 +211,9 @@ class Sampler:
                 ring = self._counters.setdefault(name, deque(maxlen=self._keep))
                 ring.append(counters)
                 p50, p99 = _latency_ms(ring, at)
+                backlog = await _backlog(loop.source) if watching else None
                 point = Point(now, _rate(ring), loop.limiter.in_flight, loop.limiter.limit,
-                              await _backlog(loop.source), _error_share(ring, at), p50, p99,
-                              paused)
+                              backlog, _error_share(ring, at), p50, p99, paused)
             tick[name] = point
             self.history.setdefault(name, deque(maxlen=self._history_points)).append(point)
         return tick

@@ -74,6 +74,7 @@ async def login_form(request: web.Request) -> web.Response:
 
 async def overview(request: web.Request) -> web.Response:
     gw, visitor = gateway(request), who(request)
+    sampler(request).watched()
     counts = await gw.store.counts()
     rows = []
     for name in gw.visible_names(visitor):
@@ -96,6 +97,7 @@ async def pipeline_page(request: web.Request) -> web.Response:
     config = gw.visible(visitor, name)
     if config is None:
         return await not_found(request, f"pipeline {name!r}")
+    sampler(request).watched()
     q = request.query
     state = q.get("state", "").upper() or None
     if state not in (None, *STATES):

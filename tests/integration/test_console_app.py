@@ -152,6 +152,10 @@ async def test_the_sampler_and_the_event_stream_follow_the_running_pipelines(
         served: Served) -> None:
     client, gw = served.client, served.gateway
     sampler = served.app[SAMPLER]
+    # Nobody watching: the sources are not asked for their backlog (live rule 4).
+    assert (await sampler.sample())["mine"].backlog is None
+    assert await log_in(client, ALPHA_KEY) == 303
+    assert (await client.get("/ui/")).status == 200  # a page shown: watched from now on
     for i in range(40):
         resp = await client.post("/v1/pipelines/mine/tasks", json={"sleep_s": 0.05},
                                  headers={"Authorization": f"Bearer {ADMIN_KEY}",
@@ -169,7 +173,6 @@ async def test_the_sampler_and_the_event_stream_follow_the_running_pipelines(
     p50 = next(p.p50_ms for p in reversed(points) if p.p50_ms)
     assert 25 <= p50 <= 100  # 50 ms sleeps, within the histogram's (25, 50] and (50, 100]
 
-    assert await log_in(client, ALPHA_KEY) == 303
     resp = await client.get("/ui/live")
     assert resp.headers["Content-Type"] == "text/event-stream"
     events: list[tuple[str, Any]] = []
