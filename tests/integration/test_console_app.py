@@ -187,6 +187,16 @@ async def test_the_sampler_and_the_event_stream_follow_the_running_pipelines(
     assert second == "tick" and set(tick) == {"mine"}
     resp.close()
 
+    # A task id with '/' in it is one URL segment (%2F), as on the API.
+    resp = await client.post("/v1/pipelines/mine/tasks", json={},
+                             headers={"Authorization": f"Bearer {ADMIN_KEY}",
+                                      "Task-Id": "orders/42", "Delay-S": "600"})
+    assert resp.status == 202
+    page = await (await client.get("/ui/pipelines/mine?id=orders/42")).text()
+    assert 'href="/ui/pipelines/mine/tasks/orders%2F42"' in page
+    resp = await client.get("/ui/pipelines/mine/tasks/orders%2F42")
+    assert resp.status == 200 and "orders/42" in await resp.text()
+
     del gw.pipelines["theirs"]  # a pipeline that goes away loses its history (rule 1)
     await sampler.sample()
     assert "theirs" not in sampler.history and "mine" in sampler.history
