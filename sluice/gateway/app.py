@@ -409,8 +409,9 @@ async def control(gw: Gateway, found: TaskRecord, action: str) -> TaskRecord:
         loop = gw.loops.get(found.pipeline)
         if loop is not None:
             loop.cancel_attempt(found.task_id)
-    if action == "resume":
-        await gw.intake.wake(gw.pipelines[found.pipeline], found.task_id)
+    config = gw.pipelines.get(found.pipeline)
+    if action == "resume" and config is not None:  # (a deleted pipeline's: when it is back)
+        await gw.intake.wake(config, found.task_id)
     return record
 
 
@@ -421,8 +422,9 @@ async def list_pipelines(request: web.Request) -> web.Response:
     out = []
     counts = await gw.store.counts()
     who = principal(request)
+    pipelines = gw.pipelines  # as they are now: definitions come and go while this awaits
     for name in gw.visible_names(who):
-        config = gw.pipelines[name]
+        config = pipelines[name]
         # A hosting pipeline's counts are every tenant's: a tenant's key is not shown them.
         shown = who.admin or config.tenancy is None
         out.append({"name": name, "tenant": config.tenant, "source": config.source.type,

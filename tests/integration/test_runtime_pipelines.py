@@ -29,9 +29,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from sluice.config.load import load_pipeline
+from sluice.config.load import load_pipeline, parse_pipeline
+from sluice.datadir import QueuedMessage
 from sluice.gateway.auth import KeyRing
 from sluice.gateway.server import serve
+from sluice.intake import submit
 from sluice.netpolicy import NetworkPolicy
 from sluice.stores import open_store
 from sluice.tasks.state import TaskState
@@ -89,14 +91,16 @@ async def function(delay_s: tuple[float, float] = (0.002, 0.02)) -> AsyncIterato
 @contextlib.asynccontextmanager
 async def server(tmp_path: Path, store_url: str | None, *files: Path,
                  keys: KeyRing | None = None, workers: bool = True,
-                 network: NetworkPolicy | None = None) -> AsyncIterator[str]:
+                 network: NetworkPolicy | None = None, watch: bool = False,
+                 ) -> AsyncIterator[str]:
     """``sluice serve FILES`` in this process; its base URL."""
     port = free_port()
     stop = asyncio.Event()
     configs = [load_pipeline(f) for f in files]
     serving = asyncio.create_task(serve(
         configs, tmp_path / "data", host="127.0.0.1", port=port, keys=keys, workers=workers,
-        max_body_bytes=1 << 20, stop=stop, store_url=store_url, network=network))
+        max_body_bytes=1 << 20, stop=stop, store_url=store_url, network=network,
+        watch=files if watch else ()))
     url = f"http://127.0.0.1:{port}"
     async with aiohttp.ClientSession() as http:
         deadline = time.monotonic() + 20
@@ -312,6 +316,19 @@ def test_bad_bodies_file_names_and_aliases(tmp_path: Path) -> None:
             assert fn.calls["via-alias"] == 1
             async with http.post(f"{base}/hooks/nothing", json={}) as resp:
                 assert resp.status == 404
+            # A definition whose handler's code is missing on this worker: stored (the code
+            # may be on other workers), logged and skipped here; the others run on.
+            status, body = await put(http, base, "ghost", 'name: ghost\nsource: {embedded: '
+                                     '{queue: ghost}}\nhandler: {python: "no_such_mod:fn"}\n')
+            assert status == 201, body
+            async with http.post(f"{base}/hooks/hooked", json={},
+                                 headers={"Task-Id": "after-ghost"}) as resp:
+                assert resp.status == 202
+            for _ in range(100):
+                if fn.calls["after-ghost"]:
+                    break
+                await asyncio.sleep(0.05)
+            assert fn.calls["after-ghost"] == 1
 
     asyncio.run(main())
 
@@ -432,3 +449,80 @@ def test_a_put_on_one_server_is_run_by_another_of_the_store(tmp_path: Path) -> N
                 worker.communicate(timeout=20)
             except subprocess.TimeoutExpired:
                 worker.kill()
+
+
+# -- sluice run and serve --watch ------------------------------------------------------------
+
+ECHO = """name: echoed
+source: {embedded: {queue: echoed, poll_interval_s: 0.01}}
+handler: {python: "tests.helpers.handlers:echo"}
+"""
+
+
+def test_run_without_files_runs_the_stores_definitions(tmp_path: Path) -> None:
+    """``sluice run`` with no files runs the store's definitions; a store without any: exit 2
+    (nothing to run)."""
+    data = tmp_path / "data"
+    log = tmp_path / "calls.log"
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*sluice_cmd(), "run", "--data-dir", str(data), "--drain"],
+                              cwd=ROOT, env=subprocess_env(SLUICE_TEST_LOG=str(log)),
+                              capture_output=True, text=True, timeout=60)
+
+    empty = run()
+    assert empty.returncode == 2 and "nothing to run" in empty.stderr, empty
+
+    async def define() -> None:
+        store = open_store(None, data)
+        await store.definitions.put("echoed", "default", ECHO, "yaml", put_by="admin",
+                                    restricted=False)
+        config = parse_pipeline(ECHO, "store:echoed")
+        await submit(store, config, [QueuedMessage(f"e{i}", b"{}") for i in range(3)])
+        await store.close()
+
+    asyncio.run(define())
+    done = run()
+    assert done.returncode == 0, done.stderr
+    assert sorted(line.split()[1] for line in log.read_text().splitlines()) == [
+        "e0", "e1", "e2"]
+
+
+def test_serve_watch_swaps_a_changed_file(tmp_path: Path) -> None:
+    """``serve --watch``: a saved file that loads is applied (its loop swapped: the tasks go to
+    the new handler URL), one that does not load leaves the pipeline as it was."""
+    file = tmp_path / "watched.yaml"
+
+    async def main() -> None:
+        async with function() as first, function() as second, aiohttp.ClientSession() as http:
+            file.write_text(pipeline("watched", first.url))
+            async with server(tmp_path, None, file, watch=True) as base:
+
+                async def one(task_id: str, fn: Function) -> None:
+                    async with http.post(f"{base}/v1/pipelines/watched/tasks", json={},
+                                         headers={"Task-Id": task_id}) as resp:
+                        assert resp.status == 202
+                    deadline = time.monotonic() + 10
+                    while not fn.calls[task_id]:
+                        assert time.monotonic() < deadline, f"{task_id} not run"
+                        await asyncio.sleep(0.02)
+
+                await one("w1", first)
+                await asyncio.sleep(0.5)  # the watcher is set up
+                file.write_text(pipeline("watched", second.url))
+                deadline = time.monotonic() + 10
+                n = 0
+                while not second.calls:
+                    assert time.monotonic() < deadline, "the change was not applied"
+                    n += 1
+                    async with http.post(f"{base}/v1/pipelines/watched/tasks", json={},
+                                         headers={"Task-Id": f"w2-{n}"}) as resp:
+                        assert resp.status == 202
+                    await asyncio.sleep(0.2)
+                file.write_text("name: watched\nsource: {embedded: {}}\nhandler: 3\n")
+                await asyncio.sleep(1.5)  # logged, not applied
+                await one("w3", second)
+                calls = first.calls + second.calls
+                assert [t for t, c in calls.items() if c != 1] == []
+
+    asyncio.run(main())
