@@ -42,6 +42,8 @@ consumer:
   ordering: unordered
   timeout_s: 30
   retry: {{max_attempts: 3, initial_backoff_s: 0.02, max_backoff_s: 0.1}}
+on_success: [{{embedded: {{queue: {name}.done}}}}]
+on_failure: [{{embedded: {{queue: {name}.failed}}}}]
 """
 
 
@@ -225,6 +227,7 @@ def test_the_console_in_a_browser(console: Console) -> None:
     expect(page.locator("[data-timeline] .tl-bar")).not_to_have_count(0)
     expect(page.locator("[data-state]")).to_have_text("failed")
     expect(page.locator("pre.code").first).to_contain_text("RuntimeError")
+    expect(page.locator(".tl-bar.deliver")).to_have_count(1)  # its failure record's delivery
     no_overflow(page)
     shot(page, "task")
 
