@@ -138,6 +138,7 @@ def run(files: Sequence[Path], data_dir: Path, concurrency: int | None,
     supervisor = Supervisor(store, data_dir, store_url=store_url, network=network,
                             concurrency=concurrency)
     supervisor.drain = drain
+    supervisor.keep_ran = True  # the summary at the end
 
     async def main() -> None:
         await supervisor.start(configs)

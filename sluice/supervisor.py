@@ -48,11 +48,11 @@ from sluice.config.model import PipelineConfig
 from sluice.consumer.loop import ConsumerLoop, LoopStats
 from sluice.definitions import Definition
 from sluice.errors import ConfigError, ConfigIssue, SluiceError
+from sluice.netpolicy import NetworkPolicy
 from sluice.stores.base import ControlEvent, Store
 
 if TYPE_CHECKING:
     from sluice.gateway.app import Gateway
-    from sluice.netpolicy import NetworkPolicy
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,8 @@ class Supervisor:
         self.store_url = store_url
         self.gateway = gateway
         self.workers = workers
-        self.network = network
+        # What restricted definitions may reach (default: nothing of the operator's network).
+        self.network = network or NetworkPolicy()
         self.concurrency = concurrency
         self.follow = follow
         self.poll_s = poll_s
@@ -108,12 +109,14 @@ class Supervisor:
         self.seen: dict[str, int] = {}  # the version of each definition looked at
         self.done: dict[str, int] = {}  # ... and of each served now, or refused here
         self.retired: dict[str, str] = {}  # deleted definitions' tenants (rule 5)
-        self.ran: list[ConsumerLoop] = []  # every loop that ran, for a final summary
+        self.keep_ran = False  # keep every loop that ran in ``ran`` (a final summary)
+        self.ran: list[ConsumerLoop] = []
         self.on_change: list[Callable[[], None]] = []  # called when the running set changes
         self.drain = False
         self._locks: dict[str, asyncio.Lock] = {}
         self._poked = asyncio.Event()
         self._changes: set[asyncio.Task[None]] = set()
+        self._closing: set[asyncio.Task[None]] = set()  # loops built in vain, closing
         self._pushed: bool | None = None  # the store's last "listening"/"deaf" (rule 6)
         self._crashed: asyncio.Queue[tuple[str, BaseException]] = asyncio.Queue()
         self._since = 0
@@ -214,7 +217,9 @@ class Supervisor:
             try:
                 runtime.build_handlers([loop])
             except ConfigError as exc:
-                asyncio.get_running_loop().create_task(_close(loop))
+                closing = asyncio.get_running_loop().create_task(_close(loop))
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
                 if strict:
                     raise
                 _log_issues(config.name, exc)
@@ -244,7 +249,8 @@ class Supervisor:
                 loop.control_pushed(self._pushed)
             running.task = asyncio.create_task(self._run_one(running),
                                                name=f"sluice-pipeline-{name}")
-            self.ran.append(loop)
+            if self.keep_ran:
+                self.ran.append(loop)
         self.running[name] = running
         if self.gateway is not None:
             self.gateway.loops = {**self.gateway.loops, name: loop}
