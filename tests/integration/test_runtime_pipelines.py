@@ -526,3 +526,47 @@ def test_serve_watch_swaps_a_changed_file(tmp_path: Path) -> None:
                 assert [t for t, c in calls.items() if c != 1] == []
 
     asyncio.run(main())
+
+
+# -- the supervisor's rules ------------------------------------------------------------------
+
+def test_a_file_wins_and_a_late_worker_hears_of_deletes(store_url: str, tmp_path: Path) -> None:
+    """A worker with a file of a definition's name runs the file (definitions invariant 4);
+    a worker that starts after a delete knows the deleted pipeline's tenant (its tasks stay
+    readable) and runs nothing of it."""
+    from sluice.gateway.app import Gateway
+    from sluice.supervisor import FILE, STORE, Supervisor
+
+    file = tmp_path / "x.yaml"
+    file.write_text(pipeline("x", "http://127.0.0.1:9/from-file"))
+
+    async def main() -> None:
+        store = open_store(store_url, tmp_path / "data")
+        defs = store.definitions
+        await defs.put("x", "default", pipeline("x", "http://127.0.0.1:9/from-store"), "yaml",
+                       put_by="admin", restricted=False)
+        await defs.put("y", "acme", pipeline("y", "http://127.0.0.1:9/y"), "yaml",
+                       put_by="acme", restricted=True)
+        await defs.put("z", "default", pipeline("z", "http://127.0.0.1:9/z"), "yaml",
+                       put_by="admin", restricted=False)
+        await defs.delete("y")
+        gateway = Gateway(pipelines={}, state=store)
+        supervisor = Supervisor(store, tmp_path / "data", store_url=store_url,
+                                gateway=gateway, workers=False)
+        await supervisor.start([load_pipeline(file)])
+        try:
+            assert supervisor.origin("x") == FILE and supervisor.origin("z") == STORE
+            assert "from-file" in str(gateway.pipelines["x"].handler.config)
+            assert sorted(gateway.pipelines) == sorted(gateway.loops) == ["x", "z"]
+            assert gateway.retired == {"y": "acme"}
+            await defs.delete("z")
+            await supervisor.sync()
+            await supervisor.settled()
+            assert sorted(gateway.pipelines) == ["x"] and gateway.retired["z"] == "default"
+        finally:
+            stop = asyncio.Event()
+            stop.set()
+            await supervisor.run(stop)
+            await store.close()
+
+    asyncio.run(main())
