@@ -16,11 +16,10 @@ import asyncio
 import base64
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from sluice import registry
 from sluice.config.load import parse_pipeline
@@ -33,45 +32,12 @@ from sluice.errors import DeliveryError
 from sluice.message import Message, Outcome
 from sluice.netpolicy import NetworkPolicy
 from sluice.runtime import build
+from tests.helpers.sites import Site
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 NOTHING = NetworkPolicy()  # the default: no range of the server's network allowed
 LOOPBACK = NetworkPolicy.parse(["127.0.0.0/8", "::1/128"])  # --allow-network 127.0.0.0/8 ...
 OWN_NETWORK = "an address of the server's own network"
-
-
-@dataclass
-class Site:
-    """A real HTTP server on one loopback address that records the paths it was asked for."""
-
-    host: str
-    redirect_to: str | None = None  # answer every request with 307 to this URL
-    hits: list[str] = field(default_factory=list)
-    port: int = 0
-    runner: web.AppRunner | None = None
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.hits.append(request.path)
-        await request.read()
-        if self.redirect_to is not None:
-            return web.Response(status=307, headers={"Location": self.redirect_to})
-        return web.json_response({"ok": True})
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, self.host, 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-    def url(self, path: str, host: str | None = None) -> str:
-        return f"http://{host or self.host}:{self.port}{path}"
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
 
 
 @pytest.fixture

@@ -11,11 +11,10 @@ import base64
 import ipaddress
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from sluice.config.load import parse_pipeline
 from sluice.connectors import embedded
@@ -29,42 +28,10 @@ from sluice.runtime import build
 from sluice.sinks import ssrf
 from sluice.sinks.http import HttpSink
 from sluice.sinks.webhook import WebhookSink
+from tests.helpers.sites import Site
 
+METADATA = {"secret": "metadata"}  # what the stand-in metadata service answers
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
-
-
-@dataclass
-class Site:
-    """A real HTTP server on one loopback address that records the paths it was asked for."""
-
-    host: str
-    redirect_to: str | None = None  # answer every request with 307 to this URL
-    hits: list[str] = field(default_factory=list)
-    port: int = 0
-    runner: web.AppRunner | None = None
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.hits.append(request.path)
-        await request.read()
-        if self.redirect_to is not None:
-            return web.Response(status=307, headers={"Location": self.redirect_to})
-        return web.json_response({"secret": "metadata"})
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, self.host, 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-    def url(self, path: str, host: str | None = None) -> str:
-        return f"http://{host or self.host}:{self.port}{path}"
-
-    async def stop(self) -> None:
-        if self.runner is not None:
-            await self.runner.cleanup()
 
 
 @dataclass
@@ -84,11 +51,11 @@ async def scene(request: pytest.FixtureRequest,
     """``literal``: the target at 127.0.0.2, redirected to as ``127.0.0.2``. ``name``: the
     target at 127.0.0.1, redirected to as ``localhost``; the front then listens on 127.0.0.3."""
     if request.param == "literal":
-        target, front = Site("127.0.0.2"), Site("127.0.0.1")
+        target, front = Site("127.0.0.2", answer=METADATA), Site("127.0.0.1")
         forbid(monkeypatch, "127.0.0.2/32")
         location_host = "127.0.0.2"
     else:
-        target, front = Site("127.0.0.1"), Site("127.0.0.3")
+        target, front = Site("127.0.0.1", answer=METADATA), Site("127.0.0.3")
         forbid(monkeypatch, "127.0.0.1/32", "::1/128")
         location_host = "localhost"
     await target.start()
@@ -199,7 +166,7 @@ dead_letter: {{embedded: {{queue: jobs.dlq}}}}
 
 async def test_a_name_is_checked_when_resolved_and_the_error_says_why(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    target = Site("127.0.0.1")
+    target = Site("127.0.0.1", answer=METADATA)
     await target.start()
     forbid(monkeypatch, "127.0.0.1/32", "::1/128")
     sink = HttpSink(target.url("/latest/meta-data", host="localhost"))
