@@ -93,6 +93,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     lease_until  REAL,
     delivered    TEXT,
     error_traceback TEXT,
+    payload      BLOB,
+    payload_type TEXT,
+    payload_size INTEGER,
     UNIQUE (pipeline, task_id)
 );
 CREATE INDEX IF NOT EXISTS tasks_by_id ON tasks (task_id);
@@ -165,15 +168,32 @@ CREATE TABLE IF NOT EXISTS definitions (
     deleted      INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS definitions_by_version ON definitions (version);
+""" + """
+-- The attempts of tasks that took more than one (sluice.tasks.store rule 1): none for a task
+-- that succeeded at its first.
+CREATE TABLE IF NOT EXISTS task_attempts (
+    pipeline      TEXT    NOT NULL,
+    task_id       TEXT    NOT NULL,
+    attempt       INTEGER NOT NULL,
+    started_at    REAL,
+    ended_at      REAL,
+    outcome       TEXT    NOT NULL,
+    error_type    TEXT,
+    error_message TEXT,
+    PRIMARY KEY (pipeline, task_id, attempt)
+);
 """
 
-VERSION = 3  # of the tables above with ADDED_COLUMNS; the PostgreSQL store counts the same way
+VERSION = 4  # of the tables above with ADDED_COLUMNS; the PostgreSQL store counts the same way
 SCHEMA_TABLE = ("CREATE TABLE IF NOT EXISTS sluice_schema (version INTEGER PRIMARY KEY,"
                 " description TEXT NOT NULL, applied_at REAL NOT NULL)")
 
 # Columns added since a table was first made: (table, column, declaration). Added to an
 # older database when it is opened; forward only, idempotent.
-ADDED_COLUMNS = (("tasks", "error_traceback", "TEXT"),)
+ADDED_COLUMNS = (("tasks", "error_traceback", "TEXT"),
+                 # version 4: a task's kept payload (sluice.tasks.store rule 2)
+                 ("tasks", "payload", "BLOB"), ("tasks", "payload_type", "TEXT"),
+                 ("tasks", "payload_size", "INTEGER"))
 
 
 def _add_columns(conn: sqlite3.Connection) -> None:
@@ -294,7 +314,7 @@ class Database:
             conn.execute("INSERT INTO sluice_schema (version, description, applied_at)"
                          " VALUES (?, ?, ?)",
                          (VERSION, "queues, tasks, pipelines, dead letters, routes,"
-                          " definitions", time.time()))
+                          " definitions, task attempts and kept payloads", time.time()))
         return before, VERSION
 
     def _checkpoint_forever(self, busy_ms: int) -> None:

@@ -117,13 +117,15 @@ def submissions(config: PipelineConfig, messages: Sequence[QueuedMessage], delay
                 function: str | None = None) -> list[Submission]:
     """The submissions of ``messages``: a hosting pipeline's with their tenant and function in
     the headers and the submission (rule 5); ``ValueError`` for a tenant or function asked of
-    a pipeline without tenancy, or a function name that is not one."""
+    a pipeline without tenancy, or a function name that is not one. Each keeps the pipeline's
+    ``consumer.keep_payload_bytes`` of its body with its task record."""
+    keep = config.consumer.keep_payload_bytes
     if config.tenancy is None:
         if tenant is not None or function is not None:
             raise ValueError(f"pipeline {config.name!r} hosts no functions (it has no tenancy "
                              "key): submit without a tenant or function")
-        return [Submission(config.name, config.tenant, m, delay_s, received_at)
-                for m in messages]
+        return [Submission(config.name, config.tenant, m, delay_s, received_at,
+                           keep_payload_bytes=keep) for m in messages]
     if function is not None and not _FUNCTION_RE.fullmatch(function):
         raise ValueError(f"function {function[:80]!r}: expected 1-63 letters, digits and ._- "
                          "starting with a letter or digit")
@@ -134,7 +136,7 @@ def submissions(config: PipelineConfig, messages: Sequence[QueuedMessage], delay
         what = function or own.get(FUNCTION_HEADER) or DEFAULT_FUNCTION
         headers = {**own, TENANT_HEADER: who, FUNCTION_HEADER: what}
         out.append(Submission(config.name, who, replace(m, headers=headers), delay_s,
-                              received_at, function=what))
+                              received_at, function=what, keep_payload_bytes=keep))
     return out
 
 

@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from sluice.handlers.base import Handler
     from sluice.netpolicy import NetworkPolicy
     from sluice.stores.base import Store
-    from sluice.tasks.store import TaskRecord
+    from sluice.tasks.store import NewTask, TaskRecord
 
 FAMILIES = ("source", "handler", "sink")
 ENTRY_POINT_GROUP = "sluice.components"
@@ -158,6 +158,16 @@ class Submission:
     received_at: float | None = None
     # A hosting pipeline's function (sluice.tenancy): its route may name a dedicated queue.
     function: str | None = None
+    # The pipeline's consumer.keep_payload_bytes: the task record keeps that much of the body.
+    keep_payload_bytes: int = 0
+
+    def new_task(self) -> NewTask:
+        """The task record to create for this submission (its payload kept)."""
+        from sluice.tasks.store import NewTask
+
+        m = self.message
+        return NewTask.of(m.task_id, m.key, self.received_at, m.body, m.content_type,
+                          self.keep_payload_bytes)
 
 
 class Submitter(Protocol):

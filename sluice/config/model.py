@@ -94,6 +94,11 @@ CONSUMER_SPEC = ObjectSpec(
           "per message; there is no task API, per-task cancel or pause, submit, or dedup by "
           "task id across workers for this pipeline. Retries, dead letters and results work "
           "as before.", default=True),
+    Field("keep_payload_bytes", "integer", "How many bytes of each task's message body the "
+          "task store keeps with its record (with the content type and full size), for the "
+          "task API and the console's task page; a longer body is kept truncated. Written "
+          "with the task record, so it costs no extra store write. 0 keeps none.",
+          default=4096, minimum=0, maximum=1024 * 1024),
 )
 
 BATCH_SPEC = ObjectSpec(
@@ -197,6 +202,7 @@ class ConsumerConfig:
     track_tasks: bool = True
     prefetch: int | None = None  # None: 1000, or paced on a shared backlog (consumer loop)
     prefetch_bytes: int = 64 * 1024 * 1024
+    keep_payload_bytes: int = 4096  # of each task's body, kept with its record (0: none)
 
     @property
     def limit_config(self) -> int | dict[str, Any]:
@@ -271,6 +277,7 @@ def build_model(doc: dict[str, Any], path: Path | None,
             track_tasks=bool(consumer["track_tasks"]),
             prefetch=None if consumer["prefetch"] is None else int(consumer["prefetch"]),
             prefetch_bytes=int(consumer["prefetch_bytes"]),
+            keep_payload_bytes=int(consumer["keep_payload_bytes"]),
         ),
         dead_letter=_component(dead_letter),
         path=path,

@@ -40,7 +40,7 @@ from sluice.spec import Field, ObjectSpec, Settings
 from sluice.stores.sqlite_routes import queue_in
 from sluice.tasks.queue import MessageQueue
 from sluice.tasks.sqlite import create_in
-from sluice.tasks.store import NewTask, TaskRecord
+from sluice.tasks.store import TaskRecord
 from sluice.tenancy.queues import StoreQueues
 
 if TYPE_CHECKING:
@@ -93,8 +93,7 @@ def submit_in(conn: sqlite3.Connection, queue: str, items: Sequence[Submission],
     out: list[TaskRecord | None] = []
     for item in items:
         m = item.message
-        (created,) = create_in(conn, item.pipeline, item.tenant,
-                               [NewTask(m.task_id, m.key, item.received_at)], now)
+        (created,) = create_in(conn, item.pipeline, item.tenant, [item.new_task()], now)
         if created is not None:
             target = queue
             if item.function is not None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from sluice.connectors.base import SinkRecord
 from sluice.errors import DeliveryError, Misconfigured, Unavailable, Unsupported
-from sluice.tasks.store import NewTask, TaskRecord, TaskStore
+from sluice.tasks.store import TaskRecord, TaskStore
 
 if TYPE_CHECKING:
     from sluice.config.model import PipelineConfig
@@ -60,8 +60,7 @@ async def create_then_publish(store: TaskStore, config: PipelineConfig,
     for tenant in dict.fromkeys(i.tenant for i in items):  # a hosting pipeline's: several
         idx = [n for n, i in enumerate(items) if i.tenant == tenant]
         made = await store.create(
-            config.name, tenant, [NewTask(items[n].message.task_id, items[n].message.key,
-                                          items[n].received_at) for n in idx], time.time())
+            config.name, tenant, [items[n].new_task() for n in idx], time.time())
         for n, record in zip(idx, made, strict=True):
             created[n] = record
     fresh = [(item, record_of(item)) for item, rec in zip(items, created, strict=True)

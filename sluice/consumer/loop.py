@@ -498,7 +498,10 @@ class ConsumerLoop:
     async def _dispatch(self, deliveries: list[Delivery]) -> None:
         # Rule 2: start with the claim only what its lane would run now; reserve the rest.
         free = self.dispatcher.would_run([(self._lane(d), d.task_id) for d in deliveries])
-        claims = [Claim(d.task_id, d.key, d.enqueued_at, d.deliveries, start, d.tenant)
+        # A task first seen here keeps the head of its body (the store cuts it on insert).
+        keep = self.config.consumer.keep_payload_bytes
+        claims = [Claim(d.task_id, d.key, d.enqueued_at, d.deliveries, start, d.tenant,
+                        d.body, d.content_type, keep)
                   for d, start in zip(deliveries, free, strict=True)]
         results = await self.store.claim(self.config.name, self.config.tenant, claims, self.owner,
                                          self.source.lease_s, time.time())
@@ -523,7 +526,7 @@ class ConsumerLoop:
             self._settle(_Settle(delivery, Completion(delivery.task_id, TaskState.FILTERED)))
             return False
         outcome = Outcome("failure", error_type="InvalidPayload", error_message=verdict.invalid)
-        await self._fail(delivery, claim, outcome, "")
+        await self._fail(delivery, claim, outcome, "", None)
         return False
 
     async def _not_run(self, delivery: Delivery, claim: ClaimResult) -> None:
@@ -684,6 +687,7 @@ class ConsumerLoop:
         # message is made and its outcome recorded.
         spans = ([tracing.attempt_span(d.headers, self._fields(d, c.attempts), current=False)
                   for d, c in items] if tracing.ENABLED else None)
+        started_at = time.time()  # the attempts' start (their history: sluice.tasks.store)
         try:
             outcomes = [self._precheck(d, c) for d, c in items]
             calls = [(i, d, c) for i, ((d, c), o) in enumerate(zip(items, outcomes, strict=True))
@@ -704,7 +708,8 @@ class ConsumerLoop:
             for i, ((delivery, claim), outcome) in enumerate(zip(items, outcomes, strict=True)):
                 assert outcome is not None
                 with spans[i].active() if spans else contextlib.nullcontext():
-                    retrying, retry_in_s = await self._conclude(delivery, claim, outcome)
+                    retrying, retry_in_s = await self._conclude(delivery, claim, outcome,
+                                                                started_at)
                 ends.append((delivery, retrying, retry_in_s))
         finally:
             for span, outcome in zip(spans or (), outcomes, strict=False):
@@ -739,6 +744,7 @@ class ConsumerLoop:
                        claim: ClaimResult) -> tuple[Outcome | None, bool, float]:
         """Run and record one attempt: (its outcome, whether it will be retried, in how long).
         """
+        started_at = time.time()  # the attempt's start (its history: sluice.tasks.store)
         outcome = self._precheck(delivery, claim)
         # Tracing (issue 17 item 3, sluice.tracing): when on, the attempt runs in its span (a
         # child of the message's traceparent), current while the handler runs and its outcome
@@ -764,23 +770,24 @@ class ConsumerLoop:
                     self._settle(_Settle(delivery, Completion(
                         delivery.task_id, TaskState.FAILED, error_type="Cancelled")))
                     return None, False, 0.0
-            retrying, retry_in_s = await self._conclude(delivery, claim, outcome)
+            retrying, retry_in_s = await self._conclude(delivery, claim, outcome, started_at)
             return outcome, retrying, retry_in_s
         finally:
             if span is not None:  # tracing: the attempt's span ends (an error raised: noted)
                 span.end(outcome)
 
-    async def _conclude(self, delivery: Delivery, claim: ClaimResult,
-                        outcome: Outcome) -> tuple[bool, float]:
+    async def _conclude(self, delivery: Delivery, claim: ClaimResult, outcome: Outcome,
+                        started_at: float | None) -> tuple[bool, float]:
         """Record an attempt's outcome (settled by the next flush): whether the task will be
-        retried, and in how long."""
+        retried, and in how long. Its completion carries the attempt's number and start
+        (``started_at``, the worker's clock) for the task's attempt history."""
         attempts, received_at = claim.attempts, claim.received_at
         if outcome.status == "success":
             self.stats.succeeded += 1
             outbox, outputs = self.results.route(delivery, claim, TaskState.SUCCEEDED, outcome)
             self._settle(_Settle(delivery, Completion(
                 delivery.task_id, TaskState.SUCCEEDED, outcome.result, outcome.result_type,
-                outbox=outbox), outputs=outputs))
+                outbox=outbox, attempt=attempts, started_at=started_at), outputs=outputs))
             return False, 0.0
         reason = "" if outcome.error_type == "Reject" else "not retryable"
         if outcome.status == "retry":
@@ -796,11 +803,12 @@ class ConsumerLoop:
                     Completion(delivery.task_id, TaskState.RETRYING,
                                error_type=outcome.error_type,
                                error_message=outcome.error_message,
-                               error_traceback=outcome.traceback),
+                               error_traceback=outcome.traceback, attempt=attempts,
+                               started_at=started_at),
                     delay_s=decision.delay_s))
                 return True, decision.delay_s
             reason = decision.reason
-        retrying = await self._fail(delivery, claim, outcome, reason)
+        retrying = await self._fail(delivery, claim, outcome, reason, started_at)
         return retrying, DEAD_LETTER_RETRY_S
 
     def _fields(self, delivery: Delivery, attempt: int) -> dict[str, Any]:
@@ -838,9 +846,9 @@ class ConsumerLoop:
                                          self.config.consumer.timeout_s)
 
     async def _fail(self, delivery: Delivery, claim: ClaimResult, outcome: Outcome,
-                    reason: str) -> bool:
+                    reason: str, started_at: float | None) -> bool:
         """Dead-letter and record FAILED (rule 5); True if it must be retried (dead letter
-        down)."""
+        down). ``started_at``: the attempt's start, None if no handler ran."""
         letter = self.results.dead_letter(delivery, outcome, claim.attempts, reason)
         try:
             await self.dead_letter.send([letter])
@@ -850,7 +858,8 @@ class ConsumerLoop:
                       extra=self._fields(delivery, claim.attempts))
             self._settle(_Settle(delivery, Completion(
                 delivery.task_id, TaskState.RETRYING, error_type=outcome.error_type,
-                error_message=outcome.error_message, error_traceback=outcome.traceback),
+                error_message=outcome.error_message, error_traceback=outcome.traceback,
+                attempt=claim.attempts, started_at=started_at),
                 delay_s=DEAD_LETTER_RETRY_S))
             return True
         self.stats.failed += 1
@@ -865,7 +874,8 @@ class ConsumerLoop:
             delivery.task_id, TaskState.FAILED, error_type=outcome.error_type,
             error_message=message, outbox=outbox, error_traceback=outcome.traceback,
             dead_letter=DeadLetter(delivery.body, delivery.content_type, delivery.key,
-                                   dict(delivery.headers) or None)),
+                                   dict(delivery.headers) or None),
+            attempt=claim.attempts, started_at=started_at),
             outputs=outputs))
         return False
 

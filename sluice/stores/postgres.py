@@ -36,7 +36,6 @@ from sluice.stores.postgres_queue import PgQueueSource
 from sluice.stores.postgres_queue import wake as wake_in
 from sluice.stores.postgres_routes import PgRoutes, queue_in
 from sluice.stores.postgres_schema import CONTROL_CHANNEL
-from sluice.tasks.store import NewTask
 
 if TYPE_CHECKING:
     from sluice.connectors.base import Source
@@ -120,7 +119,7 @@ class PostgresStore:
         async with self.db.transaction() as conn:
             for (pipeline, tenant), run in itertools.groupby(
                     items, key=lambda i: (i.pipeline, i.tenant)):
-                tasks = [NewTask(i.message.task_id, i.message.key, i.received_at) for i in run]
+                tasks = [i.new_task() for i in run]
                 created.extend(await postgres_tasks.create_in(conn, pipeline, tenant, tasks,
                                                               now))
             fresh = [i for i, record in zip(items, created, strict=True) if record is not None]

@@ -143,6 +143,22 @@ CREATE TABLE IF NOT EXISTS definitions (
 );
 CREATE INDEX IF NOT EXISTS definitions_by_version ON definitions (version);
 """),
+    (4, "task attempts and kept payloads (sluice.tasks.store rules 1-2)", """
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS payload BYTEA;
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS payload_type TEXT;
+ALTER TABLE tasks ADD COLUMN IF NOT EXISTS payload_size INTEGER;
+CREATE TABLE IF NOT EXISTS task_attempts (
+    pipeline      TEXT             NOT NULL,
+    task_id       TEXT             NOT NULL,
+    attempt       INTEGER          NOT NULL,
+    started_at    DOUBLE PRECISION,
+    ended_at      DOUBLE PRECISION,
+    outcome       TEXT             NOT NULL,
+    error_type    TEXT,
+    error_message TEXT,
+    PRIMARY KEY (pipeline, task_id, attempt)
+);
+"""),
 )
 VERSION = MIGRATIONS[-1][0]
 

@@ -18,7 +18,11 @@ Invariants:
    every claimed row is locked (``FOR UPDATE``, in task id order) and decided from its locked
    state as SQLite decides (RUN, DONE, BUSY with the owner's lease end, HELD). A task id
    given twice in a batch is answered twice, the second from the state the first left.
-4. A cancel and a pause or resume are announced on
+4. A task's kept payload is written by the INSERT that creates its row (the submit's, or the
+   claim's), an attempt's history entry by one more statement in its completion's
+   transaction, only for the completions :func:`~sluice.tasks.store.logs_attempt` picks;
+   the single-task reads (``get``, ``find``) read both (:mod:`sluice.tasks.store` rules 1-3).
+5. A cancel and a pause or resume are announced on
    :data:`~sluice.stores.postgres_schema.CONTROL_CHANNEL` in their own transaction (JSON
    ``{pipeline, action, task_id}``), so every process hears them at the commit.
 """
@@ -26,6 +30,7 @@ Invariants:
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import json
 from collections import Counter
 from collections.abc import Sequence
@@ -40,6 +45,7 @@ from sluice.tasks.claims import decide
 from sluice.tasks.sqlite import outbox_queue
 from sluice.tasks.state import FINAL, TaskState, allowed
 from sluice.tasks.store import (
+    AttemptEntry,
     Claim,
     ClaimResult,
     ClaimStatus,
@@ -50,6 +56,8 @@ from sluice.tasks.store import (
     OutboxEntry,
     StoredPipeline,
     TaskRecord,
+    kept,
+    logs_attempt,
 )
 
 if TYPE_CHECKING:
@@ -79,7 +87,9 @@ async def create_in(conn: Conn, pipeline: str, tenant: str, tasks: Sequence[NewT
     firsts = _firsts([t.task_id for t in tasks])
     new = [tasks[i] for i in firsts.values()]
     rows = await conn.fetch(sql.CREATE, pipeline, tenant, [t.task_id for t in new],
-                            [t.key for t in new], [t.received_at for t in new], now)
+                            [t.key for t in new], [t.received_at for t in new], now,
+                            [t.payload for t in new], [t.payload_type for t in new],
+                            [t.payload_size for t in new])
     made = {r[0]: r for r in rows}
     out: list[TaskRecord | None] = []
     for i, task in enumerate(tasks):
@@ -135,15 +145,27 @@ async def _put_dead_letters_in(conn: Conn, pipeline: str,
             [json.dumps(d.headers) if d.headers else None for _, d in letters], now)
 
 
-async def get_in(conn: Conn, task_id: str, pipeline: str | None) -> list[TaskRecord]:
+async def get_in(conn: Conn, task_id: str, pipeline: str | None, *,
+                 detail: bool = False) -> list[TaskRecord]:
+    """The tasks with this id (in ``pipeline``); ``detail``: with their attempt history and
+    kept payload (invariant 4), one more statement."""
+    columns = sql.DETAIL_COLUMNS if detail else sql.COLUMNS
     if pipeline is None:
         rows = await conn.fetch(
-            f"SELECT {sql.COLUMNS} FROM tasks WHERE task_id = $1 ORDER BY seq", task_id)
+            f"SELECT {columns} FROM tasks WHERE task_id = $1 ORDER BY seq", task_id)
     else:
         rows = await conn.fetch(
-            f"SELECT {sql.COLUMNS} FROM tasks WHERE pipeline = $1 AND task_id = $2",
+            f"SELECT {columns} FROM tasks WHERE pipeline = $1 AND task_id = $2",
             pipeline, task_id)
-    return [sql.record(r) for r in rows]
+    if not detail:
+        return [sql.record(r) for r in rows]
+    logs: dict[str, list[AttemptEntry]] = {r[0]: [] for r in rows}
+    if rows:
+        for a in await conn.fetch(sql.ATTEMPTS, list(logs), task_id):
+            logs[a[0]].append(AttemptEntry(*tuple(a)[2:]))
+    return [dataclasses.replace(sql.record(tuple(r)[:18]), attempt_log=logs[r[0]],
+                                payload=r[18], payload_type=r[19], payload_size=r[20])
+            for r in rows]
 
 
 async def _announce(conn: Conn, pipeline: str, action: str, task_id: str | None) -> None:
@@ -156,9 +178,14 @@ async def _claim(conn: Conn, pipeline: str, tenant: str, claims: Sequence[Claim]
     firsts = _firsts([c.task_id for c in claims])
     new = [claims[i] for i in firsts.values()]
     ids = [c.task_id for c in new]
+    heads = [kept(c.body, c.keep_payload_bytes) for c in new]
     head = await conn.fetchrow(sql.CLAIM_INSERT, pipeline, tenant, owner, lease_s, ids,
                                [c.key for c in new], [c.received_at for c in new],
-                               [c.start for c in new], now, [c.tenant for c in new])
+                               [c.start for c in new], now, [c.tenant for c in new], heads,
+                               [None if h is None else c.content_type
+                                for c, h in zip(new, heads, strict=True)],
+                               [None if h is None or c.body is None else len(c.body)
+                                for c, h in zip(new, heads, strict=True)])
     assert head is not None  # one row, always
     at: float = head[0]
     inserted: set[str] = set(head[1])
@@ -247,6 +274,13 @@ async def _complete(conn: Conn, pipeline: str, completions: Sequence[Completion]
                 {e.destination: {"state": "pending", "at": at, "attempts": 0}
                  for e in done.outbox})
     await _put_dead_letters_in(conn, pipeline, letters, at)
+    logged = [completions[i] for i in sorted(ours) if logs_attempt(completions[i])]
+    if logged:
+        await conn.execute(
+            sql.PUT_ATTEMPTS, pipeline, [d.task_id for d in logged],
+            [d.attempt for d in logged], [d.started_at for d in logged],
+            [str(d.state) for d in logged], [d.error_type for d in logged],
+            [d.error_message for d in logged], at)
     if entries:
         await put_outbox_in(conn, entries, at)
         await conn.execute(sql.SET_DELIVERED, pipeline, list(pending), list(pending.values()))
@@ -365,7 +399,7 @@ class PostgresTaskStore:
 
     async def get(self, task_id: str, pipeline: str | None = None) -> TaskRecord:
         async with self.db.connection() as conn:
-            found = await get_in(conn, task_id, pipeline)
+            found = await get_in(conn, task_id, pipeline, detail=True)
         if not found:
             raise TaskNotFound(task_id)
         return found[0]
@@ -378,7 +412,7 @@ class PostgresTaskStore:
 
     async def find(self, task_id: str) -> builtins.list[TaskRecord]:
         async with self.db.connection() as conn:
-            return await get_in(conn, task_id, None)
+            return await get_in(conn, task_id, None, detail=True)
 
     async def list(self, pipeline: str | None = None, state: TaskState | None = None,
                    limit: int = 50, before_seq: int | None = None,

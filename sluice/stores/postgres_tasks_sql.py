@@ -4,7 +4,8 @@ record mapping it shares.
 Every time written or compared is ``now_sql`` of the statement's ``now`` parameter
 (:func:`~sluice.stores.postgres_schema.now_sql`: the caller's time, or the database's clock
 when it is NULL); a batch statement takes its rows as arrays (``unnest``), one statement for
-the whole batch.
+the whole batch. A task's kept payload goes in its row's own INSERT, an attempt's history
+entry in its completion's transaction (:mod:`sluice.tasks.store` rules 1-2).
 """
 
 from __future__ import annotations
@@ -24,6 +25,26 @@ COLUMNS = (
 )
 
 
+# The single-task reads' columns: COLUMNS, then the kept payload (sluice.tasks.store rule 3).
+DETAIL_COLUMNS = COLUMNS + ", payload, payload_type, payload_size"
+
+ATTEMPTS = (
+    "SELECT pipeline, task_id, attempt, started_at, ended_at, outcome, error_type,"
+    " error_message FROM task_attempts WHERE pipeline = ANY($1::text[]) AND task_id = $2"
+    " ORDER BY attempt")
+
+# The attempt entries of a completion batch's written rows ($2: their task ids).
+PUT_ATTEMPTS = (
+    "INSERT INTO task_attempts (pipeline, task_id, attempt, started_at, ended_at, outcome,"
+    " error_type, error_message) SELECT $1, v.task_id, v.attempt, v.started_at, $8::float8,"
+    " v.outcome, v.error_type, v.error_message"
+    " FROM unnest($2::text[], $3::int[], $4::float8[], $5::text[], $6::text[], $7::text[])"
+    " AS v(task_id, attempt, started_at, outcome, error_type, error_message)"
+    " ON CONFLICT (pipeline, task_id, attempt) DO UPDATE SET started_at = excluded.started_at,"
+    " ended_at = excluded.ended_at, outcome = excluded.outcome,"
+    " error_type = excluded.error_type, error_message = excluded.error_message")
+
+
 def record(row: Iterable[Any]) -> TaskRecord:
     values = list(row)
     values[3] = TaskState(values[3])
@@ -36,11 +57,13 @@ def record(row: Iterable[Any]) -> TaskRecord:
 CREATE = (
     f"WITH n AS (SELECT {now_sql('$6')} AS now),"
     " v AS (SELECT u.*, nextval(pg_get_serial_sequence('tasks', 'seq')) AS seq"
-    " FROM unnest($3::text[], $4::text[], $5::float8[]) WITH ORDINALITY"
-    " AS u(task_id, key, received_at, ord))"
+    " FROM unnest($3::text[], $4::text[], $5::float8[], $7::bytea[], $8::text[], $9::int[])"
+    " WITH ORDINALITY AS u(task_id, key, received_at, payload, payload_type, payload_size,"
+    " ord))"
     " INSERT INTO tasks (seq, pipeline, task_id, tenant, state, key, received_at, queued_at,"
-    " updated_at) SELECT v.seq, $1, v.task_id, $2, 'QUEUED', v.key,"
-    " COALESCE(v.received_at, n.now), n.now, n.now FROM v, n"
+    " updated_at, payload, payload_type, payload_size) SELECT v.seq, $1, v.task_id, $2,"
+    " 'QUEUED', v.key, COALESCE(v.received_at, n.now), n.now, n.now, v.payload,"
+    " v.payload_type, v.payload_size FROM v, n"
     ' ORDER BY v.task_id COLLATE "C" ON CONFLICT (pipeline, task_id) DO NOTHING'
     " RETURNING task_id, received_at, queued_at, updated_at")
 
@@ -48,15 +71,19 @@ CREATE = (
 CLAIM_INSERT = (
     f"WITH n AS (SELECT {now_sql('$9')} AS now),"
     " v AS (SELECT u.*, nextval(pg_get_serial_sequence('tasks', 'seq')) AS seq"
-    " FROM unnest($5::text[], $6::text[], $7::float8[], $8::bool[], $10::text[])"
-    " WITH ORDINALITY AS u(task_id, key, received_at, start, tenant, ord) WHERE NOT EXISTS"
+    " FROM unnest($5::text[], $6::text[], $7::float8[], $8::bool[], $10::text[],"
+    " $11::bytea[], $12::text[], $13::int[])"
+    " WITH ORDINALITY AS u(task_id, key, received_at, start, tenant, payload, payload_type,"
+    " payload_size, ord) WHERE NOT EXISTS"
     " (SELECT 1 FROM tasks t WHERE t.pipeline = $1 AND t.task_id = u.task_id)),"
     " ins AS (INSERT INTO tasks (seq, pipeline, task_id, tenant, state, attempts, key,"
-    " received_at, queued_at, started_at, updated_at, lease_owner, lease_until)"
+    " received_at, queued_at, started_at, updated_at, lease_owner, lease_until, payload,"
+    " payload_type, payload_size)"
     " SELECT v.seq, $1, v.task_id, COALESCE(v.tenant, $2), 'RUNNING',"
     " CASE WHEN v.start THEN 1 ELSE 0 END, v.key,"
     " COALESCE(v.received_at, n.now), COALESCE(v.received_at, n.now),"
-    " CASE WHEN v.start THEN n.now END, n.now, $3, n.now + $4::float8 FROM v, n"
+    " CASE WHEN v.start THEN n.now END, n.now, $3, n.now + $4::float8, v.payload,"
+    " v.payload_type, v.payload_size FROM v, n"
     ' ORDER BY v.task_id COLLATE "C" ON CONFLICT (pipeline, task_id) DO NOTHING'
     " RETURNING task_id)"
     " SELECT n.now, ARRAY(SELECT task_id FROM ins) AS inserted FROM n")

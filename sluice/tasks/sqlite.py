@@ -2,12 +2,16 @@
 
 Every method is one transaction over a batch; the ``*_in`` functions take a connection already
 inside a transaction, so a submit can create its tasks and enqueue their messages atomically
-(see :func:`sluice.connectors.embedded.submit`).
+(see :func:`sluice.connectors.embedded.submit`). A task's attempt history and kept payload
+follow the rules of :mod:`sluice.tasks.store`: the payload in the task row's own INSERT, an
+attempt's entry in its completion's transaction, both read only by :meth:`SqliteTaskStore.get`
+and :meth:`SqliteTaskStore.find`.
 """
 
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import json
 import sqlite3
 from collections.abc import Sequence
@@ -19,6 +23,7 @@ from sluice.tasks.claims import decide
 from sluice.tasks.sqlite_catalog import stored_pipelines_in
 from sluice.tasks.state import FINAL, TaskState, allowed
 from sluice.tasks.store import (
+    AttemptEntry,
     Claim,
     ClaimResult,
     ClaimStatus,
@@ -29,6 +34,8 @@ from sluice.tasks.store import (
     OutboxEntry,
     StoredPipeline,
     TaskRecord,
+    kept,
+    logs_attempt,
 )
 
 _COLUMNS = (
@@ -38,11 +45,41 @@ _COLUMNS = (
 )
 
 
+# The single-task reads' columns: _COLUMNS, then the kept payload (sluice.tasks.store rule 3).
+_DETAIL_COLUMNS = _COLUMNS + ", payload, payload_type, payload_size"
+
+_ATTEMPTS = ("SELECT attempt, started_at, ended_at, outcome, error_type, error_message"
+             " FROM task_attempts WHERE pipeline = ? AND task_id = ? ORDER BY attempt")
+
+# An attempt's entry (sluice.tasks.store rule 1), written with its completion (sqlbatch).
+_PUT_ATTEMPTS = (
+    "INSERT OR REPLACE INTO task_attempts (pipeline, task_id, attempt, started_at, ended_at,"
+    " outcome, error_type, error_message)")
+
+
 def _record(row: sqlite3.Row | tuple[object, ...]) -> TaskRecord:
     values = list(row)
     values[3] = TaskState(values[3])
     values[16] = json.loads(values[16]) if values[16] else None  # delivered
     return TaskRecord(*values)
+
+
+def _detailed(conn: sqlite3.Connection, row: sqlite3.Row | tuple[object, ...]) -> TaskRecord:
+    """A row of _DETAIL_COLUMNS as a record with its attempt history (one more SELECT)."""
+    values = list(row)
+    payload, payload_type, payload_size = values[18:21]
+    base = _record(tuple(values[:18]))
+    log = [AttemptEntry(*a) for a in conn.execute(_ATTEMPTS, (base.pipeline, base.task_id))]
+    return dataclasses.replace(base, attempt_log=log, payload=payload,
+                               payload_type=payload_type, payload_size=payload_size)
+
+
+def put_attempts_in(conn: sqlite3.Connection, pipeline: str, done: Sequence[Completion],
+                    now: float) -> None:
+    """Write the attempt entries of written completions (those :func:`logs_attempt` picks)."""
+    sqlbatch.insert(conn, _PUT_ATTEMPTS, [
+        (pipeline, d.task_id, d.attempt, d.started_at, now, str(d.state), d.error_type,
+         d.error_message) for d in done])
 
 
 def create_in(conn: sqlite3.Connection, pipeline: str, tenant: str, tasks: Sequence[NewTask],
@@ -52,9 +89,11 @@ def create_in(conn: sqlite3.Connection, pipeline: str, tenant: str, tasks: Seque
         received = task.received_at if task.received_at is not None else now
         cur = conn.execute(
             "INSERT INTO tasks (pipeline, task_id, tenant, state, key, received_at, queued_at,"
-            " updated_at) VALUES (?, ?, ?, 'QUEUED', ?, ?, ?, ?)"
+            " updated_at, payload, payload_type, payload_size)"
+            " VALUES (?, ?, ?, 'QUEUED', ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT (pipeline, task_id) DO NOTHING",
-            (pipeline, task.task_id, tenant, task.key, received, now, now),
+            (pipeline, task.task_id, tenant, task.key, received, now, now, task.payload,
+             task.payload_type, task.payload_size),
         )
         out.append(
             TaskRecord(pipeline, task.task_id, tenant, TaskState.QUEUED, 0, task.key,
@@ -134,14 +173,21 @@ def record_deliveries_in(conn: sqlite3.Connection, pipeline: str, destination: s
          for task_id, status in statuses])
 
 
-def get_in(conn: sqlite3.Connection, task_id: str, pipeline: str | None) -> list[TaskRecord]:
+def get_in(conn: sqlite3.Connection, task_id: str, pipeline: str | None, *,
+           detail: bool = False) -> list[TaskRecord]:
+    """The tasks with this id (in ``pipeline``); ``detail``: with their attempt history and
+    kept payload (sluice.tasks.store rule 3)."""
+    columns = _DETAIL_COLUMNS if detail else _COLUMNS
     if pipeline is None:
-        rows = conn.execute(f"SELECT {_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,))
+        rows = conn.execute(f"SELECT {columns} FROM tasks WHERE task_id = ? ORDER BY seq",
+                            (task_id,))
     else:
         rows = conn.execute(
-            f"SELECT {_COLUMNS} FROM tasks WHERE pipeline = ? AND task_id = ?",
+            f"SELECT {columns} FROM tasks WHERE pipeline = ? AND task_id = ?",
             (pipeline, task_id),
         )
+    if detail:
+        return [_detailed(conn, r) for r in rows.fetchall()]
     return [_record(r) for r in rows.fetchall()]
 
 
@@ -193,9 +239,13 @@ class SqliteTaskStore:
                 received: float | None = (
                     claim.received_at if claim.received_at is not None else now)
                 first, first_start = (1, now) if claim.start else (0, None)
+                head = kept(claim.body, claim.keep_payload_bytes)
                 inserts.append((pipeline, claim.task_id, claim.tenant or tenant, "RUNNING",
                                 first, claim.key,
-                                received, received, first_start, now, owner, lease_until))
+                                received, received, first_start, now, owner, lease_until,
+                                head, claim.content_type if head is not None else None,
+                                None if head is None or claim.body is None
+                                else len(claim.body)))
                 current[claim.task_id] = ("RUNNING", first, lease_until, owner, received,
                                           received, first_start)
                 out.append(ClaimResult(ClaimStatus.RUN, first, received, None, received,
@@ -210,7 +260,7 @@ class SqliteTaskStore:
         # and of its updates the last one (made from the state the earlier ones left) holds.
         sqlbatch.insert(conn, "INSERT INTO tasks (pipeline, task_id, tenant, state, attempts,"
                         " key, received_at, queued_at, started_at, updated_at, lease_owner,"
-                        " lease_until)", inserts)
+                        " lease_until, payload, payload_type, payload_size)", inserts)
         sqlbatch.update_from(
             conn, "UPDATE tasks SET state = 'RUNNING', attempts = v.column1, started_at ="
             " v.column2, updated_at = v.column3, lease_owner = v.column4, lease_until ="
@@ -315,6 +365,11 @@ class SqliteTaskStore:
                 conn, _COMPLETE_BATCH, [_complete_values(d, now) for d in completions],
                 (pipeline, owner))
             if changed == len(completions):
+                # Rule 1 of sluice.tasks.store (logs_attempt), inlined: this path is hot.
+                logged = [d for d in completions
+                          if d.attempt > 1 or (d.attempt and d.state is TaskState.RETRYING)]
+                if logged:
+                    put_attempts_in(conn, pipeline, logged, now)
                 conn.execute("RELEASE batch")
                 return [done.state for done in completions]
             conn.execute("ROLLBACK TO batch")  # some were not ours: one by one, below
@@ -322,6 +377,8 @@ class SqliteTaskStore:
         for done in completions:
             cur = conn.execute(_COMPLETE, _complete_row(done, pipeline, owner, now))
             if cur.rowcount == 1:
+                if logs_attempt(done):
+                    put_attempts_in(conn, pipeline, [done], now)
                 if done.dead_letter is not None:
                     put_dead_letter_in(conn, pipeline, done.task_id, done.dead_letter, now)
                 if done.outbox:
@@ -340,7 +397,7 @@ class SqliteTaskStore:
         return out
 
     async def get(self, task_id: str, pipeline: str | None = None) -> TaskRecord:
-        found = await self.db.read(lambda c: get_in(c, task_id, pipeline))
+        found = await self.db.read(lambda c: get_in(c, task_id, pipeline, detail=True))
         if not found:
             raise TaskNotFound(task_id)
         return found[0]
@@ -353,8 +410,8 @@ class SqliteTaskStore:
         return row is not None
 
     async def find(self, task_id: str) -> builtins.list[TaskRecord]:
-        """Every task with this id, across pipelines."""
-        return await self.db.read(lambda c: get_in(c, task_id, None))
+        """Every task with this id, across pipelines (with their detail, as :meth:`get`)."""
+        return await self.db.read(lambda c: get_in(c, task_id, None, detail=True))
 
     async def list(self, pipeline: str | None = None, state: TaskState | None = None,
                    limit: int = 50, before_seq: int | None = None,

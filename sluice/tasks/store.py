@@ -11,18 +11,80 @@ callers are typed against :class:`TaskStore` and the SQL stays in the implementa
 implementation passes. A store that cannot be reached raises
 :class:`~sluice.errors.Unavailable`; one that cannot be used until its settings change,
 :class:`~sluice.errors.Misconfigured`.
+
+Rules of the per-task detail (issue 17: the console's task page):
+
+1. Attempt history (:class:`AttemptEntry`) is written only for tasks that take more than one
+   attempt: a completion in state RETRYING writes its attempt's entry, and so does the final
+   completion of an attempt numbered above 1, each in the completion's own transaction and only
+   if the completion is written. A task that succeeds at its first attempt writes none (the
+   common path costs nothing more). A completion with :attr:`Completion.attempt` 0 (not an
+   attempt's end: a filtered or cancelled one) writes none.
+2. A task's kept payload (the first ``consumer.keep_payload_bytes`` of its message body, its
+   content type and full size) is written with the task row when the row is created (the
+   submit's insert, or the claim's for a task first seen at the consumer), in the same
+   statement: never a write of its own.
+3. Both are read only by the single-task reads (:meth:`TaskStore.get`, :meth:`TaskStore.find`:
+   one extra SELECT for the attempts); lists leave :attr:`TaskRecord.attempt_log` ``None``
+   and no payload, and their JSON has neither key.
 """
 
 from __future__ import annotations
 
+import base64
 import builtins
+import codecs
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
 from sluice.connectors.base import SinkRecord
-from sluice.tasks.state import TaskState
+from sluice.tasks.state import FINAL, TaskState
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptEntry:
+    """One attempt of a task that took more than one (rule 1 of the module)."""
+
+    attempt: int  # its number, from 1
+    started_at: float | None
+    ended_at: float | None
+    outcome: str  # the state its completion wrote: RETRYING, SUCCEEDED or FAILED
+    error_type: str | None = None
+    error_message: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"attempt": self.attempt, "started_at": self.started_at,
+                "ended_at": self.ended_at, "outcome": self.outcome,
+                "error": ({"type": self.error_type, "message": self.error_message}
+                          if self.error_type else None)}
+
+
+def payload_json(body: bytes, content_type: str, size_bytes: int) -> dict[str, Any]:
+    """A kept payload as the task API shows it: ``encoding`` ``json`` (``value`` is the decoded
+    document: a JSON content type, not truncated), ``text`` (UTF-8; a character cut by the
+    truncation is left out) or ``base64``."""
+    truncated = size_bytes > len(body)
+    out: dict[str, Any] = {"content_type": content_type, "size_bytes": size_bytes,
+                           "kept_bytes": len(body), "truncated": truncated}
+    if not truncated and is_json_type(content_type):
+        try:
+            return {**out, "encoding": "json", "value": json.loads(body)}
+        except ValueError:
+            pass
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(body, final=not truncated)
+    except UnicodeDecodeError:
+        return {**out, "encoding": "base64", "value": base64.b64encode(body).decode("ascii")}
+    return {**out, "encoding": "text", "value": text}
+
+
+def is_json_type(content_type: str) -> bool:
+    """``application/json``, ``application/x+json`` (parameters aside)."""
+    base = content_type.split(";", 1)[0].strip().lower()
+    return base == "application/json" or base.endswith("+json")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +109,17 @@ class TaskRecord:
     # "error"}; see sluice.sinks.delivery.
     delivered: dict[str, dict[str, Any]] | None = None
     error_traceback: str | None = None  # of the last attempt, when the handler raised
+    # Read only by the single-task reads (rule 3 of the module); None from lists.
+    attempt_log: list[AttemptEntry] | None = None  # [] when the task took one attempt
+    payload: bytes | None = None  # the kept head of its message body (rule 2)
+    payload_type: str | None = None
+    payload_size: int | None = None  # the whole body's, in bytes
+
+    @property
+    def payload_truncated(self) -> bool:
+        """Whether the kept payload is only the head of the body."""
+        return (self.payload is not None and self.payload_size is not None
+                and self.payload_size > len(self.payload))
 
     def timeline(self) -> list[tuple[str, float | None, float | None]]:
         """(stage, timestamp, seconds since the previous stage) for each stage."""
@@ -60,8 +133,6 @@ class TaskRecord:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        import json
-
         result: Any = None
         if self.result is not None:
             if self.result_type == "application/json":
@@ -86,7 +157,24 @@ class TaskRecord:
                 for stage, at, since in self.timeline()
             ],
             "deliveries": self.delivered or {},
+            **self._detail_json(),
         }
+
+    def _detail_json(self) -> dict[str, Any]:
+        """The single-task read's keys (rule 3 of the module): none from a list."""
+        if self.attempt_log is None:
+            return {}
+        payload = (payload_json(self.payload, self.payload_type or "application/octet-stream",
+                                self.payload_size or len(self.payload))
+                   if self.payload is not None else None)
+        return {"attempt_log": [a.to_json() for a in self.attempt_log], "payload": payload}
+
+
+def kept(body: bytes | None, keep_bytes: int) -> bytes | None:
+    """The head of ``body`` a task keeps (rule 2 of the module); None with ``keep_bytes`` 0."""
+    if body is None or keep_bytes <= 0:
+        return None
+    return body[:keep_bytes]  # the body itself (no copy) when it is not longer
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +184,19 @@ class NewTask:
     task_id: str
     key: str | None = None
     received_at: float | None = None
+    # Its message body's kept head (:func:`kept`), content type and full size (rule 2).
+    payload: bytes | None = None
+    payload_type: str | None = None
+    payload_size: int | None = None
+
+    @classmethod
+    def of(cls, task_id: str, key: str | None, received_at: float | None, body: bytes,
+           content_type: str, keep_bytes: int) -> NewTask:
+        """A task whose record keeps the first ``keep_bytes`` of ``body`` (0: none)."""
+        head = kept(body, keep_bytes)
+        if head is None:
+            return cls(task_id, key, received_at)
+        return cls(task_id, key, received_at, head, content_type, len(body))
 
 
 class ClaimStatus(StrEnum):
@@ -118,6 +219,11 @@ class Claim:
     # The tenant of a task first seen at the consumer (a hosting pipeline's message names
     # it); None: the tenant the claim is made for.
     tenant: str | None = None
+    # A task first seen at the consumer keeps the first ``keep_payload_bytes`` of this body
+    # (rule 2 of the module); the store cuts it only when it creates the task.
+    body: bytes | None = None
+    content_type: str | None = None
+    keep_payload_bytes: int = 0
 
 
 @dataclass(slots=True)  # never changed once made (frozen: a 5x slower init, per message)
@@ -146,6 +252,17 @@ class Completion:
     outbox: tuple[OutboxEntry, ...] = ()
     error_traceback: str | None = None
     dead_letter: DeadLetter | None = None  # a FAILED task's message, kept for a replay
+    # The attempt that ended (ClaimResult.attempts) and when it started (the worker's clock);
+    # 0: not an attempt's end (nothing for the attempt history: rule 1 of the module).
+    attempt: int = 0
+    started_at: float | None = None
+
+
+def logs_attempt(done: Completion) -> bool:
+    """Whether writing ``done`` also writes its attempt's history entry (rule 1 of the
+    module)."""
+    return done.attempt > 0 and (done.state == TaskState.RETRYING
+                                 or (done.attempt > 1 and done.state in FINAL))
 
 
 @dataclass(slots=True)  # never changed once made (frozen: a 5x slower init, per message)
@@ -268,7 +385,8 @@ class TaskStore(Protocol):
         ...
 
     async def find(self, task_id: str) -> list[TaskRecord]:
-        """Every task with this id, across pipelines (an id is unique per pipeline only)."""
+        """Every task with this id, across pipelines (an id is unique per pipeline only), each
+        with its attempt history and kept payload as :meth:`get` reads them."""
         ...
 
     async def claim(self, pipeline: str, tenant: str, claims: Sequence[Claim], owner: str,
@@ -328,7 +446,8 @@ class TaskStore(Protocol):
         ...
 
     async def get(self, task_id: str, pipeline: str | None = None) -> TaskRecord:
-        """Raise :class:`~sluice.errors.TaskNotFound` if absent."""
+        """The task with its attempt history and kept payload (rule 3 of the module); raise
+        :class:`~sluice.errors.TaskNotFound` if absent."""
         ...
 
     async def list(self, pipeline: str | None = None, state: TaskState | None = None,
