@@ -176,10 +176,10 @@ async def task_page(request: web.Request) -> web.Response:
     notes = (await gw.state.routes.notes(config.name, record.task_id)
              if config.tenancy is not None else [])
     data = record.to_json()
+    letter = letters[0] if letters else None
     return await render(request, "task.html", {
         "config": config, "record": record, "bars": bars, "span_s": span_s,
-        "letter": letters[0] if letters else None,
-        "payload": _payload(letters[0]) if letters else None,
+        "letter": letter, **_payload_shown(config, data.get("payload"), letter),
         "result": None if data["result"] is None else _pretty(data["result"]),
         "deliveries": sorted((record.delivered or {}).items()), "notes": notes,
         "controls": [a for a, states in CONTROLS.items() if str(record.state) in states],
@@ -188,6 +188,26 @@ async def task_page(request: web.Request) -> web.Response:
 
 def _pretty(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, indent=2, ensure_ascii=False)
+
+
+def _payload_shown(config: PipelineConfig, kept: dict[str, Any] | None,
+                   letter: DeadLetterRecord | None) -> dict[str, Any]:
+    """The payload section's context: the kept payload (``payload``, ``kept``: its JSON as
+    the task API shows it), else the dead letter's whole body (``letter`` set), else why
+    none is shown (``no_payload``). A dead letter's body wins over a truncated kept one."""
+    if kept is not None and not (kept["truncated"] and letter is not None):
+        value = kept["value"]
+        return {"payload": _pretty(value) if kept["encoding"] == "json" else str(value),
+                "kept": kept, "no_payload": None}
+    if letter is not None:
+        return {"payload": _payload(letter), "kept": None, "no_payload": None}
+    if config.consumer.keep_payload_bytes == 0:
+        why = ("Not kept: this pipeline keeps no payloads (consumer.keep_payload_bytes is 0); "
+               "a task's payload is then kept only with its dead letter when it fails for good.")
+    else:
+        why = ("Not kept: this task's record has no payload (it was recorded before payloads "
+               "were kept, or while consumer.keep_payload_bytes was 0).")
+    return {"payload": None, "kept": None, "no_payload": why}
 
 
 def _payload(letter: DeadLetterRecord) -> str:
