@@ -48,10 +48,10 @@ def test_migrate_is_idempotent_and_the_env_names_the_store(pg_url: str) -> None:
 
 def test_a_store_of_the_previous_version_is_brought_up_to_date(
         pg_url: str, tmp_path: Path) -> None:  # noqa: F811
-    """A version 1 store (before hosting pipelines' route tables and the pipeline definitions)
-    migrates to version 3, on PostgreSQL (migrations 2 and 3) and on SQLite (its tables made
-    when opened)."""
-    assert VERSION == PG_VERSION == 3
+    """A version 1 store (before hosting pipelines' route tables, the pipeline definitions,
+    the task attempts and kept payloads) migrates to version 4, on PostgreSQL (migrations 2 to
+    4) and on SQLite (its tables and columns made when opened)."""
+    assert VERSION == PG_VERSION == 4
     assert sluice("store", "migrate", "--store", pg_url).returncode == 0
     schema = pg_url.rsplit("schema=", 1)[1]
 
@@ -61,26 +61,98 @@ def test_a_store_of_the_previous_version_is_brought_up_to_date(
         conn = await asyncpg.connect(URL)
         try:
             await conn.execute(f"DROP TABLE {schema}.routes, {schema}.route_events,"
-                               f" {schema}.task_notes, {schema}.definitions;"
+                               f" {schema}.task_notes, {schema}.definitions,"
+                               f" {schema}.task_attempts; ALTER TABLE {schema}.tasks"
+                               " DROP COLUMN payload, DROP COLUMN payload_type,"
+                               " DROP COLUMN payload_size;"
                                f" DELETE FROM {schema}.sluice_schema WHERE version >= 2")
         finally:
             await conn.close()
 
     asyncio.run(back_to_1())
     up = sluice("store", "migrate", "--store", pg_url)
-    assert up.returncode == 0 and up.stdout.strip().endswith("schema version 1 -> 3"), up
+    assert up.returncode == 0 and up.stdout.strip().endswith("schema version 1 -> 4"), up
     data = tmp_path / "data"
     assert sluice("store", "migrate", "--data-dir", str(data)).returncode == 0
     with sqlite3.connect(data / "sluice.db") as conn:
         conn.executescript("DROP TABLE routes; DROP TABLE route_events; DROP TABLE task_notes;"
-                           " DROP TABLE definitions; DELETE FROM sluice_schema"
-                           " WHERE version >= 2;")
+                           " DROP TABLE definitions; DROP TABLE task_attempts;"
+                           " ALTER TABLE tasks DROP COLUMN payload;"
+                           " ALTER TABLE tasks DROP COLUMN payload_type;"
+                           " ALTER TABLE tasks DROP COLUMN payload_size;"
+                           " DELETE FROM sluice_schema WHERE version >= 2;")
     # (SQLite brings a database up to date as it opens it, before the command looks)
     assert sluice("store", "migrate", "--data-dir", str(data)).returncode == 0
     with sqlite3.connect(data / "sluice.db") as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
         (version,) = conn.execute("SELECT MAX(version) FROM sluice_schema").fetchone()
-    assert {"routes", "route_events", "task_notes", "definitions"} <= tables and version == 3
+    assert {"routes", "route_events", "task_notes", "definitions", "task_attempts"} <= tables
+    assert version == 4
+
+
+def test_a_version_3_store_gets_task_attempts_and_kept_payloads(
+        pg_url: str, tmp_path: Path) -> None:  # noqa: F811
+    """A version 3 store with a task in it (before the attempt history and kept payloads)
+    migrates to version 4, on PostgreSQL (migration 4) and on SQLite (as it opens): the old
+    task reads with no payload and no attempts, a new one keeps its payload."""
+    from sluice import intake
+    from sluice.config.load import parse_pipeline
+    from sluice.datadir import QueuedMessage
+    from sluice.stores import open_store
+
+    config = parse_pipeline("name: mig\nsource: {embedded: {queue: mig}}\n"
+                            "handler: {python: 'bench.handlers:noop'}\n")
+
+    async def submit_and_read(url: str, task_id: str) -> tuple[object, object, object]:
+        store = open_store(url)
+        try:
+            await intake.submit(store, config, [QueuedMessage(task_id, b'{"new": true}')])
+            old, new = await store.tasks.get("old", "mig"), await store.tasks.get(task_id, "mig")
+            return old.attempt_log, old.payload, new.to_json()["payload"]
+        finally:
+            await store.close()
+
+    schema = pg_url.rsplit("schema=", 1)[1]
+
+    async def version_3_with_a_task() -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(URL)
+        try:
+            await conn.execute(f"DROP TABLE {schema}.task_attempts; ALTER TABLE {schema}.tasks"
+                               " DROP COLUMN payload, DROP COLUMN payload_type,"
+                               " DROP COLUMN payload_size;"
+                               f" DELETE FROM {schema}.sluice_schema WHERE version >= 4;"
+                               f" INSERT INTO {schema}.tasks (pipeline, task_id, tenant, state,"
+                               " updated_at) VALUES ('mig', 'old', 'default', 'SUCCEEDED', 1)")
+        finally:
+            await conn.close()
+
+    assert sluice("store", "migrate", "--store", pg_url).returncode == 0
+    asyncio.run(version_3_with_a_task())
+    up = sluice("store", "migrate", "--store", pg_url)
+    assert up.returncode == 0 and up.stdout.strip().endswith("schema version 3 -> 4"), up
+    kept = {"content_type": "application/json", "size_bytes": 13, "kept_bytes": 13,
+            "truncated": False, "encoding": "json", "value": {"new": True}}
+    assert asyncio.run(submit_and_read(pg_url, "pg-new")) == ([], None, kept)
+
+    data = tmp_path / "data"
+    assert sluice("store", "migrate", "--data-dir", str(data)).returncode == 0
+    with sqlite3.connect(data / "sluice.db") as conn:
+        conn.executescript("DROP TABLE task_attempts; ALTER TABLE tasks DROP COLUMN payload;"
+                           " ALTER TABLE tasks DROP COLUMN payload_type;"
+                           " ALTER TABLE tasks DROP COLUMN payload_size;"
+                           " DELETE FROM sluice_schema WHERE version >= 4;"
+                           " INSERT INTO tasks (pipeline, task_id, tenant, state, updated_at)"
+                           " VALUES ('mig', 'old', 'default', 'SUCCEEDED', 1);")
+    up = sluice("store", "migrate", "--data-dir", str(data))
+    assert up.returncode == 0, up
+    with sqlite3.connect(data / "sluice.db") as conn:
+        (version,) = conn.execute("SELECT MAX(version) FROM sluice_schema").fetchone()
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(tasks)")}
+    assert version == 4 and {"payload", "payload_type", "payload_size"} <= columns
+    url = f"sqlite:///{data / 'sluice.db'}"
+    assert asyncio.run(submit_and_read(url, "sq-new")) == ([], None, kept)
 
 
 def test_a_store_of_a_newer_sluice_is_refused(pg_url: str, tmp_path: Path) -> None:  # noqa: F811
