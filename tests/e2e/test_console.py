@@ -1,9 +1,10 @@
 """The web console (``/ui``) in real headless Chromium (Debian's, through Playwright), against a
 real ``sluice serve`` with keys made by ``sluice keys new``: log in through the form, watch a
 pipeline's throughput series move while tasks run, filter and search its tasks, open a task
-(its timeline), cancel a queued task, replay a dead letter, and a tenant's key that sees only
-its own pipelines. Every page: no console errors, no horizontal overflow at 1280x800 and
-390x844. The screenshots in docs/img/console-*.png are written here.
+(its timeline with a bar per attempt, its kept payload), cancel a queued task, replay a dead
+letter, and a tenant's key that sees only its own pipelines. Every page: no console errors, no
+horizontal overflow at 1280x800 and 390x844. The screenshots in docs/img/console-*.png are
+written here.
 
 The browser is ``SLUICE_CHROMIUM`` (default ``/usr/bin/chromium``; ``scripts/browser``
 installs it): a missing one fails the test, it is never skipped.
@@ -192,11 +193,14 @@ def test_the_console_in_a_browser(console: Console) -> None:
     shot(page, "overview")
 
     # A task that fails for good, and one that waits (delayed): for the pipeline's lists.
+    # And one that fails twice, then succeeds (its attempts on its page).
     console.submit("orders", {"fail": True}, task_id="order-broken")
     console.submit("orders", {"sleep_s": 0.1}, task_id="order-later", delay_s=600)
+    console.submit("orders", {"fail_attempts": 2, "sleep_s": 0.05}, task_id="order-flaky")
     deadline = time.monotonic() + 15
-    while console.state("order-broken") != "FAILED":
-        assert time.monotonic() < deadline, "order-broken did not fail"
+    while (console.state("order-broken"), console.state("order-flaky")) != ("FAILED",
+                                                                            "SUCCEEDED"):
+        assert time.monotonic() < deadline, "order-broken did not fail, or order-flaky succeed"
         time.sleep(0.2)
 
     # A pipeline: filter by state, search an id.
@@ -222,14 +226,34 @@ def test_the_console_in_a_browser(console: Console) -> None:
     expect(page.locator(".flash")).to_contain_text("Replayed order-broken as "
                                                    "order-broken.replay-1")
 
-    # A task: its timeline, its error with the traceback, its payload (from the dead letter).
+    # A task: its timeline (a bar per attempt: the three failed), its error with the
+    # traceback, its payload (kept with its record).
     page.click("tr[data-letter='order-broken'] td.id a")
     expect(page.locator("[data-timeline] .tl-bar")).not_to_have_count(0)
     expect(page.locator("[data-state]")).to_have_text("failed")
     expect(page.locator("pre.code").first).to_contain_text("RuntimeError")
+    attempts = page.locator("[data-timeline] .tl-row[data-attempt]")
+    expect(attempts).to_have_count(3)
+    expect(attempts.locator(".tl-label")).to_have_text([
+        "attempt 1: failed, retried: RuntimeError", "attempt 2: failed, retried: RuntimeError",
+        "attempt 3: failed for good: RuntimeError"])
+    expect(page.locator("[data-payload]")).to_have_text('{\n  "fail": true\n}')
+    expect(page.locator("[data-payload-note]")).to_have_text("application/json · 14 bytes")
     expect(page.locator(".tl-bar.deliver")).to_have_count(1)  # its failure record's delivery
     no_overflow(page)
     shot(page, "task")
+
+    # A task retried twice, then succeeded: two failed attempts, then the one that ran; the
+    # retry waits are the gaps between them.
+    page.goto(console.server.url + "/ui/pipelines/orders/tasks/order-flaky")
+    expect(page.locator("[data-state]")).to_have_text("succeeded")
+    expect(attempts.locator(".tl-label")).to_have_text([
+        "attempt 1: failed, retried: RuntimeError", "attempt 2: failed, retried: RuntimeError",
+        "attempt 3: succeeded"])
+    expect(page.locator("[data-timeline] .tl-bar.retry")).to_have_count(2)
+    expect(page.locator("[data-payload]")).to_contain_text('"fail_attempts": 2')
+    no_overflow(page)
+    shot(page, "task-retried")
 
     # Cancel a queued task: its state changes on the page and in the store.
     page.goto(console.server.url + "/ui/pipelines/orders/tasks/order-later")
