@@ -31,8 +31,8 @@ def test_validate_ok_and_every_error_without_traceback(tmp_path: Path) -> None:
     assert lines == [
         f"{bad}:2:30: source.embedded.lease_s: expected a number > 0, got 'zero'",
         f"{bad}:4:12: consumer.concurency: unknown key 'concurency' (did you mean "
-        "'concurrency'?); expected one of: concurrency, exactly_once, ordering, prefetch, "
-        "prefetch_bytes, retry, timeout_s, track_tasks",
+        "'concurrency'?); expected one of: concurrency, exactly_once, keep_payload_bytes, "
+        "ordering, prefetch, prefetch_bytes, retry, timeout_s, track_tasks",
     ]
     assert "Traceback" not in result.stderr
     assert sluice("validate", str(QUICKSTART)).returncode == 0
