@@ -197,6 +197,38 @@ def test_the_submit_keeps_the_head_of_the_body(store_url: str, tmp_path: Path) -
     asyncio.run(main())
 
 
+def task_schema_errors(body: dict[str, Any]) -> list[str]:
+    """What the API document's Task schema finds wrong with ``body`` (a task's JSON)."""
+    import jsonschema
+    import yaml
+
+    from tests.conftest import ROOT
+
+    doc = yaml.safe_load((ROOT / "schemas" / "openapi.yaml").read_text(encoding="utf-8"))
+    schema = {**doc["components"]["schemas"]["Task"], "components": doc["components"]}
+    validator = jsonschema.Draft202012Validator(schema)
+    return [e.message for e in validator.iter_errors({**body, "status_url": "/v1/tasks/x"})]
+
+
+def test_the_detail_matches_the_api_document(store_url: str, tmp_path: Path) -> None:
+    FAIL_FIRST["api"] = 1
+
+    async def main() -> None:
+        store = open_store(store_url)
+        config = pipeline(keep=4)
+        await intake.submit(store, config, [QueuedMessage("api", b'{"a": 1}'),
+                                            QueuedMessage("bin", b"\xff\xfe", "image/png")])
+        retried = (await run_until_final(store, config, store_url, tmp_path, ["api"]))["api"]
+        for record in (retried, await store.tasks.get("bin", "det"),
+                       *(await store.tasks.list("det"))):
+            assert task_schema_errors(record.to_json()) == [], record
+        assert [a["outcome"] for a in retried.to_json()["attempt_log"]] == ["RETRYING",
+                                                                           "SUCCEEDED"]
+        await store.close()
+
+    asyncio.run(main())
+
+
 def test_keep_payload_bytes_0_keeps_none(store_url: str, tmp_path: Path) -> None:
     async def main() -> None:
         store = open_store(store_url)
