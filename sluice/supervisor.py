@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,7 +262,12 @@ class Supervisor:
         try:
             return await loop.run(running.stop, drain=self.drain)
         except Exception as exc:
-            log.exception("pipeline %r: its loop failed", loop.config.name)
+            if running.origin != FILE:  # a file's ends the process, which says it (rule 2)
+                if isinstance(exc, SluiceError):  # a known failure: its message says it all
+                    log.error("%s: pipeline %r stopped: %s", definition_file(
+                        loop.config.name), loop.config.name, exc)
+                else:
+                    log.exception("pipeline %r: its loop failed", loop.config.name)
             self._crashed.put_nowait((running.origin, exc))
             return None
         finally:
@@ -344,13 +350,20 @@ class Supervisor:
                          version=definition.version)
 
     async def _follow_store(self, stop: asyncio.Event) -> None:
+        failing_since: float | None = None  # an outage is said once, and its end once
         while not stop.is_set():
             self._poked.clear()
             try:
                 await self.sync()
+                if failing_since is not None:
+                    log.warning("the store's pipeline definitions are readable again after "
+                                "%.1fs", time.monotonic() - failing_since)
+                    failing_since = None
             except SluiceError as exc:
-                log.warning("cannot read the store's pipeline definitions (will retry): %s",
-                            exc)
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.warning("cannot read the store's pipeline definitions (retrying every "
+                                "%gs): %s", self.poll_s, exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(_first(self._poked.wait(), stop.wait()), self.poll_s)
 
