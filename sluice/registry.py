@@ -114,6 +114,7 @@ class BuildContext:
     ordering: str = "key"  # consumer.ordering (a source may keep keys in order itself)
     source: Any = None  # the pipeline's source ComponentConfig (a sink may default to its broker)
     exactly_once: bool = False  # consumer.exactly_once (the source then runs transactions)
+    batch: bool = False  # handler.batch is set (the handler is called with lists of messages)
     store_url: str | None = None  # the process's store (--store); None: data_dir's SQLite
     opened: Store | None = None  # that store, already open (else opened from store_url)
     # A restricted pipeline's network policy (sluice.netpolicy): components that connect

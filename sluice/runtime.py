@@ -57,6 +57,7 @@ def context(config: PipelineConfig, data_dir: Path | None,
         ordering=config.consumer.ordering,
         source=config.source,
         exactly_once=config.consumer.exactly_once,
+        batch=config.batch is not None,
     )
 
 

@@ -353,9 +353,9 @@ def check_import(config: Any, file: Path | None) -> list[tuple[tuple[str, ...], 
 
 def build_handler(config: PythonHandlerConfig, ctx: registry.BuildContext) -> PythonHandler:
     fn = import_target(config.target, import_roots(ctx.pipeline_file))
-    # handler.batch, where the context carries it (an ImportError: the runtime reports it at
-    # the handler's line, as a module that does not import).
-    if isinstance(fn, Functions) and getattr(ctx, "batch", None):
+    # handler.batch (an ImportError: the runtime reports it at the handler's line, as a module
+    # that does not import).
+    if isinstance(fn, Functions) and ctx.batch:
         raise ImportError(f"{config.target!r} is a mapping of functions, which takes no batch: "
                           "remove handler.batch")
     return PythonHandler(fn, max_threads=ctx.concurrency)

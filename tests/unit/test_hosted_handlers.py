@@ -12,12 +12,13 @@ import textwrap
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
 
-from sluice import registry
+from sluice import registry, runtime
 from sluice.config.load import parse_pipeline
 from sluice.errors import ConfigError, Reject
 from sluice.handlers.http import HttpHandler, template_problems
@@ -168,17 +169,28 @@ def test_a_not_callable_value_is_an_error_at_the_handler_line() -> None:
     assert "'broken' is not callable" in str(issue)
 
 
-@dataclass(frozen=True)
-class _BatchContext(registry.BuildContext):
-    batch: bool = False  # handler.batch is set
-
-
 def test_a_mapping_with_handler_batch_is_refused_when_built() -> None:
     config = registry.handler("python").typed(f"{HERE}:FUNCTIONS")
     with pytest.raises(ImportError, match=r"takes no batch: remove handler\.batch"):
-        build_handler(config, _BatchContext(pipeline="hosted", batch=True))
-    built = build_handler(config, _BatchContext(pipeline="hosted"))
+        build_handler(config, registry.BuildContext(pipeline="hosted", batch=True))
+    built = build_handler(config, registry.BuildContext(pipeline="hosted"))
     assert isinstance(built.fn, Functions)
+
+
+def test_a_one_function_pipeline_with_a_mapping_and_a_batch_is_refused_at_its_line(
+        tmp_path: Path) -> None:
+    config = parse_pipeline(textwrap.dedent(f"""\
+        name: mapped
+        source: {{embedded: {{queue: mapped}}}}
+        handler:
+          python: {HERE}:FUNCTIONS
+          batch: {{max_size: 10}}
+        """), str(tmp_path / "mapped.yaml"))
+    loop = runtime.build(config, tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        runtime.build_handlers([loop])
+    (issue,) = caught.value.issues
+    assert issue.line == 4 and "takes no batch: remove handler.batch" in issue.message
 
 
 # -- HTTP: a URL template --------------------------------------------------------------------
