@@ -18,7 +18,7 @@ from aiohttp import web
 
 from sluice import dead_letters
 from sluice.console import session, views
-from sluice.console.common import flash, gateway, not_found, render, who
+from sluice.console.common import flash, gateway, not_found, render, url_pipeline, who
 from sluice.errors import IllegalTransition
 from sluice.gateway import tenants
 
@@ -52,8 +52,7 @@ async def control_pipeline(request: web.Request) -> web.Response:
     from sluice.gateway.app import set_paused
 
     gw, visitor = gateway(request), who(request)
-    name = request.match_info["pipeline"]
-    config = gw.visible(visitor, name)
+    name, config = url_pipeline(request)
     if config is None:
         return await not_found(request, f"pipeline {name!r}")
     action = request.match_info["action"]
@@ -89,8 +88,7 @@ async def replay(request: web.Request) -> web.Response:
     """Replay one dead letter (``task_id``; ``again`` to replay it once more) or all not yet
     replayed (``all``)."""
     gw, visitor = gateway(request), who(request)
-    name = request.match_info["pipeline"]
-    config = gw.visible(visitor, name)
+    name, config = url_pipeline(request)
     if config is None:
         return await not_found(request, f"pipeline {name!r}")
     form = await request.post()

@@ -17,6 +17,7 @@ from sluice.console import live, session
 from sluice.gateway.auth import Principal
 
 if TYPE_CHECKING:
+    from sluice.config.model import PipelineConfig
     from sluice.gateway.app import Gateway
 
 WHO = "sluice.console.who"
@@ -58,6 +59,12 @@ async def render(request: web.Request, template: str, context: dict[str, Any], *
 
 async def not_found(request: web.Request, what: str) -> web.Response:
     return await render(request, "missing.html", {"what": what}, status=404)
+
+
+def url_pipeline(request: web.Request) -> tuple[str, PipelineConfig | None]:
+    """The URL's pipeline name, and its config if the visitor may see it (the API's rule 1)."""
+    name = request.match_info["pipeline"]
+    return name, gateway(request).visible(who(request), name)
 
 
 def _when(at: float | None) -> str:

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from sluice.config.model import PipelineConfig
 from sluice.console import session, timeline
-from sluice.console.common import gateway, not_found, render, sampler, who
+from sluice.console.common import gateway, not_found, render, sampler, url_pipeline, who
 from sluice.console.live import Point, tick_json
 from sluice.gateway import tenants
 from sluice.gateway.auth import Principal
@@ -93,8 +93,7 @@ async def overview(request: web.Request) -> web.Response:
 
 async def pipeline_page(request: web.Request) -> web.Response:
     gw, visitor = gateway(request), who(request)
-    name = request.match_info["pipeline"]
-    config = gw.visible(visitor, name)
+    name, config = url_pipeline(request)
     if config is None:
         return await not_found(request, f"pipeline {name!r}")
     sampler(request).watched()

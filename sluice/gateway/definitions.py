@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import yaml
@@ -44,6 +44,10 @@ from sluice.definitions import JSON, YAML, Definition
 from sluice.errors import ConfigError, ConfigIssue
 from sluice.gateway import problems
 from sluice.supervisor import FILE, definition_file
+
+if TYPE_CHECKING:
+    from sluice.gateway.app import Gateway
+    from sluice.gateway.auth import Principal
 
 YAML_TYPES = frozenset({"application/yaml", "text/yaml", "application/x-yaml"})
 JSON_TYPES = frozenset({"application/json"})
@@ -57,13 +61,13 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_delete("/v1/pipelines/{pipeline}", delete_pipeline)
 
 
-def _gateway(request: web.Request) -> Any:
+def _gateway(request: web.Request) -> Gateway:
     from sluice.gateway.app import GATEWAY
 
     return request.app[GATEWAY]
 
 
-def _who(request: web.Request) -> Any:
+def _who(request: web.Request) -> Principal:
     from sluice.gateway.app import principal
 
     return principal(request)
@@ -81,7 +85,7 @@ def invalid(issues: list[ConfigIssue], *, status: int = 422,
                             errors=[issue_json(i) for i in issues])
 
 
-def file_pipeline(gw: Any, name: str) -> PipelineConfig | None:
+def file_pipeline(gw: Gateway, name: str) -> PipelineConfig | None:
     """The pipeline of that name if one of the process's files defines it (rule 4)."""
     supervisor = gw.supervisor
     if supervisor is not None:
@@ -91,26 +95,24 @@ def file_pipeline(gw: Any, name: str) -> PipelineConfig | None:
         not str(config.path).startswith("store:") else None
 
 
-def _named(text: str, fmt: str, name: str) -> tuple[str, int] | None:
-    """The text with the URL's name put in when the document has none (rule 2), and how many
-    lines were put in front; ``None``: the text as it is."""
+def _document(text: str, fmt: str) -> dict[str, Any] | None:
+    """The body's top-level mapping (``None``: not one; the loader reports why, at its line)."""
     try:
         doc = json.loads(text) if fmt == JSON else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError):
-        return None  # the loader reports it, at its line
-    if not isinstance(doc, dict) or "name" in doc:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _named(text: str, fmt: str, doc: dict[str, Any] | None,
+           name: str) -> tuple[str, int] | None:
+    """The text with the URL's name put in when the document has none (rule 2), and how many
+    lines were put in front; ``None``: the text as it is."""
+    if doc is None or "name" in doc:
         return None
     if fmt == JSON:
         return json.dumps({"name": name, **doc}, indent=2) + "\n", 0
     return f"name: {json.dumps(name)}\n{text}", 1
-
-
-def _declared_tenant(text: str, fmt: str) -> Any:
-    try:
-        doc = json.loads(text) if fmt == JSON else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError):
-        return None
-    return doc.get("tenant") if isinstance(doc, dict) else None
 
 
 def _shifted(issues: list[ConfigIssue], lines: int) -> list[ConfigIssue]:
@@ -152,7 +154,8 @@ async def put_pipeline(request: web.Request) -> web.Response:
                                 f"the pipeline name {name!r} is taken; choose another "
                                 "(pipeline names are global in a store)")
     restricted = not who.admin
-    named = _named(text, fmt, name)
+    doc = _document(text, fmt)
+    named = _named(text, fmt, doc, name)
     stored_text, shift = named if named is not None else (text, 0)
     try:
         config = parse_pipeline(stored_text, where, check_code=False,
@@ -165,12 +168,13 @@ async def put_pipeline(request: web.Request) -> web.Response:
                                                "must be the same")], shift))
     tenant = config.tenant
     if restricted:
-        declared = _declared_tenant(stored_text, fmt)
+        declared = doc.get("tenant") if doc is not None else None
         if declared is not None and declared != who.tenant:
             return invalid(_shifted([config.issue(("tenant",), f"a key of tenant "
                                                   f"{who.tenant!r} puts pipelines of its own "
                                                   "tenant only")], shift),
                            status=403, slug="forbidden", title="Forbidden")
+        assert who.tenant is not None  # not an admin: a tenant's key
         tenant = who.tenant
         refusals: list[ConfigIssue] = []
         if config.tenancy is not None:
